@@ -1,0 +1,1 @@
+"""batcher: bulk image generation on the Gemini Batch API."""
