@@ -1,0 +1,341 @@
+"""The boundary with the Gemini API. Everything else in batcher talks to this module, never to the SDK.
+
+We use the official google-genai SDK for uploads, job creation, listing, cancellation, deletion and
+interactive calls, with `api_version` pinned, a timeout and retries set (the SDK's defaults are neither).
+Two calls go over plain HTTP, for reasons the SDK leaves us no choice about (gemini-batch-protocol.md §3, §4):
+- reading a job: the SDK's BatchJob drops `batchStats` and the job `error` in Gemini mode;
+- downloading results: the SDK's download is never retried and cannot resume, so a dropped connection at
+  GB 9 of 10 would start over; we stream with HTTP Range and resume where the bytes stopped.
+SDK and HTTP errors are mapped into batcher.errors here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from .errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from .retry import RetryPolicy
+
+log = logging.getLogger("batcher.backend")
+
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+# The docs and the discovery document show batch and file methods under v1beta only (protocol doc §11).
+API_VERSION = "v1beta"
+# `mime_type='jsonl'` is what the docs use; the service has at times refused it inside an HTTP-200
+# finalize (python-genai #1547), so we fall back through the others users report working.
+JSONL_MIME_TYPES = ("jsonl", "application/jsonl", "application/json", "text/plain")
+TRANSIENT_CODES = {408, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Connection:
+    api_key: str = field(repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    api_version: str = API_VERSION
+    timeout_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, timeout_s: float = 300.0) -> "Connection":
+        env = os.environ if environ is None else environ
+        key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")  # the SDK's precedence
+        if not key:
+            raise UsageError(
+                "no API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use --backend emulator for an offline run"
+            )
+        base = env.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL
+        return cls(api_key=key, base_url=base.rstrip("/"), timeout_s=timeout_s)
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    name: str
+    uri: str
+    size_bytes: int
+    expires_at: float | None  # epoch seconds
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    name: str
+    display_name: str | None
+    state: str  # without prefix: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED, ...
+    created_at: str | None = None
+    updated_at: str | None = None
+    ended_at: str | None = None
+    stats: dict = field(default_factory=dict)  # requestCount, successfulRequestCount, ... as ints
+    output_file: str | None = None
+    error: str | None = None
+
+
+def normalize_state(state: str | None) -> str:
+    """BATCH_STATE_X and JOB_STATE_X (both seen in the wild) -> X."""
+    if not state:
+        return "UNSPECIFIED"
+    state = str(state).rsplit(".", 1)[-1]
+    for prefix in ("BATCH_STATE_", "JOB_STATE_"):
+        if state.startswith(prefix):
+            return state[len(prefix) :]
+    return state
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("Z", "+00:00"))
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _retry_after(details) -> float | None:
+    try:
+        for d in (details or {}).get("error", {}).get("details", []) or []:
+            if str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
+                delay = d.get("retryDelay", "")
+                return float(str(delay).rstrip("s"))
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return None
+
+
+def map_error(exc: Exception, what: str) -> ApiError:
+    """Map an SDK or transport error into batcher's hierarchy. Never includes request headers (the key)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, genai_errors.APIError):
+        code, status, message = exc.code, exc.status, exc.message
+        text = f"{what}: HTTP {code} {status}: {message}"
+        if code == 404:
+            return NotFoundError(text, code, status)
+        if code == 429:
+            return QuotaError(text, code, status, retry_after=_retry_after(exc.details))
+        if code in TRANSIENT_CODES or (code and code >= 500):
+            return TransientApiError(text, code, status)
+        return ApiError(text, code, status)
+    # Transport errors: httpx2 timeouts and connection failures, socket errors, dropped connections.
+    return TransientApiError(f"{what}: {exc.__class__.__name__}: {exc}")
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    return isinstance(exc, (OSError, http.client.HTTPException)) or exc.__class__.__module__.startswith(("httpx", "httpcore"))
+
+
+class GeminiBackend:
+    def __init__(self, connection: Connection, retry: RetryPolicy | None = None):
+        self.connection = connection
+        self.retry = retry or RetryPolicy()
+        self.client = genai.Client(
+            api_key=connection.api_key,
+            http_options=types.HttpOptions(
+                base_url=connection.base_url + "/",
+                api_version=connection.api_version,
+                timeout=int(connection.timeout_s * 1000),
+                # 429 is ours to handle (RetryInfo delays, "wait for capacity"); the SDK retries the rest.
+                retry_options=types.HttpRetryOptions(
+                    attempts=4, initial_delay=1.0, max_delay=30.0, http_status_codes=sorted(TRANSIENT_CODES)
+                ),
+            ),
+        )
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable):
+        def once():
+            try:
+                return fn()
+            except genai_errors.APIError as exc:
+                raise map_error(exc, what) from None
+            except Exception as exc:
+                if _is_transport_error(exc):
+                    raise map_error(exc, what) from None
+                raise
+
+        return self.retry.call(what, once)
+
+    def _http(self, method: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+        url = urllib.parse.urlsplit(self.connection.base_url)
+        conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(url.hostname, url.port, timeout=self.connection.timeout_s)
+        all_headers = {"x-goog-api-key": self.connection.api_key, "Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        prefix = url.path.rstrip("/")
+        conn.request(method, f"{prefix}/{self.connection.api_version}/{path}", headers=all_headers)
+        return conn.getresponse()
+
+    @staticmethod
+    def _raise_for(resp: http.client.HTTPResponse, what: str, ok: tuple[int, ...] = (200,)) -> None:
+        if resp.status in ok:
+            return
+        body = resp.read()
+        try:
+            err = json.loads(body)["error"]
+            message, status = err.get("message", ""), err.get("status", "")
+            details = {"error": err}
+        except (ValueError, KeyError, TypeError):
+            message, status, details = body[:200].decode(errors="replace"), resp.reason, None
+        text = f"{what}: HTTP {resp.status} {status}: {message}"
+        if resp.status == 404:
+            raise NotFoundError(text, resp.status, status)
+        if resp.status == 429:
+            raise QuotaError(text, resp.status, status, retry_after=_retry_after(details))
+        if resp.status >= 500 or resp.status == 408:
+            raise TransientApiError(text, resp.status, status)
+        raise ApiError(text, resp.status, status)
+
+    # ---- files ------------------------------------------------------------------------------------
+    def upload_jsonl(self, path: Path, display_name: str) -> UploadedFile:
+        last: Exception | None = None
+        for mime in JSONL_MIME_TYPES:
+            try:
+                return self._upload(path, mime, display_name)
+            except KeyError as exc:  # an HTTP-200 finalize whose body is an error, not a file
+                log.warning("upload of %s refused with MIME type %r (%s); trying the next one", path.name, mime, exc)
+                last = exc
+        raise ApiError(f"upload of {path.name} failed with every JSONL MIME type ({', '.join(JSONL_MIME_TYPES)}): {last}")
+
+    def upload_image(self, path: Path, mime_type: str, display_name: str) -> UploadedFile:
+        try:
+            return self._upload(path, mime_type, display_name)
+        except KeyError as exc:
+            raise ApiError(f"upload of reference image {path.name} was refused: {exc}") from None
+
+    def _upload(self, path: Path, mime_type: str, display_name: str) -> UploadedFile:
+        f = self._call(
+            f"upload {path.name}",
+            lambda: self.client.files.upload(
+                file=str(path), config=types.UploadFileConfig(mime_type=mime_type, display_name=display_name)
+            ),
+        )
+        expires = f.expiration_time.timestamp() if f.expiration_time else None
+        return UploadedFile(name=f.name, uri=f.uri or "", size_bytes=int(f.size_bytes or 0), expires_at=expires)
+
+    def delete_file(self, name: str) -> None:
+        try:
+            self._call(f"delete {name}", lambda: self.client.files.delete(name=name))
+        except NotFoundError:
+            pass  # already gone (expired or deleted): the goal is reached
+
+    def list_files(self) -> Iterator[types.File]:
+        pager = self._call("list files", lambda: self.client.files.list(config={"page_size": 100}))
+        yield from pager
+
+    def file_size(self, name: str) -> int:
+        f = self._call(f"get {name}", lambda: self.client.files.get(name=name))
+        return int(f.size_bytes or 0)
+
+    # ---- batches ----------------------------------------------------------------------------------
+    def create_batch(self, model: str, file_name: str, display_name: str) -> BatchInfo:
+        """Not retried here: create is not idempotent. The caller reconciles by display name instead."""
+        try:
+            job = self.client.batches.create(model=model, src=file_name, config={"display_name": display_name})
+        except genai_errors.APIError as exc:
+            raise map_error(exc, f"create job {display_name}") from None
+        except Exception as exc:
+            if _is_transport_error(exc):
+                raise map_error(exc, f"create job {display_name}") from None
+            raise
+        return BatchInfo(
+            name=job.name,
+            display_name=job.display_name,
+            state=normalize_state(job.state),
+            created_at=job.create_time.isoformat() if job.create_time else None,
+        )
+
+    def get_batch(self, name: str) -> BatchInfo:
+        def fetch():
+            try:
+                resp = self._http("GET", name)
+                self._raise_for(resp, f"get {name}")
+                return json.loads(resp.read())
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientApiError(f"get {name}: {exc.__class__.__name__}: {exc}") from None
+
+        return batch_from_operation(self.retry.call(f"get {name}", fetch))
+
+    def list_batches(self) -> Iterator[BatchInfo]:
+        pager = self._call("list jobs", lambda: self.client.batches.list(config={"page_size": 100}))
+        for job in pager:
+            yield BatchInfo(
+                name=job.name,
+                display_name=job.display_name,
+                state=normalize_state(job.state),
+                created_at=job.create_time.isoformat() if job.create_time else None,
+                output_file=job.dest.file_name if job.dest else None,
+            )
+
+    def cancel_batch(self, name: str) -> None:
+        self._call(f"cancel {name}", lambda: self.client.batches.cancel(name=name))
+
+    # ---- results ----------------------------------------------------------------------------------
+    def download(self, file_name: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
+        """Stream a results file to `dest`, resuming a partial `dest` with HTTP Range. Returns its size."""
+        path = f"{file_name}:download?alt=media"
+
+        def attempt() -> int:
+            have = dest.stat().st_size if dest.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                resp = self._http("GET", path, headers)
+                if resp.status == 416 and have:
+                    return have  # nothing left to fetch
+                self._raise_for(resp, f"download {file_name}", ok=(200, 206))
+                mode = "ab" if resp.status == 206 else "wb"  # a 200 means the server ignored Range: start over
+                expected = resp.getheader("Content-Length")
+                got = 0
+                with open(dest, mode) as out:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        got += len(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                if expected is not None and got != int(expected):
+                    raise TransientApiError(f"download {file_name}: connection closed after {got} of {expected} bytes")
+                return dest.stat().st_size
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientApiError(f"download {file_name}: {exc.__class__.__name__}: {exc}") from None
+
+        return self.retry.call(f"download {file_name}", attempt)
+
+    # ---- interactive ------------------------------------------------------------------------------
+    def generate_content(self, model: str, body: dict) -> dict:
+        contents = body["contents"]
+        config = dict(body.get("generationConfig", {}))
+        if "systemInstruction" in body:
+            config["systemInstruction"] = body["systemInstruction"]
+        resp = self._call(
+            f"generateContent {model}",
+            lambda: self.client.models.generate_content(model=model, contents=contents, config=config),
+        )
+        return resp.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def batch_from_operation(op: dict) -> BatchInfo:
+    meta = op.get("metadata") or {}
+    output = meta.get("output") or op.get("response") or {}
+    stats = {k: int(v) for k, v in (meta.get("batchStats") or {}).items() if str(v).lstrip("-").isdigit()}
+    err = op.get("error")
+    return BatchInfo(
+        name=op.get("name") or meta.get("name", ""),
+        display_name=meta.get("displayName"),
+        state=normalize_state(meta.get("state")),
+        created_at=meta.get("createTime"),
+        updated_at=meta.get("updateTime"),
+        ended_at=meta.get("endTime"),
+        stats=stats,
+        output_file=output.get("responsesFile"),
+        error=f"{err.get('code', '')} {err.get('message', '')}".strip() if isinstance(err, dict) else None,
+    )

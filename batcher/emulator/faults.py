@@ -1,0 +1,130 @@
+"""Emulator configuration: timing, limits and seeded fault injection."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+STATE_STYLES = ("BATCH_STATE", "JOB_STATE")
+JOB_OUTCOMES = ("SUCCEEDED", "FAILED", "EXPIRED", "CANCELLED", "STUCK")
+LINE_ERROR_STYLES = ("grpc", "http")
+
+# Prompt markers: a prompt containing one of these gets that outcome, deterministically.
+MARKER_IMAGE_SAFETY = "[emulator:image_safety]"
+MARKER_PROMPT_BLOCKED = "[emulator:prompt_blocked]"
+MARKER_TEXT_ONLY = "[emulator:text_only]"
+MARKER_LINE_ERROR = "[emulator:line_error]"
+PROMPT_MARKERS = (MARKER_IMAGE_SAFETY, MARKER_PROMPT_BLOCKED, MARKER_TEXT_ONLY, MARKER_LINE_ERROR)
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything the emulator can be told. All fields except host/port can be changed at run time
+    (``Emulator.configure`` / ``POST /_emulator/config``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None  # None: any non-empty key is accepted
+    # Timing (emulated seconds; emulated clock = start + real elapsed * time_scale + advances)
+    time_scale: float = 1.0
+    pending_seconds: float = 0.5
+    running_seconds: float = 1.0
+    expiry_seconds: float = 48 * 3600.0  # jobs pending/running longer than this expire
+    file_ttl_seconds: float = 48 * 3600.0  # files expire this long after creation
+    # Images
+    image_bytes: int = 20_000
+    seed: int = 0
+    # Limits
+    tier: str = "1"
+    max_concurrent_jobs: int = 100
+    enqueued_token_cap: int | None = None  # overrides the per-model, per-tier table
+    max_file_bytes: int = 2 * 1024**3
+    max_storage_bytes: int = 20 * 1024**3
+    max_inline_request_bytes: int = 20 * 1000 * 1000
+    list_default_page_size: int = 10
+    # HTTP faults
+    fail_rate: float = 0.0
+    fail_status: int = 503
+    fail_routes: list[str] | None = None  # restrict fail_rate / rate_limit_rate to these routes
+    fail_nth: dict[str, list[int]] = field(default_factory=dict)  # {"POST batchGenerateContent": [1, 2]}
+    rate_limit_rate: float = 0.0
+    rate_limit_nth: dict[str, list[int]] = field(default_factory=dict)
+    retry_delay: str = "30s"
+    drop_download_after_bytes: int | None = None
+    drop_download_times: int | None = None  # None: every download; N: the next N downloads
+    # Per-line faults
+    line_error_rate: float = 0.0
+    line_error_style: str = "grpc"  # "grpc": code 13 INTERNAL; "http": code 500 INTERNAL
+    safety_block_rate: float = 0.0
+    prompt_block_rate: float = 0.0
+    text_only_rate: float = 0.0
+    # Job-level behaviour
+    job_outcomes: list[str] = field(default_factory=list)  # consumed one per created job
+    state_style: str = "BATCH_STATE"
+    finalize_error_mime_types: list[str] = field(default_factory=list)
+    omit_optional_fields: bool = False
+
+    def validate(self) -> None:
+        if self.state_style not in STATE_STYLES:
+            raise ValueError(f"state_style must be one of {STATE_STYLES}, not {self.state_style!r}")
+        if self.line_error_style not in LINE_ERROR_STYLES:
+            raise ValueError(f"line_error_style must be one of {LINE_ERROR_STYLES}")
+        for o in self.job_outcomes:
+            if o not in JOB_OUTCOMES:
+                raise ValueError(f"job outcome must be one of {JOB_OUTCOMES}, not {o!r}")
+        if str(self.tier) not in ("1", "2", "3"):
+            raise ValueError("tier must be '1', '2' or '3'")
+        self.tier = str(self.tier)
+        if self.time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+        for name in ("fail_rate", "rate_limit_rate", "line_error_rate", "safety_block_rate",
+                     "prompt_block_rate", "text_only_rate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(EmulatorConfig)}
+
+
+def route_matches(target: str, route_key: str) -> bool:
+    """Does a user-given route target match a route key like ``POST /{v}/models/{model}:batchGenerateContent``?
+
+    A target matches when it equals the key, or when its method equals the key's method and the rest is a
+    substring of the key's template (so ``"POST batchGenerateContent"`` or ``"GET :download"`` work).
+    A target with no method (no space) matches any method."""
+    if target == route_key:
+        return True
+    method, _, template = route_key.partition(" ")
+    if " " in target:
+        t_method, _, t_rest = target.partition(" ")
+        return t_method.upper() == method and t_rest in template
+    return target in template
+
+
+class FaultInjector:
+    """Seeded decisions. One RNG per concern so that, e.g., HTTP faults do not shift line outcomes."""
+
+    def __init__(self, seed: int) -> None:
+        self._lock = threading.Lock()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        with self._lock:
+            self._rngs: dict[str, random.Random] = {}
+            self._seed = seed
+
+    def chance(self, concern: str, rate: float) -> bool:
+        if rate <= 0:
+            return False
+        with self._lock:
+            rng = self._rngs.get(concern)
+            if rng is None:
+                rng = self._rngs[concern] = random.Random(f"{self._seed}:{concern}")
+            return rng.random() < rate

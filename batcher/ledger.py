@@ -1,0 +1,249 @@
+"""The ledger: SQLite (WAL) in the workdir, the single source of truth for resuming.
+
+Schema changes are numbered migrations applied atomically with their bookkeeping row. Job and request
+states change only through the named transition functions below, which update `WHERE state IN (...)`
+and raise LedgerError when nothing matched, so an impossible transition is loud, never silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LedgerError
+
+# Request states (product.md "Lifecycle and states").
+PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED = "planned", "queued", "succeeded", "blocked", "failed"
+# Job states. API states are stored as the SDK's JOB_STATE_* names without the prefix.
+J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED = "planned", "uploading", "uploaded", "creating", "submitted"
+J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED, J_COLLECTED = "succeeded", "failed", "expired", "cancelled", "collected"
+JOB_TERMINAL_API = (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        fingerprint TEXT NOT NULL UNIQUE,
+        manifest TEXT NOT NULL,
+        options_json TEXT NOT NULL,
+        extra_schema BLOB,
+        row_count INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE rows (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        row INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        variant INTEGER NOT NULL,
+        request_hash TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        extra_json TEXT,
+        PRIMARY KEY (run_id, id, variant)
+    );
+    CREATE INDEX rows_by_seq ON rows(run_id, seq);
+    CREATE TABLE requests (
+        hash TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        body_json TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        job_id INTEGER,
+        error TEXT,
+        finish_reason TEXT,
+        prompt_tokens INTEGER,
+        output_tokens INTEGER,
+        cost_usd REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX requests_by_state ON requests(state, model);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        display_name TEXT NOT NULL UNIQUE,
+        model TEXT NOT NULL,
+        state TEXT NOT NULL,
+        request_count INTEGER NOT NULL,
+        input_bytes INTEGER NOT NULL DEFAULT 0,
+        jsonl_path TEXT,
+        input_file TEXT,
+        batch_name TEXT UNIQUE,
+        api_state TEXT,
+        api_created_at TEXT,
+        stats_json TEXT,
+        output_file TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE job_requests (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        hash TEXT NOT NULL,
+        PRIMARY KEY (job_id, hash)
+    );
+    CREATE INDEX job_requests_by_hash ON job_requests(hash);
+    CREATE TABLE uploads (
+        sha256 TEXT PRIMARY KEY,
+        file_name TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        mime_type TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+]
+
+
+def connect(path: str | os.PathLike) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    current = schema_version(conn)
+    if current > len(MIGRATIONS):
+        raise LedgerError(
+            f"this ledger has schema version {current}, newer than this batcher knows ({len(MIGRATIONS)}); upgrade batcher"
+        )
+    for number in range(current + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+class WorkdirLock:
+    """An exclusive lock on the workdir. The OS releases flock when its holder dies, so a lock left by a
+    killed process is taken over at once; the pid written in the file names the current holder."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "lock"
+        self.fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(self.fd)
+                    self.fd = None
+                    raise LedgerError(
+                        f"workdir {self.path.parent} is in use by another batcher process (pid {holder}); "
+                        "wait for it to finish, or use another --workdir"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Ledger:
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / "ledger.sqlite"
+        self.conn = connect(self.path)
+        migrate(self.conn)
+        self.ledger_id = self._ensure_ledger_id()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def _ensure_ledger_id(self) -> str:
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()
+            if row:
+                return row[0]
+            value = uuid.uuid4().hex[:12]
+            c.execute("INSERT INTO meta(key, value) VALUES ('ledger_id', ?)", (value,))
+            return value
+
+    def integrity_ok(self) -> bool:
+        return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    # ---- runs -------------------------------------------------------------------------------------
+    def current_run(self) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+
+    def run_by_fingerprint(self, fingerprint: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM runs WHERE fingerprint=?", (fingerprint,)).fetchone()
+
+    # ---- transitions ------------------------------------------------------------------------------
+    def _transition(self, c: sqlite3.Connection, table: str, key: str, key_value, allowed: tuple[str, ...], new: str, **fields) -> None:
+        sets = ", ".join(["state=?", "updated_at=?"] + [f"{k}=?" for k in fields])
+        marks = ",".join("?" * len(allowed))
+        cur = c.execute(
+            f"UPDATE {table} SET {sets} WHERE {key}=? AND state IN ({marks})",
+            (new, time.time(), *fields.values(), key_value, *allowed),
+        )
+        if cur.rowcount != 1:
+            row = c.execute(f"SELECT state FROM {table} WHERE {key}=?", (key_value,)).fetchone()
+            raise LedgerError(f"{table[:-1]} {key_value}: cannot go from {row[0] if row else 'missing'} to {new}")
+
+    def job_transition(self, c: sqlite3.Connection, job_id: int, allowed: tuple[str, ...], new: str, **fields) -> None:
+        self._transition(c, "jobs", "id", job_id, allowed, new, **fields)
+
+    def request_transition(self, c: sqlite3.Connection, h: str, allowed: tuple[str, ...], new: str, **fields) -> None:
+        self._transition(c, "requests", "hash", h, allowed, new, **fields)
+
+    # ---- queries ----------------------------------------------------------------------------------
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
+        if states is None:
+            return self.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        marks = ",".join("?" * len(states))
+        return self.conn.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states).fetchall()
+
+    def job(self, job_id: int) -> sqlite3.Row:
+        return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+
+    def request_counts(self, run_id: int | None = None) -> dict[str, int]:
+        if run_id is None:
+            rows = self.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state")
+        else:
+            rows = self.conn.execute(
+                "SELECT r.state, COUNT(*) FROM requests r WHERE r.hash IN (SELECT request_hash FROM rows WHERE run_id=?) GROUP BY r.state",
+                (run_id,),
+            )
+        return {state: n for state, n in rows}

@@ -1,0 +1,93 @@
+"""The content-addressed image cache, keyed by request hash, shared between runs and workdirs.
+
+Layout: <root>/<hash[:2]>/<hash>.png plus <hash>.json (small metadata: model, tokens, cost). An entry is
+written to a temp file, fsynced and renamed, so a reader never sees half an image, and images are verified
+(they decode) before they enter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import platformdirs
+from PIL import Image
+
+
+class InvalidImage(ValueError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("BATCHER_CACHE_DIR")
+    return Path(env) if env else Path(platformdirs.user_cache_dir("batcher")) / "images"
+
+
+def verify_image(data: bytes) -> str:
+    """Return the image format ('PNG', 'JPEG', ...) or raise InvalidImage if the bytes do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+            fmt = im.format or "PNG"
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise InvalidImage(f"not a decodable image ({exc.__class__.__name__}: {exc})") from None
+    return fmt
+
+
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class ImageStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def _dir(self, request_hash: str) -> Path:
+        if len(request_hash) != 64 or not all(c in "0123456789abcdef" for c in request_hash):
+            raise ValueError(f"not a request hash: {request_hash!r}")
+        return self.root / request_hash[:2]
+
+    def find(self, request_hash: str) -> Path | None:
+        d = self._dir(request_hash)
+        for ext in (".png", ".jpg", ".webp", ".gif"):
+            p = d / f"{request_hash}{ext}"
+            if p.exists():
+                return p
+        return None
+
+    def has(self, request_hash: str) -> bool:
+        return self.find(request_hash) is not None
+
+    def put(self, request_hash: str, data: bytes, meta: dict | None = None) -> Path:
+        fmt = verify_image(data)
+        path = self._dir(request_hash) / f"{request_hash}{EXTENSIONS.get(fmt, '.img')}"
+        if meta is not None:
+            _atomic_write(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode())
+        _atomic_write(path, data)  # the image last: its presence means the entry is complete
+        return path
+
+    def meta(self, request_hash: str) -> dict:
+        p = self._dir(request_hash) / f"{request_hash}.json"
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
