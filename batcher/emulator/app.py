@@ -1,0 +1,94 @@
+"""The ``Emulator`` object: HTTP server + worker thread over one ``Service``."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+from .faults import EmulatorConfig
+from .server import EmulatorHTTPServer
+from .state import Service
+
+
+class Emulator:
+    """A local emulator of the Gemini Developer API's batch subset.
+
+    ``with Emulator(EmulatorConfig(port=0)) as emu: ...`` starts the server and the batch worker;
+    ``emu.url`` is the base URL to give the SDK (``HttpOptions(base_url=emu.url, api_version="v1beta")``).
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, data_dir: str | None = None, **fields: Any) -> None:
+        self.config = config or EmulatorConfig()
+        for k, v in fields.items():
+            setattr(self.config, k, v)
+        self.config.validate()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir
+        self._httpd: EmulatorHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.service: Service | None = None
+        self.url = ""
+
+    # lifecycle
+    def start(self) -> "Emulator":
+        if self._httpd is not None:
+            return self
+        if self.data_dir is None:
+            self.data_dir = tempfile.mkdtemp(prefix="batcher-emulator-")
+        self.service = Service(self.config, self.data_dir)
+        self._httpd = EmulatorHTTPServer((self.config.host, int(self.config.port)), self.service)
+        host, port = self._httpd.server_address[:2]
+        shown = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if ":" in shown:
+            shown = f"[{shown}]"
+        self.url = f"http://{shown}:{port}"
+        self.service.base_url = self.url
+        self.service.start()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="emulator-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=10)
+        assert self.service is not None
+        self.service.stop()
+        self._httpd = None
+        if self._own_dir and self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def __enter__(self) -> "Emulator":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # control (same as the /_emulator/ HTTP API)
+    def _svc(self) -> Service:
+        if self.service is None:
+            raise RuntimeError("the emulator is not running: call start() first")
+        return self.service
+
+    def stats(self) -> dict[str, Any]:
+        return self._svc().stats()
+
+    def configure(self, **fields: Any) -> None:
+        self._svc().configure(**fields)
+
+    def reset(self) -> None:
+        self._svc().reset()
+
+    def advance(self, seconds: float) -> None:
+        self._svc().advance(seconds)
+
+    def now(self) -> float:
+        """The emulated clock, as a Unix timestamp."""
+        return self._svc().clock.now()

@@ -1,0 +1,790 @@
+"""The emulated service: clock, files, uploads, batches, limits and the batch worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from .faults import EmulatorConfig, FaultInjector
+from .generate import Generator, LineError, estimate_tokens
+from .models import MODELS
+
+FILE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
+BATCH_OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
+ACTIVE_STATES = ("PENDING", "RUNNING")
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+
+
+class ApiError(Exception):
+    """An error answered in Google's envelope: ``{"error": {"code", "message", "status", "details"?}}``."""
+
+    def __init__(self, code: int, status: str, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.message, self.details = code, status, message, details
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        e: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
+        if self.details:
+            e["details"] = self.details
+        return {"error": e}
+
+
+def rfc3339(t: float) -> str:
+    ns = int(round(t * 1e9))
+    secs, frac = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(secs, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+
+
+def new_id(n: int) -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+class Clock:
+    """Emulated time: start + real elapsed * time_scale + advances."""
+
+    def __init__(self, scale: float) -> None:
+        self._lock = threading.Lock()
+        self._base = time.time()
+        self._mono = time.monotonic()
+        self._scale = scale
+
+    def now(self) -> float:
+        with self._lock:
+            return self._base + (time.monotonic() - self._mono) * self._scale
+
+    def set_scale(self, scale: float) -> None:
+        with self._lock:
+            m = time.monotonic()
+            self._base += (m - self._mono) * self._scale
+            self._mono, self._scale = m, scale
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._base += seconds
+
+
+@dataclass
+class FileRecord:
+    id: str
+    display_name: str | None
+    mime_type: str
+    size: int
+    sha256_hex: str
+    create_time: float
+    expire_time: float
+    source: str  # UPLOADED | GENERATED
+    path: str
+
+    @property
+    def name(self) -> str:
+        return f"files/{self.id}"
+
+
+@dataclass
+class UploadSession:
+    upload_id: str
+    file_id: str
+    display_name: str | None
+    mime_type: str
+    declared: int
+    path: str
+    received: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Batch:
+    id: str
+    model: str
+    display_name: str | None
+    input_config: dict[str, Any]
+    create_time: float
+    run_at: float
+    done_at: float | None  # None: never (STUCK)
+    outcome: str
+    request_count: int
+    enqueued_tokens: int
+    inline_requests: list[dict[str, Any]] | None = None
+    input_path: str | None = None
+    state: str = "PENDING"
+    update_time: float = 0.0
+    end_time: float | None = None
+    processed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    error: dict[str, Any] | None = None
+    output_file: str | None = None
+    inline_responses: list[dict[str, Any]] | None = None
+    # processing cursor (file mode)
+    _in: Any = None
+    _out: Any = None
+    _out_path: str | None = None
+    _sha: Any = None
+    _out_size: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"batches/{self.id}"
+
+
+class Service:
+    """All emulated state. Thread-safe: one lock for the dictionaries, image generation outside it."""
+
+    def __init__(self, config: EmulatorConfig, data_dir: str) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.files_dir = os.path.join(data_dir, "files")
+        self.uploads_dir = os.path.join(data_dir, "uploads")
+        self.lock = threading.RLock()
+        self.clock = Clock(config.time_scale)
+        self.injector = FaultInjector(config.seed)
+        self.generator = Generator(lambda: self.config, self.injector, self._file_uri_ok, self._count_fault)
+        self.base_url = ""
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._reset_state()
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        with self.lock:
+            for d in (self.files_dir, self.uploads_dir):
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d, exist_ok=True)
+            self.files: dict[str, FileRecord] = {}
+            self.uploads: dict[str, UploadSession] = {}
+            self.batches: dict[str, Batch] = {}
+            self.route_counts: dict[str, int] = {}
+            self.download_drops_done = 0
+            self.counters: dict[str, int] = {k: 0 for k in (
+                "batches_created", "batches_cancelled", "batches_deleted", "batches_succeeded",
+                "batches_failed", "batches_expired", "files_uploaded", "files_deleted", "files_expired",
+                "bytes_uploaded", "bytes_downloaded", "upload_chunks", "downloads", "downloads_dropped",
+                "generate_content_calls", "lines_processed", "lines_failed", "images_generated",
+                "faults_injected", "http_errors")}
+            self.fault_counts: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._run_worker, name="emulator-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._worker:
+            self._worker.join(timeout=10)
+        with self.lock:
+            for b in self.batches.values():
+                self._close_cursor(b)
+
+    def reset(self) -> None:
+        with self.lock:
+            for b in self.batches.values():
+                self._close_cursor(b)
+            self._reset_state()
+            self.injector.reseed(self.config.seed)
+
+    def configure(self, **fields: Any) -> None:
+        from .faults import CONFIG_FIELDS
+        with self.lock:
+            unknown = set(fields) - CONFIG_FIELDS
+            if unknown:
+                raise ValueError(f"unknown config fields: {sorted(unknown)}")
+            fixed = {k for k in fields if k in ("host", "port") and fields[k] != getattr(self.config, k)}
+            if fixed:
+                raise ValueError(f"cannot change {sorted(fixed)} at run time")
+            old = self.config.to_dict()
+            for k, v in fields.items():
+                setattr(self.config, k, v)
+            try:
+                self.config.validate()
+            except Exception:
+                for k, v in old.items():
+                    setattr(self.config, k, v)
+                raise
+            if "time_scale" in fields:
+                self.clock.set_scale(float(self.config.time_scale))
+            if "seed" in fields:
+                self.injector.reseed(self.config.seed)
+        self._kick.set()
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(float(seconds))
+        self._kick.set()
+
+    # ----- counters --------------------------------------------------------------------------------
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def _count_fault(self, kind: str) -> None:
+        with self.lock:
+            self.counters["faults_injected"] += 1
+            self.fault_counts[kind] = self.fault_counts.get(kind, 0) + 1
+
+    def count_route(self, key: str) -> int:
+        with self.lock:
+            n = self.route_counts.get(key, 0) + 1
+            self.route_counts[key] = n
+            return n
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            states: dict[str, int] = {}
+            for b in self.batches.values():
+                states[b.state] = states.get(b.state, 0) + 1
+            return {
+                **self.counters,
+                "requests": dict(self.route_counts),
+                "faults": dict(self.fault_counts),
+                "files": len(self.files),
+                "batches": len(self.batches),
+                "batch_states": states,
+                "storage_bytes": sum(f.size for f in self.files.values()),
+                "emulated_time": rfc3339(self.clock.now()),
+            }
+
+    # ----- files -----------------------------------------------------------------------------------
+    def _live_file(self, file_id: str) -> FileRecord | None:
+        f = self.files.get(file_id)
+        if f is not None and self.clock.now() >= f.expire_time:
+            self._expire_file(f)
+            return None
+        return f
+
+    def _expire_file(self, f: FileRecord) -> None:
+        self.files.pop(f.id, None)
+        self.counters["files_expired"] += 1
+        try:
+            os.unlink(f.path)
+        except OSError:
+            pass
+
+    def _file_uri_ok(self, uri: str) -> bool:
+        m = re.search(r"files/([a-z0-9-]+)$", uri)
+        if not m:
+            return False
+        with self.lock:
+            return self._live_file(m.group(1)) is not None
+
+    def get_file(self, file_id: str) -> FileRecord:
+        with self.lock:
+            f = self._live_file(file_id)
+            if f is None:
+                raise ApiError(404, "NOT_FOUND", f"File files/{file_id} not found.")
+            return f
+
+    def list_files(self) -> list[FileRecord]:
+        with self.lock:
+            recs = [f for f in list(self.files.values()) if self._live_file(f.id) is not None]
+            return sorted(recs, key=lambda f: f.create_time, reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        with self.lock:
+            f = self.get_file(file_id)
+            self.files.pop(f.id, None)
+            self.counters["files_deleted"] += 1
+        try:
+            os.unlink(f.path)
+        except OSError:
+            pass
+
+    def start_upload(self, meta: dict[str, Any], declared: int | None, header_mime: str | None) -> UploadSession:
+        cfg = self.config
+        name = meta.get("name")
+        display = meta.get("displayName", meta.get("display_name"))
+        mime = meta.get("mimeType", meta.get("mime_type")) or header_mime
+        if declared is None:
+            size = meta.get("sizeBytes", meta.get("size_bytes"))
+            declared = int(size) if size is not None else None
+        if declared is None:
+            raise ApiError(400, "INVALID_ARGUMENT", "Missing X-Goog-Upload-Header-Content-Length.")
+        if not mime:
+            raise ApiError(400, "INVALID_ARGUMENT", "Missing MIME type: set file.mimeType or X-Goog-Upload-Header-Content-Type.")
+        if declared > cfg.max_file_bytes:
+            raise ApiError(400, "INVALID_ARGUMENT",
+                           f"File size {declared} exceeds the maximum of {cfg.max_file_bytes} bytes per file.")
+        if display is not None and len(display) > 512:
+            raise ApiError(400, "INVALID_ARGUMENT", "* File.display_name: must be at most 512 characters.")
+        with self.lock:
+            if name:
+                file_id = name[len("files/"):] if name.startswith("files/") else name
+                if not FILE_ID_RE.match(file_id):
+                    raise ApiError(400, "INVALID_ARGUMENT",
+                                   f"Invalid file name {name}: the ID must be up to 40 characters of [a-z0-9-] "
+                                   "and must not start or end with '-'.")
+                if self._live_file(file_id) is not None or any(
+                        u.file_id == file_id for u in self.uploads.values()):
+                    raise ApiError(409, "ALREADY_EXISTS", f"File files/{file_id} already exists.")
+            else:
+                file_id = new_id(12)
+            used = sum(f.size for f in self.files.values() if f.source == "UPLOADED") + sum(
+                u.declared for u in self.uploads.values())
+            if used + declared > cfg.max_storage_bytes:
+                raise ApiError(429, "RESOURCE_EXHAUSTED",
+                               f"Project file storage quota of {cfg.max_storage_bytes} bytes exceeded.")
+            uid = new_id(24)
+            path = os.path.join(self.uploads_dir, uid)
+            open(path, "wb").close()
+            s = UploadSession(uid, file_id, display, str(mime), declared, path)
+            self.uploads[uid] = s
+            return s
+
+    def upload_session(self, upload_id: str) -> UploadSession:
+        with self.lock:
+            s = self.uploads.get(upload_id)
+        if s is None:
+            raise ApiError(404, "NOT_FOUND", f"Upload session {upload_id} not found.")
+        return s
+
+    def upload_chunk(self, s: UploadSession, offset: int, stream: Iterator[bytes], length: int) -> None:
+        """Append a chunk (streamed to disk). The caller holds ``s.lock``."""
+        if offset != s.received:
+            raise ApiError(400, "INVALID_ARGUMENT",
+                           f"Invalid X-Goog-Upload-Offset {offset}: {s.received} bytes have been received so far.")
+        if s.received + length > s.declared:
+            raise ApiError(400, "INVALID_ARGUMENT",
+                           f"Upload exceeds the declared size of {s.declared} bytes.")
+        with open(s.path, "ab") as fh:
+            for chunk in stream:
+                fh.write(chunk)
+                s.sha.update(chunk)
+                s.received += len(chunk)
+        self.count("bytes_uploaded", length)
+        self.count("upload_chunks")
+
+    def finalize_upload(self, s: UploadSession) -> FileRecord:
+        with self.lock:
+            self.uploads.pop(s.upload_id, None)
+        if s.received != s.declared:
+            os.unlink(s.path)
+            raise ApiError(400, "INVALID_ARGUMENT",
+                           f"Upload finalized with {s.received} bytes, but {s.declared} were declared.")
+        now = self.clock.now()
+        path = os.path.join(self.files_dir, s.file_id)
+        os.replace(s.path, path)
+        f = FileRecord(s.file_id, s.display_name, s.mime_type, s.received, s.sha.hexdigest(), now,
+                       now + self.config.file_ttl_seconds, "UPLOADED", path)
+        with self.lock:
+            self.files[f.id] = f
+            self.counters["files_uploaded"] += 1
+        return f
+
+    def abort_upload(self, s: UploadSession) -> None:
+        with self.lock:
+            self.uploads.pop(s.upload_id, None)
+        try:
+            os.unlink(s.path)
+        except OSError:
+            pass
+
+    def file_json(self, f: FileRecord) -> dict[str, Any]:
+        base = self.base_url
+        d: dict[str, Any] = {"name": f.name}
+        if f.display_name is not None:
+            d["displayName"] = f.display_name
+        d.update({
+            "mimeType": f.mime_type,
+            "sizeBytes": str(f.size),
+            "createTime": rfc3339(f.create_time),
+            "updateTime": rfc3339(f.create_time),
+            "expirationTime": rfc3339(f.expire_time),
+            "sha256Hash": base64.b64encode(f.sha256_hex.encode()).decode(),
+            "uri": f"{base}/v1beta/files/{f.id}",
+        })
+        if f.source == "GENERATED":
+            d["downloadUri"] = f"{base}/download/v1beta/files/{f.id}:download?alt=media"
+        d["state"] = "ACTIVE"
+        d["source"] = f.source
+        if self.config.omit_optional_fields:
+            for k in ("displayName", "updateTime", "sha256Hash"):
+                d.pop(k, None)
+        return d
+
+    # ----- batches ---------------------------------------------------------------------------------
+    def _quota_error(self, message: str, metric: str, quota_id: str, model: str, value: int) -> ApiError:
+        return ApiError(429, "RESOURCE_EXHAUSTED", message, [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                "quotaMetric": metric, "quotaId": quota_id,
+                "quotaDimensions": {"model": model, "location": "global"}, "quotaValue": str(value)}]},
+            {"@type": "type.googleapis.com/google.rpc.Help", "links": [{
+                "description": "Learn more about Gemini API quotas",
+                "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": self.config.retry_delay},
+        ])
+
+    def create_batch(self, model: str, batch: dict[str, Any]) -> Batch:
+        cfg = self.config
+        if model not in MODELS:
+            raise ApiError(404, "NOT_FOUND",
+                           f"models/{model} is not found for API version v1beta, or is not supported for "
+                           "batchGenerateContent. Call ListModels to see the list of available models and "
+                           "their supported methods.")
+        m = MODELS[model]
+        if not isinstance(batch, dict):
+            raise ApiError(400, "INVALID_ARGUMENT", "Invalid JSON payload: 'batch' must be an object.")
+        ic = batch.get("inputConfig", batch.get("input_config"))
+        if not isinstance(ic, dict):
+            raise ApiError(400, "INVALID_ARGUMENT", "* GenerateContentBatch.input_config: input_config is required.\n")
+        file_name = ic.get("fileName", ic.get("file_name"))
+        reqs = ic.get("requests")
+        if (file_name is None) == (reqs is None):
+            raise ApiError(400, "INVALID_ARGUMENT",
+                           "* GenerateContentBatch.input_config: exactly one of file_name or requests must be set.\n")
+        display = batch.get("displayName", batch.get("display_name"))
+        inline: list[dict[str, Any]] | None = None
+        input_path = None
+        tokens = 0
+        if reqs is not None:
+            items = reqs.get("requests") if isinstance(reqs, dict) else None
+            if not isinstance(items, list) or not items:
+                raise ApiError(400, "INVALID_ARGUMENT", "* GenerateContentBatch.input_config.requests: requests must not be empty.\n")
+            inline = items
+            for it in items:
+                try:
+                    tokens += estimate_tokens(m, json.dumps({"request": (it or {}).get("request")}).encode())
+                except Exception:
+                    pass
+            count = len(items)
+            input_config = {"requests": {"requests": items}}
+        else:
+            if not isinstance(file_name, str) or not file_name.startswith("files/"):
+                raise ApiError(400, "INVALID_ARGUMENT", f"Invalid file name: {file_name!r}.")
+            with self.lock:
+                f = self._live_file(file_name[len("files/"):])
+            if f is None:
+                raise ApiError(404, "NOT_FOUND", f"File {file_name} not found.")
+            if f.size > cfg.max_file_bytes:
+                raise ApiError(400, "INVALID_ARGUMENT", f"Input file {file_name} exceeds {cfg.max_file_bytes} bytes.")
+            count = 0
+            with open(f.path, "rb") as fh:
+                for line in fh:
+                    if line.strip():
+                        count += 1
+                        tokens += estimate_tokens(m, line)
+            if count == 0:
+                raise ApiError(400, "INVALID_ARGUMENT", f"Input file {file_name} contains no requests.")
+            input_path = f.path
+            input_config = {"fileName": file_name}
+        with self.lock:
+            active = [b for b in self.batches.values() if b.state in ACTIVE_STATES]
+            if len(active) >= cfg.max_concurrent_jobs:
+                raise self._quota_error(
+                    f"You have reached the maximum of {cfg.max_concurrent_jobs} concurrent batch jobs. "
+                    "Please wait for some jobs to finish and try again.",
+                    "generativelanguage.googleapis.com/batch_concurrent_requests",
+                    "BatchConcurrentRequestsPerProject", model, cfg.max_concurrent_jobs)
+            cap = cfg.enqueued_token_cap if cfg.enqueued_token_cap is not None else m.enqueued_token_caps[cfg.tier]
+            enq = sum(b.enqueued_tokens for b in active if b.model == model)
+            if enq + tokens > cap:
+                raise self._quota_error(
+                    f"You exceeded your current quota: batch enqueued tokens for model {model} "
+                    f"({enq} enqueued + {tokens} requested > {cap}). Please wait for running jobs to finish.",
+                    "generativelanguage.googleapis.com/batch_enqueued_tokens",
+                    f"BatchEnqueuedTokensPerModelPerTier{cfg.tier}", model, cap)
+            outcome = cfg.job_outcomes.pop(0) if cfg.job_outcomes else "SUCCEEDED"
+            now = self.clock.now()
+            run_at = now + cfg.pending_seconds
+            done_at = None if outcome == "STUCK" else run_at + cfg.running_seconds
+            b = Batch(new_id(36), model, display, input_config, now, run_at, done_at, outcome, count, tokens,
+                      inline_requests=inline, input_path=input_path, update_time=now)
+            # A file input is copied by reference: keep our own hard link so deleting the file later
+            # does not break the job (the real service snapshots its input).
+            if input_path:
+                snap = os.path.join(self.uploads_dir, f"batch-input-{b.id}")
+                try:
+                    os.link(input_path, snap)
+                except OSError:
+                    shutil.copyfile(input_path, snap)
+                b.input_path = snap
+            self.batches[b.id] = b
+            self.counters["batches_created"] += 1
+        self._kick.set()
+        return b
+
+    def get_batch(self, batch_id: str) -> Batch:
+        with self.lock:
+            b = self.batches.get(batch_id)
+            if b is None:
+                raise ApiError(404, "NOT_FOUND", f"Batch batches/{batch_id} not found.")
+            return b
+
+    def list_batches(self) -> list[Batch]:
+        with self.lock:
+            return sorted(self.batches.values(), key=lambda b: b.create_time, reverse=True)
+
+    def cancel_batch(self, batch_id: str) -> None:
+        with self.lock:
+            b = self.get_batch(batch_id)
+            if b.state in ("SUCCEEDED", "FAILED", "EXPIRED"):
+                raise ApiError(400, "FAILED_PRECONDITION",
+                               f"Batch {b.name} is already in a terminal state ({b.state}) and cannot be cancelled.")
+            if b.state == "CANCELLED":
+                return
+            self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was cancelled."})
+            self.counters["batches_cancelled"] += 1
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self.lock:
+            b = self.get_batch(batch_id)
+            if b.state in ACTIVE_STATES:
+                self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was deleted."})
+            self.batches.pop(b.id, None)
+            self.counters["batches_deleted"] += 1
+
+    def _finish(self, b: Batch, state: str, error: dict[str, Any] | None, at: float | None = None) -> None:
+        """Move to a terminal state (caller holds the lock)."""
+        self._close_cursor(b, discard=state != "SUCCEEDED")
+        b.state = state
+        b.error = error
+        t = self.clock.now() if at is None else at
+        b.end_time = b.update_time = t
+        key = {"SUCCEEDED": "batches_succeeded", "FAILED": "batches_failed", "EXPIRED": "batches_expired"}.get(state)
+        if key:
+            self.counters[key] += 1
+        if b.input_path and state != "SUCCEEDED":
+            self._drop_input(b)
+
+    def _drop_input(self, b: Batch) -> None:
+        if b.input_path and os.path.basename(b.input_path).startswith("batch-input-"):
+            try:
+                os.unlink(b.input_path)
+            except OSError:
+                pass
+
+    def _close_cursor(self, b: Batch, discard: bool = True) -> None:
+        for h in (b._in, b._out):
+            if h is not None:
+                try:
+                    h.close()
+                except Exception:
+                    pass
+        b._in = b._out = None
+        if discard and b._out_path:
+            try:
+                os.unlink(b._out_path)
+            except OSError:
+                pass
+            b._out_path = None
+
+    def batch_state_name(self, state: str) -> str:
+        return f"{self.config.state_style}_{state}"
+
+    def batch_json(self, b: Batch) -> dict[str, Any]:
+        omit = self.config.omit_optional_fields
+        md: dict[str, Any] = {"@type": BATCH_TYPE, "model": f"models/{b.model}"}
+        if b.display_name is not None and not omit:
+            md["displayName"] = b.display_name
+        ic = b.input_config if "fileName" in b.input_config else {"requests": {"requests": b.inline_requests}}
+        md["inputConfig"] = ic
+        md["createTime"] = rfc3339(b.create_time)
+        if not omit:
+            md["updateTime"] = rfc3339(b.update_time)
+        if b.end_time is not None:
+            md["endTime"] = rfc3339(b.end_time)
+        stats = {"requestCount": b.request_count, "successfulRequestCount": b.succeeded,
+                 "failedRequestCount": b.failed,
+                 "pendingRequestCount": 0 if b.state == "SUCCEEDED" else b.request_count - b.processed}
+        if not omit:
+            md["batchStats"] = {k: str(v) for k, v in stats.items() if v}
+        md["state"] = self.batch_state_name(b.state)
+        md["name"] = b.name
+        op: dict[str, Any] = {"name": b.name, "metadata": md}
+        if b.state == "SUCCEEDED":
+            if b.output_file:
+                out: dict[str, Any] = {"responsesFile": b.output_file}
+            else:
+                out = {"inlinedResponses": {"inlinedResponses": b.inline_responses or []}}
+            md["output"] = out
+            op["done"] = True
+            op["response"] = {"@type": BATCH_OUTPUT_TYPE, **out}
+        elif b.state in TERMINAL_STATES:
+            op["done"] = True
+            if b.error:
+                op["error"] = b.error
+        return op
+
+    # ----- worker ----------------------------------------------------------------------------------
+    def _run_worker(self) -> None:
+        while not self._stop.is_set():
+            self._kick.wait(0.02)
+            self._kick.clear()
+            try:
+                self.tick()
+            except Exception:  # never let the worker die; surface in stats
+                import traceback
+                traceback.print_exc()
+                self.count("worker_errors")
+
+    def tick(self, budget_seconds: float = 0.25) -> None:
+        with self.lock:
+            active = [b for b in self.batches.values() if b.state in ACTIVE_STATES]
+            # sweep expired files now and then
+            now = self.clock.now()
+            for f in list(self.files.values()):
+                if now >= f.expire_time:
+                    self._expire_file(f)
+        deadline = time.monotonic() + budget_seconds
+        for b in active:
+            self._step(b, deadline)
+
+    def _step(self, b: Batch, deadline: float) -> None:
+        cfg = self.config
+        with self.lock:
+            if b.state not in ACTIVE_STATES:
+                return
+            now = self.clock.now()
+            expire_at = b.create_time + cfg.expiry_seconds
+            if (b.done_at is None or b.done_at > expire_at) and now >= expire_at:
+                self._finish(b, "EXPIRED", {"code": 4, "message": "Batch job expired: it was pending or "
+                                            "running for more than 48 hours."}, at=expire_at)
+                return
+            if b.state == "PENDING":
+                if b.done_at is None or now < b.run_at:
+                    return
+                if b.outcome == "CANCELLED":
+                    self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was cancelled."}, at=b.run_at)
+                    self.counters["batches_cancelled"] += 1
+                    return
+                b.state = "RUNNING"
+                b.update_time = b.run_at
+            if b.outcome in ("FAILED", "EXPIRED"):
+                if b.done_at is not None and now >= b.done_at:
+                    if b.outcome == "FAILED":
+                        self._finish(b, "FAILED", {"code": 13, "message": "Batch job failed due to an internal error."}, at=b.done_at)
+                    else:
+                        self._finish(b, "EXPIRED", {"code": 4, "message": "Batch job expired before completing."}, at=b.done_at)
+                return
+            assert b.done_at is not None
+            span = b.done_at - b.run_at
+            frac = 1.0 if span <= 0 else min(1.0, max(0.0, (now - b.run_at) / span))
+            target = b.request_count if now >= b.done_at else int(b.request_count * frac)
+        while True:
+            with self.lock:
+                if b.state != "RUNNING":
+                    return
+                if b.processed >= target:
+                    break
+            if time.monotonic() > deadline:
+                self._kick.set()
+                return
+            self._process_one(b)
+        with self.lock:
+            if b.state == "RUNNING" and b.processed >= b.request_count:
+                self._complete(b)
+
+    def _open_cursor(self, b: Batch) -> None:
+        if b._out is None and b.input_path:
+            b._in = open(b.input_path, "rb")
+            b._out_path = os.path.join(self.uploads_dir, f"batch-output-{b.id}")
+            b._out = open(b._out_path, "wb")
+            b._sha = hashlib.sha256()
+            b._out_size = 0
+        if b.inline_responses is None and b.inline_requests is not None:
+            b.inline_responses = []
+
+    def _process_one(self, b: Batch) -> None:
+        style = self.config.line_error_style
+        with self.lock:
+            self._open_cursor(b)
+            idx = b.processed
+        if b.inline_requests is not None:
+            item = b.inline_requests[idx]
+            out: dict[str, Any] = {}
+            try:
+                resp, produced = self.generator.generate(b.model, (item or {}).get("request"), f"{b.id}:{idx}")
+                out["response"] = resp
+                ok = True
+            except LineError as e:
+                out["error"] = e.status_json(style)
+                ok, produced = False, False
+            if isinstance(item, dict) and item.get("metadata") is not None:
+                out["metadata"] = item["metadata"]
+            with self.lock:
+                if b.state != "RUNNING":
+                    return
+                b.inline_responses.append(out)  # type: ignore[union-attr]
+                self._account(b, ok, produced)
+            return
+        with self.lock:
+            fin = b._in
+        line = b""
+        try:
+            while fin is not None:
+                line = fin.readline()
+                if not line or line.strip():
+                    break
+        except (ValueError, OSError):  # closed under us by cancel/delete/reset
+            return
+        key: Any = None
+        rec: dict[str, Any]
+        try:
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                raise LineError("INVALID_ARGUMENT", f"Invalid JSON in input line {idx + 1}: {exc}") from None
+            key = obj.get("key")
+            if "request" not in obj:
+                raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'request'.")
+            resp, produced = self.generator.generate(b.model, obj["request"], f"{b.id}:{idx}")
+            rec = {"key": key, "response": resp} if key is not None else {"response": resp}
+            ok = True
+        except LineError as e:
+            rec = {"key": key, "error": e.status_json(style)} if key is not None else {"error": e.status_json(style)}
+            ok, produced = False, False
+        data = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+        with self.lock:
+            if b.state != "RUNNING" or b._out is None:
+                return
+            b._out.write(data)
+            b._sha.update(data)
+            b._out_size += len(data)
+            self._account(b, ok, produced)
+
+    def _account(self, b: Batch, ok: bool, produced: bool) -> None:
+        b.processed += 1
+        if ok:
+            b.succeeded += 1
+        else:
+            b.failed += 1
+            self.counters["lines_failed"] += 1
+        self.counters["lines_processed"] += 1
+        if produced:
+            self.counters["images_generated"] += 1
+        b.update_time = max(b.update_time, self.clock.now())
+
+    def _complete(self, b: Batch) -> None:
+        """All lines processed: publish the output (caller holds the lock)."""
+        self._open_cursor(b)
+        if b.input_path:
+            b._out.flush()
+            b._out.close()
+            b._in.close()
+            b._out = b._in = None
+            fid = f"batch-{b.id}"
+            path = os.path.join(self.files_dir, fid)
+            os.replace(b._out_path, path)
+            b._out_path = None
+            now = self.clock.now()
+            self.files[fid] = FileRecord(fid, None, "application/jsonl", b._out_size, b._sha.hexdigest(), now,
+                                         now + self.config.file_ttl_seconds, "GENERATED", path)
+            b.output_file = f"files/{fid}"
+            self._drop_input(b)
+        self._finish(b, "SUCCEEDED", None, at=max(self.clock.now(), b.done_at or 0))
