@@ -62,6 +62,7 @@ MIGRATIONS: list[str] = [
         prompt_tokens INTEGER,
         output_tokens INTEGER,
         cost_usd REAL,
+        cached INTEGER NOT NULL DEFAULT 0,
         updated_at REAL NOT NULL
     );
     CREATE INDEX requests_by_state ON requests(state, model);
@@ -89,6 +90,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (job_id, hash)
     );
     CREATE INDEX job_requests_by_hash ON job_requests(hash);
+    CREATE TABLE reference_files (sha256 TEXT PRIMARY KEY, path TEXT NOT NULL);
     CREATE TABLE uploads (
         sha256 TEXT PRIMARY KEY,
         file_name TEXT NOT NULL,

@@ -1,0 +1,249 @@
+"""The `batcher` command: parse options, make one library call, render. Errors become exit codes here only."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import pipeline
+from .catalog import DEFAULT_MODEL, MODELS
+from .errors import BatcherError, ManifestError
+from .manifest import ManifestOptions
+from .planner import ShardLimits
+
+log = logging.getLogger("batcher")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if verbose < 3:  # the HTTP libraries are chatty at INFO; -vvv shows them
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "google_genai", "urllib3"):
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def handle_errors(fn):
+    """Turn batcher's errors into a message and the documented exit code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ManifestError as exc:
+            click.echo(f"error: {exc}", err=True)
+            for problem in exc.problems:
+                click.echo(f"  {problem}", err=True)
+            sys.exit(exc.exit_code)
+        except BatcherError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing is lost; run the same command again to continue", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def common_options(fn):
+    options = [
+        click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True,
+                     help="Ledger and staging directory of the run."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Output dataset directory (default: WORKDIR/dataset)."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Image cache shared between runs (default: the user cache dir, or $BATCHER_CACHE_DIR)."),
+        click.option("--backend", type=click.Choice(["gemini", "emulator"]), default="gemini", show_default=True,
+                     help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator for demos."),
+        click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+                     help="Attempts per request before it is marked failed."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only."),
+        click.option("--verbose", "-v", count=True, help="More logging (-v, -vv)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def manifest_options(fn):
+    options = [
+        click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "tsv"]), default=None,
+                     help="Manifest format (default: by extension)."),
+        click.option("--prompt-column", default="prompt", show_default=True),
+        click.option("--id-column", default="id", show_default=True),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, type=click.Choice(sorted(MODELS)),
+                     help="Default model (a `model` column overrides it per row)."),
+        click.option("--aspect-ratio", default=None, help="Default aspect ratio, e.g. 16:9."),
+        click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on 3.1 Flash Image)."),
+        click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
+        click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
+        click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(kw: dict, **extra) -> pipeline.Settings:
+    m = ManifestOptions(
+        prompt_column=kw.get("prompt_column", "prompt"), id_column=kw.get("id_column", "id"), format=kw.get("fmt"),
+        model=kw.get("model", DEFAULT_MODEL), aspect_ratio=kw.get("aspect_ratio"), image_size=kw.get("image_size"),
+    )
+    workdir = kw["workdir"]
+    return pipeline.Settings(
+        workdir=workdir, out=kw.get("out"), cache_dir=kw.get("cache_dir"), manifest=m,
+        limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
+        refresh=kw.get("refresh", False), skip_invalid=kw.get("skip_invalid", False),
+        rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False), **extra,
+    )
+
+
+@contextlib.contextmanager
+def _backend_factory(kind: str):
+    """For --backend emulator, an in-process emulator lives as long as the command."""
+    if kind != "emulator":
+        yield None
+        return
+    from .backend import Connection, GeminiBackend
+    from .emulator import Emulator, EmulatorConfig
+
+    with Emulator(EmulatorConfig()) as emu:
+        yield lambda: GeminiBackend(Connection(api_key="emulator-key", base_url=emu.url, timeout_s=60))
+
+
+def _finish(outcome: pipeline.Outcome) -> None:
+    click.echo(outcome.summary)
+    sys.exit(outcome.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batcher")
+def main():
+    """Bulk image generation on the Gemini Batch API: manifests in, image datasets out.
+
+    \b
+    Exit codes: 0 every row has its image; 2 invalid input or usage (nothing submitted);
+    3 finished, but some rows failed or were blocked; 4 still in progress; 1 any other error.
+    """
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@common_options
+@manifest_options
+@click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
+@handle_errors
+def submit(manifest, dry_run, **kw):
+    """Validate MANIFEST, plan requests, upload and create batch jobs; returns at once."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    with _backend_factory(kw["backend"]) as factory:
+        _finish(pipeline.submit(manifest, _settings(kw), dry_run=dry_run, backend_factory=factory))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@common_options
+@manifest_options
+@click.option("--poll-interval", type=click.FloatRange(0.05), default=None, help="Seconds between polls (default 30; 1 on the emulator).")
+@click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop waiting after this many seconds (exit 4; run again to continue).")
+@handle_errors
+def run(manifest, poll_interval, timeout, **kw):
+    """Submit MANIFEST, wait for its jobs, collect, resubmit failures, until done. Resumable."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    if poll_interval is None:
+        poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0
+    with _backend_factory(kw["backend"]) as factory:
+        _finish(pipeline.run(manifest, _settings(kw, poll_interval=poll_interval, timeout=timeout), backend_factory=factory))
+
+
+@main.command()
+@common_options
+@handle_errors
+def collect(**kw):
+    """Download finished jobs, decode and cache images, requeue failures, write the dataset."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    with _backend_factory(kw["backend"]) as factory:
+        _finish(pipeline.collect(_settings(kw), backend_factory=factory))
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@click.option("--no-refresh", is_flag=True, help="Show the ledger as it is, without asking the API.")
+@handle_errors
+def status(as_json, no_refresh, **kw):
+    """Jobs, their 24 h windows and 48 h expiry, request counts and cost."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    with _backend_factory(kw["backend"]) as factory:
+        doc = pipeline.status(_settings(kw), refresh=not no_refresh, backend_factory=factory)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(render_status(doc))
+    sys.exit(doc["exit_code"])
+
+
+def render_status(doc: dict) -> str:
+    head = ("JOB", "STATE", "OK", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
+    rows = [head]
+    for j in doc["jobs"]:
+        fmt = lambda h: "-" if h is None else f"{h:.1f}h"  # noqa: E731
+        rows.append((j["display_name"], j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else ""),
+                     str(j["succeeded"]), str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]),
+                     fmt(j["window_hours_left"]), fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    c = doc["requests"]
+    lines.append("")
+    lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
+                 f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
+                 f"${doc['cost_usd']:.4f} spent")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("jobs", nargs=-1)
+@click.option("--all", "all_jobs", is_flag=True, help="Cancel every running job of the workdir.")
+@common_options
+@handle_errors
+def cancel(jobs, all_jobs, **kw):
+    """Cancel running jobs (by display name or batches/ID), or --all."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    if not jobs and not all_jobs:
+        raise click.UsageError("name the jobs to cancel, or pass --all")
+    with _backend_factory(kw["backend"]) as factory:
+        _finish(pipeline.cancel(_settings(kw), list(jobs) or None, backend_factory=factory))
+
+
+class _LazyEmulatorCommand(click.Command):
+    """`batcher emulator`: imported only when used, so the library never loads the emulator otherwise."""
+
+    def _real(self) -> click.Command:
+        from .emulator.cli import command
+
+        return command
+
+    def get_params(self, ctx):
+        return self._real().get_params(ctx)
+
+    def invoke(self, ctx):
+        return self._real().invoke(ctx)
+
+    def get_help(self, ctx):
+        return self._real().get_help(ctx)
+
+    def parse_args(self, ctx, args):
+        return self._real().parse_args(ctx, args)
+
+
+main.add_command(_LazyEmulatorCommand("emulator", help="Run the local Gemini Batch API emulator (prints its URL first)."))
+
+if __name__ == "__main__":
+    main()

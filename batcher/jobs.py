@@ -1,0 +1,199 @@
+"""Jobs against the API: write the JSONL, upload it, create the batch exactly once, refresh its state.
+
+Exactly once: a job's deterministic display name is committed (state `creating`) before `batches.create`.
+If the process dies inside create, the next start finds the job by that name in the API's job list
+(`reconcile`) before it creates anything, so a job is never created twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .backend import BatchInfo, GeminiBackend
+from .errors import ApiError, NotFoundError, QuotaError, TransientApiError
+from .ledger import (
+    J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger,
+)
+from .requests import REF_SCHEME, referenced_hashes, resolve_references
+
+log = logging.getLogger("batcher.jobs")
+
+# Re-upload a reference image when less than this is left of its 48 h: the job may run for 24 h or more.
+REFERENCE_MIN_REMAINING_S = 36 * 3600
+API_TERMINAL = {"SUCCEEDED": J_SUCCEEDED, "FAILED": J_FAILED, "EXPIRED": J_EXPIRED, "CANCELLED": J_CANCELLED}
+
+
+def jsonl_path(ledger: Ledger, display_name: str) -> Path:
+    return ledger.workdir / "jobs" / f"{display_name}.jsonl"
+
+
+def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path:
+    """Write the job's JSONL (atomically): one `{"key": request hash, "request": ...}` per line."""
+    job = ledger.job(job_id)
+    path = jsonl_path(ledger, job["display_name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    rows = ledger.conn.execute(
+        "SELECT r.hash, r.body_json FROM job_requests jr JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=? ORDER BY jr.rowid",
+        (job_id,),
+    )
+    size = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for h, body_json in rows:
+            body = json.loads(body_json)
+            if REF_SCHEME in body_json:
+                body = resolve_references(body, uri_by_sha)
+            line = json.dumps({"key": h, "request": body}, ensure_ascii=False, separators=(",", ":")) + "\n"
+            size += len(line.encode())
+            f.write(line)
+    os.replace(tmp, path)
+    with ledger.transaction() as c:
+        c.execute("UPDATE jobs SET jsonl_path=?, input_bytes=? WHERE id=?", (str(path), size, job_id))
+    return path
+
+
+def job_reference_hashes(ledger: Ledger, job_id: int) -> set[str]:
+    out: set[str] = set()
+    rows = ledger.conn.execute(
+        "SELECT r.body_json FROM job_requests jr JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=? AND r.body_json LIKE ?",
+        (job_id, f"%{REF_SCHEME}%"),
+    )
+    for (body_json,) in rows:
+        out.update(referenced_hashes(body_json))
+    return out
+
+
+def ensure_references(ledger: Ledger, backend: GeminiBackend, hashes: set[str], paths: dict[str, str]) -> dict[str, str]:
+    """Upload each distinct reference image once (by content hash); re-upload when its 48 h runs short."""
+    uris: dict[str, str] = {}
+    now = time.time()
+    for sha in sorted(hashes):
+        row = ledger.conn.execute("SELECT * FROM uploads WHERE sha256=?", (sha,)).fetchone()
+        if row is not None and row["expires_at"] - now > REFERENCE_MIN_REMAINING_S:
+            uris[sha] = row["uri"]
+            continue
+        path = paths.get(sha)
+        if path is None:
+            raise ApiError(f"reference image {sha[:12]} is needed but its file is unknown; run submit with the manifest again")
+        from .requests import image_mime_type
+
+        mime = image_mime_type(path)
+        uploaded = backend.upload_image(Path(path), mime, display_name=f"batcher-ref-{sha[:16]}")
+        expires = uploaded.expires_at or now + 48 * 3600
+        with ledger.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO uploads(sha256, file_name, uri, mime_type, expires_at) VALUES (?,?,?,?,?)",
+                (sha, uploaded.name, uploaded.uri, mime, expires),
+            )
+        uris[sha] = uploaded.uri
+    return uris
+
+
+def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: dict[str, str], on_bytes=None) -> None:
+    """planned|uploading -> uploaded: write the JSONL, upload it, record the file."""
+    job = ledger.job(job_id)
+    with ledger.transaction() as c:
+        ledger.job_transition(c, job_id, (J_PLANNED, J_UPLOADING), J_UPLOADING)
+    uris = ensure_references(ledger, backend, job_reference_hashes(ledger, job_id), ref_paths)
+    path = write_jsonl(ledger, job_id, uris)
+    uploaded = backend.upload_jsonl(path, display_name=job["display_name"])
+    if on_bytes:
+        on_bytes(uploaded.size_bytes)
+    with ledger.transaction() as c:
+        ledger.job_transition(c, job_id, (J_UPLOADING,), J_UPLOADED, input_file=uploaded.name)
+
+
+def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> bool:
+    """uploaded -> creating -> submitted. Returns False when the API has no capacity now (429): the job stays
+    `uploaded` and is created later. Raises on other errors, leaving the job reconcilable."""
+    job = ledger.job(job_id)
+    with ledger.transaction() as c:
+        ledger.job_transition(c, job_id, (J_UPLOADED,), J_CREATING)
+    try:
+        info = backend.create_batch(job["model"], job["input_file"], job["display_name"])
+    except QuotaError as exc:
+        log.info("no capacity for %s now (%s); will retry", job["display_name"], exc)
+        with ledger.transaction() as c:
+            ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
+        return False
+    except TransientApiError:
+        # The job may or may not exist now: find out from the API's list before anything else.
+        reconcile(ledger, backend)
+        return ledger.job(job_id)["state"] == J_SUBMITTED
+    except NotFoundError as exc:
+        # The input file is gone (expired or deleted): upload it again.
+        log.warning("%s: %s; uploading its input again", job["display_name"], exc)
+        with ledger.transaction() as c:
+            ledger.job_transition(c, job_id, (J_CREATING,), J_PLANNED, input_file=None)
+        return False
+    except ApiError:
+        with ledger.transaction() as c:
+            ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
+        raise
+    _mark_submitted(ledger, job_id, info)
+    return True
+
+
+def _mark_submitted(ledger: Ledger, job_id: int, info: BatchInfo) -> None:
+    with ledger.transaction() as c:
+        ledger.job_transition(
+            c, job_id, (J_CREATING,), J_SUBMITTED, batch_name=info.name, api_state=info.state, api_created_at=info.created_at
+        )
+
+
+def reconcile(ledger: Ledger, backend: GeminiBackend) -> int:
+    """Resolve jobs left in `creating` by a crash: found in the API's list -> submitted; absent -> uploaded.
+    Also deletes our uploaded JSONL files that no job uses. Returns how many jobs were found."""
+    creating = ledger.jobs((J_CREATING,))
+    found = 0
+    if creating:
+        by_name = {j["display_name"]: j["id"] for j in creating}
+        for info in backend.list_batches():
+            job_id = by_name.pop(info.display_name, None) if info.display_name else None
+            if job_id is not None:
+                _mark_submitted(ledger, job_id, info)
+                found += 1
+                log.info("found job %s (%s) created before a crash", info.display_name, info.name)
+        for display_name, job_id in by_name.items():
+            with ledger.transaction() as c:
+                ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
+    delete_orphan_files(ledger, backend)
+    return found
+
+
+def delete_orphan_files(ledger: Ledger, backend: GeminiBackend) -> int:
+    """Files uploaded under our display names that no live job records (an upload interrupted after the
+    server finished it, or a re-upload) cost storage quota: delete them."""
+    prefix = f"batcher-{ledger.ledger_id}-job"
+    live = {r[0] for r in ledger.conn.execute(
+        "SELECT input_file FROM jobs WHERE input_file IS NOT NULL AND state IN (?,?,?,?)",
+        (J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED),
+    )}
+    deleted = 0
+    for f in backend.list_files():
+        if (f.display_name or "").startswith(prefix) and f.name not in live:
+            job = ledger.conn.execute("SELECT state FROM jobs WHERE display_name=?", (f.display_name,)).fetchone()
+            if job is not None and job["state"] in (J_UPLOADING, J_PLANNED):
+                continue  # its upload may be under way in this very process
+            backend.delete_file(f.name)
+            deleted += 1
+    return deleted
+
+
+def refresh_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> BatchInfo:
+    """Read the job from the API; submitted -> succeeded|failed|expired|cancelled when it has ended."""
+    job = ledger.job(job_id)
+    info = backend.get_batch(job["batch_name"])
+    new_state = API_TERMINAL.get(info.state)
+    with ledger.transaction() as c:
+        c.execute(
+            "UPDATE jobs SET api_state=?, stats_json=?, api_created_at=COALESCE(?, api_created_at), updated_at=? WHERE id=?",
+            (info.state, json.dumps(info.stats), info.created_at, time.time(), job_id),
+        )
+        if new_state and job["state"] == J_SUBMITTED:
+            ledger.job_transition(c, job_id, (J_SUBMITTED,), new_state, output_file=info.output_file, error=info.error)
+    return info

@@ -1,0 +1,339 @@
+"""batcher's library API: submit, status, collect, run, cancel. The CLI is a thin layer over these.
+
+    import batcher
+    result = batcher.run("prompts.parquet", batcher.Settings(workdir=".batcher", out="dataset"))
+
+Every function is safe to interrupt at any point and to call again: the ledger remembers what was done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import jobs as jobs_mod
+from .backend import Connection, GeminiBackend
+from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, MAX_CONCURRENT_JOBS
+from .collect import CollectStats, collect_job
+from .dataset import DatasetSummary, write_dataset
+from .errors import UsageError
+from .ledger import (
+    BLOCKED, FAILED, J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
+    J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
+)
+from .manifest import ManifestOptions
+from .planner import PlanResult, ShardLimits, plan_manifest, shard
+from .progress import Progress
+from .store import ImageStore
+
+log = logging.getLogger("batcher")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_PENDING = 0, 1, 2, 3, 4
+
+
+@dataclass
+class Settings:
+    workdir: Path = Path(".batcher")
+    out: Path | None = None  # default: <workdir>/dataset
+    cache_dir: Path | None = None  # default: the user cache dir (shared between workdirs)
+    manifest: ManifestOptions = field(default_factory=ManifestOptions)
+    limits: ShardLimits = field(default_factory=ShardLimits)
+    max_attempts: int = 3
+    refresh: bool = False
+    skip_invalid: bool = False
+    rejects_path: Path | None = None
+    poll_interval: float = 30.0
+    timeout: float | None = None
+    max_concurrent_jobs: int = MAX_CONCURRENT_JOBS
+    quiet: bool = False
+    lock_wait: float = 0.0
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        self.out = Path(self.out) if self.out else self.workdir / "dataset"
+        if self.max_attempts < 1:
+            raise UsageError("--max-attempts must be at least 1")
+
+
+@dataclass
+class Outcome:
+    """What a command did; `exit_code` follows the documented exit codes."""
+
+    exit_code: int
+    summary: str
+    plan: PlanResult | None = None
+    dataset: DatasetSummary | None = None
+    counts: dict = field(default_factory=dict)
+    jobs_created: int = 0
+    collect: CollectStats | None = None
+
+
+class Workspace:
+    """An open workdir: the lock, the ledger, the cache and (lazily) the API backend."""
+
+    def __init__(self, settings: Settings, backend_factory: Callable[[], GeminiBackend] | None):
+        self.settings = settings
+        settings.workdir.mkdir(parents=True, exist_ok=True)
+        self.lock = WorkdirLock(settings.workdir)
+        self.lock.acquire(wait=settings.lock_wait)
+        try:
+            self.ledger = Ledger(settings.workdir)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.store = ImageStore(settings.cache_dir)
+        self._backend_factory = backend_factory
+        self._backend: GeminiBackend | None = None
+        self.progress = Progress(quiet=settings.quiet)
+
+    @property
+    def backend(self) -> GeminiBackend:
+        if self._backend is None:
+            factory = self._backend_factory or (lambda: GeminiBackend(Connection.from_env()))
+            self._backend = factory()
+        return self._backend
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.lock.release()
+
+
+@contextlib.contextmanager
+def open_workspace(settings: Settings, backend_factory=None) -> Iterator[Workspace]:
+    ws = Workspace(settings, backend_factory)
+    try:
+        yield ws
+    finally:
+        ws.close()
+
+
+# ---- steps ------------------------------------------------------------------------------------------
+
+def _ref_paths(ledger: Ledger) -> dict[str, str]:
+    return {sha: path for sha, path in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
+
+
+def send_pending(ws: Workspace) -> int:
+    """Shard planned requests into jobs, upload them and create them, within the concurrency cap.
+    Returns how many jobs were created. Stops creating (not failing) when the API says it has no capacity."""
+    ledger, backend = ws.ledger, ws.backend
+    jobs_mod.reconcile(ledger, backend)
+    shard(ledger, ws.settings.limits)
+    refs = _ref_paths(ledger)
+    created = 0
+    for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
+        in_flight = len(ledger.jobs((J_CREATING, J_SUBMITTED)))
+        if in_flight >= ws.settings.max_concurrent_jobs:
+            log.info("%d jobs in flight (the cap is %d): the rest wait", in_flight, ws.settings.max_concurrent_jobs)
+            break
+        if job["state"] in (J_PLANNED, J_UPLOADING):
+            with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
+                jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
+        if not jobs_mod.create_job(ledger, backend, job["id"]):
+            if ledger.job(job["id"])["state"] == J_UPLOADED:
+                break  # no capacity now (429): later, as earlier jobs finish
+            continue
+        created += 1
+    return created
+
+
+def refresh_jobs(ws: Workspace) -> None:
+    for job in ws.ledger.jobs((J_SUBMITTED,)):
+        jobs_mod.refresh_job(ws.ledger, ws.backend, job["id"])
+
+
+def collect_finished(ws: Workspace) -> CollectStats:
+    stats = CollectStats()
+    for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
+        with ws.progress.bytes(f"download {job['display_name']}", None) as dbar, \
+                ws.progress.count(f"images {job['display_name']}", job["request_count"]) as ibar:
+            collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
+                        on_bytes=dbar.update, on_image=ibar.update)
+    for e in stats.errors:
+        log.warning(e)
+    return stats
+
+
+def run_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
+    counts = ledger.request_counts(run_id)
+    return {s: counts.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
+
+
+def exit_code_for(counts: dict[str, int]) -> int:
+    if counts.get(PLANNED, 0) or counts.get(QUEUED, 0):
+        return EXIT_PENDING
+    if counts.get(BLOCKED, 0) or counts.get(FAILED, 0):
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _line(counts: dict[str, int], extra: str = "") -> str:
+    pending = counts.get(PLANNED, 0) + counts.get(QUEUED, 0)
+    return (f"{counts.get(SUCCEEDED, 0)} ok, {counts.get(BLOCKED, 0)} blocked, {counts.get(FAILED, 0)} failed, "
+            f"{pending} pending{extra}")
+
+
+def _current_run_id(ledger: Ledger) -> int:
+    run = ledger.current_run()
+    if run is None:
+        raise UsageError(f"no run in {ledger.workdir}: start one with `batcher submit MANIFEST` or `batcher run MANIFEST`")
+    return run["id"]
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
+    s = ws.settings
+    return plan_manifest(ws.ledger, ws.store, Path(manifest), s.manifest, refresh=s.refresh,
+                         skip_invalid=s.skip_invalid, rejects_path=s.rejects_path)
+
+
+def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, backend_factory=None) -> Outcome:
+    """Validate and plan the manifest, then upload and create its jobs. Returns at once (no waiting)."""
+    with open_workspace(settings, backend_factory) as ws:
+        p = plan(ws, manifest)
+        if dry_run:
+            new = shard(ws.ledger, settings.limits)
+            paths = []
+            for job in ws.ledger.jobs((J_PLANNED,)):
+                dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
+                paths.append(jobs_mod.write_jsonl(ws.ledger, job["id"], dummy))
+            counts = run_counts(ws.ledger, p.run_id)
+            return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
+                           f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded",
+                           plan=p, counts=counts)
+        created = send_pending(ws) if run_counts(ws.ledger, p.run_id)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
+        counts = run_counts(ws.ledger, p.run_id)
+        if not counts[PLANNED] and not counts[QUEUED]:
+            write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
+        return Outcome(exit_code_for(counts), f"submitted: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
+                       f"{created} job(s) created; " + _line(counts), plan=p, counts=counts, jobs_created=created)
+
+
+def collect(settings: Settings, *, backend_factory=None) -> Outcome:
+    """Refresh jobs, download and decode finished ones, requeue failures, write the dataset."""
+    with open_workspace(settings, backend_factory) as ws:
+        run_id = _current_run_id(ws.ledger)
+        refresh_jobs(ws)
+        stats = collect_finished(ws)
+        ds = write_dataset(ws.ledger, ws.store, run_id, settings.out)
+        counts = run_counts(ws.ledger, run_id)
+        extra = f"; dataset {ds.path} (${ds.cost_usd:.4f})"
+        if counts[PLANNED]:
+            extra += f"; {counts[PLANNED]} requests to send again: run `batcher submit` or `batcher run`"
+        return Outcome(exit_code_for(counts), "collected: " + _line(counts, extra), dataset=ds, counts=counts, collect=stats)
+
+
+def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Submit, poll, collect and resubmit until every request has an outcome, or until `timeout`."""
+    started = time.monotonic()
+    with open_workspace(settings, backend_factory) as ws:
+        p = plan(ws, manifest)
+        total = p.requests
+        created = 0
+        with ws.progress.count("requests", total) as bar:
+            while True:
+                counts = run_counts(ws.ledger, p.run_id)
+                if counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
+                    created += send_pending(ws)
+                refresh_jobs(ws)
+                collect_finished(ws)
+                counts = run_counts(ws.ledger, p.run_id)
+                bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
+                if not counts[PLANNED] and not counts[QUEUED]:
+                    break
+                if settings.timeout is not None and time.monotonic() - started > settings.timeout:
+                    break
+                sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
+        ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
+        counts = run_counts(ws.ledger, p.run_id)
+        code = exit_code_for(counts)
+        state = "timed out, still running" if code == EXIT_PENDING else "done"
+        return Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
+                       + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}"),
+                       plan=p, dataset=ds, counts=counts, jobs_created=created)
+
+
+def cancel(settings: Settings, names: list[str] | None = None, *, backend_factory=None) -> Outcome:
+    """Cancel this workdir's running jobs (all of them, or those named by display name or batch name)."""
+    with open_workspace(settings, backend_factory) as ws:
+        targets = [j for j in ws.ledger.jobs((J_SUBMITTED,))
+                   if not names or j["display_name"] in names or j["batch_name"] in names]
+        if names:
+            known = {j["display_name"] for j in targets} | {j["batch_name"] for j in targets}
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise UsageError(f"no running job named {', '.join(unknown)} in {settings.workdir}; see `batcher status`")
+        for j in targets:
+            ws.backend.cancel_batch(j["batch_name"])
+        return Outcome(EXIT_OK, f"cancel requested for {len(targets)} job(s); `batcher collect` requeues their requests")
+
+
+def _hours_left(created_at: str | None, hours: float, now: float) -> float | None:
+    from .backend import parse_time
+
+    t = parse_time(created_at)
+    return None if t is None else (t + hours * 3600 - now) / 3600
+
+
+def status(settings: Settings, *, refresh: bool = True, backend_factory=None, now: float | None = None) -> dict:
+    """Jobs, counts and windows as a JSON-ready document (refreshed from the API unless refresh=False)."""
+    import json
+
+    from .backend import parse_time
+
+    with open_workspace(settings, backend_factory) as ws:
+        if refresh and ws.ledger.jobs((J_SUBMITTED,)):
+            refresh_jobs(ws)
+        now = time.time() if now is None else now
+        run = ws.ledger.current_run()
+        jobs = []
+        for j in ws.ledger.jobs():
+            stats = json.loads(j["stats_json"]) if j["stats_json"] else {}
+            created = parse_time(j["api_created_at"])
+            n = j["request_count"]
+            succeeded = stats.get("successfulRequestCount", 0)
+            failed = stats.get("failedRequestCount", 0)
+            warnings = []
+            window_left = _hours_left(j["api_created_at"], JOB_TARGET_HOURS, now)
+            expiry_left = _hours_left(j["api_created_at"], JOB_EXPIRY_HOURS, now)
+            active = j["state"] == J_SUBMITTED
+            if active and window_left is not None and window_left < 0:
+                warnings.append("past its 24 h target window")
+            if active and expiry_left is not None and expiry_left < 6:
+                warnings.append("expires in under 6 h: results will be lost")
+            jobs.append({
+                "name": j["batch_name"], "display_name": j["display_name"], "model": j["model"], "state": j["state"],
+                "api_state": j["api_state"], "created_at": j["api_created_at"],
+                "window_ends_at": _iso(created + JOB_TARGET_HOURS * 3600) if created else None,
+                "expires_at": _iso(created + JOB_EXPIRY_HOURS * 3600) if created else None,
+                "age_hours": round((now - created) / 3600, 2) if created else None,
+                "window_hours_left": round(window_left, 2) if window_left is not None else None,
+                "expiry_hours_left": round(expiry_left, 2) if expiry_left is not None else None,
+                "request_count": n, "succeeded": succeeded, "failed": failed,
+                "pending": stats.get("pendingRequestCount", max(n - succeeded - failed, 0)) if active or j["state"] == J_UPLOADED else 0,
+                "error": j["error"], "warnings": warnings,
+            })
+        counts = run_counts(ws.ledger, run["id"]) if run else {}
+        cost = ws.ledger.conn.execute(
+            "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
+            (run["id"] if run else -1,)).fetchone()[0]
+        hits = ws.ledger.conn.execute(
+            "SELECT COUNT(*) FROM requests WHERE cached=1 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
+            (run["id"] if run else -1,)).fetchone()[0]
+        return {
+            "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
+            "jobs": jobs, "requests": counts, "cache_hits": hits, "cost_usd": round(cost, 6),
+            "exit_code": exit_code_for(counts) if run else EXIT_OK,
+        }
+
+
+def _iso(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

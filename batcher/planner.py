@@ -1,0 +1,286 @@
+"""Planning: manifest rows -> request hashes in the ledger (validated, deduped, cache-checked), then
+uncached requests -> shards (jobs) bounded by requests, input bytes and expected output bytes.
+
+Validation happens here, before anything is uploaded: the whole manifest is streamed into the ledger in
+one transaction, and on any problem the transaction is rolled back, so an invalid manifest leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import catalog
+from .errors import ManifestError
+from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
+from .requests import ImageRequest, ReferenceImage, canonical_json, file_sha256, image_mime_type, request_body, request_hash
+from .store import ImageStore
+
+KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
+MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    max_requests: int = 1000
+    max_input_bytes: int = 1_900_000_000  # under the API's 2 GB per input file
+    max_output_bytes: int = 2_000_000_000  # expected base64 results, so a job's results stay retrievable
+
+
+@dataclass
+class PlanResult:
+    run_id: int
+    rows: int = 0
+    requests: int = 0  # distinct requests of the run
+    cache_hits: int = 0
+    duplicates: int = 0  # rows sharing another row's request
+    rejected: int = 0
+    new_run: bool = True
+
+
+def run_fingerprint(manifest: Path, options: ManifestOptions) -> str:
+    st = manifest.stat()
+    ident = {"manifest": str(manifest.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "options": asdict(options)}
+    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+
+
+def extra_schema(manifest: Path, options: ManifestOptions, fmt: str | None) -> pa.Schema:
+    """The carried-through columns with their types (all strings for CSV/TSV)."""
+    skip = KNOWN_COLUMNS | {options.prompt_column, options.id_column}
+    kind = fmt or manifest.suffix.lower().lstrip(".")
+    if kind in ("parquet", "pq"):
+        schema = pq.read_schema(manifest)
+        return pa.schema([f for f in schema if f.name not in skip])
+    delimiter = "\t" if kind in ("tsv", "tab") else ","
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    return pa.schema([pa.field(name, pa.string()) for name in header if name not in skip])
+
+
+class _References:
+    """Content hashes of reference images, computed once per distinct path."""
+
+    def __init__(self):
+        self._by_path: dict[str, ReferenceImage] = {}
+
+    def get(self, path: str) -> ReferenceImage:
+        ref = self._by_path.get(path)
+        if ref is None:
+            ref = ReferenceImage(sha256=file_sha256(path), mime_type=image_mime_type(path), path=path)
+            self._by_path[path] = ref
+        return ref
+
+
+def image_requests(row: ManifestRow, refs: _References) -> list[ImageRequest]:
+    references = tuple(refs.get(p) for p in row.reference_images)
+    return [
+        ImageRequest(
+            model=row.model,
+            prompt=row.prompt,
+            variant=v,
+            aspect_ratio=row.aspect_ratio,
+            image_size=row.image_size,
+            temperature=row.temperature,
+            top_p=row.top_p,
+            seed=row.seed,
+            system_instruction=row.system_instruction,
+            references=references,
+        )
+        for v in range(row.variants)
+    ]
+
+
+def plan_manifest(
+    ledger: Ledger,
+    store: ImageStore | None,
+    manifest: Path,
+    options: ManifestOptions,
+    *,
+    refresh: bool = False,
+    skip_invalid: bool = False,
+    rejects_path: Path | None = None,
+) -> PlanResult:
+    """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest."""
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise ManifestError(f"{manifest}: no such file; check the path")
+    if manifest.is_dir():
+        raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
+    fingerprint = run_fingerprint(manifest, options)
+    existing = ledger.run_by_fingerprint(fingerprint)
+    if existing is not None and not refresh:
+        return _summary(ledger, existing["id"], new_run=False)
+
+    problems: list[RowProblem] = []
+    refs = _References()
+    now = time.time()
+    result = PlanResult(run_id=0)
+    schema = extra_schema(manifest, options, options.format)
+    with ledger.transaction() as c:
+        if existing is not None:  # --refresh of the same manifest: plan it again from scratch
+            c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
+            c.execute("DELETE FROM runs WHERE id=?", (existing["id"],))
+        cur = c.execute(
+            "INSERT INTO runs(fingerprint, manifest, options_json, extra_schema, created_at) VALUES (?,?,?,?,?)",
+            (fingerprint, str(manifest), json.dumps(asdict(options)), schema.serialize().to_pybytes(), now),
+        )
+        run_id = result.run_id = cur.lastrowid
+        seq = 0
+        for item in read_manifest(manifest, options):
+            if isinstance(item, RowProblem):
+                problems.append(item)
+                continue
+            try:
+                requests = image_requests(item, refs)
+            except OSError as exc:
+                problems.append(RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}"))
+                continue
+            for ref in requests[0].references if requests else ():
+                c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
+            extra = json.dumps(item.extra, default=str, ensure_ascii=False) if item.extra else None
+            for req in requests:
+                h = request_hash(req)
+                try:
+                    c.execute(
+                        "INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
+                        (run_id, seq, item.row, item.id, req.variant, h, item.prompt, extra),
+                    )
+                except sqlite3.IntegrityError:
+                    first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, item.id)).fetchone()
+                    problems.append(
+                        RowProblem(str(manifest), item.row, options.id_column, item.id,
+                                   f"duplicate id (first used at row {first[0] if first else '?'}); ids must be unique")
+                    )
+                    break
+                seq += 1
+                _record_request(c, store, req, h, refresh, now)
+            result.rows += 1
+        if problems and not skip_invalid:
+            shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
+            more = len(problems) - len(shown)
+            raise ManifestError(
+                f"{manifest}: {len(problems)} invalid row(s); nothing was submitted. Fix them, or pass --skip-invalid "
+                "to submit the valid rows and write the rejects to a file." + (f" ({more} more not shown)" if more > 0 else ""),
+                problems=shown,
+            )  # the transaction rolls back: the ledger is as it was
+        if result.rows == 0:
+            raise ManifestError(f"{manifest}: no valid rows to submit")
+        c.execute("UPDATE runs SET row_count=? WHERE id=?", (result.rows, run_id))
+    if problems and rejects_path is not None:
+        write_rejects(rejects_path, problems)
+    summary = _summary(ledger, run_id, new_run=True)
+    summary.rejected = len(problems)
+    return summary
+
+
+def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageRequest, h: str, refresh: bool, now: float) -> None:
+    row = c.execute("SELECT state FROM requests WHERE hash=?", (h,)).fetchone()
+    cached = store is not None and not refresh and store.has(h)
+    if row is None:
+        c.execute(
+            "INSERT INTO requests(hash, model, body_json, state, cached, updated_at) VALUES (?,?,?,?,?,?)",
+            (h, req.model, json.dumps(request_body(req), ensure_ascii=False), SUCCEEDED if cached else PLANNED, int(cached), now),
+        )
+        return
+    state = row["state"]
+    if state == QUEUED:
+        return  # in a job already: it will be collected
+    if refresh and state in (SUCCEEDED, FAILED, BLOCKED):
+        c.execute("UPDATE requests SET state=?, attempts=0, error=NULL, finish_reason=NULL, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+    elif state == SUCCEEDED and store is not None and not store.has(h):
+        # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
+        c.execute("UPDATE requests SET state=?, attempts=0, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+    elif state == FAILED:
+        # A new run gives requests that ran out of attempts before a fresh set.
+        c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+
+
+def _summary(ledger: Ledger, run_id: int, new_run: bool) -> PlanResult:
+    c = ledger.conn
+    rows = c.execute("SELECT COUNT(*), COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?", (run_id,)).fetchone()
+    hits = c.execute(
+        "SELECT COUNT(*) FROM requests WHERE cached=1 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)", (run_id,)
+    ).fetchone()[0]
+    manifest_rows = c.execute("SELECT row_count FROM runs WHERE id=?", (run_id,)).fetchone()[0]
+    return PlanResult(run_id=run_id, rows=manifest_rows, requests=rows[1], cache_hits=hits, duplicates=rows[0] - rows[1], new_run=new_run)
+
+
+def write_rejects(path: Path, problems: list[RowProblem]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerow(["file", "row", "column", "value", "reason"])
+        for p in problems:
+            w.writerow([p.file, p.row, p.column or "", p.value or "", p.message])
+    os.replace(tmp, path)
+
+
+def expected_output_bytes(model: str, body_json: str) -> int:
+    spec = catalog.model_spec(model)
+    size = "1K"
+    if '"imageSize"' in body_json:
+        size = json.loads(body_json)["generationConfig"].get("imageConfig", {}).get("imageSize", "1K")
+    png = (spec.typical_png_bytes.get(size) if spec else None) or 2_000_000
+    return png * 4 // 3 + 2_000  # base64 plus the JSON around it
+
+
+def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None) -> list[int]:
+    """Group planned requests into new jobs (one model per job). Returns the new job ids."""
+    c = ledger.conn
+    new_jobs: list[int] = []
+    now = time.time()
+    with ledger.transaction():
+        models = [r[0] for r in c.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
+        budget = limit_requests
+        for model in models:
+            batch: list[str] = []
+            in_bytes = out_bytes = 0
+            cur = c.execute("SELECT hash, body_json FROM requests WHERE state=? AND model=? ORDER BY rowid", (PLANNED, model))
+            for h, body_json in cur.fetchall():
+                if budget is not None and budget <= 0:
+                    break
+                line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
+                exp = expected_output_bytes(model, body_json)
+                if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
+                              or out_bytes + exp > limits.max_output_bytes):
+                    new_jobs.append(_new_job(ledger, model, batch, in_bytes, now))
+                    batch, in_bytes, out_bytes = [], 0, 0
+                batch.append(h)
+                in_bytes += line_bytes
+                out_bytes += exp
+                if budget is not None:
+                    budget -= 1
+            if batch:
+                new_jobs.append(_new_job(ledger, model, batch, in_bytes, now))
+    return new_jobs
+
+
+def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, now: float) -> int:
+    c = ledger.conn
+    cur = c.execute(
+        "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+        (f"pending-{now}-{len(hashes)}-{hashes[0][:8]}", model, J_PLANNED, len(hashes), in_bytes, now, now),
+    )
+    job_id = cur.lastrowid
+    # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.
+    c.execute("UPDATE jobs SET display_name=? WHERE id=?", (f"batcher-{ledger.ledger_id}-job{job_id:05d}", job_id))
+    c.executemany("INSERT INTO job_requests(job_id, hash) VALUES (?,?)", [(job_id, h) for h in hashes])
+    c.executemany(
+        "UPDATE requests SET state=?, job_id=?, updated_at=? WHERE hash=? AND state=?",
+        [(QUEUED, job_id, now, h, PLANNED) for h in hashes],
+    )
+    return job_id
