@@ -98,14 +98,17 @@ def route_matches(target: str, route_key: str) -> bool:
 
     A target matches when it equals the key, or when its method equals the key's method and the rest is a
     substring of the key's template (so ``"POST batchGenerateContent"`` or ``"GET :download"`` work).
-    A target with no method (no space) matches any method."""
+    A target with no method (no space) matches any method. A target whose path starts with ``/`` is a full
+    template and must match exactly (``"GET /{v}/files"`` is the list route, not ``/{v}/files/{id}``)."""
     if target == route_key:
         return True
     method, _, template = route_key.partition(" ")
-    if " " in target:
-        t_method, _, t_rest = target.partition(" ")
-        return t_method.upper() == method and t_rest in template
-    return target in template
+    t_method, _, t_rest = target.rpartition(" ")
+    if t_method and t_method.upper() != method:
+        return False
+    if t_rest.startswith("/"):
+        return t_rest == template
+    return t_rest in template
 
 
 class FaultInjector:
