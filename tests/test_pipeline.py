@@ -1,0 +1,325 @@
+"""End to end: library API and CLI, the real SDK against the emulator."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import batcher.pipeline as pipeline
+from batcher.cli import main
+from batcher.manifest import ManifestOptions
+from batcher.planner import ShardLimits
+from conftest import write_csv
+
+PROMPTS = [
+    ["p1", "a red fox in snow", "", "1", "animal"],
+    ["p2", "a blue vintage car", "16:9", "2", "vehicle"],
+    ["p3", "a red fox in snow", "", "1", "animal"],  # same request as p1
+    ["p4", "a bowl of ramen, studio light", "4:3", "1", "food"],
+    ["p5", "a mountain lake at dawn", "9:16", "", "landscape"],
+]
+HEADER = ["id", "prompt", "aspect_ratio", "variants", "category"]
+
+
+def settings(tmp_path: Path, **kw) -> pipeline.Settings:
+    kw.setdefault("poll_interval", 0.05)
+    kw.setdefault("timeout", 60)
+    kw.setdefault("quiet", True)
+    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
+
+
+def manifest(tmp_path: Path, rows=PROMPTS, name="m.csv") -> Path:
+    return write_csv(tmp_path / name, HEADER, rows)
+
+
+def metadata(s: pipeline.Settings) -> list[dict]:
+    return pq.read_table(s.out / "metadata.parquet").to_pylist()
+
+
+def test_run_writes_a_complete_dataset(tmp_path, emulator, backend_factory):
+    s = settings(tmp_path)
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    rows = metadata(s)
+    assert len(rows) == 6  # 5 rows, one with 2 variants
+    assert [r["id"] for r in rows] == ["p1", "p2", "p2", "p3", "p4", "p5"]
+    assert {r["status"] for r in rows} == {"ok"}
+    expected_ratio = {"p1": 1.0, "p2": 16 / 9, "p3": 1.0, "p4": 4 / 3, "p5": 9 / 16}
+    for r in rows:
+        with Image.open(s.out / r["file_name"]) as im:
+            im.load()
+            assert im.width / im.height == pytest.approx(expected_ratio[r["id"]], rel=0.03)
+        assert r["category"]  # carried through
+    # p1 and p3 are the same request: sent once, sharing one image, paid once.
+    p1, p3 = rows[0], rows[3]
+    assert p1["request_hash"] == p3["request_hash"] and p1["file_name"] == p3["file_name"]
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1
+    assert stats["lines_processed"] == 5
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(5 * (1290 * 30 + rows[0]["prompt_tokens"] * 0.3) / 1e6 * 0.5, rel=0.05)
+
+
+def test_variants_are_distinct_requests(tmp_path, emulator, backend_factory):
+    s = settings(tmp_path)
+    pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    p2 = [r for r in metadata(s) if r["id"] == "p2"]
+    assert [r["variant"] for r in p2] == [0, 1]
+    assert p2[0]["request_hash"] != p2[1]["request_hash"]
+    assert (s.out / p2[0]["file_name"]).read_bytes() != (s.out / p2[1]["file_name"]).read_bytes()
+
+
+def test_second_run_uses_the_cache_and_creates_no_job(tmp_path, emulator, backend_factory):
+    m = manifest(tmp_path)
+    first = settings(tmp_path)
+    assert pipeline.run(m, first, backend_factory=backend_factory).exit_code == 0
+    before = emulator.stats()["batches_created"]
+    # A different workdir sharing the cache: nothing is paid twice.
+    second = pipeline.Settings(workdir=tmp_path / "work2", out=tmp_path / "out2", cache_dir=tmp_path / "cache",
+                               poll_interval=0.05, timeout=30, quiet=True)
+    result = pipeline.run(m, second, backend_factory=backend_factory)
+    assert result.exit_code == 0
+    assert emulator.stats()["batches_created"] == before
+    rows = metadata(second)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"} and all(r["cached"] for r in rows)
+    assert all((second.out / r["file_name"]).exists() for r in rows)
+    # The same workdir again: also no job.
+    assert pipeline.run(m, first, backend_factory=backend_factory).exit_code == 0
+    assert emulator.stats()["batches_created"] == before
+
+
+def test_parquet_manifest_and_multi_job_sharding(tmp_path, emulator, backend_factory):
+    table = pa.table({"id": [f"r{i}" for i in range(7)], "prompt": [f"product shot number {i}" for i in range(7)],
+                      "price": [float(i) for i in range(7)]})
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path)
+    s = settings(tmp_path, limits=ShardLimits(max_requests=3))
+    result = pipeline.run(path, s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] == 3
+    rows = metadata(s)
+    assert [r["price"] for r in rows] == [float(i) for i in range(7)]  # carried through with its type
+
+
+def test_blocked_and_failing_rows_exit_3_with_reasons(tmp_path, emulator, backend_factory):
+    rows = [["ok1", "a calm sea", "", "", "x"],
+            ["blk", "something [emulator:image_safety]", "", "", "x"],
+            ["txt", "answer in words [emulator:text_only]", "", "", "x"],
+            ["err", "always broken [emulator:line_error]", "", "", "x"]]
+    s = settings(tmp_path, max_attempts=2)
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 3, result.summary
+    by_id = {r["id"]: r for r in metadata(s)}
+    assert by_id["ok1"]["status"] == "ok"
+    assert by_id["blk"]["status"] == "blocked" and by_id["blk"]["finish_reason"] == "IMAGE_SAFETY"
+    assert by_id["txt"]["status"] == "blocked" and "text only" in by_id["txt"]["error"]
+    assert by_id["err"]["status"] == "failed" and by_id["err"]["attempts"] == 2
+    assert by_id["blk"]["file_name"] is None
+    # The erroring request was retried in a second job, the blocked ones were not.
+    assert emulator.stats()["batches_created"] == 2
+
+
+def test_transient_line_errors_are_retried_until_they_succeed(tmp_path, emulator, backend_factory):
+    emulator.configure(line_error_rate=0.5, seed=7)
+    s = settings(tmp_path, max_attempts=10)
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] >= 2
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "EXPIRED", "CANCELLED"])
+def test_ended_jobs_are_requeued(tmp_path, emulator, backend_factory, outcome):
+    emulator.configure(job_outcomes=[outcome])
+    s = settings(tmp_path)
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] == 2
+    assert {r["attempts"] for r in metadata(s)} == {2}
+
+
+def test_reference_images_are_uploaded_once(tmp_path, emulator, backend_factory):
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(ref)
+    rows = [["a", "this product on a beach", "", "", "x"], ["b", "this product in a kitchen", "", "", "x"]]
+    header = HEADER + ["reference_images"]
+    path = write_csv(tmp_path / "refs.csv", header, [r + ["ref.png"] for r in rows])
+    s = settings(tmp_path)
+    result = pipeline.run(path, s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["files_uploaded"] == 2  # the reference image once, the JSONL once
+    jsonl_requests = stats["requests"]
+    assert any("upload" in k for k in jsonl_requests)
+
+
+def test_invalid_manifest_exits_2_naming_the_row_and_uploads_nothing(tmp_path, emulator_env):
+    rows = [["a", "fine", "", "", "x"], ["b", "", "", "", "x"], ["c", "bad ratio", "7:3", "", "x"]]
+    path = manifest(tmp_path, rows)
+    r = CliRunner().invoke(main, ["run", str(path), "--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 2, r.output
+    assert "row 3" in r.output and "prompt" in r.output
+    assert "row 4" in r.output and "7:3" in r.output
+    assert "Traceback" not in r.output
+    stats = emulator_env.stats()
+    assert stats["files_uploaded"] == 0 and stats["batches_created"] == 0
+    # Nothing half-done in the ledger either.
+    conn = sqlite3.connect(tmp_path / "w" / "ledger.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 0
+
+
+def test_duplicate_ids_are_rejected(tmp_path, emulator, backend_factory):
+    rows = [["a", "one", "", "", "x"], ["a", "two", "", "", "x"]]
+    s = settings(tmp_path)
+    from batcher.errors import ManifestError
+
+    with pytest.raises(ManifestError) as info:
+        pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert any("row 3" in p and "duplicate id" in p for p in info.value.problems)
+    assert emulator.stats()["batches_created"] == 0
+
+
+def test_skip_invalid_submits_the_rest_and_writes_rejects(tmp_path, emulator, backend_factory):
+    rows = [["a", "fine", "", "", "x"], ["b", "", "", "", "x"]]
+    s = settings(tmp_path, skip_invalid=True, rejects_path=tmp_path / "rejects.csv")
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 0
+    assert [r["id"] for r in metadata(s)] == ["a"]
+    assert "prompt" in (tmp_path / "rejects.csv").read_text()
+
+
+def test_cli_submit_status_collect(tmp_path, emulator_env):
+    runner = CliRunner()
+    common = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]
+    r = runner.invoke(main, ["submit", str(manifest(tmp_path))] + common)
+    assert r.exit_code == 4, r.output  # submitted, still in progress
+    assert "1 job(s) created" in r.output
+    import time
+
+    for _ in range(100):
+        r = runner.invoke(main, ["status", "--json"] + common)
+        doc = json.loads(r.output)
+        if doc["jobs"][0]["api_state"] == "SUCCEEDED":
+            break
+        time.sleep(0.05)
+    job = doc["jobs"][0]
+    for key in ("name", "display_name", "state", "created_at", "window_ends_at", "expires_at", "request_count",
+                "succeeded", "failed", "pending"):
+        assert key in job
+    assert job["name"].startswith("batches/") and job["request_count"] == 5 and job["succeeded"] == 5
+    assert doc["requests"]["queued"] == 5 and "cache_hits" in doc
+    r = runner.invoke(main, ["collect"] + common)
+    assert r.exit_code == 0, r.output
+    assert "6 ok" not in r.output  # counts are per request, not per row
+    assert "5 ok" in r.output
+    assert len(pq.read_table(tmp_path / "o" / "metadata.parquet")) == 6
+    r = runner.invoke(main, ["status"] + common)
+    assert "collected" in r.output and r.exit_code == 0
+
+
+def test_dry_run_writes_jsonl_and_uploads_nothing(tmp_path, emulator_env):
+    r = CliRunner().invoke(main, ["submit", str(manifest(tmp_path)), "--dry-run", "--workdir", str(tmp_path / "w"),
+                                  "--cache-dir", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 0, r.output
+    files = list((tmp_path / "w" / "jobs").glob("*.jsonl"))
+    assert len(files) == 1
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert len(lines) == 5
+    assert lines[1]["request"]["generationConfig"]["imageConfig"]["aspectRatio"] == "16:9"
+    assert lines[0]["request"]["generationConfig"]["responseModalities"] == ["IMAGE"]
+    assert emulator_env.stats()["files_uploaded"] == 0
+
+
+def test_no_api_key_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(main, ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "w"), "-q"])
+    assert r.exit_code == 2
+    assert "GEMINI_API_KEY" in r.output
+
+
+def test_a_crash_inside_create_never_creates_a_job_twice(tmp_path, emulator, backend_factory):
+    """Simulate death right after batches.create returned, before the ledger recorded it."""
+    s = settings(tmp_path)
+    m = manifest(tmp_path)
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        from batcher import jobs as jobs_mod
+        from batcher.planner import shard
+
+        pipeline.plan(ws, m)
+        (job_id,) = shard(ws.ledger, s.limits)
+        jobs_mod.upload_job(ws.ledger, ws.backend, job_id, {})
+        job = ws.ledger.job(job_id)
+        with ws.ledger.transaction() as c:
+            ws.ledger.job_transition(c, job_id, ("uploaded",), "creating")
+        ws.backend.create_batch(job["model"], job["input_file"], job["display_name"])  # ...and the process "dies"
+    assert emulator.stats()["batches_created"] == 1
+    result = pipeline.run(m, s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] == 1
+
+
+def test_a_crash_before_create_creates_the_job_once(tmp_path, emulator, backend_factory):
+    s = settings(tmp_path)
+    m = manifest(tmp_path)
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        from batcher.planner import shard
+
+        pipeline.plan(ws, m)
+        (job_id,) = shard(ws.ledger, s.limits)
+        with ws.ledger.transaction() as c:  # died after recording the intent, before calling create
+            ws.ledger.job_transition(c, job_id, ("planned",), "uploading")
+    result = pipeline.run(m, s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] == 1
+
+
+def test_dropped_download_is_resumed(tmp_path, emulator, backend_factory):
+    emulator.configure(drop_download_after_bytes=5_000, drop_download_times=2)
+    s = settings(tmp_path)
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert {r["status"] for r in metadata(s)} == {"ok"}
+
+
+def test_server_errors_and_rate_limits_do_not_duplicate_jobs(tmp_path, emulator, backend_factory):
+    emulator.configure(fail_rate=0.3, seed=3, rate_limit_rate=0.1, retry_delay="0.01s")
+    s = settings(tmp_path, limits=ShardLimits(max_requests=2))
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        recorded = ws.ledger.conn.execute("SELECT COUNT(*) FROM jobs WHERE batch_name IS NOT NULL").fetchone()[0]
+    assert emulator.stats()["batches_created"] == recorded
+
+
+def test_second_process_on_the_same_workdir_is_refused(tmp_path, emulator, backend_factory):
+    from batcher.errors import LedgerError
+
+    s = settings(tmp_path)
+    with pipeline.open_workspace(s, backend_factory):
+        with pytest.raises(LedgerError, match="in use by another batcher process"):
+            with pipeline.open_workspace(s, backend_factory):
+                pass
+    with pipeline.open_workspace(s, backend_factory):  # released: usable again
+        pass
+
+
+def test_the_api_key_never_reaches_disk_or_output(tmp_path, emulator, monkeypatch):
+    canary = "canary-KEY-7f3a9c"
+    emulator.configure(api_key=canary, line_error_rate=0.3, seed=1)
+    monkeypatch.setenv("GEMINI_API_KEY", canary)
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", emulator.url)
+    rows = PROMPTS + [["bad", "x [emulator:line_error]", "", "", "x"]]
+    r = CliRunner().invoke(main, ["run", str(manifest(tmp_path, rows)), "--workdir", str(tmp_path / "w"), "--out",
+                                  str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "-vv", "--poll-interval", "0.05",
+                                  "--max-attempts", "2"])
+    emulator.configure(api_key=None)
+    assert r.exit_code == 3, r.output
+    assert canary not in r.output
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path
