@@ -789,3 +789,24 @@ def test_cli_subprocess():
         proc.terminate()
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_fault_on_upload_chunk_is_retried_by_sdk(emu, c):
+    # A failed chunk answer without X-Goog-Upload-Status makes the real SDK re-send the chunk (after 1 s).
+    emu.configure(fail_nth={"POST /upload/{v}/files?upload_id": [1]})
+    f = c.files.upload(file=io.BytesIO(b"x" * 1000), config={"mime_type": "text/plain"})
+    assert f.size_bytes == 1000
+    s = emu.stats()
+    assert s["requests"]["POST /upload/{v}/files?upload_id"] == 2 and s["faults_injected"] == 1
+    assert s["bytes_uploaded"] == 1000
+
+
+def test_reset_during_running_job_is_clean(emu, c):
+    emu.configure(running_seconds=0.5)
+    f = upload_lines(c, [line(f"k{i}", f"p{i}") for i in range(50)])
+    c.batches.create(model=FLASH, src=f.name)
+    time.sleep(0.3)
+    emu.reset()
+    time.sleep(0.3)
+    s = emu.stats()
+    assert s["batches"] == 0 and s.get("worker_errors", 0) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import threading
@@ -20,7 +21,7 @@ class Emulator:
     """
 
     def __init__(self, config: EmulatorConfig | None = None, data_dir: str | None = None, **fields: Any) -> None:
-        self.config = config or EmulatorConfig()
+        self.config = copy.deepcopy(config) if config is not None else EmulatorConfig()
         for k, v in fields.items():
             setattr(self.config, k, v)
         self.config.validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -195,6 +196,7 @@ class Service:
     def reset(self) -> None:
         with self.lock:
             for b in self.batches.values():
+                b.state = "DELETED"  # stops any line the worker is processing right now
                 self._close_cursor(b)
             self._reset_state()
             self.injector.reseed(self.config.seed)
@@ -210,7 +212,7 @@ class Service:
                 raise ValueError(f"cannot change {sorted(fixed)} at run time")
             old = self.config.to_dict()
             for k, v in fields.items():
-                setattr(self.config, k, v)
+                setattr(self.config, k, copy.deepcopy(v))
             try:
                 self.config.validate()
             except Exception:
@@ -544,6 +546,7 @@ class Service:
             b = self.get_batch(batch_id)
             if b.state in ACTIVE_STATES:
                 self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was deleted."})
+            b.state = "DELETED"
             self.batches.pop(b.id, None)
             self.counters["batches_deleted"] += 1
 
