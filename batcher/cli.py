@@ -91,10 +91,38 @@ def manifest_options(fn):
     return fn
 
 
+def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
+    """For MANIFEST ending in .toml: the job spec's values, under options given on the command line."""
+    if manifest.suffix.lower() != ".toml":
+        return manifest
+    from .spec import load_spec
+
+    spec = load_spec(manifest)
+    mapping = {
+        "workdir": "workdir", "out": "out", "cache_dir": "cache_dir", "backend": "backend", "refresh": "refresh",
+        "skip_invalid": "skip_invalid", "defaults.model": "model", "defaults.aspect_ratio": "aspect_ratio",
+        "defaults.image_size": "image_size", "defaults.temperature": "temperature", "defaults.top_p": "top_p",
+        "defaults.seed": "seed", "defaults.variants": "variants", "defaults.system_instruction": "system_instruction",
+        "manifest_columns.prompt": "prompt_column", "manifest_columns.id": "id_column", "manifest_columns.format": "fmt",
+        "limits.max_requests_per_job": "max_requests_per_job", "limits.max_attempts": "max_attempts",
+        "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
+    }
+    for spec_key, option in mapping.items():
+        if spec_key not in spec.values:
+            continue
+        source = ctx.get_parameter_source(option)
+        if source is None or source == click.core.ParameterSource.DEFAULT:
+            value = spec.values[spec_key]
+            kw[option] = Path(value) if option in ("workdir", "out", "cache_dir") else value
+    return Path(spec.values["manifest"])
+
+
 def _settings(kw: dict, **extra) -> pipeline.Settings:
     m = ManifestOptions(
         prompt_column=kw.get("prompt_column", "prompt"), id_column=kw.get("id_column", "id"), format=kw.get("fmt"),
         model=kw.get("model", DEFAULT_MODEL), aspect_ratio=kw.get("aspect_ratio"), image_size=kw.get("image_size"),
+        temperature=kw.get("temperature"), top_p=kw.get("top_p"), seed=kw.get("seed"), variants=kw.get("variants") or 1,
+        system_instruction=kw.get("system_instruction"),
     )
     workdir = kw["workdir"]
     return pipeline.Settings(
@@ -140,9 +168,11 @@ def main():
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
 @handle_errors
-def submit(manifest, dry_run, **kw):
-    """Validate MANIFEST, plan requests, upload and create batch jobs; returns at once."""
+@click.pass_context
+def submit(ctx, manifest, dry_run, **kw):
+    """Validate MANIFEST (or a JOB.toml spec), plan requests, upload and create batch jobs; returns at once."""
     _setup_logging(kw["verbose"], kw["quiet"])
+    manifest = _apply_spec(ctx, manifest, kw)
     with _backend_factory(kw["backend"]) as factory:
         _finish(pipeline.submit(manifest, _settings(kw), dry_run=dry_run, backend_factory=factory))
 
@@ -154,9 +184,13 @@ def submit(manifest, dry_run, **kw):
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=None, help="Seconds between polls (default 30; 1 on the emulator).")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop waiting after this many seconds (exit 4; run again to continue).")
 @handle_errors
-def run(manifest, poll_interval, timeout, **kw):
-    """Submit MANIFEST, wait for its jobs, collect, resubmit failures, until done. Resumable."""
+@click.pass_context
+def run(ctx, manifest, poll_interval, timeout, **kw):
+    """Submit MANIFEST (or a JOB.toml spec), wait, collect, resubmit failures, until done. Resumable."""
     _setup_logging(kw["verbose"], kw["quiet"])
+    kw["poll_interval"], kw["timeout"] = poll_interval, timeout
+    manifest = _apply_spec(ctx, manifest, kw)
+    poll_interval, timeout = kw["poll_interval"], kw["timeout"]
     if poll_interval is None:
         poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0
     with _backend_factory(kw["backend"]) as factory:

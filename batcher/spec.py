@@ -1,0 +1,82 @@
+"""Job specs: `jobs/*.toml`, everything a recurring run needs in one reviewed file.
+
+    manifest = "../samples/prompts.csv"    # relative paths are relative to the spec file
+    workdir = "/var/lib/batcher/products"
+    out = "/data/datasets/products"
+    [defaults]   model, aspect_ratio, image_size, temperature, top_p, seed, variants, system_instruction
+    [manifest_columns]   prompt, id, format
+    [limits]     max_requests_per_job, max_attempts
+    [poll]       interval_seconds, timeout_seconds
+
+Unknown keys are errors naming the key and the file: a typo must not silently change a nightly run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+SCHEMA: dict[str, Any] = {
+    "manifest": str, "workdir": str, "out": str, "cache_dir": str, "backend": str, "refresh": bool, "skip_invalid": bool,
+    "defaults": {"model": str, "aspect_ratio": str, "image_size": str, "temperature": float, "top_p": float,
+                 "seed": int, "variants": int, "system_instruction": str},
+    "manifest_columns": {"prompt": str, "id": str, "format": str},
+    "limits": {"max_requests_per_job": int, "max_attempts": int},
+    "poll": {"interval_seconds": float, "timeout_seconds": float},
+}
+PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
+
+
+@dataclass
+class JobSpec:
+    path: Path
+    values: dict = field(default_factory=dict)  # flat: "manifest", "defaults.model", ...
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+
+def _check(table: dict, schema: dict, where: str, path: Path, out: dict) -> None:
+    for key, value in table.items():
+        name = f"{where}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(f"{where}{k}" for k in schema))
+            raise UsageError(f"{path}: unknown key '{name}'; known keys here: {known}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise UsageError(f"{path}: '{name}' must be a table ([{name}])")
+            _check(value, expected, f"{name}.", path, out)
+            continue
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise UsageError(f"{path}: '{name}' must be a {expected.__name__}, not {value!r}")
+        out[name] = value
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such job spec") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a job spec") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    values: dict = {}
+    _check(data, SCHEMA, "", path, values)
+    if "manifest" not in values:
+        raise UsageError(f"{path}: 'manifest' is required (the manifest file, relative to the spec)")
+    for key in PATH_KEYS:
+        if key in values:
+            p = Path(values[key]).expanduser()
+            values[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
+    return JobSpec(path=path, values=values)

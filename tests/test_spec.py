@@ -1,0 +1,67 @@
+"""Job specs: `batcher run JOB.toml`, strict keys, command-line options over the file."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batcher.cli import main
+from batcher.errors import UsageError
+from batcher.spec import load_spec
+from conftest import write_csv
+
+
+def spec_file(tmp_path, body: str):
+    write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "a lighthouse at night"], ["b", "a teapot"]])
+    p = tmp_path / "job.toml"
+    p.write_text('manifest = "m.csv"\nworkdir = "w"\nout = "o"\ncache_dir = "c"\n' + body)
+    return p
+
+
+def test_run_a_job_spec(tmp_path, emulator_env):
+    p = spec_file(tmp_path, '[defaults]\naspect_ratio = "16:9"\n[poll]\ninterval_seconds = 0.05\ntimeout_seconds = 60\n')
+    r = CliRunner().invoke(main, ["run", str(p), "-q"])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "o" / "metadata.parquet").to_pylist()
+    assert [x["id"] for x in rows] == ["a", "b"]
+    assert emulator_env.stats()["batches_created"] == 1
+
+
+def test_command_line_options_override_the_spec(tmp_path, emulator_env):
+    p = spec_file(tmp_path, '[poll]\ninterval_seconds = 0.05\n')
+    r = CliRunner().invoke(main, ["run", str(p), "-q", "--out", str(tmp_path / "elsewhere")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "elsewhere" / "metadata.parquet").exists()
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("colour = 1\n", "unknown key 'colour'"),
+    ("[limits]\nmax_atempts = 3\n", "unknown key 'limits.max_atempts'"),
+    ("[limits]\nmax_attempts = \"three\"\n", "'limits.max_attempts' must be a int"),
+    ("defaults = 3\n", "'defaults' must be a table"),
+    ("[poll\n", "not valid TOML"),
+])
+def test_bad_specs_name_the_key_and_the_file(tmp_path, body, message):
+    p = spec_file(tmp_path, body)
+    with pytest.raises(UsageError, match="job.toml") as info:
+        load_spec(p)
+    assert message in str(info.value)
+    r = CliRunner().invoke(main, ["run", str(p)])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_missing_manifest_key(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('out = "o"\n')
+    with pytest.raises(UsageError, match="'manifest' is required"):
+        load_spec(p)
+
+
+def test_shipped_demo_spec_is_valid():
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).parent.parent / "jobs" / "demo.toml")
+    assert spec.values["manifest"].endswith("samples/prompts.csv")
+    assert spec.values["backend"] == "emulator"
