@@ -532,11 +532,19 @@ def test_image_determinism_and_size(emu, c):
     assert a == b and abs(len(a) - 50_000) < 100
     assert img("a dog") != a
     assert img("a cat", seed=7) != a
-    # batch (snake_case) and interactive (camelCase from the SDK) give the same bytes for the same request
-    out = run_file_job(c, [json.dumps({"key": "k", "request": {
-        "contents": [{"parts": [{"text": "a cat"}], "role": "user"}],
-        "generation_config": {"response_modalities": ["IMAGE"]}}})])
-    assert base64.b64decode(out[0]["response"]["candidates"][0]["content"]["parts"][0]["inlineData"]["data"]) == a
+    seeded = img("a cat", seed=7)
+
+    def body(seed: int | None) -> dict[str, Any]:
+        gen: dict[str, Any] = {"response_modalities": ["IMAGE"], **({"seed": seed} if seed is not None else {})}
+        return {"contents": [{"parts": [{"text": "a cat"}], "role": "user"}], "generation_config": gen}
+
+    out = run_file_job(c, [json.dumps({"key": k, "request": body(s)}) for k, s in
+                           [("v0", None), ("v1", None), ("v0", None), ("s0", 7), ("s1", 7)]])
+    got = [base64.b64decode(o["response"]["candidates"][0]["content"]["parts"][0]["inlineData"]["data"]) for o in out]
+    # unseeded: the key (e.g. a variant) changes the image, the same key replays it
+    assert got[0] != got[1] and got[0] == got[2] and got[0] != a
+    # seeded: batch (snake_case) and interactive (camelCase from the SDK) give the same bytes, whatever the key
+    assert got[3] == got[4] == seeded
 
 
 # --------------------------------------------------------------------------------------------------

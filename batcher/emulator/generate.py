@@ -177,8 +177,14 @@ class Generator:
         self.file_ok = file_ok
         self.on_fault = on_fault
 
-    def generate(self, model_name: str, request: Any, response_salt: str) -> tuple[dict[str, Any], bool]:
-        """Returns (GenerateContentResponse, produced_image). Raises LineError."""
+    def generate(self, model_name: str, request: Any, response_salt: str,
+                 key: Any = None) -> tuple[dict[str, Any], bool]:
+        """Returns (GenerateContentResponse, produced_image). Raises LineError.
+
+        Image bytes are a function of the model, the (camelized) request and, when the request sets no
+        ``generationConfig.seed``, the caller's key (JSONL ``key`` / inline ``metadata``): the real model
+        samples, so two unseeded lines with the same request (e.g. variants) get different images, while a
+        seeded request gives the same image wherever it is sent."""
         cfg = self.cfg()
         model = MODELS[model_name]
         p = parse_request(model, request)
@@ -187,7 +193,10 @@ class Generator:
                 raise LineError("PERMISSION_DENIED",
                                 f"You do not have permission to access the File {uri} or it may not exist.")
         text = p.prompt_text
-        digest = hashlib.sha256(model.name.encode() + b"\x00" + canonical(p.request)).digest()
+        identity = canonical(p.request)
+        if key is not None and (p.request.get("generationConfig") or {}).get("seed") is None:
+            identity += b"\x00key:" + canonical(key)
+        digest = hashlib.sha256(model.name.encode() + b"\x00" + identity).digest()
         base = {
             "modelVersion": model.name,
             "responseId": base64.urlsafe_b64encode(

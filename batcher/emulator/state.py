@@ -710,7 +710,9 @@ class Service:
             item = b.inline_requests[idx]
             out: dict[str, Any] = {}
             try:
-                resp, produced = self.generator.generate(b.model, (item or {}).get("request"), f"{b.id}:{idx}")
+                resp, produced = self.generator.generate(
+                    b.model, (item or {}).get("request"), f"{b.id}:{idx}",
+                    key=item.get("metadata") if isinstance(item, dict) else None)
                 out["response"] = resp
                 ok = True
             except LineError as e:
@@ -746,7 +748,7 @@ class Service:
             key = obj.get("key")
             if "request" not in obj:
                 raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'request'.")
-            resp, produced = self.generator.generate(b.model, obj["request"], f"{b.id}:{idx}")
+            resp, produced = self.generator.generate(b.model, obj["request"], f"{b.id}:{idx}", key=key)
             rec = {"key": key, "response": resp} if key is not None else {"response": resp}
             ok = True
         except LineError as e:
