@@ -59,11 +59,13 @@ def extra_schema(manifest: Path, options: ManifestOptions, fmt: str | None) -> p
     kind = fmt or manifest.suffix.lower().lstrip(".")
     if kind in ("parquet", "pq"):
         schema = pq.read_schema(manifest)
-        return pa.schema([f for f in schema if f.name not in skip])
+        # The manifest reader turns timestamps, decimals, binary and nested values into strings: match it.
+        simple = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)  # noqa: E731
+        return pa.schema([f if simple(f.type) else pa.field(f.name, pa.string()) for f in schema if f.name not in skip])
     delimiter = "\t" if kind in ("tsv", "tab") else ","
     import csv
 
-    with open(manifest, newline="", encoding="utf-8", errors="replace") as f:
+    with open(manifest, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter=delimiter), [])
     return pa.schema([pa.field(name, pa.string()) for name in header if name not in skip])
 
