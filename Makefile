@@ -22,3 +22,11 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .batcher build *.egg-info
+
+# Long campaigns, not part of `make test`.
+.PHONY: reliability bench
+reliability: $(STAMP)
+	$(BIN)/python -m tests.crash_campaign
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
