@@ -55,13 +55,3 @@ def emulator_env(emulator, monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", emulator.url)
     return emulator
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path

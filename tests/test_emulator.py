@@ -776,7 +776,10 @@ def test_emulator_start_stop_without_with(tmp_path):
 def test_cli_subprocess():
     proc = subprocess.Popen(
         [sys.executable, "-m", "batcher.emulator", "--port", "0", "--api-key", "secret", "--pending-seconds", "0.05",
-         "--running-seconds", "0.1", "--image-bytes", "2000"],
+         "--running-seconds", "0.1", "--image-bytes", "2000", "--job-outcome", "SUCCEEDED", "--job-outcome",
+         "SUCCEEDED", "--state-style", "JOB_STATE", "--line-error-rate", "0", "--safety-block-rate", "0",
+         "--fail-rate", "0", "--drop-download-after-bytes", "100000000", "--drop-download-times", "0",
+         "--config-json", '{"retry_delay": "9s"}'],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()
@@ -793,6 +796,10 @@ def test_cli_subprocess():
         with urllib.request.urlopen(url + "/_emulator/stats", timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["batches_created"] == 1 and stats["files_uploaded"] == 1
+        with urllib.request.urlopen(url + "/_emulator/config", timeout=10) as r:
+            cfg = json.loads(r.read())
+        assert cfg["state_style"] == "JOB_STATE" and cfg["job_outcomes"] == ["SUCCEEDED"]
+        assert cfg["retry_delay"] == "9s" and cfg["api_key"] == "secret" and cfg["image_bytes"] == 2000
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -818,3 +825,34 @@ def test_reset_during_running_job_is_clean(emu, c):
     time.sleep(0.3)
     s = emu.stats()
     assert s["batches"] == 0 and s.get("worker_errors", 0) == 0
+
+
+def test_running_job_longer_than_48h_expires_without_output(emu, c):
+    emu.configure(running_seconds=50 * 3600, time_scale=0.0)
+    f = upload_lines(c, [line(f"k{i}", f"p{i}") for i in range(4)])
+    job = c.batches.create(model=FLASH, src=f.name)
+    emu.advance(24 * 3600)
+    deadline = time.monotonic() + 5
+    while json.loads(raw(emu, "GET", f"/v1beta/{job.name}")[2])["metadata"]["batchStats"].get(
+            "successfulRequestCount") != "1":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert c.batches.get(name=job.name).state == types.JobState.JOB_STATE_RUNNING
+    emu.advance(25 * 3600)
+    job = wait(c, job.name)
+    assert job.state == types.JobState.JOB_STATE_EXPIRED and job.dest is None
+    op = json.loads(raw(emu, "GET", f"/v1beta/{job.name}")[2])
+    assert op["metadata"]["endTime"] and op["error"]["code"] == 4
+    assert [f.name for f in c.files.list()] == [f.name]  # no output file
+
+
+def test_cancel_running_job_discards_partial_output(emu, c):
+    emu.configure(running_seconds=100, time_scale=0.0)
+    f = upload_lines(c, [line(f"k{i}", f"p{i}") for i in range(4)])
+    job = c.batches.create(model=FLASH, src=f.name)
+    emu.advance(60)
+    time.sleep(0.2)
+    c.batches.cancel(name=job.name)
+    job = c.batches.get(name=job.name)
+    assert job.state == types.JobState.JOB_STATE_CANCELLED and job.dest is None
+    assert [x.name for x in c.files.list()] == [f.name]

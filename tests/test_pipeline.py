@@ -17,7 +17,7 @@ import batcher.pipeline as pipeline
 from batcher.cli import main
 from batcher.manifest import ManifestOptions
 from batcher.planner import ShardLimits
-from conftest import write_csv
+from tests.helpers import write_csv
 
 PROMPTS = [
     ["p1", "a red fox in snow", "", "1", "animal"],

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from batcher.cli import main
 from batcher.errors import UsageError
 from batcher.spec import load_spec
-from conftest import write_csv
+from tests.helpers import write_csv
 
 
 def spec_file(tmp_path, body: str):
