@@ -1,0 +1,465 @@
+"""Performance figures for batcher, measured side by side in one run against the emulator.
+
+    make bench                          # default sizes (~300 MB and ~1 GB results, 1M-row plan, 1 GB upload)
+    .venv/bin/python -m bench.run --quick   # small smoke sizes (a minute or two)
+    .venv/bin/python -m bench.run --full    # adds a ~2 GB results file
+
+Every measured thing runs as its own subprocess under `/usr/bin/time` (peak RSS from the OS, `%M`); the
+emulator runs in another process so its memory is never counted. Data is built deterministically under
+bench/out/ (git-ignored). Prints a table and writes bench/out/results.json. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import binascii
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+PY = sys.executable
+BATCHER = [PY, "-m", "batcher.cli"]
+TIME = shutil.which("time") or "/usr/bin/time"
+IMAGE_BYTES = 1_500_000
+API_KEY = "x"
+
+SUBJECTS = ["a red fox", "a lighthouse", "a bowl of ramen", "a vintage bicycle", "an astronaut", "a glass teapot",
+            "a mountain village", "a tabby cat", "a sailing ship", "a desert cactus", "a neon street", "a paper crane"]
+STYLES = ["watercolor", "studio photo", "isometric 3D render", "oil painting", "pencil sketch", "pixel art",
+          "35mm film still", "ukiyo-e print", "flat vector illustration"]
+SETTINGS_ = ["at dawn", "in heavy rain", "under studio lights", "on a white background", "at golden hour",
+             "in the snow", "at night", "in fog"]
+CATEGORIES = ["animals", "architecture", "food", "vehicles", "people", "objects", "landscape"]
+
+
+def prompt_for(i: int) -> str:
+    return (f"{SUBJECTS[i % len(SUBJECTS)]}, {STYLES[(i // 7) % len(STYLES)]}, {SETTINGS_[(i // 11) % len(SETTINGS_)]}"
+            f", variation {i}")
+
+
+# ---- measurement harness ------------------------------------------------------------------------------
+
+def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None, check: bool = True) -> dict:
+    """Run argv under /usr/bin/time; return wall seconds and peak RSS (MB) of that process tree's max."""
+    fd, tfile = tempfile.mkstemp(prefix="bench-time-")
+    os.close(fd)
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    t0 = time.perf_counter()
+    p = subprocess.run([TIME, "-f", "%M %e", "-o", tfile, *argv], env=full_env, cwd=cwd,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    rss_kb, _ = Path(tfile).read_text().strip().splitlines()[-1].split()
+    os.unlink(tfile)
+    res = {"name": name, "wall_s": round(wall, 3), "peak_rss_mb": round(int(rss_kb) / 1024, 1), "rc": p.returncode}
+    if check and p.returncode not in (0, 3, 4):
+        raise RuntimeError(f"{name} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    res["stdout_tail"] = p.stdout.strip()[-300:]
+    print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  rc={p.returncode}", flush=True)
+    return res
+
+
+class EmulatorProc:
+    def __init__(self, image_bytes: int = IMAGE_BYTES):
+        self.data_dir = tempfile.mkdtemp(prefix="bench-emu-", dir=OUT)
+        self.p = subprocess.Popen(
+            [PY, "-m", "batcher.emulator", "--port", "0", "--image-bytes", str(image_bytes), "--pending-seconds", "0",
+             "--running-seconds", "0.1", "--data-dir", self.data_dir],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = self.p.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            raise RuntimeError("emulator did not start")
+
+    def env(self) -> dict:
+        return {"GEMINI_API_KEY": API_KEY, "GOOGLE_GEMINI_BASE_URL": self.url, "GOOGLE_API_KEY": ""}
+
+    def get_json(self, path: str) -> dict:
+        u = urllib.parse.urlsplit(self.url)
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        c.request("GET", path, headers={"x-goog-api-key": API_KEY})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return json.loads(body)
+
+    def close(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+# ---- workers (run as subprocesses: python -m bench.run --worker NAME ...) ---------------------------------
+
+def worker_floor(url: str, file_name: str, decode: str) -> None:
+    """Floor: stream the results file over loopback; with decode=1 parse each line (json) and a2b_base64 it."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+    c.request("GET", f"/v1beta/{file_name}:download?alt=media", headers={"x-goog-api-key": API_KEY})
+    r = c.getresponse()
+    assert r.status == 200, r.status
+    n = images = 0
+    if decode == "1":
+        for line in r:  # HTTPResponse is a buffered reader: one line at a time
+            n += len(line)
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            for p in obj["response"]["candidates"][0]["content"]["parts"]:
+                if "inlineData" in p:
+                    binascii.a2b_base64(p["inlineData"]["data"])
+                    images += 1
+    else:
+        with open(os.devnull, "wb") as devnull:
+            while chunk := r.read(1 << 20):
+                devnull.write(chunk)
+                n += len(chunk)
+    print(json.dumps({"bytes": n, "images": images}))
+
+
+def worker_naive(url: str, file_name: str, out_dir: str) -> None:
+    """The script users write: SDK download to bytes, splitlines, json.loads, b64decode, write each image."""
+    import base64
+
+    from google import genai
+    from google.genai import types
+
+    client = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=url + "/", api_version="v1beta"))
+    data = client.files.download(file=file_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = 0
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        for p in obj["response"]["candidates"][0]["content"]["parts"]:
+            if "inlineData" in p:
+                (out / f"{obj['key']}.png").write_bytes(base64.b64decode(p["inlineData"]["data"]))
+                images += 1
+    print(json.dumps({"bytes": len(data), "images": images}))
+
+
+def worker_upload_batcher(url: str, path: str) -> None:
+    from batcher.backend import Connection, GeminiBackend
+
+    f = GeminiBackend(Connection(api_key=API_KEY, base_url=url)).upload_jsonl(Path(path), "bench")
+    print(json.dumps({"name": f.name, "size": f.size_bytes}))
+
+
+def worker_upload_plain(url: str, path: str) -> None:
+    """Plain streaming HTTP: one resumable start, then one 'upload, finalize' POST with the file as the body."""
+    u = urllib.parse.urlsplit(url)
+    size = os.path.getsize(path)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+    c.request("POST", "/upload/v1beta/files", body=json.dumps({"file": {"displayName": "bench-plain"}}),
+              headers={"x-goog-api-key": API_KEY, "Content-Type": "application/json",
+                       "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+                       "X-Goog-Upload-Header-Content-Length": str(size),
+                       "X-Goog-Upload-Header-Content-Type": "application/jsonl"})
+    r = c.getresponse()
+    r.read()
+    upload = urllib.parse.urlsplit(r.getheader("X-Goog-Upload-URL"))
+    c.close()
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=300, blocksize=1 << 20)
+    with open(path, "rb") as body:
+        c.request("POST", f"{upload.path}?{upload.query}", body=body,
+                  headers={"x-goog-api-key": API_KEY, "Content-Length": str(size), "X-Goog-Upload-Offset": "0",
+                           "X-Goog-Upload-Command": "upload, finalize"})
+    r = c.getresponse()
+    f = json.loads(r.read())["file"]
+    print(json.dumps({"name": f["name"], "size": f.get("sizeBytes")}))
+
+
+WORKERS = {"floor": worker_floor, "naive": worker_naive, "upload_batcher": worker_upload_batcher,
+           "upload_plain": worker_upload_plain}
+
+
+def worker(name: str, *args: str) -> list[str]:
+    return [PY, "-m", "bench.run", "--worker", name, *args]
+
+
+# ---- 1 + 2: collect -------------------------------------------------------------------------------------
+
+def wait_succeeded(workdir: Path, env: dict, timeout: float) -> list[dict]:
+    deadline = time.time() + timeout
+    while True:
+        p = subprocess.run([*BATCHER, "status", "--workdir", str(workdir), "--json"], env={**os.environ, **env},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        doc = json.loads(p.stdout)
+        jobs = doc["jobs"]
+        if jobs and all(j["api_state"] == "SUCCEEDED" for j in jobs):
+            return jobs
+        if any(j["api_state"] in ("FAILED", "CANCELLED", "EXPIRED") for j in jobs):
+            raise RuntimeError(f"job ended badly: {jobs}")
+        if time.time() > deadline:
+            raise RuntimeError(f"jobs not SUCCEEDED after {timeout}s: {[j['api_state'] for j in jobs]}")
+        time.sleep(1.0)
+
+
+def bench_collect(n: int, base: Path) -> dict:
+    print(f"\n[collect] {n} images x ~{IMAGE_BYTES / 1e6:.1f} MB PNG", flush=True)
+    d = base / f"collect-{n}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    manifest = d / "prompts.csv"
+    with open(manifest, "w") as f:
+        f.write("id,prompt,category\n")
+        for i in range(n):
+            f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
+    emu = EmulatorProc()
+    try:
+        env = emu.env()
+        common = ["--workdir", str(d / "wd"), "--cache-dir", str(d / "cache"), "--quiet"]
+        sub = measured("batcher submit", [*BATCHER, "submit", str(manifest), *common, "--max-requests-per-job",
+                                          str(max(n, 1000))], env)
+        t0 = time.time()
+        jobs = wait_succeeded(d / "wd", env, timeout=max(120, n * 2))
+        gen_s = time.time() - t0
+        assert len(jobs) == 1, jobs
+        op = emu.get_json(f"/v1beta/{jobs[0]['name']}")
+        file_name = op["metadata"]["output"]["responsesFile"]
+        size = emu.get_json(f"/v1beta/{file_name}").get("sizeBytes")
+        size = int(size)
+        print(f"  results file {file_name}: {size / 1e6:.1f} MB (emulator generated it in ~{gen_s:.1f} s)", flush=True)
+        transfer = measured("floor: transfer only (GET -> /dev/null)", worker("floor", emu.url, file_name, "0"))
+        floor = measured("floor: GET + json + a2b_base64", worker("floor", emu.url, file_name, "1"))
+        naive = measured("naive: SDK download + b64decode + write", worker("naive", emu.url, file_name, str(d / "naive")))
+        shutil.rmtree(d / "naive", ignore_errors=True)
+        col = measured("batcher collect", [*BATCHER, "collect", *common, "--out", str(d / "dataset")], env)
+        images = sum(1 for _ in (d / "cache").rglob("*.png"))
+        if images != n:
+            raise RuntimeError(f"batcher collect cached {images} images, expected {n}")
+    finally:
+        emu.close()
+    shutil.rmtree(d, ignore_errors=True)
+    mb = size / 1e6
+    return {
+        "images": n, "results_mb": round(mb, 1), "submit": sub, "transfer_floor": transfer, "floor": floor,
+        "naive": naive, "collect": col,
+        "collect_mb_per_s": round(mb / col["wall_s"], 1), "floor_mb_per_s": round(mb / floor["wall_s"], 1),
+        "collect_over_floor": round(col["wall_s"] / floor["wall_s"], 2),
+        "collect_over_transfer": round(col["wall_s"] / transfer["wall_s"], 2),
+        "naive_over_collect": round(naive["wall_s"] / col["wall_s"], 2),
+    }
+
+
+# ---- 3: planning ----------------------------------------------------------------------------------------
+
+def write_manifest_parquet(path: Path, rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.exists() and pq.read_metadata(path).num_rows == rows:
+        return
+    writer = None
+    step = 100_000
+    for start in range(0, rows, step):
+        idx = range(start, min(rows, start + step))
+        table = pa.table({
+            "id": pa.array([f"r{i:07d}" for i in idx], pa.string()),
+            "prompt": pa.array([prompt_for(i) for i in idx], pa.string()),
+            "category": pa.array([CATEGORIES[i % len(CATEGORIES)] for i in idx], pa.string()),
+        })
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+TINY_PNG = None
+
+
+def tiny_png() -> bytes:
+    global TINY_PNG
+    if TINY_PNG is None:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1), (200, 10, 10)).save(buf, format="PNG")
+        TINY_PNG = buf.getvalue()
+    return TINY_PNG
+
+
+def populate_cache(cache: Path, hashes: list[str]) -> None:
+    """What ImageStore(root).put(h, png) leaves on disk (<root>/<h[:2]>/<h>.png), without its per-file fsync."""
+    from batcher.store import ImageStore
+
+    png = tiny_png()
+    store = ImageStore(cache)
+    store.put(hashes[0], png)  # one through the real API: the layout below must be what it produces
+    expected = store.find(hashes[0])
+    for prefix in {h[:2] for h in hashes}:
+        (cache / prefix).mkdir(parents=True, exist_ok=True)
+    for h in hashes[1:]:
+        with open(cache / h[:2] / f"{h}.png", "wb") as f:
+            f.write(png)
+    assert store.find(hashes[1]) == cache / hashes[1][:2] / f"{hashes[1]}.png" and expected is not None
+
+
+def bench_plan(rows: int, base: Path) -> dict:
+    print(f"\n[plan] dry-run of a {rows:,}-row Parquet manifest", flush=True)
+    d = base / f"plan-{rows}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    manifest = base / f"manifest-{rows}.parquet"
+    t0 = time.time()
+    write_manifest_parquet(manifest, rows)
+    print(f"  manifest built in {time.time() - t0:.1f} s ({manifest.stat().st_size / 1e6:.1f} MB)", flush=True)
+    env = {"GEMINI_API_KEY": API_KEY}
+    first = measured("submit --dry-run (empty cache)", [*BATCHER, "submit", str(manifest), "--dry-run", "--quiet",
+                                                         "--workdir", str(d / "wd1"), "--cache-dir", str(d / "cacheA")], env)
+    # The request hashes, exactly as batcher computed them, from the first run's ledger.
+    con = sqlite3.connect(d / "wd1" / "ledger.sqlite")
+    hashes = [h for (h,) in con.execute("SELECT request_hash FROM rows ORDER BY seq")]
+    con.close()
+    assert len(hashes) == rows, (len(hashes), rows)
+    hit = [h for i, h in enumerate(hashes) if i % 100 != 0]  # 99 %
+    t0 = time.time()
+    populate_cache(d / "cacheB", hit)
+    print(f"  cache pre-populated with {len(hit):,} images in {time.time() - t0:.1f} s", flush=True)
+    replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER, "submit", str(manifest), "--dry-run", "--quiet",
+                                                                 "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")], env)
+    con = sqlite3.connect(d / "wd2" / "ledger.sqlite")
+    cached = con.execute("SELECT COUNT(*) FROM requests WHERE cached=1").fetchone()[0]
+    con.close()
+    if cached != len(hit):
+        raise RuntimeError(f"re-plan saw {cached} cache hits, expected {len(hit)}")
+    shutil.rmtree(d, ignore_errors=True)
+    return {"rows": rows, "first": first, "first_rows_per_s": round(rows / first["wall_s"]),
+            "replan": replan, "replan_rows_per_s": round(rows / replan["wall_s"]), "replan_cache_hits": cached}
+
+
+# ---- 4: upload ------------------------------------------------------------------------------------------
+
+def write_jsonl(path: Path, target_bytes: int) -> int:
+    if path.exists() and path.stat().st_size >= target_bytes:
+        return path.stat().st_size
+    lines = []
+    for i in range(2000):
+        body = {"contents": [{"role": "user", "parts": [{"text": prompt_for(i) + " " + "detail " * 60}]}],
+                "generationConfig": {"responseModalities": ["IMAGE"]}}
+        lines.append(json.dumps({"key": f"{i:064x}", "request": body}) + "\n")
+    block = "".join(lines).encode()
+    written = 0
+    with open(path, "wb") as f:
+        while written < target_bytes:
+            f.write(block)
+            written += len(block)
+    return written
+
+
+def bench_upload(target: int, base: Path) -> dict:
+    print(f"\n[upload] ~{target / 1e6:.0f} MB JSONL", flush=True)
+    path = base / f"upload-{target}.jsonl"
+    size = write_jsonl(path, target)
+    emu = EmulatorProc(image_bytes=20_000)
+    try:
+        plain = measured("plain streaming POST (http.client)", worker("upload_plain", emu.url, str(path)))
+        ours = measured("GeminiBackend.upload_jsonl (SDK)", worker("upload_batcher", emu.url, str(path)))
+    finally:
+        emu.close()
+    path.unlink(missing_ok=True)
+    mb = size / 1e6
+    return {"mb": round(mb, 1), "plain": plain, "batcher": ours, "plain_mb_per_s": round(mb / plain["wall_s"], 1),
+            "batcher_mb_per_s": round(mb / ours["wall_s"], 1),
+            "batcher_over_plain_throughput": round(plain["wall_s"] / ours["wall_s"], 2)}
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    rows = [("measurement", "wall s", "peak RSS MB", "throughput", "ratio")]
+    for c in results.get("collect", []):
+        tag = f"collect {c['images']} img / {c['results_mb']:.0f} MB"
+        rows.append((f"{tag}: floor transfer only", f"{c['transfer_floor']['wall_s']:.2f}", f"{c['transfer_floor']['peak_rss_mb']:.0f}",
+                     f"{c['results_mb'] / c['transfer_floor']['wall_s']:.0f} MB/s", ""))
+        rows.append((f"{tag}: floor GET+json+b64", f"{c['floor']['wall_s']:.2f}", f"{c['floor']['peak_rss_mb']:.0f}",
+                     f"{c['floor_mb_per_s']:.0f} MB/s", ""))
+        rows.append((f"{tag}: naive SDK script", f"{c['naive']['wall_s']:.2f}", f"{c['naive']['peak_rss_mb']:.0f}",
+                     f"{c['results_mb'] / c['naive']['wall_s']:.0f} MB/s", f"naive/batcher {c['naive_over_collect']:.2f}x"))
+        rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", f"{c['collect']['peak_rss_mb']:.0f}",
+                     f"{c['collect_mb_per_s']:.0f} MB/s", f"batcher/floor {c['collect_over_floor']:.2f}x"))
+    for p in results.get("plan", []):
+        rows.append((f"plan {p['rows']:,} rows: submit --dry-run", f"{p['first']['wall_s']:.2f}", f"{p['first']['peak_rss_mb']:.0f}",
+                     f"{p['first_rows_per_s']:,} rows/s", ""))
+        rows.append((f"plan {p['rows']:,} rows: re-plan 99% cached", f"{p['replan']['wall_s']:.2f}", f"{p['replan']['peak_rss_mb']:.0f}",
+                     f"{p['replan_rows_per_s']:,} rows/s", ""))
+    u = results.get("upload")
+    if u:
+        rows.append((f"upload {u['mb']:.0f} MB: plain POST", f"{u['plain']['wall_s']:.2f}", f"{u['plain']['peak_rss_mb']:.0f}",
+                     f"{u['plain_mb_per_s']:.0f} MB/s", ""))
+        rows.append((f"upload {u['mb']:.0f} MB: batcher upload_jsonl", f"{u['batcher']['wall_s']:.2f}", f"{u['batcher']['peak_rss_mb']:.0f}",
+                     f"{u['batcher_mb_per_s']:.0f} MB/s", f"of plain {u['batcher_over_plain_throughput'] * 100:.0f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["| " + " | ".join(r[i].ljust(widths[i]) for i in range(5)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke sizes")
+    ap.add_argument("--full", action="store_true", help="also a ~2 GB results file")
+    ap.add_argument("--only", choices=["collect", "plan", "upload"], action="append", help="run only these sections")
+    ap.add_argument("--plan-rows", type=int, action="append", help="manifest sizes for the planning measurement")
+    ap.add_argument("--collect-images", type=int, action="append", help="image counts for the collect measurement")
+    ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        WORKERS[args.worker[0]](*args.worker[1:])
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    base = OUT / "work"
+    base.mkdir(exist_ok=True)
+    if args.quick:
+        collect_sizes, plan_rows, upload_bytes = [10, 30], [10_000], 50_000_000
+    else:
+        collect_sizes, plan_rows, upload_bytes = [150, 500], [100_000, 1_000_000], 1_000_000_000
+        if args.full:
+            collect_sizes.append(1000)
+    collect_sizes = args.collect_images or collect_sizes
+    plan_rows = args.plan_rows or plan_rows
+    sections = args.only or ["collect", "plan", "upload"]
+    results: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "mode": "quick" if args.quick else ("full" if args.full else "default"),
+        "image_bytes": IMAGE_BYTES,
+    }
+    t0 = time.time()
+    if "collect" in sections:
+        results["collect"] = [bench_collect(n, base) for n in collect_sizes]
+    if "plan" in sections:
+        results["plan"] = []
+        for rows in plan_rows:
+            results["plan"].append(bench_plan(rows, base))
+    if "upload" in sections:
+        results["upload"] = bench_upload(upload_bytes, base)
+    results["total_s"] = round(time.time() - t0, 1)
+    results["table"] = table(results)
+    path = OUT / ("results-quick.json" if args.quick else "results.json")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + results["table"])
+    print(f"\nwrote {path.relative_to(ROOT)} ({results['total_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
