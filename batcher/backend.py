@@ -12,6 +12,8 @@ SDK and HTTP errors are mapped into batcher.errors here, and nowhere else.
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
+import time
 import http.client
 import json
 import logging
@@ -28,6 +30,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from .errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from .faults import maybe_crash
 from .retry import RetryPolicy
 
 log = logging.getLogger("batcher.backend")
@@ -139,6 +142,9 @@ class GeminiBackend:
     def __init__(self, connection: Connection, retry: RetryPolicy | None = None):
         self.connection = connection
         self.retry = retry or RetryPolicy()
+        # Server clock minus ours, from HTTP Date headers: job windows are measured in the API's time
+        # (a skewed local clock, or the emulator's scaled time, must not move a 48 h expiry).
+        self.clock_offset_s: float | None = None
         self.client = genai.Client(
             api_key=connection.api_key,
             http_options=types.HttpOptions(
@@ -174,7 +180,22 @@ class GeminiBackend:
         all_headers.update(headers or {})
         prefix = url.path.rstrip("/")
         conn.request(method, f"{prefix}/{self.connection.api_version}/{path}", headers=all_headers)
-        return conn.getresponse()
+        resp = conn.getresponse()
+        self._note_server_clock(resp.getheader("Date"))
+        return resp
+
+    def _note_server_clock(self, date_header: str | None) -> None:
+        if not date_header:
+            return
+        try:
+            server = email.utils.parsedate_to_datetime(date_header).timestamp()
+        except (TypeError, ValueError):
+            return
+        self.clock_offset_s = server - time.time()
+
+    def server_now(self) -> float:
+        """Now, by the API's clock when we have seen it (1 s resolution), else ours."""
+        return time.time() + (self.clock_offset_s or 0.0)
 
     @staticmethod
     def _raise_for(resp: http.client.HTTPResponse, what: str, ok: tuple[int, ...] = (200,)) -> None:
@@ -299,6 +320,7 @@ class GeminiBackend:
                 with open(dest, mode) as out:
                     while chunk := resp.read(1 << 20):
                         out.write(chunk)
+                        maybe_crash("download")  # test hook: see batcher/faults.py
                         got += len(chunk)
                         if on_bytes:
                             on_bytes(len(chunk))

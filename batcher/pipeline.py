@@ -22,6 +22,7 @@ from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, MAX_CONCURRENT_JOBS
 from .collect import CollectStats, collect_job
 from .dataset import DatasetSummary, write_dataset
 from .errors import UsageError
+from .faults import maybe_crash
 from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
@@ -144,6 +145,7 @@ def send_pending(ws: Workspace) -> int:
 
 def refresh_jobs(ws: Workspace) -> None:
     for job in ws.ledger.jobs((J_SUBMITTED,)):
+        maybe_crash("poll")  # test hook: see batcher/faults.py
         jobs_mod.refresh_job(ws.ledger, ws.backend, job["id"])
 
 
@@ -290,7 +292,8 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
     with open_workspace(settings, backend_factory) as ws:
         if refresh and ws.ledger.jobs((J_SUBMITTED,)):
             refresh_jobs(ws)
-        now = time.time() if now is None else now
+        if now is None:
+            now = ws._backend.server_now() if ws._backend is not None else time.time()
         run = ws.ledger.current_run()
         jobs = []
         for j in ws.ledger.jobs():

@@ -323,3 +323,20 @@ def test_the_api_key_never_reaches_disk_or_output(tmp_path, emulator, monkeypatc
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path
+
+
+def test_status_windows_use_the_api_clock(tmp_path, emulator, backend_factory):
+    """Ages, 24 h windows and 48 h expiry come from the API's clock (here 30 emulated hours ahead)."""
+    emulator.configure(job_outcomes=["STUCK"])
+    s = settings(tmp_path)
+    pipeline.submit(manifest(tmp_path), s, backend_factory=backend_factory)
+    emulator.advance(30 * 3600)
+    doc = pipeline.status(s, backend_factory=backend_factory)
+    (job,) = doc["jobs"]
+    assert job["age_hours"] == pytest.approx(30, abs=0.1)
+    assert job["window_hours_left"] == pytest.approx(-6, abs=0.1)
+    assert job["expiry_hours_left"] == pytest.approx(18, abs=0.1)
+    assert "past its 24 h target window" in job["warnings"]
+    emulator.advance(13 * 3600)
+    (job,) = pipeline.status(s, backend_factory=backend_factory)["jobs"]
+    assert any("expires in under 6 h" in w for w in job["warnings"])

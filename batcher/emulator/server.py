@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import email.utils
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -66,6 +67,10 @@ class Handler(BaseHTTPRequestHandler):
     server: EmulatorHTTPServer
     server_version = "ESF"
     sys_version = ""
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # The Date header tells the emulated time, as a real server tells its own clock.
+        return email.utils.formatdate(self.svc.clock.now() if timestamp is None else timestamp, usegmt=True)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if os.environ.get("BATCHER_EMULATOR_LOG"):
