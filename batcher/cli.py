@@ -83,6 +83,7 @@ def manifest_options(fn):
         click.option("--aspect-ratio", default=None, help="Default aspect ratio, e.g. 16:9."),
         click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on 3.1 Flash Image)."),
         click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
+        click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
         click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
         click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
     ]
@@ -128,7 +129,7 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
     return pipeline.Settings(
         workdir=workdir, out=kw.get("out"), cache_dir=kw.get("cache_dir"), manifest=m,
         limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
-        refresh=kw.get("refresh", False), skip_invalid=kw.get("skip_invalid", False),
+        refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False), skip_invalid=kw.get("skip_invalid", False),
         rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False), **extra,
     )
 

@@ -46,6 +46,7 @@ class Settings:
     limits: ShardLimits = field(default_factory=ShardLimits)
     max_attempts: int = 3
     refresh: bool = False
+    retry_blocked: bool = False  # blocked (safety, no image) is final unless asked
     skip_invalid: bool = False
     rejects_path: Path | None = None
     poll_interval: float = 30.0
@@ -192,7 +193,7 @@ def _current_run_id(ledger: Ledger) -> int:
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
     s = ws.settings
     return plan_manifest(ws.ledger, ws.store, Path(manifest), s.manifest, refresh=s.refresh,
-                         skip_invalid=s.skip_invalid, rejects_path=s.rejects_path)
+                         skip_invalid=s.skip_invalid, rejects_path=s.rejects_path, retry_blocked=s.retry_blocked)
 
 
 def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, backend_factory=None) -> Outcome:

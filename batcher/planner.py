@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from . import catalog
 from .errors import ManifestError
+from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
 from .requests import ImageRequest, ReferenceImage, canonical_json, file_sha256, image_mime_type, request_body, request_hash
@@ -112,6 +113,7 @@ def plan_manifest(
     refresh: bool = False,
     skip_invalid: bool = False,
     rejects_path: Path | None = None,
+    retry_blocked: bool = False,
 ) -> PlanResult:
     """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest."""
     manifest = Path(manifest)
@@ -121,6 +123,12 @@ def plan_manifest(
         raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
     fingerprint = run_fingerprint(manifest, options)
     existing = ledger.run_by_fingerprint(fingerprint)
+    if existing is not None and retry_blocked:
+        with ledger.transaction() as c:
+            c.execute(
+                "UPDATE requests SET state=?, attempts=0, updated_at=? WHERE state=? AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
+                (PLANNED, time.time(), BLOCKED, existing["id"]),
+            )
     if existing is not None and not refresh:
         return _summary(ledger, existing["id"], new_run=False)
 
@@ -166,7 +174,7 @@ def plan_manifest(
                     )
                     break
                 seq += 1
-                _record_request(c, store, req, h, refresh, now)
+                _record_request(c, store, req, h, refresh, now, retry_blocked)
             result.rows += 1
         if problems and not skip_invalid:
             shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
@@ -179,6 +187,7 @@ def plan_manifest(
         if result.rows == 0:
             raise ManifestError(f"{manifest}: no valid rows to submit")
         c.execute("UPDATE runs SET row_count=? WHERE id=?", (result.rows, run_id))
+    maybe_crash("plan")  # test hook: see batcher/faults.py
     if problems and rejects_path is not None:
         write_rejects(rejects_path, problems)
     summary = _summary(ledger, run_id, new_run=True)
@@ -186,7 +195,8 @@ def plan_manifest(
     return summary
 
 
-def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageRequest, h: str, refresh: bool, now: float) -> None:
+def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageRequest, h: str, refresh: bool, now: float,
+                    retry_blocked: bool = False) -> None:
     row = c.execute("SELECT state FROM requests WHERE hash=?", (h,)).fetchone()
     cached = store is not None and not refresh and store.has(h)
     if row is None:
@@ -203,7 +213,7 @@ def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageR
     elif state == SUCCEEDED and store is not None and not store.has(h):
         # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
         c.execute("UPDATE requests SET state=?, attempts=0, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
-    elif state == FAILED:
+    elif state == FAILED or (state == BLOCKED and retry_blocked):
         # A new run gives requests that ran out of attempts before a fresh set.
         c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
 

@@ -340,3 +340,16 @@ def test_status_windows_use_the_api_clock(tmp_path, emulator, backend_factory):
     emulator.advance(13 * 3600)
     (job,) = pipeline.status(s, backend_factory=backend_factory)["jobs"]
     assert any("expires in under 6 h" in w for w in job["warnings"])
+
+
+def test_blocked_rows_are_final_unless_asked(tmp_path, emulator, backend_factory):
+    rows = [["ok1", "a calm sea", "", "", "x"], ["blk", "a storm [emulator:image_safety]", "", "", "x"]]
+    m = manifest(tmp_path, rows)
+    s = settings(tmp_path)
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 3
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 3
+    assert emulator.stats()["batches_created"] == 1  # not retried by a plain re-run
+    s.retry_blocked = True
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 3  # the marker blocks again...
+    assert emulator.stats()["batches_created"] == 2  # ...but it was sent again, as asked
+    assert {r["id"]: r["attempts"] for r in metadata(s)}["blk"] == 1
