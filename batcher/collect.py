@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .backend import GeminiBackend
 from .ledger import BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .faults import maybe_crash
 from .pricing import cost_usd
 from .store import ImageStore, InvalidImage
 
@@ -194,11 +195,13 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attem
                     try:
                         store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
                                                 "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
+                        maybe_crash("image")  # image durable in the cache, ledger not yet told
                     except InvalidImage as exc:
                         o = Outcome("error", reason=f"returned image is invalid: {exc}")
                     if on_image:
                         on_image(1)
             pending.append((o.kind, key, attempts, o))
+            maybe_crash("decode")  # test hook: see batcher/faults.py
             if len(pending) >= COMMIT_EVERY:
                 flush()
     flush()

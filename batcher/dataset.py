@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
 from .store import ImageStore
 
@@ -123,5 +124,7 @@ def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> 
                 except (pa.ArrowInvalid, pa.ArrowTypeError):
                     arrays.append(pa.array([None if v is None else str(v) for v in cols[f.name]], type=pa.string()).cast(f.type, safe=False))
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            maybe_crash("dataset")  # test hook: see batcher/faults.py
+    maybe_crash("dataset-replace")
     os.replace(tmp, out / "metadata.parquet")
     return summary

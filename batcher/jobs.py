@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .backend import BatchInfo, GeminiBackend
 from .errors import ApiError, NotFoundError, QuotaError, TransientApiError
+from .faults import maybe_crash
 from .ledger import (
     J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger,
 )
@@ -100,7 +101,9 @@ def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: d
         ledger.job_transition(c, job_id, (J_PLANNED, J_UPLOADING), J_UPLOADING)
     uris = ensure_references(ledger, backend, job_reference_hashes(ledger, job_id), ref_paths)
     path = write_jsonl(ledger, job_id, uris)
+    maybe_crash("upload")  # test hook: see batcher/faults.py
     uploaded = backend.upload_jsonl(path, display_name=job["display_name"])
+    maybe_crash("uploaded")
     if on_bytes:
         on_bytes(uploaded.size_bytes)
     with ledger.transaction() as c:
@@ -113,6 +116,7 @@ def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> bool:
     job = ledger.job(job_id)
     with ledger.transaction() as c:
         ledger.job_transition(c, job_id, (J_UPLOADED,), J_CREATING)
+    maybe_crash("create")  # test hook: see batcher/faults.py
     try:
         info = backend.create_batch(job["model"], job["input_file"], job["display_name"])
     except QuotaError as exc:
@@ -134,6 +138,7 @@ def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> bool:
         with ledger.transaction() as c:
             ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
         raise
+    maybe_crash("created")
     _mark_submitted(ledger, job_id, info)
     return True
 
