@@ -152,8 +152,9 @@ def _mark_submitted(ledger: Ledger, job_id: int, info: BatchInfo) -> None:
 
 def reconcile(ledger: Ledger, backend: GeminiBackend) -> int:
     """Resolve jobs left in `creating` by a crash: found in the API's list -> submitted; absent -> uploaded.
-    Also deletes our uploaded JSONL files that no job uses. Returns how many jobs were found."""
+    After a crash, also deletes our uploaded JSONL files that no job uses. Returns how many jobs were found."""
     creating = ledger.jobs((J_CREATING,))
+    interrupted_uploads = ledger.jobs((J_UPLOADING,))
     found = 0
     if creating:
         by_name = {j["display_name"]: j["id"] for j in creating}
@@ -166,7 +167,8 @@ def reconcile(ledger: Ledger, backend: GeminiBackend) -> int:
         for display_name, job_id in by_name.items():
             with ledger.transaction() as c:
                 ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
-    delete_orphan_files(ledger, backend)
+    if creating or interrupted_uploads:  # only a crash leaves orphans: don't list every file on every poll
+        delete_orphan_files(ledger, backend)
     return found
 
 
@@ -175,15 +177,13 @@ def delete_orphan_files(ledger: Ledger, backend: GeminiBackend) -> int:
     server finished it, or a re-upload) cost storage quota: delete them."""
     prefix = f"batcher-{ledger.ledger_id}-job"
     live = {r[0] for r in ledger.conn.execute(
-        "SELECT input_file FROM jobs WHERE input_file IS NOT NULL AND state IN (?,?,?,?)",
-        (J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED),
+        "SELECT input_file FROM jobs WHERE input_file IS NOT NULL AND state IN (?,?,?)",
+        (J_UPLOADED, J_CREATING, J_SUBMITTED),
     )}
     deleted = 0
     for f in backend.list_files():
+        # Runs before any upload of this call, under the workdir lock: no upload of ours is under way.
         if (f.display_name or "").startswith(prefix) and f.name not in live:
-            job = ledger.conn.execute("SELECT state FROM jobs WHERE display_name=?", (f.display_name,)).fetchone()
-            if job is not None and job["state"] in (J_UPLOADING, J_PLANNED):
-                continue  # its upload may be under way in this very process
             backend.delete_file(f.name)
             deleted += 1
     return deleted

@@ -353,3 +353,25 @@ def test_blocked_rows_are_final_unless_asked(tmp_path, emulator, backend_factory
     assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 3  # the marker blocks again...
     assert emulator.stats()["batches_created"] == 2  # ...but it was sent again, as asked
     assert {r["id"]: r["attempts"] for r in metadata(s)}["blk"] == 1
+
+
+def test_an_upload_orphaned_by_a_crash_is_deleted(tmp_path, emulator, backend_factory):
+    """Died after the server finished an upload, before the ledger recorded it: the orphan costs quota."""
+    s = settings(tmp_path)
+    m = manifest(tmp_path)
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        from batcher import jobs as jobs_mod
+        from batcher.planner import shard
+
+        pipeline.plan(ws, m)
+        (job_id,) = shard(ws.ledger, s.limits)
+        with ws.ledger.transaction() as c:
+            ws.ledger.job_transition(c, job_id, ("planned",), "uploading")
+        path = jobs_mod.write_jsonl(ws.ledger, job_id, {})
+        orphan = ws.backend.upload_jsonl(path, display_name=ws.ledger.job(job_id)["display_name"])
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
+    from batcher.errors import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        backend_factory().file_size(orphan.name)
+    assert emulator.stats()["batches_created"] == 1
