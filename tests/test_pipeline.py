@@ -375,3 +375,14 @@ def test_an_upload_orphaned_by_a_crash_is_deleted(tmp_path, emulator, backend_fa
     with pytest.raises(NotFoundError):
         backend_factory().file_size(orphan.name)
     assert emulator.stats()["batches_created"] == 1
+
+
+def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkeypatch, capsys):
+    """Bars are drawn only on a terminal; force that path and check it draws and finishes cleanly."""
+    import batcher.progress
+
+    monkeypatch.setattr(batcher.progress.Progress, "__init__", lambda self, quiet=False: setattr(self, "enabled", True))
+    s = settings(tmp_path, quiet=False)
+    assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
+    err = capsys.readouterr().err
+    assert "requests" in err and "download" in err and "images" in err
