@@ -99,6 +99,10 @@ MIGRATIONS: list[str] = [
         expires_at REAL NOT NULL
     );
     """,
+    # 2: enqueued-token estimates per job, so a run is fed to the API in waves under the per-model cap
+    """
+    ALTER TABLE jobs ADD COLUMN est_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +23,7 @@ from . import catalog
 from .errors import ManifestError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .quota import request_tokens
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
 from .requests import ImageRequest, ReferenceImage, canonical_json, file_sha256, image_mime_type, request_body, request_hash
 from .store import ImageStore
@@ -250,8 +252,10 @@ def expected_output_bytes(model: str, body_json: str) -> int:
     return png * 4 // 3 + 2_000  # base64 plus the JSON around it
 
 
-def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None) -> list[int]:
-    """Group planned requests into new jobs (one model per job). Returns the new job ids."""
+def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None,
+          token_cap_for: Callable[[str], int | None] = lambda model: None) -> list[int]:
+    """Group planned requests into new jobs (one model per job). Returns the new job ids.
+    A job never holds more enqueued tokens than its model's cap: it could never be created."""
     c = ledger.conn
     new_jobs: list[int] = []
     now = time.time()
@@ -260,32 +264,36 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
         budget = limit_requests
         for model in models:
             batch: list[str] = []
-            in_bytes = out_bytes = 0
+            in_bytes = out_bytes = tokens = 0
+            token_cap = token_cap_for(model)
             cur = c.execute("SELECT hash, body_json FROM requests WHERE state=? AND model=? ORDER BY rowid", (PLANNED, model))
             for h, body_json in cur.fetchall():
                 if budget is not None and budget <= 0:
                     break
                 line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
                 exp = expected_output_bytes(model, body_json)
+                req_tokens = request_tokens(model, body_json)
                 if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
-                              or out_bytes + exp > limits.max_output_bytes):
-                    new_jobs.append(_new_job(ledger, model, batch, in_bytes, now))
-                    batch, in_bytes, out_bytes = [], 0, 0
+                              or out_bytes + exp > limits.max_output_bytes
+                              or (token_cap is not None and tokens + req_tokens > token_cap)):
+                    new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
+                    batch, in_bytes, out_bytes, tokens = [], 0, 0, 0
                 batch.append(h)
                 in_bytes += line_bytes
                 out_bytes += exp
+                tokens += req_tokens
                 if budget is not None:
                     budget -= 1
             if batch:
-                new_jobs.append(_new_job(ledger, model, batch, in_bytes, now))
+                new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
     return new_jobs
 
 
-def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, now: float) -> int:
+def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, tokens: int, now: float) -> int:
     c = ledger.conn
     cur = c.execute(
-        "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-        (f"pending-{now}-{len(hashes)}-{hashes[0][:8]}", model, J_PLANNED, len(hashes), in_bytes, now, now),
+        "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, est_tokens, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+        (f"pending-{now}-{len(hashes)}-{hashes[0][:8]}", model, J_PLANNED, len(hashes), in_bytes, tokens, now, now),
     )
     job_id = cur.lastrowid
     # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.

@@ -386,3 +386,33 @@ def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkey
     assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
     err = capsys.readouterr().err
     assert "requests" in err and "download" in err and "images" in err
+
+
+def test_a_run_under_a_token_cap_goes_out_in_waves(tmp_path, emulator, backend_factory):
+    """The emulator enforces the same cap: a create over it would be a 429. None happens; jobs go in waves."""
+    from batcher.quota import Quota
+
+    cap = 2 * 1400  # two flash images' worth of enqueued tokens
+    emulator.configure(enqueued_token_cap=cap, running_seconds=0.3)
+    s = settings(tmp_path, quota=Quota(token_cap=cap))
+    rows = [[f"w{i}", f"wave test prompt {i}", "", "", "x"] for i in range(7)]
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["batches_created"] == 4  # 2 + 2 + 2 + 1 requests
+    assert stats["http_errors"] == 0  # not one create was refused: we waited for capacity ourselves
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        created = [r[0] for r in ws.ledger.conn.execute("SELECT api_created_at FROM jobs ORDER BY id")]
+    assert len(set(created)) == 4
+
+
+def test_a_429_on_create_waits_for_capacity(tmp_path, emulator, backend_factory):
+    """The API's cap is tighter than ours (our tier table is only a snapshot): wait, don't fail."""
+    emulator.configure(enqueued_token_cap=2 * 1400, running_seconds=0.2)
+    s = settings(tmp_path, limits=ShardLimits(max_requests=2))
+    rows = [[f"q{i}", f"quota test prompt {i}", "", "", "x"] for i in range(6)]
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["batches_created"] == 3
+    assert stats["http_errors"] >= 1  # the API did refuse a create (429), and the run waited it out

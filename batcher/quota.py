@@ -1,0 +1,92 @@
+"""Capacity: what the API lets us have in flight at once, so a large run is fed to it in waves.
+
+The Batch API caps, per project: enqueued tokens per model across active jobs (by tier), 100 concurrent
+jobs, and 20 GB of Files storage. batcher creates a job only when it fits, and treats a 429 on create as
+"wait for capacity" (the caps are documentation snapshots; the API is the final word).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from . import catalog
+from .ledger import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING, Ledger
+from .pricing import expected_output_tokens
+
+IN_FLIGHT = (J_CREATING, J_SUBMITTED)
+HOLDING_FILES = (J_UPLOADED, J_CREATING, J_SUBMITTED)
+
+
+@dataclass(frozen=True)
+class Quota:
+    tier: str = "1"
+    token_cap: int | None = None  # overrides the tier table for every model
+    max_concurrent_jobs: int = catalog.MAX_CONCURRENT_JOBS
+    files_storage_bytes: int = catalog.FILES_STORAGE_BYTES
+
+    def cap_for(self, model: str) -> int | None:
+        if self.token_cap is not None:
+            return self.token_cap
+        spec = catalog.model_spec(model)
+        return spec.enqueued_token_caps.get(self.tier) if spec else None
+
+
+def request_tokens(model: str, body_json: str) -> int:
+    """Enqueued tokens of one request: its prompt (about 4 characters a token, images 258) plus its image."""
+    size = None
+    if '"imageSize"' in body_json:
+        size = json.loads(body_json)["generationConfig"].get("imageConfig", {}).get("imageSize")
+    refs = body_json.count('"fileData"')
+    return len(body_json) // 4 + 258 * refs + expected_output_tokens(model, size)
+
+
+def in_flight_tokens(ledger: Ledger, model: str) -> int:
+    marks = ",".join("?" * len(IN_FLIGHT))
+    return ledger.conn.execute(
+        f"SELECT COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN ({marks})", (model, *IN_FLIGHT)
+    ).fetchone()[0]
+
+
+def files_bytes(ledger: Ledger) -> int:
+    marks = ",".join("?" * len(HOLDING_FILES))
+    return ledger.conn.execute(
+        f"SELECT COALESCE(SUM(input_bytes), 0) FROM jobs WHERE state IN ({marks})", HOLDING_FILES
+    ).fetchone()[0]
+
+
+def why_not_now(ledger: Ledger, quota: Quota, job) -> str | None:
+    """None if the job may be created now, else the reason it waits."""
+    marks = ",".join("?" * len(IN_FLIGHT))
+    jobs = ledger.conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", IN_FLIGHT).fetchone()[0]
+    if jobs >= quota.max_concurrent_jobs:
+        return f"{jobs} jobs in flight (the cap is {quota.max_concurrent_jobs})"
+    cap = quota.cap_for(job["model"])
+    used = in_flight_tokens(ledger, job["model"])
+    if cap is not None and used and used + job["est_tokens"] > cap:
+        return f"{job['model']}: {used:,} + {job['est_tokens']:,} enqueued tokens would pass the cap of {cap:,}"
+    if job["state"] in (J_PLANNED, J_UPLOADING):
+        stored = files_bytes(ledger)
+        if stored and stored + job["input_bytes"] > quota.files_storage_bytes:
+            return f"{stored:,} bytes in Files storage; {job['input_bytes']:,} more would pass {quota.files_storage_bytes:,}"
+    return None
+
+
+def capacity(ledger: Ledger, quota: Quota) -> dict:
+    """Planned vs in flight vs capacity, per model (for `status`)."""
+    out = {}
+    models = [r[0] for r in ledger.conn.execute("SELECT DISTINCT model FROM jobs UNION SELECT DISTINCT model FROM requests")]
+    for model in sorted(models):
+        waiting = ledger.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN (?,?,?)",
+            (model, J_PLANNED, J_UPLOADING, J_UPLOADED)).fetchone()
+        planned_requests = ledger.conn.execute(
+            "SELECT COUNT(*) FROM requests WHERE model=? AND state='planned'", (model,)).fetchone()[0]
+        out[model] = {
+            "token_cap": quota.cap_for(model),
+            "in_flight_tokens": in_flight_tokens(ledger, model),
+            "jobs_waiting": waiting[0],
+            "waiting_tokens": waiting[1],
+            "requests_not_in_jobs": planned_requests,
+        }
+    return out
