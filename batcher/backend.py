@@ -342,7 +342,10 @@ class GeminiBackend:
             f"generateContent {model}",
             lambda: self.client.models.generate_content(model=model, contents=contents, config=config),
         )
-        return resp.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # Python mode keeps image bytes as bytes (the JSON mode would re-encode them as URL-safe base64).
+        out = resp.model_dump(mode="python", by_alias=True, exclude_none=True)
+        out.pop("sdkHttpResponse", None)
+        return out
 
 
 def batch_from_operation(op: dict) -> BatchInfo:

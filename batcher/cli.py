@@ -16,6 +16,8 @@ from .catalog import DEFAULT_MODEL, MODELS
 from .errors import BatcherError, ManifestError
 from .manifest import ManifestOptions
 from .planner import ShardLimits
+from .deadline import parse_deadline
+from .quota import Quota
 
 log = logging.getLogger("batcher")
 
@@ -86,6 +88,10 @@ def manifest_options(fn):
         click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
         click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
         click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
+        click.option("--tier", type=click.Choice(["1", "2", "3"]), default="1", show_default=True,
+                     help="Your project's quota tier: sets the enqueued-token cap per model, so jobs go out in waves."),
+        click.option("--token-cap", type=click.IntRange(1), default=None,
+                     help="Enqueued tokens per model in flight at once (overrides --tier)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -106,7 +112,9 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         "defaults.seed": "seed", "defaults.variants": "variants", "defaults.system_instruction": "system_instruction",
         "manifest_columns.prompt": "prompt_column", "manifest_columns.id": "id_column", "manifest_columns.format": "fmt",
         "limits.max_requests_per_job": "max_requests_per_job", "limits.max_attempts": "max_attempts",
+        "limits.tier": "tier", "limits.token_cap": "token_cap", "limits.budget_usd": "budget_usd", "prices": "prices",
         "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
+        "window.deadline": "deadline", "window.policy": "deadline_policy",
     }
     for spec_key, option in mapping.items():
         if spec_key not in spec.values:
@@ -129,8 +137,10 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
     return pipeline.Settings(
         workdir=workdir, out=kw.get("out"), cache_dir=kw.get("cache_dir"), manifest=m,
         limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
+        quota=Quota(tier=kw.get("tier") or "1", token_cap=kw.get("token_cap")),
         refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False), skip_invalid=kw.get("skip_invalid", False),
-        rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False), **extra,
+        rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False),
+        budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), **extra,
     )
 
 
@@ -168,6 +178,7 @@ def main():
 @common_options
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
+@click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
 @handle_errors
 @click.pass_context
 def submit(ctx, manifest, dry_run, **kw):
@@ -184,6 +195,10 @@ def submit(ctx, manifest, dry_run, **kw):
 @manifest_options
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=None, help="Seconds between polls (default 30; 1 on the emulator).")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop waiting after this many seconds (exit 4; run again to continue).")
+@click.option("--deadline", default=None, help="When unfinished requests get the --deadline-policy: 06:00 (local), 7h, or an ISO date-time.")
+@click.option("--deadline-policy", type=click.Choice(["wait", "report", "resubmit", "interactive"]), default="wait", show_default=True,
+              help="At the deadline: keep waiting; stop and exit 4; cancel and resubmit stragglers; or generate them interactively (full price).")
+@click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
 @handle_errors
 @click.pass_context
 def run(ctx, manifest, poll_interval, timeout, **kw):
@@ -192,10 +207,33 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
     kw["poll_interval"], kw["timeout"] = poll_interval, timeout
     manifest = _apply_spec(ctx, manifest, kw)
     poll_interval, timeout = kw["poll_interval"], kw["timeout"]
+    deadline = parse_deadline(kw.pop("deadline")) if kw.get("deadline") else None
+    policy = kw.pop("deadline_policy")
     if poll_interval is None:
         poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0
     with _backend_factory(kw["backend"]) as factory:
-        _finish(pipeline.run(manifest, _settings(kw, poll_interval=poll_interval, timeout=timeout), backend_factory=factory))
+        _finish(pipeline.run(manifest, _settings(kw, poll_interval=poll_interval, timeout=timeout, deadline=deadline,
+                                                  deadline_policy=policy), backend_factory=factory))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="The image cache to count hits in.")
+@manifest_options
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@handle_errors
+@click.pass_context
+def estimate(ctx, manifest, as_json, **kw):
+    """Requests, cache hits, tokens and $ batch vs interactive of MANIFEST (or a JOB.toml); submits nothing."""
+    from . import estimate as estimate_mod
+    from .pricing import default_table
+
+    manifest = _apply_spec(ctx, manifest, kw)
+    kw.setdefault("workdir", Path(".batcher"))
+    table = default_table().with_overrides(kw.get("prices") or {})
+    e = estimate_mod.estimate(manifest, _settings(kw).manifest, cache_dir=kw.get("cache_dir"), refresh=kw.get("refresh", False),
+                              skip_invalid=kw.get("skip_invalid", False), table=table)
+    click.echo(json.dumps(e.to_dict(), indent=2) if as_json else estimate_mod.render(e))
 
 
 @main.command()

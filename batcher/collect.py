@@ -47,6 +47,7 @@ class CollectStats:
     failed: int = 0  # failed for good (attempts exhausted)
     requeued: int = 0
     unexpected_keys: int = 0
+    already_done: int = 0
     bytes_downloaded: int = 0
     jobs: int = 0
     errors: list[str] = field(default_factory=list)
@@ -81,6 +82,8 @@ def classify(response: dict) -> Outcome:
             finish = finish if finish and finish != "STOP" else "NO_IMAGE"
         return Outcome("blocked", reason=reason, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
     inline = _get(images[-1], "inlineData", "inline_data")  # the last image is the final one (earlier ones may be drafts)
+    if isinstance(inline.get("data"), bytes):  # an interactive response, decoded by the SDK already
+        return Outcome("image", data=inline["data"], finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
     try:
         data = binascii.a2b_base64(inline.get("data") or "", strict_mode=True)
     except (binascii.Error, ValueError) as exc:
@@ -171,6 +174,7 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attem
     expected = {h: a for h, a in ledger.conn.execute(
         "SELECT r.hash, r.attempts FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
         (job_id, QUEUED, job_id))}
+    sent = {h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job_id,))}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -180,6 +184,9 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attem
                 key = obj.get("key")
             except (ValueError, AttributeError):
                 stats.errors.append(f"{job['display_name']} results line {lineno}: not valid JSON; skipped")
+                continue
+            if key not in expected and key in sent:
+                stats.already_done += 1  # finished another way meanwhile (interactive fallback): the cache wins
                 continue
             if key not in expected:
                 stats.unexpected_keys += 1

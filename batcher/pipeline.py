@@ -18,18 +18,22 @@ from typing import Callable, Iterator
 
 from . import jobs as jobs_mod
 from .backend import Connection, GeminiBackend
-from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, MAX_CONCURRENT_JOBS
+from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS
 from .collect import CollectStats, collect_job
 from .dataset import DatasetSummary, write_dataset
-from .errors import UsageError
+from .deadline import check_policy
+from .errors import ApiError, UsageError
 from .faults import maybe_crash
 from .ledger import (
-    BLOCKED, FAILED, J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
+    BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
 )
 from .manifest import ManifestOptions
 from .planner import PlanResult, ShardLimits, plan_manifest, shard
+from .estimate import budget_allowance, budget_exhausted, budget_note
+from .pricing import use_workdir_prices
 from .progress import Progress
+from .quota import Quota, capacity, why_not_now
 from .store import ImageStore
 
 log = logging.getLogger("batcher")
@@ -51,15 +55,21 @@ class Settings:
     rejects_path: Path | None = None
     poll_interval: float = 30.0
     timeout: float | None = None
-    max_concurrent_jobs: int = MAX_CONCURRENT_JOBS
+    quota: Quota = field(default_factory=Quota)
+    deadline: float | None = None  # epoch seconds (batcher.deadline.parse_deadline)
+    deadline_policy: str = "wait"  # wait | report | resubmit | interactive
+    interactive_concurrency: int = 4
     quiet: bool = False
     lock_wait: float = 0.0
+    budget_usd: float | None = None  # hold back requests beyond this estimated spend of the run (batcher.estimate)
+    prices: dict | None = None  # price overrides (job spec [prices]); None: WORKDIR/prices.json or the defaults
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
         self.out = Path(self.out) if self.out else self.workdir / "dataset"
         if self.max_attempts < 1:
             raise UsageError("--max-attempts must be at least 1")
+        check_policy(self.deadline_policy)
 
 
 @dataclass
@@ -109,7 +119,8 @@ class Workspace:
 def open_workspace(settings: Settings, backend_factory=None) -> Iterator[Workspace]:
     ws = Workspace(settings, backend_factory)
     try:
-        yield ws
+        with use_workdir_prices(settings.workdir, settings.prices):
+            yield ws
     finally:
         ws.close()
 
@@ -123,16 +134,16 @@ def _ref_paths(ledger: Ledger) -> dict[str, str]:
 def send_pending(ws: Workspace) -> int:
     """Shard planned requests into jobs, upload them and create them, within the concurrency cap.
     Returns how many jobs were created. Stops creating (not failing) when the API says it has no capacity."""
-    ledger, backend = ws.ledger, ws.backend
+    ledger, backend, quota = ws.ledger, ws.backend, ws.settings.quota
     jobs_mod.reconcile(ledger, backend)
-    shard(ledger, ws.settings.limits)
+    shard(ledger, ws.settings.limits, token_cap_for=quota.cap_for, limit_requests=budget_allowance(ws))
     refs = _ref_paths(ledger)
     created = 0
     for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
-        in_flight = len(ledger.jobs((J_CREATING, J_SUBMITTED)))
-        if in_flight >= ws.settings.max_concurrent_jobs:
-            log.info("%d jobs in flight (the cap is %d): the rest wait", in_flight, ws.settings.max_concurrent_jobs)
-            break
+        wait_reason = why_not_now(ledger, quota, ledger.job(job["id"]))
+        if wait_reason:
+            log.info("%s waits: %s", job["display_name"], wait_reason)
+            continue  # a later wave, as earlier jobs finish (another model's job may still fit)
         if job["state"] in (J_PLANNED, J_UPLOADING):
             with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
                 jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
@@ -215,7 +226,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
         if not counts[PLANNED] and not counts[QUEUED]:
             write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
         return Outcome(exit_code_for(counts), f"submitted: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
-                       f"{created} job(s) created; " + _line(counts), plan=p, counts=counts, jobs_created=created)
+                       f"{created} job(s) created; " + _line(counts) + budget_note(ws), plan=p, counts=counts, jobs_created=created)
 
 
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
@@ -239,10 +250,19 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         p = plan(ws, manifest)
         total = p.requests
         created = 0
+        deadline_passed = stopped_at_deadline = False
         with ws.progress.count("requests", total) as bar:
             while True:
                 counts = run_counts(ws.ledger, p.run_id)
-                if counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
+                if not deadline_passed and settings.deadline is not None and time.time() >= settings.deadline \
+                        and (counts[PLANNED] or counts[QUEUED]):
+                    deadline_passed = True
+                    if on_deadline(ws, counts) == "stop":
+                        stopped_at_deadline = True
+                        break
+                if deadline_passed and settings.deadline_policy == "interactive":
+                    generate_interactively(ws, p.run_id)  # past the deadline, no new batch jobs
+                elif counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
                     created += send_pending(ws)
                 refresh_jobs(ws)
                 collect_finished(ws)
@@ -250,6 +270,8 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                 bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
                 if not counts[PLANNED] and not counts[QUEUED]:
                     break
+                if budget_exhausted(ws, counts):
+                    break  # nothing in jobs and nothing more fits the budget
                 if settings.timeout is not None and time.monotonic() - started > settings.timeout:
                     break
                 sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
@@ -257,9 +279,63 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         counts = run_counts(ws.ledger, p.run_id)
         code = exit_code_for(counts)
         state = "timed out, still running" if code == EXIT_PENDING else "done"
+        state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
+        state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
         return Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
-                       + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}"),
+                       + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}") + budget_note(ws),
                        plan=p, dataset=ds, counts=counts, jobs_created=created)
+
+
+def on_deadline(ws: Workspace, counts: dict) -> str:
+    """Apply the deadline policy once, when the deadline passes with requests unfinished. Returns "stop"
+    when the run should end now (policy `report`)."""
+    policy = ws.settings.deadline_policy
+    log.warning("deadline passed with %d requests unfinished: policy %s", counts[PLANNED] + counts[QUEUED], policy)
+    if policy == "report":
+        return "stop"
+    if policy in ("resubmit", "interactive"):
+        for job in ws.ledger.jobs((J_SUBMITTED,)):  # stragglers: their unfinished requests come back as planned
+            try:
+                ws.backend.cancel_batch(job["batch_name"])
+            except ApiError as exc:
+                log.warning("could not cancel %s: %s", job["display_name"], exc)  # it may have just ended
+    if policy == "interactive":
+        release_unsent_jobs(ws)
+    return "continue"
+
+
+def release_unsent_jobs(ws: Workspace) -> int:
+    """Jobs never created (waiting for capacity): their requests go back to planned, without an attempt."""
+    released = 0
+    for job in ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
+        with ws.ledger.transaction() as c:
+            c.execute("UPDATE requests SET state=?, job_id=NULL, updated_at=? WHERE job_id=? AND state=?",
+                      (PLANNED, time.time(), job["id"], QUEUED))
+            ws.ledger.job_transition(c, job["id"], (J_PLANNED, J_UPLOADING, J_UPLOADED), J_COLLECTED,
+                                     error="released at the deadline, never created")
+        if job["input_file"]:
+            ws.backend.delete_file(job["input_file"])
+        released += 1
+    return released
+
+
+def generate_interactively(ws: Workspace, run_id: int) -> None:
+    from . import interactive
+
+    s = ws.settings
+    budget_left = None
+    if getattr(s, "budget_usd", None) is not None:
+        spent = ws.ledger.conn.execute(
+            "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
+            (run_id,)).fetchone()[0]
+        budget_left = max(0.0, s.budget_usd - spent)
+    stats = interactive.generate(ws.ledger, ws.backend, ws.store, run_id, concurrency=s.interactive_concurrency,
+                                 budget_left_usd=budget_left, max_attempts=s.max_attempts)
+    if stats.succeeded or stats.failed or stats.blocked:
+        log.warning("interactive fallback: %d ok, %d blocked, %d failed, $%.4f at full price", stats.succeeded,
+                    stats.blocked, stats.failed, stats.spent_usd)
+    if stats.held_back:
+        log.warning("interactive fallback: %d requests held back by the budget", stats.held_back)
 
 
 def cancel(settings: Settings, names: list[str] | None = None, *, backend_factory=None) -> Outcome:
@@ -332,7 +408,7 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
             (run["id"] if run else -1,)).fetchone()[0]
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
-            "jobs": jobs, "requests": counts, "cache_hits": hits, "cost_usd": round(cost, 6),
+            "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),
             "exit_code": exit_code_for(counts) if run else EXIT_OK,
         }
 

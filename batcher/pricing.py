@@ -1,20 +1,222 @@
-"""Cost of requests, from the price table in batcher.catalog (batch mode bills 50% of interactive)."""
+"""Prices as data: one table per model (token prices, tokens and published prices per image, batch discount),
+built from the defaults in batcher.catalog and overridable from a job spec:
+
+    [prices."gemini-2.5-flash-image"]
+    input_usd_per_mtok = 0.30        # interactive $ per 1M input tokens
+    output_usd_per_mtok = 30.0       # interactive $ per 1M image output tokens
+    batch_discount = 0.5             # batch bills this fraction of interactive
+    tokens_per_image = { "1K" = 1290 }
+    usd_per_image = { "1K" = 0.039 } # optional: the published interactive price of one image
+
+Realized cost (collect) is tokens x rate from the response's usageMetadata. Estimates use the published price
+per image where there is one (Google quotes $0.039 for a 1290-token Flash image, $0.134 for a 1120-token Pro
+image: tokens x rate is $0.0387 and $0.1344), else tokens per image x rate. Overriding a model's output price
+or tokens per image drops its published per-image prices unless usd_per_image is given too.
+
+The table in force is a context variable (`use_prices`), so the collector and the status total use the
+overrides of the run; a workdir remembers the overrides of its last submit/run in WORKDIR/prices.json.
+"""
 
 from __future__ import annotations
 
-from .catalog import BATCH_DISCOUNT, model_spec
+import contextlib
+import contextvars
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from .catalog import BATCH_DISCOUNT, MODELS
+from .errors import UsageError
+
+# Published interactive prices per image (../shared/docs/pricing.md); sizes not listed: tokens x rate.
+PUBLISHED_USD_PER_IMAGE: dict[str, dict[str, float]] = {
+    "gemini-2.5-flash-image": {"1K": 0.039},
+    "gemini-3-pro-image-preview": {"1K": 0.134, "2K": 0.134, "4K": 0.24},
+}
+
+PRICES_FILE = "prices.json"
+REQUIRED_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "batch_discount", "tokens_per_image")
+OVERRIDE_KEYS = REQUIRED_KEYS + ("usd_per_image",)
 
 
-def cost_usd(model: str, prompt_tokens: int, output_tokens: int, batch: bool = True) -> float | None:
-    spec = model_spec(model)
-    if spec is None:
+@dataclass(frozen=True)
+class ModelPrice:
+    model: str
+    input_usd_per_mtok: float  # interactive
+    output_usd_per_mtok: float  # interactive, image output tokens
+    tokens_per_image: dict[str, int]  # by image size
+    batch_discount: float = BATCH_DISCOUNT
+    usd_per_image: dict[str, float] = field(default_factory=dict)  # published interactive price, by size
+    default_image_size: str = "1K"
+
+    def size(self, image_size: str | None) -> str:
+        return image_size or self.default_image_size
+
+    def image_tokens(self, image_size: str | None) -> int:
+        size = self.size(image_size)
+        return self.tokens_per_image.get(size, max(self.tokens_per_image.values()))
+
+    def factor(self, batch: bool) -> float:
+        return self.batch_discount if batch else 1.0
+
+    def image_usd(self, image_size: str | None, batch: bool = True) -> float:
+        """The estimated price of one image's output (published per-image price where there is one)."""
+        size = self.size(image_size)
+        interactive = self.usd_per_image.get(size)
+        if interactive is None:
+            interactive = self.image_tokens(size) * self.output_usd_per_mtok / 1e6
+        return interactive * self.factor(batch)
+
+    def input_usd(self, prompt_tokens: float, batch: bool = True) -> float:
+        return prompt_tokens * self.input_usd_per_mtok / 1e6 * self.factor(batch)
+
+    def tokens_usd(self, prompt_tokens: int, output_tokens: int, batch: bool = True) -> float:
+        """Realized cost from token counts."""
+        return (prompt_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok) / 1e6 * self.factor(batch)
+
+
+class PriceTable:
+    def __init__(self, models: dict[str, ModelPrice], overrides: dict | None = None):
+        self.models = dict(models)
+        self.overrides = dict(overrides or {})  # as given (validated), for WORKDIR/prices.json
+
+    def get(self, model: str) -> ModelPrice | None:
+        return self.models.get(model.removeprefix("models/"))
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "PriceTable":
+        models = dict(self.models)
+        for name, o in overrides.items():
+            base = models.get(name)
+            if base is None:
+                models[name] = ModelPrice(
+                    model=name, input_usd_per_mtok=o["input_usd_per_mtok"], output_usd_per_mtok=o["output_usd_per_mtok"],
+                    tokens_per_image=dict(o["tokens_per_image"]), batch_discount=o["batch_discount"],
+                    usd_per_image=dict(o.get("usd_per_image", {})),
+                    default_image_size="1K" if "1K" in o["tokens_per_image"] else next(iter(o["tokens_per_image"])),
+                )
+                continue
+            tokens = {**base.tokens_per_image, **o.get("tokens_per_image", {})}
+            output = o.get("output_usd_per_mtok", base.output_usd_per_mtok)
+            per_image = dict(base.usd_per_image)
+            # A published per-image price is only valid for the token count and rate it was quoted for.
+            for size in list(per_image):
+                if output != base.output_usd_per_mtok or tokens.get(size) != base.tokens_per_image.get(size):
+                    del per_image[size]
+            per_image.update(o.get("usd_per_image", {}))
+            models[name] = replace(base, input_usd_per_mtok=o.get("input_usd_per_mtok", base.input_usd_per_mtok),
+                                   output_usd_per_mtok=output, tokens_per_image=tokens,
+                                   batch_discount=o.get("batch_discount", base.batch_discount), usd_per_image=per_image)
+        return PriceTable(models, {**self.overrides, **overrides})
+
+
+def default_table() -> PriceTable:
+    return PriceTable({
+        name: ModelPrice(model=name, input_usd_per_mtok=spec.input_usd_per_mtok, output_usd_per_mtok=spec.output_usd_per_mtok,
+                         tokens_per_image=dict(spec.tokens_per_image), batch_discount=BATCH_DISCOUNT,
+                         usd_per_image=dict(PUBLISHED_USD_PER_IMAGE.get(name, {})), default_image_size=spec.default_image_size)
+        for name, spec in MODELS.items()
+    })
+
+
+def parse_overrides(data: Any, path: str | Path) -> dict[str, dict[str, Any]]:
+    """Validate a job spec's [prices] table. Errors name the key and the file, as the rest of the spec does."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: 'prices' must be a table ([prices.\"MODEL\"])")
+    out: dict[str, dict[str, Any]] = {}
+    for model, table in data.items():
+        name = str(model).removeprefix("models/")
+        where = f'prices."{model}"'
+        if not isinstance(table, dict):
+            raise UsageError(f"{path}: '{where}' must be a table ([{where}])")
+        o: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in OVERRIDE_KEYS:
+                known = ", ".join(f"{where}.{k}" for k in OVERRIDE_KEYS)
+                raise UsageError(f"{path}: unknown key '{where}.{key}'; known keys here: {known}")
+            if key in ("tokens_per_image", "usd_per_image"):
+                if not isinstance(value, dict) or not value:
+                    raise UsageError(f"{path}: '{where}.{key}' must be a table of image size to value, e.g. {{ \"1K\" = 1290 }}")
+                sizes = {}
+                for size, v in value.items():
+                    integral = key == "tokens_per_image"
+                    ok = isinstance(v, int) if integral else isinstance(v, (int, float))
+                    if isinstance(v, bool) or not ok or v < 0 or (integral and v == 0):
+                        kind = "a positive integer" if integral else "a number >= 0"
+                        raise UsageError(f"{path}: '{where}.{key}.{size}' must be {kind}, not {v!r}")
+                    sizes[str(size)] = int(v) if integral else float(v)
+                o[key] = sizes
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UsageError(f"{path}: '{where}.{key}' must be a number >= 0, not {value!r}")
+            if key == "batch_discount" and not 0 < value <= 1:
+                raise UsageError(f"{path}: '{where}.batch_discount' must be in (0, 1] (0.5: batch bills half), not {value!r}")
+            o[key] = float(value)
+        if name not in MODELS:
+            missing = [k for k in REQUIRED_KEYS if k not in o]
+            if missing:
+                raise UsageError(f"{path}: '{where}' is not a model batcher knows ({', '.join(MODELS)}); "
+                                 f"a new model needs every price key: missing {', '.join(f'{where}.{k}' for k in missing)}")
+        out[name] = o
+    return out
+
+
+# ---- the table in force ---------------------------------------------------------------------------
+
+_active: contextvars.ContextVar[PriceTable | None] = contextvars.ContextVar("batcher_prices", default=None)
+
+
+def current_table() -> PriceTable:
+    table = _active.get()
+    return table if table is not None else default_table()
+
+
+@contextlib.contextmanager
+def use_prices(table: PriceTable) -> Iterator[PriceTable]:
+    token = _active.set(table)
+    try:
+        yield table
+    finally:
+        _active.reset(token)
+
+
+def workdir_table(workdir: str | Path, overrides: dict | None = None) -> PriceTable:
+    """The table for a workdir: given overrides are recorded in WORKDIR/prices.json (for later collect and
+    status); without them, the recorded ones apply."""
+    path = Path(workdir) / PRICES_FILE
+    if overrides is None:
+        try:
+            overrides = parse_overrides(json.loads(path.read_text()), path)
+        except FileNotFoundError:
+            overrides = {}
+        except ValueError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc}); delete it to use the default prices") from None
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(overrides, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    return default_table().with_overrides(overrides)
+
+
+@contextlib.contextmanager
+def use_workdir_prices(workdir: str | Path, overrides: dict | None = None) -> Iterator[PriceTable]:
+    with use_prices(workdir_table(workdir, overrides)) as table:
+        yield table
+
+
+# ---- the functions the rest of batcher calls ----------------------------------------------------------
+
+def cost_usd(model: str, prompt_tokens: int, output_tokens: int, batch: bool = True, table: PriceTable | None = None) -> float | None:
+    price = (table or current_table()).get(model)
+    if price is None:
         return None
-    usd = prompt_tokens * spec.input_usd_per_mtok / 1e6 + output_tokens * spec.output_usd_per_mtok / 1e6
-    return usd * (BATCH_DISCOUNT if batch else 1.0)
+    return price.tokens_usd(prompt_tokens or 0, output_tokens or 0, batch)
 
 
-def expected_output_tokens(model: str, image_size: str | None) -> int:
-    spec = model_spec(model)
-    if spec is None:
+def expected_output_tokens(model: str, image_size: str | None, table: PriceTable | None = None) -> int:
+    price = (table or current_table()).get(model)
+    if price is None:
         return 1290
-    return spec.tokens_per_image.get(image_size or spec.default_image_size, max(spec.tokens_per_image.values()))
+    return price.image_tokens(image_size)

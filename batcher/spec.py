@@ -5,8 +5,10 @@
     out = "/data/datasets/products"
     [defaults]   model, aspect_ratio, image_size, temperature, top_p, seed, variants, system_instruction
     [manifest_columns]   prompt, id, format
-    [limits]     max_requests_per_job, max_attempts
+    [limits]     max_requests_per_job, max_attempts, budget_usd
+    [prices."MODEL"]   input_usd_per_mtok, output_usd_per_mtok, batch_discount, tokens_per_image, usd_per_image
     [poll]       interval_seconds, timeout_seconds
+    [window]     deadline ("06:00", "7h"), policy (wait | report | resubmit | interactive)
 
 Unknown keys are errors naming the key and the file: a typo must not silently change a nightly run.
 """
@@ -25,8 +27,9 @@ SCHEMA: dict[str, Any] = {
     "defaults": {"model": str, "aspect_ratio": str, "image_size": str, "temperature": float, "top_p": float,
                  "seed": int, "variants": int, "system_instruction": str},
     "manifest_columns": {"prompt": str, "id": str, "format": str},
-    "limits": {"max_requests_per_job": int, "max_attempts": int},
+    "limits": {"max_requests_per_job": int, "max_attempts": int, "tier": str, "token_cap": int, "budget_usd": float},
     "poll": {"interval_seconds": float, "timeout_seconds": float},
+    "window": {"deadline": str, "policy": str},
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 
@@ -72,7 +75,12 @@ def load_spec(path: str | Path) -> JobSpec:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
     values: dict = {}
+    prices = data.pop("prices", None)  # [prices."MODEL"]: model names are keys, checked by batcher.pricing
     _check(data, SCHEMA, "", path, values)
+    if prices is not None:
+        from .pricing import parse_overrides
+
+        values["prices"] = parse_overrides(prices, path)
     if "manifest" not in values:
         raise UsageError(f"{path}: 'manifest' is required (the manifest file, relative to the spec)")
     for key in PATH_KEYS:

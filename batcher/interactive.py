@@ -1,0 +1,108 @@
+"""Generating requests with interactive `generateContent` calls (full price): the `interactive` deadline policy.
+
+Calls run with bounded concurrency; ledger writes stay on the calling thread (one SQLite connection).
+A request another path already finished (a batch job that came back) is not generated: the cache wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from . import jobs as jobs_mod
+from .backend import GeminiBackend
+from .collect import classify
+from .errors import ApiError
+from .ledger import BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
+from .pricing import cost_usd, expected_output_tokens
+from .requests import REF_SCHEME, referenced_hashes, resolve_references
+from .store import ImageStore, InvalidImage
+
+log = logging.getLogger("batcher.interactive")
+
+
+@dataclass
+class InteractiveStats:
+    succeeded: int = 0
+    blocked: int = 0
+    failed: int = 0
+    held_back: int = 0  # over the budget
+    spent_usd: float = 0.0
+
+
+def estimated_cost(model: str, body_json: str) -> float:
+    return cost_usd(model, len(body_json) // 4, expected_output_tokens(model, None), batch=False) or 0.0
+
+
+def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: int, *, concurrency: int = 4,
+             budget_left_usd: float | None = None, max_attempts: int = 3) -> InteractiveStats:
+    """Generate the run's planned requests interactively, within `budget_left_usd` (estimated, full price)."""
+    stats = InteractiveStats()
+    todo = ledger.conn.execute(
+        "SELECT hash, model, body_json, attempts FROM requests WHERE state=? AND hash IN (SELECT request_hash FROM rows WHERE run_id=?) ORDER BY rowid",
+        (PLANNED, run_id)).fetchall()
+    chosen = []
+    budget = budget_left_usd
+    for r in todo:
+        est = estimated_cost(r["model"], r["body_json"])
+        if budget is not None and est > budget:
+            stats.held_back += 1
+            continue
+        budget = None if budget is None else budget - est
+        chosen.append(r)
+    if not chosen:
+        return stats
+    needed = {sha for r in chosen if REF_SCHEME in r["body_json"] for sha in referenced_hashes(r["body_json"])}
+    paths = {sha: p for sha, p in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
+    uris = jobs_mod.ensure_references(ledger, backend, needed, paths) if needed else {}
+
+    def call(r):
+        body = json.loads(r["body_json"])
+        if REF_SCHEME in r["body_json"]:
+            body = resolve_references(body, uris)
+        return backend.generate_content(r["model"], body)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = {pool.submit(call, r): r for r in chosen}
+        for fut in as_completed(futures):
+            r = futures[fut]
+            _record(ledger, store, r, fut, stats, max_attempts)
+    return stats
+
+
+def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, max_attempts: int) -> None:
+    now = time.time()
+    h, model, attempts = r["hash"], r["model"], r["attempts"] + 1
+    try:
+        outcome = classify(fut.result())
+    except ApiError as exc:
+        state = FAILED if attempts >= max_attempts else PLANNED
+        with ledger.transaction() as c:
+            c.execute("UPDATE requests SET state=?, attempts=?, error=?, updated_at=? WHERE hash=? AND state=?",
+                      (state, attempts, f"interactive call failed: {exc}", now, h, PLANNED))
+        stats.failed += 1
+        return
+    cost = cost_usd(model, outcome.prompt_tokens, outcome.output_tokens, batch=False)
+    state, error = SUCCEEDED, None
+    if outcome.kind == "image":
+        try:
+            store.put(h, outcome.data, {"model": model, "prompt_tokens": outcome.prompt_tokens,
+                                        "output_tokens": outcome.output_tokens, "interactive": True})
+        except InvalidImage as exc:
+            state, error = (FAILED if attempts >= max_attempts else PLANNED), f"returned image is invalid: {exc}"
+    elif outcome.kind == "blocked":
+        state, error = BLOCKED, outcome.reason
+    else:
+        state, error = (FAILED if attempts >= max_attempts else PLANNED), outcome.reason
+    with ledger.transaction() as c:
+        cur = c.execute(
+            "UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
+            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens, cost, now, h, PLANNED))
+    if cur.rowcount:
+        stats.spent_usd += cost or 0.0
+        stats.succeeded += state == SUCCEEDED
+        stats.blocked += state == BLOCKED
+        stats.failed += state in (FAILED, PLANNED)

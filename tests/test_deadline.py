@@ -1,0 +1,81 @@
+"""Deadlines: each policy does what it says when a job is still unfinished at the deadline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import batcher.pipeline as pipeline
+from batcher.deadline import parse_deadline
+from batcher.errors import UsageError
+from tests.helpers import write_csv
+
+ROWS = [[f"d{i}", f"deadline prompt {i}"] for i in range(5)]
+
+
+def run_with_stuck_job(tmp_path, emulator, backend_factory, policy, **kw):
+    emulator.configure(job_outcomes=["STUCK"])  # the first job stays PENDING past the deadline
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], ROWS)
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                          timeout=kw.pop("timeout", 30), quiet=True, deadline=time.time() + 0.4, deadline_policy=policy, **kw)
+    return s, pipeline.run(m, s, backend_factory=backend_factory)
+
+
+def test_report_stops_and_leaves_jobs_running(tmp_path, emulator, backend_factory):
+    s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "report")
+    assert result.exit_code == 4, result.summary
+    assert "deadline passed" in result.summary
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1 and stats["batches_cancelled"] == 0
+    rows = pq.read_table(s.out / "metadata.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"pending"}
+
+
+def test_resubmit_cancels_stragglers_and_sends_fresh_jobs(tmp_path, emulator, backend_factory):
+    s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "resubmit")
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["batches_cancelled"] == 1 and stats["batches_created"] == 2
+    assert stats["generate_content_calls"] == 0
+
+
+def test_interactive_generates_the_unfinished_requests_at_full_price(tmp_path, emulator, backend_factory):
+    s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "interactive")
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1 and stats["batches_cancelled"] == 1
+    assert stats["generate_content_calls"] == 5
+    rows = pq.read_table(s.out / "metadata.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"ok"}
+    # Full price: twice the batch rate (1290 image tokens at $30/M, undiscounted).
+    assert all(r["cost_usd"] == pytest.approx(1290 * 30 / 1e6, rel=0.01) for r in rows)
+
+
+def test_interactive_stays_within_the_budget(tmp_path, emulator, backend_factory):
+    s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "interactive", budget_usd=0.1, timeout=3)
+    assert result.exit_code == 4, result.summary
+    assert emulator.stats()["generate_content_calls"] == 2  # $0.039 each at full price: two fit in $0.10
+    rows = pq.read_table(s.out / "metadata.parquet").to_pylist()
+    assert sum(r["cost_usd"] or 0 for r in rows) <= 0.1
+
+
+def test_wait_keeps_waiting(tmp_path, emulator, backend_factory):
+    s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "wait", timeout=1.5)
+    assert result.exit_code == 4
+    stats = emulator.stats()
+    assert stats["batches_cancelled"] == 0 and stats["generate_content_calls"] == 0
+
+
+def test_parse_deadline():
+    now = dt.datetime(2026, 11, 22, 23, 30, tzinfo=dt.timezone.utc)
+    assert parse_deadline("06:00", now) == dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.timezone.utc).timestamp()
+    assert parse_deadline("23:45", now) == dt.datetime(2026, 11, 22, 23, 45, tzinfo=dt.timezone.utc).timestamp()
+    assert parse_deadline("7h", now) == now.timestamp() + 7 * 3600
+    assert parse_deadline("1h30m", now) == now.timestamp() + 5400
+    assert parse_deadline("2026-11-23T06:00:00+00:00", now) == dt.datetime(2026, 11, 23, 6, tzinfo=dt.timezone.utc).timestamp()
+    for bad in ("25:00", "tomorrow", "", "7x"):
+        with pytest.raises(UsageError, match="--deadline"):
+            parse_deadline(bad, now)
