@@ -86,6 +86,8 @@ def manifest_options(fn):
         click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on 3.1 Flash Image)."),
         click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
         click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
+        click.option("--fallback-model", type=click.Choice(sorted(MODELS)), default=None,
+                     help="Model for requests that fail --max-attempts times on theirs (the row records which model made it)."),
         click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
         click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
         click.option("--tier", type=click.Choice(["1", "2", "3"]), default="1", show_default=True,
@@ -115,6 +117,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         "limits.tier": "tier", "limits.token_cap": "token_cap", "limits.budget_usd": "budget_usd", "prices": "prices",
         "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
         "window.deadline": "deadline", "window.policy": "deadline_policy",
+        "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
     }
     for spec_key, option in mapping.items():
         if spec_key not in spec.values:
@@ -138,7 +141,8 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
         workdir=workdir, out=kw.get("out"), cache_dir=kw.get("cache_dir"), manifest=m,
         limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
         quota=Quota(tier=kw.get("tier") or "1", token_cap=kw.get("token_cap")),
-        refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False), skip_invalid=kw.get("skip_invalid", False),
+        refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False),
+        fallback_model=kw.get("fallback_model"), skip_invalid=kw.get("skip_invalid", False),
         rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False),
         budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), **extra,
     )

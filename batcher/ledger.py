@@ -103,6 +103,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN est_tokens INTEGER NOT NULL DEFAULT 0
     """,
+    # 3: the variant index of each request (a fallback model's request hashes like a direct one) and
+    #    which request a fallback replaces
+    """
+    ALTER TABLE requests ADD COLUMN variant INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN fallback_of TEXT
+    """,
 ]
 
 

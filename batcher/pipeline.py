@@ -29,7 +29,7 @@ from .ledger import (
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
 )
 from .manifest import ManifestOptions
-from .planner import PlanResult, ShardLimits, plan_manifest, shard
+from .planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
 from .estimate import budget_allowance, budget_exhausted, budget_note
 from .pricing import use_workdir_prices
 from .progress import Progress
@@ -56,6 +56,7 @@ class Settings:
     poll_interval: float = 30.0
     timeout: float | None = None
     quota: Quota = field(default_factory=Quota)
+    fallback_model: str | None = None  # for requests that keep failing on their model
     deadline: float | None = None  # epoch seconds (batcher.deadline.parse_deadline)
     deadline_policy: str = "wait"  # wait | report | resubmit | interactive
     interactive_concurrency: int = 4
@@ -235,6 +236,8 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         run_id = _current_run_id(ws.ledger)
         refresh_jobs(ws)
         stats = collect_finished(ws)
+        if settings.fallback_model:
+            plan_fallbacks(ws.ledger, ws.store, run_id, settings.fallback_model)
         ds = write_dataset(ws.ledger, ws.store, run_id, settings.out)
         counts = run_counts(ws.ledger, run_id)
         extra = f"; dataset {ds.path} (${ds.cost_usd:.4f})"
@@ -266,6 +269,8 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                     created += send_pending(ws)
                 refresh_jobs(ws)
                 collect_finished(ws)
+                if settings.fallback_model:
+                    plan_fallbacks(ws.ledger, ws.store, p.run_id, settings.fallback_model)
                 counts = run_counts(ws.ledger, p.run_id)
                 bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
                 if not counts[PLANNED] and not counts[QUEUED]:

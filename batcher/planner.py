@@ -25,7 +25,9 @@ from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .quota import request_tokens
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
-from .requests import ImageRequest, ReferenceImage, canonical_json, file_sha256, image_mime_type, request_body, request_hash
+from .requests import (
+    ImageRequest, ReferenceImage, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
+)
 from .store import ImageStore
 
 KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
@@ -203,8 +205,9 @@ def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageR
     cached = store is not None and not refresh and store.has(h)
     if row is None:
         c.execute(
-            "INSERT INTO requests(hash, model, body_json, state, cached, updated_at) VALUES (?,?,?,?,?,?)",
-            (h, req.model, json.dumps(request_body(req), ensure_ascii=False), SUCCEEDED if cached else PLANNED, int(cached), now),
+            "INSERT INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)",
+            (h, req.model, json.dumps(request_body(req), ensure_ascii=False), SUCCEEDED if cached else PLANNED, int(cached),
+             req.variant, now),
         )
         return
     state = row["state"]
@@ -304,3 +307,33 @@ def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, token
         [(QUEUED, job_id, now, h, PLANNED) for h in hashes],
     )
     return job_id
+
+
+def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallback_model: str) -> int:
+    """Requests of the run that failed for good on their model get a request to `fallback_model` (same
+    prompt and settings; its own hash, so its image is cached under it), and the run's rows point to it.
+    Requests the fallback model can't take (an aspect ratio or size it lacks) stay failed. Returns how many."""
+    spec = catalog.model_spec(fallback_model)
+    if spec is None:
+        raise ManifestError(f"fallback model {fallback_model!r} is not known; use one of {', '.join(catalog.MODELS)}")
+    now = time.time()
+    created = 0
+    with ledger.transaction() as c:
+        failed = c.execute(
+            "SELECT hash, body_json, variant, error FROM requests WHERE state=? AND model<>? "
+            "AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)", (FAILED, fallback_model, run_id)).fetchall()
+        for r in failed:
+            body = json.loads(r["body_json"])
+            image_config = body.get("generationConfig", {}).get("imageConfig", {})
+            if image_config.get("aspectRatio", "1:1") not in spec.aspect_ratios or \
+                    image_config.get("imageSize", spec.default_image_size) not in spec.image_sizes:
+                continue
+            h = identity_hash(fallback_model, body, r["variant"])
+            if c.execute("SELECT 1 FROM requests WHERE hash=?", (h,)).fetchone() is None:
+                cached = store is not None and store.has(h)
+                c.execute(
+                    "INSERT INTO requests(hash, model, body_json, state, cached, variant, fallback_of, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (h, fallback_model, r["body_json"], SUCCEEDED if cached else PLANNED, int(cached), r["variant"], r["hash"], now))
+            c.execute("UPDATE rows SET request_hash=? WHERE run_id=? AND request_hash=?", (h, run_id, r["hash"]))
+            created += 1
+    return created

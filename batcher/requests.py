@@ -79,12 +79,11 @@ def request_body(req: ImageRequest) -> dict:
 
 
 def request_hash(req: ImageRequest) -> str:
-    identity = {
-        "schema": HASH_SCHEMA_VERSION,
-        "model": req.model.removeprefix("models/"),
-        "request": request_body(req),  # references appear by content hash only
-        "variant": req.variant,
-    }
+    return identity_hash(req.model, request_body(req), req.variant)  # references appear by content hash only
+
+
+def identity_hash(model: str, body: dict, variant: int) -> str:
+    identity = {"schema": HASH_SCHEMA_VERSION, "model": model.removeprefix("models/"), "request": body, "variant": variant}
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
 
 

@@ -8,6 +8,7 @@
     [limits]     max_requests_per_job, max_attempts, budget_usd
     [prices."MODEL"]   input_usd_per_mtok, output_usd_per_mtok, batch_discount, tokens_per_image, usd_per_image
     [poll]       interval_seconds, timeout_seconds
+    [retry]      max_attempts, retry_blocked, fallback_model
     [window]     deadline ("06:00", "7h"), policy (wait | report | resubmit | interactive)
 
 Unknown keys are errors naming the key and the file: a typo must not silently change a nightly run.
@@ -30,6 +31,7 @@ SCHEMA: dict[str, Any] = {
     "limits": {"max_requests_per_job": int, "max_attempts": int, "tier": str, "token_cap": int, "budget_usd": float},
     "poll": {"interval_seconds": float, "timeout_seconds": float},
     "window": {"deadline": str, "policy": str},
+    "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 

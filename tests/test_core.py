@@ -113,3 +113,20 @@ def test_store_verifies_and_writes_atomically(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
     with pytest.raises(ValueError):
         store.find("../../etc/passwd")
+
+
+def test_an_old_ledger_is_upgraded_in_place(tmp_path):
+    conn = connect(tmp_path / "ledger.sqlite")
+    for statement in MIGRATIONS[0].split(";"):  # a ledger written by the first release
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO jobs(display_name, model, state, request_count, created_at, updated_at) VALUES ('j','m','submitted',3,0,0)")
+    conn.execute("INSERT INTO requests(hash, model, body_json, state, updated_at) VALUES ('h','m','{}','queued',0)")
+    conn.close()
+    ledger = Ledger(tmp_path)
+    assert schema_version(ledger.conn) == len(MIGRATIONS)
+    job = ledger.job(1)
+    assert job["state"] == "submitted" and job["est_tokens"] == 0
+    req = ledger.conn.execute("SELECT * FROM requests WHERE hash='h'").fetchone()
+    assert req["state"] == "queued" and req["variant"] == 0 and req["fallback_of"] is None

@@ -416,3 +416,26 @@ def test_a_429_on_create_waits_for_capacity(tmp_path, emulator, backend_factory)
     stats = emulator.stats()
     assert stats["batches_created"] == 3
     assert stats["http_errors"] >= 1  # the API did refuse a create (429), and the run waited it out
+
+
+def test_a_fallback_model_takes_requests_that_keep_failing(tmp_path, emulator, backend_factory):
+    rows = [["ok1", "a calm sea", "", "", "x"], ["err", "always broken on flash [emulator:line_error]", "", "", "x"]]
+    s = settings(tmp_path, max_attempts=2, fallback_model="gemini-3-pro-image-preview")
+    # The marker fails every model in the emulator: the fallback is tried, then fails too, and stays failed.
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 3, result.summary
+    by_id = {r["id"]: r for r in metadata(s)}
+    assert by_id["ok1"]["model"] == "gemini-2.5-flash-image"
+    assert by_id["err"]["model"] == "gemini-3-pro-image-preview" and by_id["err"]["status"] == "failed"
+    assert emulator.stats()["batches_created"] == 4  # flash twice, then pro twice
+
+
+def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backend_factory):
+    from batcher.requests import ImageRequest, request_hash
+
+    rows = [["r", "a red bicycle [emulator:line_error]", "", "", "x"]]
+    s = settings(tmp_path, max_attempts=1, fallback_model="gemini-3-pro-image-preview")
+    pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    (row,) = metadata(s)
+    direct = request_hash(ImageRequest(model="gemini-3-pro-image-preview", prompt="a red bicycle [emulator:line_error]"))
+    assert row["request_hash"] == direct  # the same request sent to the fallback model directly: one cache entry
