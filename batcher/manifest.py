@@ -29,11 +29,12 @@ import datetime as _dt
 import decimal
 import itertools
 import math
+import io
 import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -41,7 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batcher import catalog
+from batcher import catalog, gcs
+from batcher.errors import BatcherError
 from batcher.errors import ManifestError
 
 __all__ = [
@@ -296,6 +298,8 @@ class _ImageChecker:
     def resolve(self, item: str) -> str:
         if _URI_RE.match(item):
             return item
+        if gcs.is_gcs(self.base_dir):  # relative to a gs:// manifest: an object beside it
+            return gcs.join(self.base_dir, os.path.normpath(item).lstrip("./"))
         return os.path.abspath(os.path.join(self.base_dir, item))
 
     def problem(self, path: str) -> str | None:
@@ -421,6 +425,45 @@ def _format_for(path: str, display: str, options: ManifestOptions) -> str:
     return _EXTENSIONS[ext]
 
 
+def _open_binary(path: str):
+    """A binary reader for a local path or a gs:// object (streamed, buffered)."""
+    return gcs.open_read(path) if gcs.is_gcs(path) else open(path, "rb")
+
+
+def _open_arrow(path: str):
+    return pa.PythonFile(gcs.open_read(path), mode="r") if gcs.is_gcs(path) else pa.OSFile(path)
+
+
+def _check_gcs_object(uri: str) -> None:
+    try:
+        size = gcs.size(uri)
+    except BatcherError as exc:
+        raise ManifestError(str(exc)) from None
+    if size == 0:
+        raise ManifestError(f"{uri}: the manifest is empty (0 bytes); it needs a header and at least one row.")
+
+
+def manifest_fingerprint(path: str, options: "ManifestOptions") -> dict:
+    """What identifies this manifest's content for a run: its location, size and version."""
+    if gcs.is_gcs(path):
+        return {"manifest": path, "size": gcs.size(path), "generation": gcs.generation(path), "options": asdict(options)}
+    st = os.stat(path)
+    return {"manifest": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "options": asdict(options)}
+
+
+def carried_schema(path: str, options: "ManifestOptions") -> pa.Schema:
+    """The columns carried through to the output, with their types as the reader yields them: Parquet's
+    numbers, booleans and strings keep their type; everything else (and every CSV/TSV column) is a string."""
+    source = _open(path, options, 1)
+    try:
+        skip = set(KNOWN_COLUMNS) | {options.prompt_column, options.id_column}
+        types = source.types or [pa.string()] * len(source.names)
+        simple = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)  # noqa: E731
+        return pa.schema([pa.field(n, t if simple(t) else pa.string()) for n, t in zip(source.names, types) if n not in skip])
+    finally:
+        getattr(source.batches, "close", lambda: None)()
+
+
 def _check_file(path: str, display: str) -> None:
     try:
         st = os.stat(path)
@@ -454,7 +497,7 @@ def _slice(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
 
 def _open_parquet(path: str, display: str, batch_rows: int) -> _Source:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_open_binary(path) if gcs.is_gcs(path) else path)
         schema = pf.schema_arrow
     except Exception as exc:
         raise ManifestError(
@@ -499,7 +542,7 @@ def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> _Source:
     # Read the header (the first block, once), then reopen with every column typed as a string so that a
     # column's type cannot change from one block to the next, and so that cells are never reinterpreted.
     try:
-        with pa.OSFile(path) as fh:
+        with _open_arrow(path) as fh:
             names = list(pacsv.open_csv(fh, read_options=read, parse_options=parse).schema.names)
     except Exception as exc:
         raise fail(exc) from None
@@ -507,7 +550,7 @@ def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> _Source:
         column_types={name: pa.string() for name in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
     )
     try:
-        fh = pa.OSFile(path)
+        fh = _open_arrow(path)
         reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
         first = reader.read_next_batch()
     except StopIteration:
@@ -551,8 +594,9 @@ def _check_unclosed_quote(path: str, display: str, last: pa.RecordBatch, rows: i
     value = last.column(last.num_columns - 1)[last.num_rows - 1].as_py()
     if not isinstance(value, str) or ("\n" not in value and "\r" not in value):
         return
-    with open(path, "rb") as fh:
-        fh.seek(max(0, os.fstat(fh.fileno()).st_size - 64))
+    with _open_binary(path) as fh:
+        end = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, end - 64))
         tail = fh.read().rstrip(b"\r\n")
     if not tail.endswith(b'"'):
         column = last.schema.names[-1]
@@ -595,7 +639,7 @@ def _locate_csv_problem(path: str, delimiter: str) -> str | None:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
     try:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.reader(fh, delimiter=delimiter)
             header: list[str] | None = None
             row = 0
@@ -649,14 +693,17 @@ def _open(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) ->
     display = os.fspath(path)
     if isinstance(display, bytes):
         display = os.fsdecode(display)
-    if _URI_RE.match(display):
+    if gcs.is_gcs(display):
+        _check_gcs_object(display)
+        abspath = display
+    elif _URI_RE.match(display):
         raise ManifestError(
-            f"{display}: reading a manifest from a URI is not supported here; copy it to a local file first "
-            f"(e.g. gcloud storage cp {display} .)."
+            f"{display}: only local paths and gs:// URIs are read; copy it to a local file first."
         )
-    _check_file(display, display)
+    else:
+        _check_file(display, display)
+        abspath = os.path.abspath(display)
     fmt = _format_for(display, display, options)
-    abspath = os.path.abspath(display)
     if fmt == "parquet":
         return _open_parquet(abspath, display, batch_rows)
     return _open_csv(abspath, display, fmt, batch_rows)
