@@ -140,7 +140,11 @@ def plan_manifest(
     refs = _References()
     now = time.time()
     result = PlanResult(run_id=0)
-    schema = extra_schema(manifest, options, options.format)
+    try:
+        schema = extra_schema(manifest, options, options.format)
+    except (OSError, pa.ArrowException, ValueError):
+        read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
+        raise
     with ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
