@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def handle_errors(fn):
         except BatcherError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (OSError, sqlite3.Error) as exc:  # the environment: disk full, read-only, I/O errors (exit 1)
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            click.echo(f"error: {getattr(exc, 'strerror', None) or exc}{where}; nothing is lost: fix it and run the "
+                       f"same command again", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing is lost; run the same command again to continue", err=True)
             sys.exit(130)

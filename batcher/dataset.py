@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import BatcherError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
 from .store import ImageStore
@@ -67,6 +68,16 @@ def _place_image(src: Path, dest: Path) -> None:
 
 
 def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
+    """Write the dataset; a disk error (full, read-only, a file in the way) names the dataset, not a traceback.
+    The images stay in the cache and the ledger keeps every outcome: run the command again once there is room."""
+    try:
+        return _write_dataset(ledger, store, run_id, out)
+    except OSError as exc:
+        raise BatcherError(f"output dataset {out}: cannot write it ({exc.strerror or exc}); nothing is lost: "
+                           f"free some space (or fix the path) and run the same command again") from None
+
+
+def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = ledger.conn.execute("SELECT extra_schema FROM runs WHERE id=?", (run_id,)).fetchone()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS
 from .collect import CollectStats, collect_job
 from .dataset import DatasetSummary, write_dataset
 from .deadline import check_policy
-from .errors import ApiError, UsageError
+from .errors import ApiError, BatcherError, UsageError
 from .faults import maybe_crash
 from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
@@ -86,20 +88,46 @@ class Outcome:
     collect: CollectStats | None = None
 
 
+def check_dir(path: Path, what: str) -> None:
+    """Before any API call: a directory batcher will write must be creatable. A path under a regular file, or
+    an unwritable parent, would otherwise fail only after the jobs were paid for."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BatcherError(f"{what} {path}: cannot be created, {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BatcherError(f"{what} {path}: cannot be created or written, {probe} is not writable")
+
+
 class Workspace:
     """An open workdir: the lock, the ledger, the cache and (lazily) the API backend."""
 
     def __init__(self, settings: Settings, backend_factory: Callable[[], GeminiBackend] | None):
         self.settings = settings
-        settings.workdir.mkdir(parents=True, exist_ok=True)
-        self.lock = WorkdirLock(settings.workdir)
-        self.lock.acquire(wait=settings.lock_wait)
+        check_dir(settings.workdir, "workdir (--workdir)")
         try:
+            settings.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BatcherError(f"workdir (--workdir) {settings.workdir}: cannot be created ({exc.strerror or exc})") from None
+        self.lock = WorkdirLock(settings.workdir)
+        try:
+            self.lock.acquire(wait=settings.lock_wait)
             self.ledger = Ledger(settings.workdir)
+        except (OSError, sqlite3.Error) as exc:  # disk full, read-only, I/O error: name the workdir
+            self.lock.release()
+            raise BatcherError(f"workdir (--workdir) {settings.workdir}: cannot open its lock and ledger "
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
         except BaseException:
             self.lock.release()
             raise
         self.store = ImageStore(settings.cache_dir)
+        try:
+            check_dir(self.store.root, "image cache (--cache-dir)")
+        except BaseException:
+            self.ledger.close()
+            self.lock.release()
+            raise
         self._backend_factory = backend_factory
         self._backend: GeminiBackend | None = None
         self.progress = Progress(quiet=settings.quiet)
@@ -210,6 +238,8 @@ def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
 
 def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, backend_factory=None) -> Outcome:
     """Validate and plan the manifest, then upload and create its jobs. Returns at once (no waiting)."""
+    check_dir(settings.workdir, "workdir (--workdir)")
+    check_dir(settings.out, "output dataset (--out)")
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         if dry_run:
@@ -232,6 +262,8 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
 
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
     """Refresh jobs, download and decode finished ones, requeue failures, write the dataset."""
+    check_dir(settings.workdir, "workdir (--workdir)")
+    check_dir(settings.out, "output dataset (--out)")
     with open_workspace(settings, backend_factory) as ws:
         run_id = _current_run_id(ws.ledger)
         refresh_jobs(ws)
@@ -249,6 +281,8 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
 def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     """Submit, poll, collect and resubmit until every request has an outcome, or until `timeout`."""
     started = time.monotonic()
+    check_dir(settings.workdir, "workdir (--workdir)")
+    check_dir(settings.out, "output dataset (--out)")
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         total = p.requests
