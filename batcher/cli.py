@@ -14,7 +14,7 @@ import click
 
 from . import pipeline
 from .catalog import DEFAULT_MODEL, MODELS
-from .errors import BatcherError, ManifestError
+from .errors import BatcherError, ManifestError, UsageError
 from .manifest import ManifestOptions
 from .planner import ShardLimits
 from .deadline import parse_deadline
@@ -215,9 +215,14 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
     """Submit MANIFEST (or a JOB.toml spec), wait, collect, resubmit failures, until done. Resumable."""
     _setup_logging(kw["verbose"], kw["quiet"])
     kw["poll_interval"], kw["timeout"] = poll_interval, timeout
-    manifest = _apply_spec(ctx, manifest, kw)
+    spec_path, manifest = manifest, _apply_spec(ctx, manifest, kw)
     poll_interval, timeout = kw["poll_interval"], kw["timeout"]
-    deadline = parse_deadline(kw.pop("deadline")) if kw.get("deadline") else None
+    try:
+        deadline = parse_deadline(kw.pop("deadline")) if kw.get("deadline") else None
+    except UsageError as exc:
+        if not str(spec_path).lower().endswith(".toml") or ctx.get_parameter_source("deadline") != click.core.ParameterSource.DEFAULT:
+            raise
+        raise UsageError(f"{spec_path}: 'window.deadline': {exc}") from None
     policy = kw.pop("deadline_policy")
     if poll_interval is None:
         poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0

@@ -34,6 +34,16 @@ SCHEMA: dict[str, Any] = {
     "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
+# Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
+CHOICES: dict[str, tuple] = {
+    "backend": ("gemini", "emulator"), "manifest_columns.format": ("parquet", "csv", "tsv"),
+    "limits.tier": ("1", "2", "3"), "window.policy": ("wait", "report", "resubmit", "interactive"),
+}
+MINIMUM: dict[str, float] = {
+    "defaults.variants": 1, "limits.max_requests_per_job": 1, "limits.max_attempts": 1, "limits.token_cap": 1,
+    "limits.budget_usd": 0, "poll.interval_seconds": 0.05, "poll.timeout_seconds": 0, "retry.max_attempts": 1,
+}
+MAXIMUM: dict[str, float] = {"limits.max_attempts": 100, "retry.max_attempts": 100, "limits.max_requests_per_job": 1_000_000}
 
 
 @dataclass
@@ -62,6 +72,12 @@ def _check(table: dict, schema: dict, where: str, path: Path, out: dict) -> None
             value, ok = float(value), True
         if not ok:
             raise UsageError(f"{path}: '{name}' must be a {expected.__name__}, not {value!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise UsageError(f"{path}: '{name}' is {value!r}; use one of {', '.join(CHOICES[name])}")
+        if name in MINIMUM and value < MINIMUM[name]:
+            raise UsageError(f"{path}: '{name}' is {value!r}; it must be at least {MINIMUM[name]:g}")
+        if name in MAXIMUM and value > MAXIMUM[name]:
+            raise UsageError(f"{path}: '{name}' is {value!r}; it must be at most {MAXIMUM[name]:g}")
         out[name] = value
 
 
