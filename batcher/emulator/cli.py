@@ -41,6 +41,13 @@ from .faults import JOB_OUTCOMES, STATE_STYLES, EmulatorConfig
 @click.option("--drop-download-after-bytes", default=None, type=int,
               help="Cut download connections after this many bytes.")
 @click.option("--drop-download-times", default=None, type=int, help="Only the next N downloads are cut.")
+@click.option("--corrupt-base64-rate", default=0.0, type=float,
+              help="Fraction of image lines whose base64 data is corrupted.")
+@click.option("--not-image-rate", default=0.0, type=float,
+              help="Fraction of image lines whose data is valid base64 but not an image.")
+@click.option("--truncate-results-lines", default=0, type=int,
+              help="Drop the last N lines of results files (their keys go missing).")
+@click.option("--truncate-results-times", default=None, type=int, help="Only the next N results files are truncated.")
 @click.option("--state-style", default="BATCH_STATE", type=click.Choice(list(STATE_STYLES)), show_default=True)
 @click.option("--job-outcome", "job_outcomes", multiple=True, type=click.Choice(list(JOB_OUTCOMES)),
               help="Outcome of the next created job (repeat for several).")

@@ -61,6 +61,11 @@ class EmulatorConfig:
     safety_block_rate: float = 0.0
     prompt_block_rate: float = 0.0
     text_only_rate: float = 0.0
+    # Result-file corruption (the job SUCCEEDED, its responses file is damaged)
+    corrupt_base64_rate: float = 0.0  # image lines whose inlineData.data is not valid base64
+    not_image_rate: float = 0.0  # image lines whose data is valid base64 of bytes that are not an image
+    truncate_results_lines: int = 0  # drop the last N lines of a results file (their keys go missing)
+    truncate_results_times: int | None = None  # None: every results file; N: only the next N
     # Job-level behaviour
     job_outcomes: list[str] = field(default_factory=list)  # consumed one per created job
     state_style: str = "BATCH_STATE"
@@ -78,10 +83,12 @@ class EmulatorConfig:
         if str(self.tier) not in ("1", "2", "3"):
             raise ValueError("tier must be '1', '2' or '3'")
         self.tier = str(self.tier)
+        if self.truncate_results_lines < 0:
+            raise ValueError("truncate_results_lines must be >= 0")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
         for name in ("fail_rate", "rate_limit_rate", "line_error_rate", "safety_block_rate",
-                     "prompt_block_rate", "text_only_rate"):
+                     "prompt_block_rate", "text_only_rate", "corrupt_base64_rate", "not_image_rate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")

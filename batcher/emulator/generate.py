@@ -230,7 +230,14 @@ class Generator:
         if "IMAGE" in p.modalities:
             w, h = model.dimensions(p.aspect_ratio, p.image_size)
             png = make_png(w, h, digest, cfg.image_bytes)
-            parts.append({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
+            data = base64.b64encode(png).decode()
+            if self.injector.chance("corrupt_base64", cfg.corrupt_base64_rate):
+                self.on_fault("corrupt_base64")
+                data = data[:64] + "*!?" + data[64:-3]  # characters outside the base64 alphabet, bad padding
+            elif self.injector.chance("not_image", cfg.not_image_rate):
+                self.on_fault("not_image")
+                data = base64.b64encode(b"<html>502 Bad Gateway</html>" + digest).decode()
+            parts.append({"inlineData": {"mimeType": "image/png", "data": data}})
             produced = True
             out_tokens = p.output_tokens
         cand = {"content": {"parts": parts, "role": "model"}, "finishReason": "STOP", "index": 0}

@@ -775,6 +775,23 @@ class Service:
             self.counters["images_generated"] += 1
         b.update_time = max(b.update_time, self.clock.now())
 
+    def _maybe_truncate_results(self, b: Batch) -> None:
+        """Fault `truncate_results_lines`: drop the last N lines of the results file (caller holds the lock)."""
+        cfg = self.config
+        n = cfg.truncate_results_lines
+        if n <= 0 or (cfg.truncate_results_times is not None and cfg.truncate_results_times <= 0):
+            return
+        if cfg.truncate_results_times is not None:
+            cfg.truncate_results_times -= 1
+        with open(b._out_path, "rb") as f:
+            lines = f.readlines()
+        kept = b"".join(lines[:max(0, len(lines) - n)])
+        with open(b._out_path, "wb") as f:
+            f.write(kept)
+        b._sha = hashlib.sha256(kept)
+        b._out_size = len(kept)
+        self._count_fault("truncate_results")
+
     def _complete(self, b: Batch) -> None:
         """All lines processed: publish the output (caller holds the lock)."""
         self._open_cursor(b)
@@ -783,6 +800,7 @@ class Service:
             b._out.close()
             b._in.close()
             b._out = b._in = None
+            self._maybe_truncate_results(b)
             fid = f"batch-{b.id}"
             path = os.path.join(self.files_dir, fid)
             os.replace(b._out_path, path)
