@@ -68,8 +68,13 @@ def common_options(fn):
                      help="Output dataset directory (default: WORKDIR/dataset)."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Image cache shared between runs (default: the user cache dir, or $BATCHER_CACHE_DIR)."),
-        click.option("--backend", type=click.Choice(["gemini", "emulator"]), default="gemini", show_default=True,
-                     help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator for demos."),
+        click.option("--backend", type=click.Choice(["gemini", "emulator", "vertex"]), default="gemini", show_default=True,
+                     help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator for demos; "
+                          "vertex: Vertex AI batch prediction (--project, --location, --staging; ADC credentials)."),
+        click.option("--project", default=None, help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
+        click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1)."),
+        click.option("--staging", default=None,
+                     help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING)."),
         click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
                      help="Attempts per request before it is marked failed."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only."),
@@ -124,6 +129,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
         "window.deadline": "deadline", "window.policy": "deadline_policy",
         "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
+        "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
     }
     for spec_key, option in mapping.items():
         if spec_key not in spec.values:
@@ -155,8 +161,15 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
 
 
 @contextlib.contextmanager
-def _backend_factory(kind: str):
+def _backend_factory(kind: str, kw: dict | None = None):
     """For --backend emulator, an in-process emulator lives as long as the command."""
+    if kind == "vertex":
+        from .vertex import VertexBackend, VertexConnection
+
+        kw = kw or {}
+        conn = VertexConnection.from_env(project=kw.get("project"), location=kw.get("location"), staging=kw.get("staging"))
+        yield lambda: VertexBackend(conn)
+        return
     if kind != "emulator":
         yield None
         return
@@ -195,7 +208,7 @@ def submit(ctx, manifest, dry_run, **kw):
     """Validate MANIFEST (or a JOB.toml spec), plan requests, upload and create batch jobs; returns at once."""
     _setup_logging(kw["verbose"], kw["quiet"])
     manifest = _apply_spec(ctx, manifest, kw)
-    with _backend_factory(kw["backend"]) as factory:
+    with _backend_factory(kw["backend"], kw) as factory:
         _finish(pipeline.submit(manifest, _settings(kw), dry_run=dry_run, backend_factory=factory))
 
 
@@ -226,7 +239,7 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
     policy = kw.pop("deadline_policy")
     if poll_interval is None:
         poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0
-    with _backend_factory(kw["backend"]) as factory:
+    with _backend_factory(kw["backend"], kw) as factory:
         _finish(pipeline.run(manifest, _settings(kw, poll_interval=poll_interval, timeout=timeout, deadline=deadline,
                                                   deadline_policy=policy), backend_factory=factory))
 
@@ -257,7 +270,7 @@ def estimate(ctx, manifest, as_json, **kw):
 def collect(**kw):
     """Download finished jobs, decode and cache images, requeue failures, write the dataset."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    with _backend_factory(kw["backend"]) as factory:
+    with _backend_factory(kw["backend"], kw) as factory:
         _finish(pipeline.collect(_settings(kw), backend_factory=factory))
 
 
@@ -269,7 +282,7 @@ def collect(**kw):
 def status(as_json, no_refresh, **kw):
     """Jobs, their 24 h windows and 48 h expiry, request counts and cost."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    with _backend_factory(kw["backend"]) as factory:
+    with _backend_factory(kw["backend"], kw) as factory:
         doc = pipeline.status(_settings(kw), refresh=not no_refresh, backend_factory=factory)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
@@ -306,7 +319,7 @@ def cancel(jobs, all_jobs, **kw):
     _setup_logging(kw["verbose"], kw["quiet"])
     if not jobs and not all_jobs:
         raise click.UsageError("name the jobs to cancel, or pass --all")
-    with _backend_factory(kw["backend"]) as factory:
+    with _backend_factory(kw["backend"], kw) as factory:
         _finish(pipeline.cancel(_settings(kw), list(jobs) or None, backend_factory=factory))
 
 

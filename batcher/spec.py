@@ -10,6 +10,7 @@
     [poll]       interval_seconds, timeout_seconds
     [retry]      max_attempts, retry_blocked, fallback_model
     [window]     deadline ("06:00", "7h"), policy (wait | report | resubmit | interactive)
+    [vertex]     project, location, staging ("gs://bucket/prefix"), with backend = "vertex"
 
 Unknown keys are errors naming the key and the file: a typo must not silently change a nightly run.
 """
@@ -32,11 +33,12 @@ SCHEMA: dict[str, Any] = {
     "poll": {"interval_seconds": float, "timeout_seconds": float},
     "window": {"deadline": str, "policy": str},
     "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
+    "vertex": {"project": str, "location": str, "staging": str},  # backend = "vertex"
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 # Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
 CHOICES: dict[str, tuple] = {
-    "backend": ("gemini", "emulator"), "manifest_columns.format": ("parquet", "csv", "tsv"),
+    "backend": ("gemini", "emulator", "vertex"), "manifest_columns.format": ("parquet", "csv", "tsv"),
     "limits.tier": ("1", "2", "3"), "window.policy": ("wait", "report", "resubmit", "interactive"),
 }
 MINIMUM: dict[str, float] = {

@@ -71,6 +71,13 @@ class EmulatorConfig:
     state_style: str = "BATCH_STATE"
     finalize_error_mime_types: list[str] = field(default_factory=list)
     omit_optional_fields: bool = False
+    # Vertex AI batch prediction (batcher/emulator/vertex.py)
+    gcs_endpoint: str | None = None  # GCS (emulator) URL for job input/output; None: STORAGE_EMULATOR_HOST or real GCS
+    vertex_token: str | None = None  # accept only this bearer token (None: any non-empty one)
+    vertex_echo_key: bool = False  # output lines carry the input line's "key" (unverified on the real service)
+    vertex_shuffle_output: bool = False  # output lines in a seeded shuffled order (Vertex does not promise order)
+    vertex_partial_state: bool = True  # some lines failed: JOB_STATE_PARTIALLY_SUCCEEDED (False: SUCCEEDED)
+    vertex_project_number: str | None = None  # resource names carry this instead of the project sent
 
     def validate(self) -> None:
         if self.state_style not in STATE_STYLES:

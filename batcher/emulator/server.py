@@ -164,6 +164,9 @@ class Handler(BaseHTTPRequestHandler):
         if not segs or not VERSION_RE.match(segs[0]):
             return None
         rest = segs[1:]
+        if rest and rest[0] == "projects" and not prefix:  # Vertex AI mode: batcher/emulator/vertex.py
+            from .vertex import route as vertex_route
+            return vertex_route(self, method, segs[0], rest)
         if prefix == "upload":
             if method == "POST" and rest == ["files"]:
                 if "upload_id" in query:
@@ -221,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, "NOT_FOUND", f"not emulated: {method} {split.path}")
             n = self.svc.count_route(route.key)
             if route.kind != "chunk":
-                self._check_auth()
+                (getattr(route, "auth", None) or self._check_auth)()
             self._inject_faults(route, n)
             route.handler(*route.args)
         except _Handled:

@@ -200,6 +200,8 @@ class Service:
                 self._close_cursor(b)
             self._reset_state()
             self.injector.reseed(self.config.seed)
+            if getattr(self, "vertex", None) is not None:  # Vertex jobs (batcher/emulator/vertex.py)
+                self.vertex.reset()
 
     def configure(self, **fields: Any) -> None:
         from .faults import CONFIG_FIELDS
@@ -259,6 +261,7 @@ class Service:
                 "batch_states": states,
                 "storage_bytes": sum(f.size for f in self.files.values()),
                 "emulated_time": rfc3339(self.clock.now()),
+                **(self.vertex.stats() if getattr(self, "vertex", None) is not None else {}),
             }
 
     # ----- files -----------------------------------------------------------------------------------
