@@ -7,6 +7,7 @@ one transaction, and on any problem the transaction is rolled back, so an invali
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledg
 from .quota import request_tokens
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
 from .requests import (
-    ImageRequest, ReferenceImage, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
+    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
 from .store import ImageStore
 
@@ -108,6 +109,199 @@ def image_requests(row: ManifestRow, refs: _References) -> list[ImageRequest]:
     ]
 
 
+SHARD_PAGE = 20_000  # requests read at a time while sharding
+PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
+PLAN_CACHE_KIB = 256 * 1024  # SQLite page cache while planning: the hash indexes of 1M requests stay in memory
+
+
+@contextlib.contextmanager
+def _big_page_cache(conn: sqlite3.Connection):
+    """A larger SQLite page cache for bulk work: the hash indexes are written in random order and thrash the
+    default 2 MB cache once they outgrow it. Restored afterwards (the memory is only used as pages are read)."""
+    old = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size=-{PLAN_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA cache_size={int(old)}")
+
+
+class _Templates:
+    """Request bodies and hashes without building and serialising each body twice: for every request "shape"
+    (everything but the prompt) the stored body JSON and the canonical identity JSON are rendered once around
+    a sentinel prompt, and each row's JSON-encoded prompt is spliced in. The first request of each shape is
+    checked against `request_body`/`request_hash`; a shape that does not match falls back to them."""
+
+    SENTINEL = "\x00batcher-prompt\x00"
+
+    def __init__(self):
+        self._shapes: dict[tuple, tuple | None] = {}
+
+    def request(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
+        """(model, variant, hash, body_json) of one request of a row."""
+        key = (row.model, row.aspect_ratio, row.image_size, row.temperature, row.top_p, row.seed,
+               row.system_instruction, references, variant)
+        try:
+            shape = self._shapes[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value; no template
+            return self._slow(row, references, variant, key)
+        if shape is None:
+            return self._exact(row, references, variant)
+        body_pre, body_post, ident_pre, ident_post = shape
+        p = _encode_str(row.prompt)
+        h = hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest()
+        return row.model, variant, h, body_pre + p + body_post
+
+    @staticmethod
+    def _req(row: ManifestRow, references: tuple, variant: int, prompt: str) -> ImageRequest:
+        return ImageRequest(model=row.model, prompt=prompt, variant=variant, aspect_ratio=row.aspect_ratio,
+                            image_size=row.image_size, temperature=row.temperature, top_p=row.top_p, seed=row.seed,
+                            system_instruction=row.system_instruction, references=references)
+
+    def _exact(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
+        req = self._req(row, references, variant, row.prompt)
+        return row.model, variant, request_hash(req), json.dumps(request_body(req), ensure_ascii=False)
+
+    def _slow(self, row: ManifestRow, references: tuple, variant: int, key: tuple) -> tuple:
+        exact = self._exact(row, references, variant)
+        shape = None
+        try:
+            sentinel = self._req(row, references, variant, self.SENTINEL)
+            s_body = request_body(sentinel)
+            body_json = json.dumps(s_body, ensure_ascii=False)
+            ident = canonical_json({"schema": HASH_SCHEMA_VERSION, "model": row.model.removeprefix("models/"),
+                                    "request": s_body, "variant": variant})
+            enc = _encode_str(self.SENTINEL)
+            if body_json.count(enc) == 1 and ident.count(enc) == 1:
+                body_pre, body_post = body_json.split(enc)
+                ident_pre, ident_post = ident.split(enc)
+                p = _encode_str(row.prompt)
+                mine = (hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest(), body_pre + p + body_post)
+                if mine == exact[2:]:
+                    shape = (body_pre, body_post, ident_pre, ident_post)
+        except (ValueError, TypeError):
+            shape = None
+        try:
+            self._shapes[key] = shape
+        except TypeError:
+            pass
+        return exact
+
+
+_encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) writes
+_EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
+
+
+class _StoreLookup:
+    """`store.has` for many hashes at once: each prefix dir of the cache is listed once (os.listdir) on first
+    use instead of up to four stat calls per request."""
+
+    EXTS = (".png", ".jpg", ".webp", ".gif")
+
+    def __init__(self, store):
+        self.store = store
+        root = getattr(store, "root", None)
+        plain = type(store).has is ImageStore.has and type(store).find is ImageStore.find
+        self.root = os.fspath(root) if root is not None and plain else None
+        self.dirs: dict[str, set[str]] = {}
+
+    def has(self, h: str) -> bool:
+        if self.root is None:
+            return self.store.has(h)
+        names = self.dirs.get(h[:2])
+        if names is None:
+            try:
+                names = {n for n in os.listdir(os.path.join(self.root, h[:2])) if not n.startswith(".")}
+            except (FileNotFoundError, NotADirectoryError):
+                names = set()
+            self.dirs[h[:2]] = names
+        return bool(names) and (h + ".png" in names or h + ".jpg" in names or h + ".webp" in names or h + ".gif" in names)
+
+
+class _BulkPlanner:
+    """Writes batches of planned rows and their requests into the ledger (inside plan_manifest's transaction)
+    with the same outcome as inserting each row and recording each request one at a time."""
+
+    def __init__(self, c: sqlite3.Connection, store, refresh: bool, now: float, retry_blocked: bool, fresh: bool):
+        self.c, self.refresh, self.now, self.retry_blocked, self.fresh = c, refresh, now, retry_blocked, fresh
+        self.store = store
+        self.lookup = _StoreLookup(store) if store is not None else None
+        self.templates = _Templates()
+
+    def cached(self, h: str) -> bool:
+        return self.lookup is not None and not self.refresh and self.lookup.has(h)
+
+    def flush(self, run_id: int, seq: int, pending: list, problems: list, manifest: Path, options: ManifestOptions) -> int:
+        if not pending:
+            return seq
+        c = self.c
+        params = []
+        s = seq
+        for item, reqs, _pos in pending:
+            extra = _EXTRA_JSON.encode(item.extra) if item.extra else None
+            for _model, variant, h, _body in reqs:
+                params.append((run_id, s, item.row, item.id, variant, h, item.prompt, extra))
+                s += 1
+        recorded: list[tuple] = []
+        c.execute("SAVEPOINT plan_batch")
+        try:
+            c.executemany("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)", params)
+        except sqlite3.IntegrityError:  # a duplicate id in this batch: redo it a row at a time to report it
+            c.execute("ROLLBACK TO plan_batch")
+            c.execute("RELEASE plan_batch")
+            s = seq
+            dups: list[tuple[int, RowProblem]] = []
+            for item, reqs, pos in pending:
+                extra = _EXTRA_JSON.encode(item.extra) if item.extra else None
+                for req in reqs:
+                    try:
+                        c.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
+                                  (run_id, s, item.row, item.id, req[1], req[2], item.prompt, extra))
+                    except sqlite3.IntegrityError:
+                        first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, item.id)).fetchone()
+                        dups.append((pos, RowProblem(str(manifest), item.row, options.id_column, item.id,
+                                                     f"duplicate id (first used at row {first[0] if first else '?'}); ids must be unique")))
+                        break
+                    s += 1
+                    recorded.append(req)
+            for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
+                problems.insert(pos, problem)
+        else:
+            c.execute("RELEASE plan_batch")
+            recorded = [req for _item, reqs, _pos in pending for req in reqs]
+        self._record(recorded)
+        return s
+
+    def _record(self, reqs: list[tuple]) -> None:
+        c, now = self.c, self.now
+        batch: dict[str, tuple] = {}
+        for req in reqs:
+            batch.setdefault(req[2], req)
+        existing: dict[str, str] = {}
+        if not self.fresh:
+            existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
+                                      (json.dumps(list(batch)),)).fetchall())
+        new = []
+        updates: list[tuple] = []
+        for h, (model, variant, _h, body_json) in batch.items():
+            state = existing.get(h)
+            if state is None:
+                cached = self.cached(h)
+                new.append((h, model, body_json, SUCCEEDED if cached else PLANNED, int(cached), variant, now))
+            elif state == QUEUED:
+                continue  # in a job already: it will be collected
+            elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
+                c.execute("UPDATE requests SET state=?, attempts=0, error=NULL, finish_reason=NULL, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+            elif state == SUCCEEDED and self.lookup is not None and not self.lookup.has(h):
+                # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
+                c.execute("UPDATE requests SET state=?, attempts=0, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+            elif state == FAILED or (state == BLOCKED and self.retry_blocked):
+                # A new run gives requests that ran out of attempts before a fresh set.
+                c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+        # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is.
+        c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)", new)
+
+
 def plan_manifest(
     ledger: Ledger,
     store: ImageStore | None,
@@ -145,7 +339,7 @@ def plan_manifest(
     except (OSError, pa.ArrowException, ValueError):
         read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
         raise
-    with ledger.transaction() as c:
+    with _big_page_cache(ledger.conn), ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
             c.execute("DELETE FROM runs WHERE id=?", (existing["id"],))
@@ -154,36 +348,35 @@ def plan_manifest(
             (fingerprint, str(manifest), json.dumps(asdict(options)), schema.serialize().to_pybytes(), now),
         )
         run_id = result.run_id = cur.lastrowid
+        # Bulk path: rows and requests go in batches (executemany), each request body is serialised once per
+        # row from a per-shape template, cache hits come from one listing per prefix dir, and the requests
+        # that already exist are looked up per batch (skipped entirely when the ledger had none).
+        fresh = c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
+        bulk = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
+        pending: list[tuple] = []  # (item, [(req_or_None, variant, h, model, body_json)], position in problems)
         seq = 0
+
+        def flush() -> None:
+            nonlocal seq
+            seq = bulk.flush(run_id, seq, pending, problems, manifest, options)
+            pending.clear()
+
         for item in read_manifest(manifest, options):
             if isinstance(item, RowProblem):
                 problems.append(item)
                 continue
             try:
-                requests = image_requests(item, refs)
+                references = tuple(refs.get(p) for p in item.reference_images)
             except OSError as exc:
                 problems.append(RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}"))
                 continue
-            for ref in requests[0].references if requests else ():
+            for ref in references if item.variants else ():
                 c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
-            extra = json.dumps(item.extra, default=str, ensure_ascii=False) if item.extra else None
-            for req in requests:
-                h = request_hash(req)
-                try:
-                    c.execute(
-                        "INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
-                        (run_id, seq, item.row, item.id, req.variant, h, item.prompt, extra),
-                    )
-                except sqlite3.IntegrityError:
-                    first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, item.id)).fetchone()
-                    problems.append(
-                        RowProblem(str(manifest), item.row, options.id_column, item.id,
-                                   f"duplicate id (first used at row {first[0] if first else '?'}); ids must be unique")
-                    )
-                    break
-                seq += 1
-                _record_request(c, store, req, h, refresh, now, retry_blocked)
+            pending.append((item, [bulk.templates.request(item, references, v) for v in range(item.variants)], len(problems)))
             result.rows += 1
+            if len(pending) >= PLAN_BATCH_ROWS:
+                flush()
+        flush()
         if problems and not skip_invalid:
             shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
             more = len(problems) - len(shown)
@@ -198,7 +391,13 @@ def plan_manifest(
     maybe_crash("plan")  # test hook: see batcher/faults.py
     if problems and rejects_path is not None:
         write_rejects(rejects_path, problems)
-    summary = _summary(ledger, run_id, new_run=True)
+    if fresh:  # the ledger held no requests before this run: every request in it is this run's
+        c = ledger.conn
+        distinct, hits = c.execute("SELECT COUNT(*), COALESCE(SUM(cached), 0) FROM requests").fetchone()
+        summary = PlanResult(run_id=run_id, rows=result.rows, requests=distinct, cache_hits=hits,
+                             duplicates=seq - distinct, new_run=True)
+    else:
+        summary = _summary(ledger, run_id, new_run=True)
     summary.rejected = len(problems)
     return summary
 
@@ -266,38 +465,49 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
     c = ledger.conn
     new_jobs: list[int] = []
     now = time.time()
-    with ledger.transaction():
+    with _big_page_cache(c), ledger.transaction():
         models = [r[0] for r in c.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
         budget = limit_requests
         for model in models:
-            batch: list[str] = []
+            batch: list[tuple[int, str]] = []  # (rowid, hash)
             in_bytes = out_bytes = tokens = 0
             token_cap = token_cap_for(model)
-            cur = c.execute("SELECT hash, body_json FROM requests WHERE state=? AND model=? ORDER BY rowid", (PLANNED, model))
-            for h, body_json in cur.fetchall():
-                if budget is not None and budget <= 0:
+            last_rowid = -1
+            done = False
+            while not done:
+                # A page at a time (bounded memory), in rowid order; the rows already grouped leave the
+                # `planned` state only when their job is written, so paging by rowid sees each one once.
+                page = c.execute("SELECT rowid, hash, body_json FROM requests WHERE state=? AND model=? AND rowid>? "
+                                 "ORDER BY rowid LIMIT ?", (PLANNED, model, last_rowid, SHARD_PAGE)).fetchall()
+                if not page:
                     break
-                line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
-                exp = expected_output_bytes(model, body_json)
-                req_tokens = request_tokens(model, body_json)
-                if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
-                              or out_bytes + exp > limits.max_output_bytes
-                              or (token_cap is not None and tokens + req_tokens > token_cap)):
-                    new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
-                    batch, in_bytes, out_bytes, tokens = [], 0, 0, 0
-                batch.append(h)
-                in_bytes += line_bytes
-                out_bytes += exp
-                tokens += req_tokens
-                if budget is not None:
-                    budget -= 1
+                last_rowid = page[-1][0]
+                for rowid, h, body_json in page:
+                    if budget is not None and budget <= 0:
+                        done = True
+                        break
+                    line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
+                    exp = expected_output_bytes(model, body_json)
+                    req_tokens = request_tokens(model, body_json)
+                    if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
+                                  or out_bytes + exp > limits.max_output_bytes
+                                  or (token_cap is not None and tokens + req_tokens > token_cap)):
+                        new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
+                        batch, in_bytes, out_bytes, tokens = [], 0, 0, 0
+                    batch.append((rowid, h))
+                    in_bytes += line_bytes
+                    out_bytes += exp
+                    tokens += req_tokens
+                    if budget is not None:
+                        budget -= 1
             if batch:
                 new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
     return new_jobs
 
 
-def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, tokens: int, now: float) -> int:
+def _new_job(ledger: Ledger, model: str, members: list[tuple[int, str]], in_bytes: int, tokens: int, now: float) -> int:
     c = ledger.conn
+    hashes = [h for _rowid, h in members]
     cur = c.execute(
         "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, est_tokens, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
         (f"pending-{now}-{len(hashes)}-{hashes[0][:8]}", model, J_PLANNED, len(hashes), in_bytes, tokens, now, now),
@@ -306,9 +516,9 @@ def _new_job(ledger: Ledger, model: str, hashes: list[str], in_bytes: int, token
     # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.
     c.execute("UPDATE jobs SET display_name=? WHERE id=?", (f"batcher-{ledger.ledger_id}-job{job_id:05d}", job_id))
     c.executemany("INSERT INTO job_requests(job_id, hash) VALUES (?,?)", [(job_id, h) for h in hashes])
-    c.executemany(
-        "UPDATE requests SET state=?, job_id=?, updated_at=? WHERE hash=? AND state=?",
-        [(QUEUED, job_id, now, h, PLANNED) for h in hashes],
+    c.executemany(  # by rowid: in order through the table, not random probes of the hash index
+        "UPDATE requests SET state=?, job_id=?, updated_at=? WHERE rowid=? AND state=?",
+        [(QUEUED, job_id, now, rowid, PLANNED) for rowid, _h in members],
     )
     return job_id
 
