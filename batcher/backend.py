@@ -332,6 +332,60 @@ class GeminiBackend:
 
         return self.retry.call(f"download {file_name}", attempt)
 
+    def download_chunks(self, file_name: str, dest: Path, on_bytes: Callable[[int], None] | None = None,
+                        block: int = 1 << 20) -> Iterator[bytes]:
+        """Stream a results file to `dest` like `download` (resuming a partial `dest` with HTTP Range, retrying
+        dropped connections from where they stopped) and yield the whole file's bytes in order while doing it:
+        first what `dest` already holds, then each new block once it has been appended to `dest`. So a caller
+        parses while downloading, and after a crash the next call resumes the download and replays the start."""
+        path = f"{file_name}:download?alt=media"
+        have = 0
+        if dest.exists():
+            with open(dest, "rb") as f:
+                while blk := f.read(block):
+                    have += len(blk)
+                    yield blk
+        failures = 0
+        while True:
+            try:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                resp = self._http("GET", path, headers)
+                if resp.status == 416 and have:
+                    return  # nothing left to fetch
+                self._raise_for(resp, f"download {file_name}", ok=(200, 206))
+                skip = have if resp.status == 200 else 0  # a 200 ignored Range: drop what we have already
+                expected = resp.getheader("Content-Length")
+                got = 0
+                with open(dest, "ab") as out:
+                    while chunk := resp.read(block):
+                        got += len(chunk)
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        out.write(chunk)
+                        out.flush()
+                        maybe_crash("download")  # test hook: see batcher/faults.py
+                        have += len(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                        yield chunk
+                if expected is not None and got != int(expected):
+                    raise TransientApiError(f"download {file_name}: connection closed after {got} of {expected} bytes")
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                error: Exception = TransientApiError(f"download {file_name}: {exc.__class__.__name__}: {exc}")
+            except (TransientApiError, QuotaError) as exc:
+                error = exc
+            failures += 1
+            if failures >= self.retry.attempts:
+                raise error
+            wait = self.retry.delay(failures - 1, getattr(error, "retry_after", None))
+            log.warning("download %s: %s; resuming in %.1fs (attempt %d of %d)", file_name, error, wait, failures + 1,
+                        self.retry.attempts)
+            self.retry.sleep(wait)
+
     # ---- interactive ------------------------------------------------------------------------------
     def generate_content(self, model: str, body: dict) -> dict:
         contents = body["contents"]

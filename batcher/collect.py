@@ -12,8 +12,11 @@ import binascii
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
+import threading
 
 from .backend import GeminiBackend
 from .ledger import BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
@@ -28,6 +31,8 @@ BLOCK_FINISH_REASONS = {
     "RECITATION", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE", "OTHER",
 }
 COMMIT_EVERY = 64  # lines per ledger transaction
+IMAGE_WRITERS = 2  # threads verifying and writing images (fsync, crc32 and file writes release the GIL)
+IMAGES_IN_FLIGHT = 8  # decoded images waiting for a writer at most: bounds memory
 
 
 @dataclass
@@ -58,8 +63,9 @@ def _get(d: dict, camel: str, snake: str):
     return d.get(snake) if v is None else v
 
 
-def classify(response: dict) -> Outcome:
-    """Turn one GenerateContentResponse into an image, a block (final) or an error (retried)."""
+def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
+    """Turn one GenerateContentResponse into an image, a block (final) or an error (retried).
+    `blobs`: the base64 strings that `_loads_line` cut out of the results line (the response holds placeholders)."""
     usage = _get(response, "usageMetadata", "usage_metadata") or {}
     prompt_tokens = int(_get(usage, "promptTokenCount", "prompt_token_count") or 0)
     output_tokens = int(_get(usage, "candidatesTokenCount", "candidates_token_count") or 0)
@@ -85,10 +91,99 @@ def classify(response: dict) -> Outcome:
     if isinstance(inline.get("data"), bytes):  # an interactive response, decoded by the SDK already
         return Outcome("image", data=inline["data"], finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
     try:
-        data = binascii.a2b_base64(inline.get("data") or "", strict_mode=True)
+        data = inline.get("data") or ""
+        data = blobs.decode(data) if blobs is not None and blobs.holds(data) else binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         return Outcome("error", reason=f"corrupt base64 image data ({exc})", finish_reason=finish)
     return Outcome("image", data=data, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+
+
+_PLACEHOLDER = "\x00batcher-b64:"
+_BLOB_MIN = 1024  # base64 strings shorter than this are left to json.loads
+
+
+class _Blobs:
+    """The long "data" strings of one results line, kept as slices of the line's bytes."""
+
+    def __init__(self, line: bytes, spans: list[tuple[int, int]]):
+        self.view = memoryview(line)
+        self.spans = spans
+
+    def holds(self, value) -> bool:
+        return isinstance(value, str) and value.startswith(_PLACEHOLDER)
+
+    def decode(self, placeholder: str) -> bytes:
+        start, end = self.spans[int(placeholder[len(_PLACEHOLDER):])]
+        return binascii.a2b_base64(self.view[start:end], strict_mode=True)
+
+
+def _loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
+    """json.loads of one results line without turning its megabytes of base64 into a str first: each long
+    `"data": "..."` string value (base64 has no escapes and no quotes) is cut out and replaced by a placeholder
+    that `classify` decodes straight from the line's bytes. Anything unusual is left to json.loads."""
+    if len(line) < _BLOB_MIN:
+        return json.loads(line), None
+    pieces: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    n, pos, i = len(line), 0, 0
+    while (k := line.find(b'"data"', i)) >= 0:
+        i = q = k + 6
+        while q < n and line[q] in b" \t\r\n":
+            q += 1
+        if q >= n or line[q] != 0x3A:  # ':' -- not a key
+            continue
+        q += 1
+        while q < n and line[q] in b" \t\r\n":
+            q += 1
+        if q >= n or line[q] != 0x22:  # '"' -- not a string value
+            continue
+        start = q + 1
+        end = line.find(b'"', start)
+        if end < 0:
+            break  # unterminated: json.loads reports it
+        i = end + 1
+        if end - start < _BLOB_MIN or line.find(b"\\", start, end) >= 0:
+            continue
+        pieces += (line[pos:start], b"\\u0000batcher-b64:%d" % len(spans))
+        spans.append((start, end))
+        pos = end
+    if not spans:
+        return json.loads(line), None
+    pieces.append(line[pos:])
+    return json.loads(b"".join(pieces)), _Blobs(line, spans)
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Split a stream of byte blocks into lines (each ends with b"\\n", except perhaps the last)."""
+    held: list[bytes] = []
+    for chunk in chunks:
+        start = 0
+        while (i := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start:i + 1]
+            if held:
+                held.append(piece)
+                piece = b"".join(held)
+                held = []
+            yield piece
+            start = i + 1
+        if start < len(chunk):
+            held.append(chunk[start:])
+    if held:
+        yield b"".join(held)
+
+
+def _result_lines(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Iterator[bytes]:
+    """The job's results file a line at a time, parsed while it downloads: the bytes are appended to the
+    resumable `.part` file as they arrive (as `download_results` does), and a finished download is read back."""
+    final = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
+    if final.exists() or not hasattr(backend, "download_chunks"):
+        with open(download_results(ledger, backend, job, on_bytes=on_bytes), "rb") as f:
+            yield from f
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_suffix(".jsonl.part")
+    yield from _lines(backend.download_chunks(job["output_file"], part, on_bytes=on_bytes))
+    part.replace(final)
 
 
 def download_results(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Path:
@@ -110,8 +205,7 @@ def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_i
         if not job["output_file"]:
             stats.errors.append(f"{job['display_name']}: succeeded without a results file")
         else:
-            path = download_results(ledger, backend, job, on_bytes=on_bytes)
-            _parse_results(ledger, store, job, path, max_attempts, stats, on_image)
+            _parse_results(ledger, store, job, _result_lines(ledger, backend, job, on_bytes=on_bytes), max_attempts, stats, on_image)
     # Whatever did not come back (expired, failed, cancelled jobs; keys missing from results) is retried.
     reason = {J_SUCCEEDED: "missing from the job's results", J_FAILED: "job failed", J_EXPIRED: "job expired (48 h)",
               J_CANCELLED: "job cancelled"}.get(job["state"], "job ended")
@@ -147,11 +241,37 @@ def _fail(c, ledger: Ledger, h: str, attempts: int, max_attempts: int, reason: s
         stats.failed += 1
 
 
-def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attempts: int, stats: CollectStats, on_image) -> None:
+def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable[bytes], max_attempts: int, stats: CollectStats,
+                   on_image) -> None:
+    """Parse a results file (a path, or its lines as they download). Images are verified and written to the cache
+    by writer threads while the next lines are parsed; a batch of lines is committed to the ledger only once
+    every image of the batch is durable in the cache."""
     job_id, model = job["id"], job["model"]
     pending: list[tuple] = []
+    writers = ThreadPoolExecutor(max_workers=IMAGE_WRITERS, thread_name_prefix="batcher-image")
+    slots = threading.BoundedSemaphore(IMAGES_IN_FLIGHT)
+
+    def write_image(key: str, o: Outcome) -> None:
+        try:
+            store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
+                                    "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
+        finally:
+            slots.release()
 
     def flush():
+        # First every image of the batch must be durable (or rejected), then the ledger is told.
+        for i, (kind, h, attempts, o) in enumerate(pending):
+            if isinstance(o, Future):
+                o, fut = o.image, o
+                try:
+                    fut.result()
+                    maybe_crash("image")  # image durable in the cache, ledger not yet told
+                except InvalidImage as exc:
+                    o = Outcome("error", reason=f"returned image is invalid: {exc}")
+                    kind = "error"
+                if on_image:
+                    on_image(1)
+                pending[i] = (kind, h, attempts, o)
         now = time.time()
         with ledger.transaction() as c:
             for kind, h, attempts, o in pending:
@@ -175,12 +295,13 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attem
         "SELECT r.hash, r.attempts FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
         (job_id, QUEUED, job_id))}
     sent = {h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job_id,))}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    f = open(path, "rb") if isinstance(path, (str, Path)) else None
+    try:
+        for lineno, line in enumerate(f if f is not None else path, 1):
+            if line[:1] in (b"", b" ", b"\t", b"\r", b"\n") and not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj, blobs = _loads_line(line)
                 key = obj.get("key")
             except (ValueError, AttributeError):
                 stats.errors.append(f"{job['display_name']} results line {lineno}: not valid JSON; skipped")
@@ -197,18 +318,19 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path, max_attem
                 err = obj.get("error") or {}
                 o = Outcome("error", reason=f"API error {err.get('code', '')} {err.get('status', '')}: {err.get('message', 'no response')}".strip())
             else:
-                o = classify(obj["response"])
+                o = classify(obj["response"], blobs)
                 if o.kind == "image":
-                    try:
-                        store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
-                                                "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
-                        maybe_crash("image")  # image durable in the cache, ledger not yet told
-                    except InvalidImage as exc:
-                        o = Outcome("error", reason=f"returned image is invalid: {exc}")
-                    if on_image:
-                        on_image(1)
-            pending.append((o.kind, key, attempts, o))
+                    slots.acquire()
+                    fut = writers.submit(write_image, key, o)
+                    fut.image = o
+                    o = fut
+            del obj, blobs, line
+            pending.append(("image" if isinstance(o, Future) else o.kind, key, attempts, o))
             maybe_crash("decode")  # test hook: see batcher/faults.py
             if len(pending) >= COMMIT_EVERY:
                 flush()
-    flush()
+        flush()
+    finally:
+        writers.shutdown(wait=True)  # never leave an image half-written behind a returning caller
+        if f is not None:
+            f.close()
