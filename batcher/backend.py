@@ -157,6 +157,16 @@ class GeminiBackend:
                 ),
             ),
         )
+        # batches.create is not idempotent: a 5xx or a timeout can come after the job was made, and a retry
+        # would make a second one. So create goes through a client that never retries; the caller reconciles
+        # by display name instead.
+        self._create_client = genai.Client(
+            api_key=connection.api_key,
+            http_options=types.HttpOptions(
+                base_url=connection.base_url + "/", api_version=connection.api_version,
+                timeout=int(connection.timeout_s * 1000), retry_options=types.HttpRetryOptions(attempts=1),
+            ),
+        )
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable):
@@ -262,7 +272,7 @@ class GeminiBackend:
     def create_batch(self, model: str, file_name: str, display_name: str) -> BatchInfo:
         """Not retried here: create is not idempotent. The caller reconciles by display name instead."""
         try:
-            job = self.client.batches.create(model=model, src=file_name, config={"display_name": display_name})
+            job = self._create_client.batches.create(model=model, src=file_name, config={"display_name": display_name})
         except genai_errors.APIError as exc:
             raise map_error(exc, f"create job {display_name}") from None
         except Exception as exc:

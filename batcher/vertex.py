@@ -185,6 +185,11 @@ class VertexBackend:
             http.base_url = connection.base_url + "/"
         self.client = genai.Client(vertexai=True, project=connection.project, location=connection.location,
                                    credentials=connection.credentials, http_options=http)
+        # Create is not idempotent: never retried by the SDK (a 5xx after the job was made would duplicate it);
+        # the pipeline reconciles by display name instead.
+        no_retry = http.model_copy(update={"retry_options": types.HttpRetryOptions(attempts=1)})
+        self._create_client = genai.Client(vertexai=True, project=connection.project, location=connection.location,
+                                           credentials=connection.credentials, http_options=no_retry)
         self._storage = storage_client
         self._local_inputs: dict[str, Path] = {}  # display name -> the JSONL we uploaded (a cheaper key map source)
 
@@ -286,7 +291,7 @@ class VertexBackend:
         """Not retried here: create is not idempotent. The caller reconciles by display name instead."""
         what = f"create job {display_name}"
         try:
-            job = self.client.batches.create(
+            job = self._create_client.batches.create(
                 model=model.removeprefix("models/"), src=file_name,
                 config={"display_name": display_name, "dest": self.output_prefix(display_name)})
         except Exception as exc:

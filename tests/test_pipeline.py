@@ -439,3 +439,14 @@ def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backe
     (row,) = metadata(s)
     direct = request_hash(ImageRequest(model="gemini-3-pro-image-preview", prompt="a red bicycle [emulator:line_error]"))
     assert row["request_hash"] == direct  # the same request sent to the fallback model directly: one cache entry
+
+
+def test_a_create_whose_reply_is_lost_does_not_make_a_second_job(tmp_path, emulator, backend_factory):
+    """The server makes the job, then answers 503: batcher must find it by name, not create again."""
+    emulator.configure(create_then_fail_times=2)
+    s = settings(tmp_path, limits=ShardLimits(max_requests=3))
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["faults"].get("create_then_fail") == 2
+    assert stats["batches_created"] == 2  # 5 requests in jobs of 3: two jobs, each created once

@@ -55,6 +55,9 @@ class EmulatorConfig:
     retry_delay: str = "30s"
     drop_download_after_bytes: int | None = None
     drop_download_times: int | None = None  # None: every download; N: the next N downloads
+    # The create succeeds on the server, then the reply is an error (a timeout or 5xx after the commit):
+    # the next N creates answer 503 although their job exists. A client that retries create makes duplicates.
+    create_then_fail_times: int = 0
     # Per-line faults
     line_error_rate: float = 0.0
     line_error_style: str = "grpc"  # "grpc": code 13 INTERNAL; "http": code 500 INTERNAL

@@ -483,6 +483,14 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("batch"), dict):
             raise ApiError(400, "INVALID_ARGUMENT", "* BatchGenerateContentRequest.batch: batch is required.\n")
         b = self.svc.create_batch(model, body["batch"])
+        with self.svc.lock:
+            lost_reply = self.svc.config.create_then_fail_times > 0
+            if lost_reply:
+                self.svc.config.create_then_fail_times -= 1
+                self.svc.counters["faults_injected"] += 1
+                self.svc.fault_counts["create_then_fail"] = self.svc.fault_counts.get("create_then_fail", 0) + 1
+        if lost_reply:
+            raise ApiError(503, "UNAVAILABLE", "The service is currently unavailable.")
         self._json(self.svc.batch_json(b))
 
     def h_get_batch(self, batch_id: str) -> None:
