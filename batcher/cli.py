@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import pipeline
+from . import gcs, pipeline
 from .catalog import DEFAULT_MODEL, MODELS
 from .errors import BatcherError, ManifestError, UsageError
 from .manifest import ManifestOptions
@@ -113,8 +113,8 @@ def manifest_options(fn):
 
 def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
     """For MANIFEST ending in .toml: the job spec's values, under options given on the command line."""
-    if manifest.suffix.lower() != ".toml":
-        return manifest
+    if not str(manifest).lower().endswith(".toml"):
+        return manifest if gcs.is_gcs(manifest) else Path(manifest)
     from .spec import load_spec
 
     spec = load_spec(manifest)
@@ -138,7 +138,8 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         if source is None or source == click.core.ParameterSource.DEFAULT:
             value = spec.values[spec_key]
             kw[option] = Path(value) if option in ("workdir", "out", "cache_dir") else value
-    return Path(spec.values["manifest"])
+    value = spec.values["manifest"]
+    return value if gcs.is_gcs(value) else Path(value)
 
 
 def _settings(kw: dict, **extra) -> pipeline.Settings:
@@ -197,7 +198,7 @@ def main():
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path))
+@click.argument("manifest")
 @common_options
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
@@ -213,7 +214,7 @@ def submit(ctx, manifest, dry_run, **kw):
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path))
+@click.argument("manifest")
 @common_options
 @manifest_options
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=None, help="Seconds between polls (default 30; 1 on the emulator).")
@@ -245,7 +246,7 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path))
+@click.argument("manifest")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="The image cache to count hits in.")
 @manifest_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")

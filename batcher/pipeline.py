@@ -232,7 +232,7 @@ def _current_run_id(ledger: Ledger) -> int:
 
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
     s = ws.settings
-    return plan_manifest(ws.ledger, ws.store, Path(manifest), s.manifest, refresh=s.refresh,
+    return plan_manifest(ws.ledger, ws.store, manifest, s.manifest, refresh=s.refresh,
                          skip_invalid=s.skip_invalid, rejects_path=s.rejects_path, retry_blocked=s.retry_blocked)
 
 

@@ -20,12 +20,12 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog
+from . import catalog, gcs
 from .errors import ManifestError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .quota import request_tokens
-from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
+from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import (
     HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
@@ -53,27 +53,8 @@ class PlanResult:
     new_run: bool = True
 
 
-def run_fingerprint(manifest: Path, options: ManifestOptions) -> str:
-    st = manifest.stat()
-    ident = {"manifest": str(manifest.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "options": asdict(options)}
-    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
-
-
-def extra_schema(manifest: Path, options: ManifestOptions, fmt: str | None) -> pa.Schema:
-    """The carried-through columns with their types (all strings for CSV/TSV)."""
-    skip = KNOWN_COLUMNS | {options.prompt_column, options.id_column}
-    kind = fmt or manifest.suffix.lower().lstrip(".")
-    if kind in ("parquet", "pq"):
-        schema = pq.read_schema(manifest)
-        # The manifest reader turns timestamps, decimals, binary and nested values into strings: match it.
-        simple = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)  # noqa: E731
-        return pa.schema([f if simple(f.type) else pa.field(f.name, pa.string()) for f in schema if f.name not in skip])
-    delimiter = "\t" if kind in ("tsv", "tab") else ","
-    import csv
-
-    with open(manifest, newline="", encoding="utf-8-sig", errors="replace") as f:
-        header = next(csv.reader(f, delimiter=delimiter), [])
-    return pa.schema([pa.field(name, pa.string()) for name in header if name not in skip])
+def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
+    return hashlib.sha256(canonical_json(manifest_fingerprint(str(manifest), options)).encode()).hexdigest()
 
 
 class _References:
@@ -314,10 +295,10 @@ def plan_manifest(
     retry_blocked: bool = False,
 ) -> PlanResult:
     """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest."""
-    manifest = Path(manifest)
-    if not manifest.exists():
+    manifest = str(manifest) if gcs.is_gcs(manifest) else Path(manifest)
+    if isinstance(manifest, Path) and not manifest.exists():
         raise ManifestError(f"{manifest}: no such file; check the path")
-    if manifest.is_dir():
+    if isinstance(manifest, Path) and manifest.is_dir():
         raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
     fingerprint = run_fingerprint(manifest, options)
     existing = ledger.run_by_fingerprint(fingerprint)
@@ -335,7 +316,7 @@ def plan_manifest(
     now = time.time()
     result = PlanResult(run_id=0)
     try:
-        schema = extra_schema(manifest, options, options.format)
+        schema = carried_schema(str(manifest), options)
     except (OSError, pa.ArrowException, ValueError):
         read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
         raise

@@ -1,0 +1,115 @@
+"""gs:// I/O against a GCS emulator (with generation preconditions enforced, as real GCS does)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batcher import gcs
+from batcher.errors import UsageError
+from tests.gcs_support import gcs_emulator
+
+
+@pytest.fixture(scope="module")
+def gcs_url():
+    with gcs_emulator() as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(gcs_url, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    gcs.client.cache_clear()
+    import uuid
+
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    gcs.client().create_bucket(name)
+    yield f"gs://{name}"
+    gcs.client.cache_clear()
+
+
+def test_create_if_absent_never_clobbers(bucket):
+    uri = gcs.join(bucket, "cache/ab/x.png")
+    assert gcs.write_if_absent(uri, b"first")
+    assert not gcs.write_if_absent(uri, b"second")  # lost the race: not an error
+    assert gcs.read_bytes(uri) == b"first"
+
+
+def test_streamed_buffered_read(bucket, tmp_path):
+    uri = gcs.join(bucket, "m/big.csv")
+    data = b"id,prompt\n" + b"".join(b"%d,prompt number %d\n" % (i, i) for i in range(20000))
+    src = tmp_path / "big.csv"
+    src.write_bytes(data)
+    gcs.upload_file(uri, str(src))
+    with gcs.open_read(uri, chunk_size=1 << 16) as f:
+        lines = sum(1 for _ in f)
+    assert lines == 20001
+    assert gcs.size(uri) == len(data)
+
+
+def test_errors_are_clear(bucket):
+    with pytest.raises(UsageError, match="not found in GCS"):
+        gcs.size(gcs.join(bucket, "missing.csv"))
+    with pytest.raises(UsageError, match="no bucket"):
+        gcs.split("gs:///x")
+    assert gcs.read_bytes(gcs.join(bucket, "missing")) is None
+    gcs.delete(gcs.join(bucket, "missing"))  # deleting what isn't there is fine
+
+
+def test_manifests_stream_from_gcs(bucket, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batcher.manifest import ManifestOptions, ManifestRow, RowProblem, manifest_fingerprint, read_manifest
+
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text('id,prompt,category\na,"a fox, in snow",x\nb,"two\nlines",y\nc,,z\n', encoding="utf-8")
+    pq_path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(5000)], "prompt": [f"prompt {i}" for i in range(5000)]}), pq_path,
+                   row_group_size=1000)
+    gcs.upload_file(gcs.join(bucket, "in/m.csv"), str(csv_path))
+    gcs.upload_file(gcs.join(bucket, "in/m.parquet"), str(pq_path))
+    items = list(read_manifest(gcs.join(bucket, "in/m.csv")))
+    assert [i.id for i in items if isinstance(i, ManifestRow)] == ["a", "b"]
+    assert [i.prompt for i in items if isinstance(i, ManifestRow)] == ["a fox, in snow", "two\nlines"]
+    (problem,) = [i for i in items if isinstance(i, RowProblem)]
+    assert problem.row == 4 and problem.column == "prompt" and problem.file.startswith("gs://")
+    rows = list(read_manifest(gcs.join(bucket, "in/m.parquet"), batch_rows=700))
+    assert len(rows) == 5000 and rows[-1].id == "r4999"
+    fp = manifest_fingerprint(gcs.join(bucket, "in/m.parquet"), ManifestOptions())
+    assert fp["size"] == pq_path.stat().st_size and fp["generation"]
+
+
+def test_missing_or_empty_gcs_manifest_is_a_clear_error(bucket):
+    from batcher.errors import ManifestError
+    from batcher.manifest import read_manifest
+
+    with pytest.raises(ManifestError, match="not found in GCS"):
+        read_manifest(gcs.join(bucket, "nope.csv"))
+    gcs.write_if_absent(gcs.join(bucket, "empty.csv"), b"")
+    with pytest.raises(ManifestError, match="empty"):
+        read_manifest(gcs.join(bucket, "empty.csv"))
+
+
+def test_a_run_reads_its_manifest_from_gcs(bucket, tmp_path, emulator, backend_factory):
+    import pyarrow.parquet as pq
+
+    import batcher.pipeline as pipeline
+
+    src = tmp_path / "m.csv"
+    src.write_text("id,prompt,sku\na,a teapot,T1\nb,a kettle,K1\nc,a teapot,T2\n", encoding="utf-8")
+    uri = gcs.join(bucket, "manifests/m.csv")
+    gcs.upload_file(uri, str(src))
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                          timeout=30, quiet=True)
+    result = pipeline.run(uri, s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    rows = pq.read_table(s.out / "metadata.parquet").to_pylist()
+    assert [(r["id"], r["sku"], r["status"]) for r in rows] == [("a", "T1", "ok"), ("b", "K1", "ok"), ("c", "T2", "ok")]
+    # Unchanged object: the same run (no new job). A new version of the object: a new run.
+    assert pipeline.run(uri, s, backend_factory=backend_factory).exit_code == 0
+    assert emulator.stats()["batches_created"] == 1
+    src.write_text("id,prompt\na,a teapot\nd,a mug\n", encoding="utf-8")
+    gcs.upload_file(uri, str(src))
+    assert pipeline.run(uri, s, backend_factory=backend_factory).exit_code == 0
+    assert [r["id"] for r in pq.read_table(s.out / "metadata.parquet").to_pylist()] == ["a", "d"]
+    assert emulator.stats()["batches_created"] == 2  # only the mug was new
