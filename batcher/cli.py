@@ -324,6 +324,21 @@ def cancel(jobs, all_jobs, **kw):
         _finish(pipeline.cancel(_settings(kw), list(jobs) or None, backend_factory=factory))
 
 
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="The dataset (default: WORKDIR/dataset).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@handle_errors
+def report(workdir, out, quiet, verbose):
+    """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and thumbnails (no API call)."""
+    from .report import write_report
+
+    _setup_logging(verbose, quiet)
+    r = write_report(pipeline.Settings(workdir=workdir, out=out, quiet=quiet))
+    click.echo(f"report: {r.html_path} ({r.rows} rows; contact sheet {r.sheet_path})")
+
+
 class _LazyEmulatorCommand(click.Command):
     """`batcher emulator`: imported only when used, so the library never loads the emulator otherwise."""
 

@@ -320,9 +320,15 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
-        return Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
-                       + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}") + budget_note(ws),
-                       plan=p, dataset=ds, counts=counts, jobs_created=created)
+        outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
+                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}") + budget_note(ws),
+                          plan=p, dataset=ds, counts=counts, jobs_created=created)
+    try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
+        from .report import write_report
+        write_report(settings)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("report not written: %s", exc)
+    return outcome
 
 
 def on_deadline(ws: Workspace, counts: dict) -> str:
