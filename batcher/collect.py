@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+import queue
 import threading
 
 from .backend import GeminiBackend
@@ -32,6 +33,7 @@ BLOCK_FINISH_REASONS = {
 }
 COMMIT_EVERY = 64  # lines per ledger transaction
 IMAGE_WRITERS = 2  # threads verifying and writing images (fsync, crc32 and file writes release the GIL)
+DOWNLOAD_AHEAD = 8  # 1 MB blocks received ahead of the parser at most
 IMAGES_IN_FLIGHT = 8  # decoded images waiting for a writer at most: bounds memory
 
 
@@ -99,6 +101,7 @@ def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
 
 
 _PLACEHOLDER = "\x00batcher-b64:"
+_B64_PIECE = 128 * 1024  # base64 characters decoded per call (a multiple of 4)
 _BLOB_MIN = 1024  # base64 strings shorter than this are left to json.loads
 
 
@@ -106,6 +109,7 @@ class _Blobs:
     """The long "data" strings of one results line, kept as slices of the line's bytes."""
 
     def __init__(self, line: bytes, spans: list[tuple[int, int]]):
+        self.line = line
         self.view = memoryview(line)
         self.spans = spans
 
@@ -113,8 +117,16 @@ class _Blobs:
         return isinstance(value, str) and value.startswith(_PLACEHOLDER)
 
     def decode(self, placeholder: str) -> bytes:
+        """Strict base64 decoding, in pieces: one call on megabytes holds the GIL for milliseconds, which would
+        stall the download and image-writer threads; between pieces they get to run."""
         start, end = self.spans[int(placeholder[len(_PLACEHOLDER):])]
-        return binascii.a2b_base64(self.view[start:end], strict_mode=True)
+        if end - start <= _B64_PIECE:
+            return binascii.a2b_base64(self.view[start:end], strict_mode=True)
+        last = start + (end - start - 1) // _B64_PIECE * _B64_PIECE  # the last piece holds any padding
+        if (end - start) % 4 or self.line.find(b"=", start, last) >= 0:
+            raise binascii.Error("malformed base64 (padding inside the data, or a length not a multiple of 4)")
+        a2b, view = binascii.a2b_base64, self.view
+        return b"".join([a2b(view[i:min(i + _B64_PIECE, end)], strict_mode=True) for i in range(start, end, _B64_PIECE)])
 
 
 def _loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
@@ -182,8 +194,47 @@ def _result_lines(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) ->
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_suffix(".jsonl.part")
-    yield from _lines(backend.download_chunks(job["output_file"], part, on_bytes=on_bytes))
+    yield from _lines(_prefetch(backend.download_chunks(job["output_file"], part, on_bytes=on_bytes), DOWNLOAD_AHEAD))
     part.replace(final)
+
+
+def _prefetch(blocks: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """Run a block iterator (the download: socket reads and `.part` writes, which release the GIL) in its own
+    thread, at most `depth` blocks ahead of the consumer, so receiving and parsing overlap."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def pump() -> None:
+        try:
+            for blk in blocks:
+                if not offer(blk):
+                    return
+            offer(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(exc)
+        finally:
+            blocks.close() if hasattr(blocks, "close") else None
+
+    t = threading.Thread(target=pump, name="batcher-download", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
 
 
 def download_results(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Path:
@@ -256,6 +307,7 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable
             store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
                                     "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
         finally:
+            o.data = None  # written (or rejected): don't hold megabytes until the batch is committed
             slots.release()
 
     def flush():
