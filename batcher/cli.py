@@ -23,6 +23,20 @@ from .quota import Quota
 log = logging.getLogger("batcher")
 
 
+class _PathOrGcs(click.ParamType):
+    """A local path (as a Path) or a gs://bucket/prefix URI (kept as text: a Path would mangle it)."""
+
+    name = "PATH|gs://URI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path) or value is None:
+            return value
+        return str(value) if gcs.is_gcs(value) else Path(value)
+
+
+PATH_OR_GS = _PathOrGcs()
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
     if quiet:
@@ -64,9 +78,9 @@ def common_options(fn):
     options = [
         click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True,
                      help="Ledger and staging directory of the run."),
-        click.option("--out", type=click.Path(path_type=Path), default=None,
+        click.option("--out", type=PATH_OR_GS, default=None,
                      help="Output dataset directory (default: WORKDIR/dataset)."),
-        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+        click.option("--cache-dir", type=PATH_OR_GS, default=None,
                      help="Image cache shared between runs (default: the user cache dir, or $BATCHER_CACHE_DIR)."),
         click.option("--backend", type=click.Choice(["gemini", "emulator", "vertex"]), default="gemini", show_default=True,
                      help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator for demos; "
@@ -137,7 +151,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         source = ctx.get_parameter_source(option)
         if source is None or source == click.core.ParameterSource.DEFAULT:
             value = spec.values[spec_key]
-            kw[option] = Path(value) if option in ("workdir", "out", "cache_dir") else value
+            kw[option] = PATH_OR_GS.convert(value, None, None) if option in ("workdir", "out", "cache_dir") else value
     value = spec.values["manifest"]
     return value if gcs.is_gcs(value) else Path(value)
 
@@ -247,7 +261,7 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
 
 @main.command()
 @click.argument("manifest")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="The image cache to count hits in.")
+@click.option("--cache-dir", type=PATH_OR_GS, default=None, help="The image cache to count hits in.")
 @manifest_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
 @handle_errors

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import gcs
 from .errors import BatcherError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
@@ -54,16 +55,19 @@ class DatasetSummary:
     cost_usd: float = 0.0
 
 
-def _place_image(src: Path, dest: Path) -> None:
+def _place_image(src: Path | str, dest: Path) -> None:
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
+    if gcs.is_gcs(src):  # a gs:// cache
+        gcs.download_file(str(src), str(tmp))
+    else:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
 
 
@@ -71,10 +75,28 @@ def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> 
     """Write the dataset; a disk error (full, read-only, a file in the way) names the dataset, not a traceback.
     The images stay in the cache and the ledger keeps every outcome: run the command again once there is room."""
     try:
+        if gcs.is_gcs(out):
+            return _write_dataset_to_gcs(ledger, store, run_id, str(out))
         return _write_dataset(ledger, store, run_id, out)
     except OSError as exc:
         raise BatcherError(f"output dataset {out}: cannot write it ({exc.strerror or exc}); nothing is lost: "
                            f"free some space (or fix the path) and run the same command again") from None
+
+
+def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: str) -> DatasetSummary:
+    """A gs:// dataset: built in the workdir, then uploaded; images create-if-absent (same hash, same bytes),
+    metadata.parquet last, so a reader never sees metadata whose images are missing."""
+    local = ledger.workdir / "dataset-staging"
+    summary = _write_dataset(ledger, store, run_id, local)
+    uploaded: set[str] = set()
+    for batch in pq.ParquetFile(local / "metadata.parquet").iter_batches(columns=["file_name"], batch_size=BATCH_ROWS):
+        for file_name in batch.column(0).to_pylist():
+            if file_name and file_name not in uploaded:  # rows sharing a request share one image
+                uploaded.add(file_name)
+                gcs.upload_file_if_absent(gcs.join(out, file_name), str(local / file_name))
+    gcs.upload_file(gcs.join(out, "metadata.parquet"), str(local / "metadata.parquet"))
+    summary.path = out
+    return summary
 
 
 def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
@@ -107,7 +129,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) ->
                     if src is None:
                         status = "pending"  # the cache lost it: the next submit generates it again
                     else:
-                        file_name = f"images/{r['request_hash'][:2]}/{r['request_hash']}{src.suffix}"
+                        file_name = f"images/{r['request_hash'][:2]}/{r['request_hash']}{os.path.splitext(str(src))[1]}"
                         _place_image(src, out / file_name)
                 summary.rows += 1
                 setattr(summary, status, getattr(summary, status) + 1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import gcs
 from . import jobs as jobs_mod
 from .backend import Connection, GeminiBackend
 from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS
@@ -36,7 +37,7 @@ from .estimate import budget_allowance, budget_exhausted, budget_note
 from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
-from .store import ImageStore
+from .store import ImageStore, open_store
 
 log = logging.getLogger("batcher")
 
@@ -46,8 +47,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_PENDING = 0, 1, 2, 3, 4
 @dataclass
 class Settings:
     workdir: Path = Path(".batcher")
-    out: Path | None = None  # default: <workdir>/dataset
-    cache_dir: Path | None = None  # default: the user cache dir (shared between workdirs)
+    out: Path | str | None = None  # default: <workdir>/dataset; or gs://bucket/prefix
+    cache_dir: Path | str | None = None  # default: the user cache dir (shared between workdirs); or gs://bucket/prefix
     manifest: ManifestOptions = field(default_factory=ManifestOptions)
     limits: ShardLimits = field(default_factory=ShardLimits)
     max_attempts: int = 3
@@ -69,7 +70,8 @@ class Settings:
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
-        self.out = Path(self.out) if self.out else self.workdir / "dataset"
+        self.out = _path_or_uri(self.out) if self.out else self.workdir / "dataset"
+        self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
         if self.max_attempts < 1:
             raise UsageError("--max-attempts must be at least 1")
         check_policy(self.deadline_policy)
@@ -88,9 +90,16 @@ class Outcome:
     collect: CollectStats | None = None
 
 
-def check_dir(path: Path, what: str) -> None:
+def _path_or_uri(value) -> Path | str:
+    return str(value) if gcs.is_gcs(value) else Path(value)
+
+
+def check_dir(path: Path | str, what: str) -> None:
     """Before any API call: a directory batcher will write must be creatable. A path under a regular file, or
-    an unwritable parent, would otherwise fail only after the jobs were paid for."""
+    an unwritable parent, would otherwise fail only after the jobs were paid for. (gs:// is checked by GCS.)"""
+    if gcs.is_gcs(path):
+        gcs.split(str(path))
+        return
     probe = Path(path).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -121,7 +130,7 @@ class Workspace:
         except BaseException:
             self.lock.release()
             raise
-        self.store = ImageStore(settings.cache_dir)
+        self.store = open_store(settings.cache_dir)
         try:
             check_dir(self.store.root, "image cache (--cache-dir)")
         except BaseException:
@@ -321,11 +330,12 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
-                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {ds.path / 'metadata.parquet'}") + budget_note(ws),
+                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet") + budget_note(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .report import write_report
-        write_report(settings)
+        if not gcs.is_gcs(settings.out):  # a report for a gs:// dataset is not written yet (docs/scaling.md)
+            write_report(settings)
     except Exception as exc:  # noqa: BLE001
         log.warning("report not written: %s", exc)
     return outcome

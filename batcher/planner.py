@@ -187,14 +187,18 @@ class _StoreLookup:
         self.dirs: dict[str, set[str]] = {}
 
     def has(self, h: str) -> bool:
-        if self.root is None:
+        listing = getattr(self.store, "list_dir", None)  # a gs:// cache: one listing per prefix too
+        if self.root is None and listing is None:
             return self.store.has(h)
         names = self.dirs.get(h[:2])
         if names is None:
-            try:
-                names = {n for n in os.listdir(os.path.join(self.root, h[:2])) if not n.startswith(".")}
-            except (FileNotFoundError, NotADirectoryError):
-                names = set()
+            if self.root is None:
+                names = listing(h[:2])
+            else:
+                try:
+                    names = {n for n in os.listdir(os.path.join(self.root, h[:2])) if not n.startswith(".")}
+                except (FileNotFoundError, NotADirectoryError):
+                    names = set()
             self.dirs[h[:2]] = names
         return bool(names) and (h + ".png" in names or h + ".jpg" in names or h + ".webp" in names or h + ".gif" in names)
 

@@ -128,3 +128,64 @@ class ImageStore:
             return json.loads(p.read_text())
         except (FileNotFoundError, ValueError):
             return {}
+
+
+class GcsImageStore:
+    """The same cache on GCS (`gs://bucket/prefix`), for teams and for several machines collecting at once.
+
+    Entries are created if absent (a generation precondition): two writers of one hash never clobber each
+    other, and the loser's write is simply not needed (same request, same hash). The image goes last, so
+    its presence means the entry is complete.
+    """
+
+    EXTS = (".png", ".jpg", ".webp", ".gif")
+
+    def __init__(self, root: str):
+        from . import gcs
+
+        gcs.split(root)  # validates the URI
+        self.root = root.rstrip("/")
+        self._gcs = gcs
+
+    def _key(self, request_hash: str, ext: str) -> str:
+        if len(request_hash) != 64 or not all(c in "0123456789abcdef" for c in request_hash):
+            raise ValueError(f"not a request hash: {request_hash!r}")
+        return f"{self.root}/{request_hash[:2]}/{request_hash}{ext}"
+
+    def list_dir(self, prefix2: str) -> set[str]:
+        """The entry names under one two-hex-digit prefix (one listing instead of a lookup per hash)."""
+        return {uri.rsplit("/", 1)[-1] for uri in self._gcs.list_names(f"{self.root}/{prefix2}/")}
+
+    def find(self, request_hash: str) -> str | None:
+        for ext in self.EXTS:
+            uri = self._key(request_hash, ext)
+            if self._gcs.exists(uri):
+                return uri
+        return None
+
+    def has(self, request_hash: str) -> bool:
+        return self.find(request_hash) is not None
+
+    def put(self, request_hash: str, data: bytes, meta: dict | None = None) -> str:
+        fmt = verify_image(data)
+        ext = EXTENSIONS.get(fmt, ".img")
+        uri = self._key(request_hash, ext)
+        if meta is not None:
+            self._gcs.write_if_absent(self._key(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
+                                      "application/json")
+        self._gcs.write_if_absent(uri, data, f"image/{fmt.lower()}")
+        return uri
+
+    def meta(self, request_hash: str) -> dict:
+        raw = self._gcs.read_bytes(self._key(request_hash, ".json"))
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+
+
+def open_store(root: str | os.PathLike | None = None):
+    """The cache at `root`: a local directory, or gs://bucket/prefix."""
+    if root is not None and str(root).startswith("gs://"):
+        return GcsImageStore(str(root))
+    return ImageStore(root)

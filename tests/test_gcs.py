@@ -113,3 +113,32 @@ def test_a_run_reads_its_manifest_from_gcs(bucket, tmp_path, emulator, backend_f
     assert pipeline.run(uri, s, backend_factory=backend_factory).exit_code == 0
     assert [r["id"] for r in pq.read_table(s.out / "metadata.parquet").to_pylist()] == ["a", "d"]
     assert emulator.stats()["batches_created"] == 2  # only the mug was new
+
+
+def test_cache_and_dataset_on_gcs(bucket, tmp_path, emulator, backend_factory):
+    """Cache and output on gs://: a second workdir sharing the bucket cache creates no job."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    import batcher.pipeline as pipeline
+
+    m = tmp_path / "m.csv"
+    m.write_text("id,prompt,variants\na,a lighthouse,2\nb,a lighthouse,\nc,a barn,\n", encoding="utf-8")
+    cache, out = gcs.join(bucket, "cache"), gcs.join(bucket, "datasets/nightly")
+    s = pipeline.Settings(workdir=tmp_path / "w1", out=out, cache_dir=cache, poll_interval=0.05, timeout=30, quiet=True)
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
+    with gcs.open_read(gcs.join(out, "metadata.parquet")) as f:
+        rows = pq.read_table(f).to_pylist()
+    assert [(r["id"], r["variant"], r["status"]) for r in rows] == [("a", 0, "ok"), ("a", 1, "ok"), ("b", 0, "ok"), ("c", 0, "ok")]
+    for r in rows:
+        data = gcs.read_bytes(gcs.join(out, r["file_name"]))
+        Image.open(io.BytesIO(data)).verify()
+    assert len(list(gcs.list_names(cache + "/"))) == 2 * 3  # three distinct requests: image + metadata each
+    before = emulator.stats()["batches_created"]
+    s2 = pipeline.Settings(workdir=tmp_path / "w2", out=tmp_path / "o2", cache_dir=cache, poll_interval=0.05, timeout=30,
+                           quiet=True)
+    assert pipeline.run(m, s2, backend_factory=backend_factory).exit_code == 0
+    assert emulator.stats()["batches_created"] == before
+    assert {r["cached"] for r in pq.read_table(s2.out / "metadata.parquet").to_pylist()} == {True}
