@@ -250,13 +250,20 @@ def download_results(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None)
 
 
 def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_id: int, max_attempts: int,
-                stats: CollectStats, on_bytes=None, on_image=None) -> None:
+                stats: CollectStats, on_bytes=None, on_image=None, delete_remote: bool = True) -> None:
     job = ledger.job(job_id)
     if job["state"] == J_SUCCEEDED:
         if not job["output_file"]:
             stats.errors.append(f"{job['display_name']}: succeeded without a results file")
         else:
             _parse_results(ledger, store, job, _result_lines(ledger, backend, job, on_bytes=on_bytes), max_attempts, stats, on_image)
+    finish_job(ledger, backend, job_id, max_attempts, stats, delete_remote=delete_remote)
+
+
+def finish_job(ledger: Ledger, backend: GeminiBackend, job_id: int, max_attempts: int, stats: CollectStats,
+               delete_remote: bool = True) -> None:
+    """The job's outcomes are recorded: requeue what did not come back, mark it collected, free its files."""
+    job = ledger.job(job_id)
     # Whatever did not come back (expired, failed, cancelled jobs; keys missing from results) is retried.
     reason = {J_SUCCEEDED: "missing from the job's results", J_FAILED: "job failed", J_EXPIRED: "job expired (48 h)",
               J_CANCELLED: "job cancelled"}.get(job["state"], "job ended")
@@ -270,7 +277,7 @@ def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_i
         ledger.job_transition(c, job_id, (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED), J_COLLECTED)
     stats.jobs += 1
     # The job's files cost storage quota (20 GB per project): delete them once collected.
-    for name in (job["input_file"], job["output_file"]):
+    for name in (job["input_file"], job["output_file"]) if delete_remote else ():
         if name:
             try:
                 backend.delete_file(name)
@@ -290,6 +297,26 @@ def _fail(c, ledger: Ledger, h: str, attempts: int, max_attempts: int, reason: s
         c.execute("UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, updated_at=? WHERE hash=? AND state=?",
                   (FAILED, attempts, f"{reason} (after {attempts} attempts)", finish, now, h, QUEUED))
         stats.failed += 1
+
+
+def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts: int, stats: CollectStats) -> None:
+    """Record (kind, hash, attempts, Outcome) items in one transaction: images and blocks are final, errors
+    are retried while attempts remain. Only requests still queued change (a request done elsewhere stays)."""
+    now = time.time()
+    with ledger.transaction() as c:
+        for kind, h, attempts, o in items:
+            if kind in ("image", "blocked"):
+                cost = cost_usd(model, o.prompt_tokens, o.output_tokens)
+                state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
+                cur = c.execute(
+                    "UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
+                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, now, h, QUEUED))
+                if kind == "image":
+                    stats.succeeded += cur.rowcount
+                else:
+                    stats.blocked += cur.rowcount
+            else:
+                _fail(c, ledger, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
 
 
 def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable[bytes], max_attempts: int, stats: CollectStats,
@@ -324,23 +351,7 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable
                 if on_image:
                     on_image(1)
                 pending[i] = (kind, h, attempts, o)
-        now = time.time()
-        with ledger.transaction() as c:
-            for kind, h, attempts, o in pending:
-                if kind == "image":
-                    cost = cost_usd(model, o.prompt_tokens, o.output_tokens)
-                    cur = c.execute(
-                        "UPDATE requests SET state=?, attempts=?, error=NULL, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
-                        (SUCCEEDED, attempts + 1, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, now, h, QUEUED))
-                    stats.succeeded += cur.rowcount
-                elif kind == "blocked":
-                    cost = cost_usd(model, o.prompt_tokens, o.output_tokens)
-                    cur = c.execute(
-                        "UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
-                        (BLOCKED, attempts + 1, o.reason, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, now, h, QUEUED))
-                    stats.blocked += cur.rowcount
-                else:
-                    _fail(c, ledger, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
+        record_outcomes(ledger, model, pending, max_attempts, stats)
         pending.clear()
 
     expected = {h: a for h, a in ledger.conn.execute(
