@@ -89,6 +89,8 @@ def common_options(fn):
         click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1)."),
         click.option("--staging", default=None,
                      help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING)."),
+        click.option("--share", default=None, metavar="gs://URI",
+                     help="Share this run's jobs with other collectors through GCS (see `collect --worker`)."),
         click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
                      help="Attempts per request before it is marked failed."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only."),
@@ -141,7 +143,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         "limits.max_requests_per_job": "max_requests_per_job", "limits.max_attempts": "max_attempts",
         "limits.tier": "tier", "limits.token_cap": "token_cap", "limits.budget_usd": "budget_usd", "prices": "prices",
         "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
-        "window.deadline": "deadline", "window.policy": "deadline_policy",
+        "window.deadline": "deadline", "window.policy": "deadline_policy", "share": "share",
         "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
         "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
     }
@@ -169,7 +171,7 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
         limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
         quota=Quota(tier=kw.get("tier") or "1", token_cap=kw.get("token_cap")),
         refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False),
-        fallback_model=kw.get("fallback_model"), skip_invalid=kw.get("skip_invalid", False),
+        fallback_model=kw.get("fallback_model"), share=kw.get("share"), skip_invalid=kw.get("skip_invalid", False),
         rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False),
         budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), **extra,
     )
@@ -281,11 +283,17 @@ def estimate(ctx, manifest, as_json, **kw):
 
 @main.command()
 @common_options
+@click.option("--worker", is_flag=True,
+              help="Be one of many collectors of a shared run (--share, --cache-dir gs://...): no run of your own.")
+@click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
+@click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop after this many seconds (--worker).")
 @handle_errors
-def collect(**kw):
+def collect(worker, poll_interval, timeout, **kw):
     """Download finished jobs, decode and cache images, requeue failures, write the dataset."""
     _setup_logging(kw["verbose"], kw["quiet"])
     with _backend_factory(kw["backend"], kw) as factory:
+        if worker:
+            _finish(pipeline.collect_as_worker(_settings(kw, poll_interval=poll_interval, timeout=timeout), backend_factory=factory))
         _finish(pipeline.collect(_settings(kw), backend_factory=factory))
 
 

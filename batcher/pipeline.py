@@ -37,6 +37,7 @@ from .estimate import budget_allowance, budget_exhausted, budget_note
 from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
+from .share import Share, export_records, import_records
 from .store import ImageStore, open_store
 
 log = logging.getLogger("batcher")
@@ -59,6 +60,7 @@ class Settings:
     poll_interval: float = 30.0
     timeout: float | None = None
     quota: Quota = field(default_factory=Quota)
+    share: str | None = None  # gs://... where this run's jobs are shared with other collectors (batcher.share)
     fallback_model: str | None = None  # for requests that keep failing on their model
     deadline: float | None = None  # epoch seconds (batcher.deadline.parse_deadline)
     deadline_policy: str = "wait"  # wait | report | resubmit | interactive
@@ -199,9 +201,41 @@ def refresh_jobs(ws: Workspace) -> None:
         jobs_mod.refresh_job(ws.ledger, ws.backend, job["id"])
 
 
+def publish_jobs(ws: Workspace) -> None:
+    """With --share: announce this workdir's created jobs to the other collectors (idempotent)."""
+    if not ws.settings.share:
+        return
+    share = Share(ws.settings.share)
+    published = ws.__dict__.setdefault("_published", set())
+    for job in ws.ledger.jobs((J_SUBMITTED, J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
+        if job["display_name"] not in published:
+            hashes = [h for (h,) in ws.ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],))]
+            share.publish(job, hashes, type(ws.backend).__name__)
+            published.add(job["display_name"])
+
+
+def _collect_shared_job(ws: Workspace, share: Share, job, stats: CollectStats) -> None:
+    """A finished job of a shared run: import another collector's outcomes, or claim it and collect it here."""
+    records = share.done(job["display_name"])
+    if records is not None:
+        import_records(ws.ledger, ws.backend, ws.store, job, records, ws.settings.max_attempts, stats)
+        return
+    if not share.claim(job["display_name"]):
+        return  # another collector is on it: its outcomes arrive in a later round
+    collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats, delete_remote=False)
+    share.write_done(job["display_name"], export_records(ws.ledger, job["id"]))
+    if job["output_file"]:
+        ws.backend.delete_file(job["output_file"])
+
+
 def collect_finished(ws: Workspace) -> CollectStats:
     stats = CollectStats()
+    publish_jobs(ws)
+    share = Share(ws.settings.share) if ws.settings.share else None
     for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
+        if share is not None and job["state"] == J_SUCCEEDED:
+            _collect_shared_job(ws, share, job, stats)
+            continue
         with ws.progress.bytes(f"download {job['display_name']}", None) as dbar, \
                 ws.progress.count(f"images {job['display_name']}", job["request_count"]) as ibar:
             collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
@@ -262,6 +296,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
                            f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded",
                            plan=p, counts=counts)
         created = send_pending(ws) if run_counts(ws.ledger, p.run_id)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
+        publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
         if not counts[PLANNED] and not counts[QUEUED]:
             write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
@@ -391,6 +426,23 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
                     stats.blocked, stats.failed, stats.spent_usd)
     if stats.held_back:
         log.warning("interactive fallback: %d requests held back by the budget", stats.held_back)
+
+
+def collect_as_worker(settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """`batcher collect --share URI --worker`: collect the shared run's finished jobs into the shared cache,
+    with no run of its own (any number of these, on any machines)."""
+    if not settings.share:
+        raise UsageError("--worker needs --share gs://... (where the run's owner publishes its jobs)")
+    if not gcs.is_gcs(settings.cache_dir or ""):
+        raise UsageError("--worker needs --cache-dir gs://... : the image cache the run's owner uses, shared by every collector")
+    from . import share as share_mod
+
+    check_dir(settings.workdir, "workdir (--workdir)")
+    factory = backend_factory or (lambda: GeminiBackend(Connection.from_env()))
+    stats = share_mod.work(Share(settings.share), factory(), open_store(settings.cache_dir), settings.workdir,
+                           poll_interval=settings.poll_interval, timeout=settings.timeout, sleep=sleep)
+    return Outcome(EXIT_OK, f"collector: {stats.jobs} job(s) collected here ({stats.images} images), "
+                   f"{stats.skipped_claimed} left to other collectors, {stats.rounds} round(s)")
 
 
 def cancel(settings: Settings, names: list[str] | None = None, *, backend_factory=None) -> Outcome:

@@ -26,6 +26,7 @@ from .errors import UsageError
 
 SCHEMA: dict[str, Any] = {
     "manifest": str, "workdir": str, "out": str, "cache_dir": str, "backend": str, "refresh": bool, "skip_invalid": bool,
+    "share": str,
     "defaults": {"model": str, "aspect_ratio": str, "image_size": str, "temperature": float, "top_p": float,
                  "seed": int, "variants": int, "system_instruction": str},
     "manifest_columns": {"prompt": str, "id": str, "format": str},
