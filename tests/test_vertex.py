@@ -310,3 +310,27 @@ def test_interactive_generate_content_on_vertex(vx, gcs):
     with Image.open(io.BytesIO(data)) as im:
         im.load()
     assert vx.stats()["generate_content_calls"] == 1
+
+
+def test_a_vertex_run_with_manifest_cache_and_dataset_on_gcs(tmp_path, vx, gcs):
+    """Issue 7's done-when on the Vertex backend: everything on gs://, same cache guarantee as Gemini."""
+    from batcher import gcs as gcs_mod
+
+    gcs_mod.client.cache_clear()  # STORAGE_EMULATOR_HOST was just set for this test
+    _, bucket = gcs
+    root = f"gs://{bucket.name}"
+    local = write_csv(tmp_path / "m.csv", HEADER, PROMPTS)
+    gcs_mod.upload_file(f"{root}/manifests/m.csv", str(local))
+    s = pipeline.Settings(workdir=tmp_path / "w", out=f"{root}/datasets/d", cache_dir=f"{root}/cache",
+                          poll_interval=0.05, timeout=30, quiet=True)
+    result = pipeline.run(f"{root}/manifests/m.csv", s, backend_factory=factory(vx, bucket))
+    assert result.exit_code == 0, result.summary
+    with gcs_mod.open_read(f"{root}/datasets/d/metadata.parquet") as f:
+        rows = pq.read_table(f).to_pylist()
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert all(gcs_mod.exists(f"{root}/datasets/d/{r['file_name']}") for r in rows)
+    s2 = pipeline.Settings(workdir=tmp_path / "w2", out=f"{root}/datasets/d2", cache_dir=f"{root}/cache",
+                           poll_interval=0.05, timeout=30, quiet=True)
+    assert pipeline.run(f"{root}/manifests/m.csv", s2, backend_factory=factory(vx, bucket)).exit_code == 0
+    assert vx.stats()["vertex_jobs_created"] == 1  # the second run was served by the gs:// cache
+    gcs_mod.client.cache_clear()
