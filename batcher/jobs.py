@@ -43,13 +43,13 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
         (job_id,),
     )
     size = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") as f:
         for h, body_json in rows:
-            body = json.loads(body_json)
             if REF_SCHEME in body_json:
-                body = resolve_references(body, uri_by_sha)
-            line = json.dumps({"key": h, "request": body}, ensure_ascii=False, separators=(",", ":")) + "\n"
-            size += len(line.encode())
+                body_json = splice_references(body_json, uri_by_sha)
+            # The stored body is already JSON: splice it in rather than parse and serialise it again.
+            line = f'{{"key":"{h}","request":{body_json}}}\n'.encode()
+            size += len(line)
             f.write(line)
     os.replace(tmp, path)
     with ledger.transaction() as c:
@@ -57,7 +57,21 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
     return path
 
 
+def splice_references(body_json: str, uri_by_sha: dict[str, str]) -> str:
+    """Put uploaded file URIs where a body's reference placeholders are. Only whole JSON string values are
+    replaced (`"batcher-ref:sha256:..."` with its quotes): inside a prompt the quotes would be escaped."""
+    for sha in set(referenced_hashes(body_json)):
+        placeholder = f'"{REF_SCHEME}{sha}"'
+        if placeholder in body_json:
+            if sha not in uri_by_sha:
+                raise KeyError(f"reference image {sha[:12]} has no uploaded file")
+            body_json = body_json.replace(placeholder, json.dumps(uri_by_sha[sha]))
+    return body_json
+
+
 def job_reference_hashes(ledger: Ledger, job_id: int) -> set[str]:
+    if ledger.conn.execute("SELECT 1 FROM reference_files LIMIT 1").fetchone() is None:
+        return set()  # no run in this workdir has reference images: skip the scan
     out: set[str] = set()
     rows = ledger.conn.execute(
         "SELECT r.body_json FROM job_requests jr JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=? AND r.body_json LIKE ?",

@@ -27,7 +27,7 @@ from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledg
 from .quota import request_tokens
 from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import (
-    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
+    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
 from .store import ImageStore
 
@@ -141,7 +141,7 @@ class _Templates:
 
     def _exact(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
         req = self._req(row, references, variant, row.prompt)
-        return row.model, variant, request_hash(req), json.dumps(request_body(req), ensure_ascii=False)
+        return row.model, variant, request_hash(req), dump_body(request_body(req))
 
     def _slow(self, row: ManifestRow, references: tuple, variant: int, key: tuple) -> tuple:
         exact = self._exact(row, references, variant)
@@ -149,12 +149,12 @@ class _Templates:
         try:
             sentinel = self._req(row, references, variant, self.SENTINEL)
             s_body = request_body(sentinel)
-            body_json = json.dumps(s_body, ensure_ascii=False)
+            s_json = dump_body(s_body)
             ident = canonical_json({"schema": HASH_SCHEMA_VERSION, "model": row.model.removeprefix("models/"),
                                     "request": s_body, "variant": variant})
             enc = _encode_str(self.SENTINEL)
-            if body_json.count(enc) == 1 and ident.count(enc) == 1:
-                body_pre, body_post = body_json.split(enc)
+            if s_json.count(enc) == 1 and ident.count(enc) == 1:
+                body_pre, body_post = s_json.split(enc)
                 ident_pre, ident_post = ident.split(enc)
                 p = _encode_str(row.prompt)
                 mine = (hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest(), body_pre + p + body_post)
@@ -394,7 +394,7 @@ def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageR
     if row is None:
         c.execute(
             "INSERT INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)",
-            (h, req.model, json.dumps(request_body(req), ensure_ascii=False), SUCCEEDED if cached else PLANNED, int(cached),
+            (h, req.model, dump_body(request_body(req)), SUCCEEDED if cached else PLANNED, int(cached),
              req.variant, now),
         )
         return

@@ -78,6 +78,11 @@ def request_body(req: ImageRequest) -> dict:
     return body
 
 
+def dump_body(body: dict) -> str:
+    """A request body as stored in the ledger and written into JSONL lines: compact JSON, UTF-8 text kept."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
 def request_hash(req: ImageRequest) -> str:
     return identity_hash(req.model, request_body(req), req.variant)  # references appear by content hash only
 

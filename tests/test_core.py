@@ -130,3 +130,19 @@ def test_an_old_ledger_is_upgraded_in_place(tmp_path):
     assert job["state"] == "submitted" and job["est_tokens"] == 0
     req = ledger.conn.execute("SELECT * FROM requests WHERE hash='h'").fetchone()
     assert req["state"] == "queued" and req["variant"] == 0 and req["fallback_of"] is None
+
+
+def test_reference_placeholders_are_spliced_only_as_whole_values():
+    import json
+
+    from batcher.jobs import splice_references
+
+    sha = "a" * 64
+    req = ImageRequest(model="m", prompt=f'see "batcher-ref:sha256:{sha}" here',
+                       references=(ReferenceImage(sha, "image/png", "/r.png"),))
+    body_json = json.dumps(request_body(req), ensure_ascii=False)
+    out = json.loads(splice_references(body_json, {sha: "https://x/files/f1"}))
+    assert out["contents"][0]["parts"][0]["fileData"]["fileUri"] == "https://x/files/f1"
+    assert out["contents"][0]["parts"][1]["text"] == f'see "batcher-ref:sha256:{sha}" here'  # the prompt is untouched
+    with pytest.raises(KeyError):
+        splice_references(body_json, {})
