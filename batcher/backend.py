@@ -398,18 +398,22 @@ class GeminiBackend:
 
     # ---- interactive ------------------------------------------------------------------------------
     def generate_content(self, model: str, body: dict) -> dict:
-        contents = body["contents"]
-        config = dict(body.get("generationConfig", {}))
-        if "systemInstruction" in body:
-            config["systemInstruction"] = body["systemInstruction"]
-        resp = self._call(
-            f"generateContent {model}",
-            lambda: self.client.models.generate_content(model=model, contents=contents, config=config),
-        )
-        # Python mode keeps image bytes as bytes (the JSON mode would re-encode them as URL-safe base64).
-        out = resp.model_dump(mode="python", by_alias=True, exclude_none=True)
-        out.pop("sdkHttpResponse", None)
-        return out
+        return generate_content(self, model, body)
+
+
+def generate_content(backend, model: str, body: dict) -> dict:
+    """One interactive call with a stored request body, through `backend.client` (Gemini or Vertex mode);
+    the response as a dict in the API's camelCase shape, image bytes kept as bytes."""
+    config = dict(body.get("generationConfig", {}))
+    if "systemInstruction" in body:
+        config["systemInstruction"] = body["systemInstruction"]
+    model = model.removeprefix("models/")
+    resp = backend._call(f"generateContent {model}",
+                         lambda: backend.client.models.generate_content(model=model, contents=body["contents"], config=config))
+    # Python mode keeps image bytes as bytes (the JSON mode would re-encode them as URL-safe base64).
+    out = resp.model_dump(mode="python", by_alias=True, exclude_none=True)
+    out.pop("sdkHttpResponse", None)
+    return out
 
 
 def batch_from_operation(op: dict) -> BatchInfo:

@@ -105,25 +105,23 @@ def open_read(uri: str, chunk_size: int = 8 << 20) -> io.BufferedReader:
     return io.BufferedReader(raw, buffer_size=chunk_size)
 
 
-def write_if_absent(uri: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
-    """Create the object unless it exists. True if this call wrote it; False if someone else had."""
+def _create_if_absent(uri: str, upload) -> bool:
     try:
-        _blob(uri).upload_from_string(data, content_type=content_type, if_generation_match=0)
+        upload(_blob(uri))
         return True
     except Exception as exc:
         if _is_precondition_failure(exc):
             return False
         raise _map_error(exc, uri) from None
+
+
+def write_if_absent(uri: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+    """Create the object unless it exists. True if this call wrote it; False if someone else had."""
+    return _create_if_absent(uri, lambda b: b.upload_from_string(data, content_type=content_type, if_generation_match=0))
 
 
 def upload_file_if_absent(uri: str, path: str, content_type: str = "application/octet-stream") -> bool:
-    try:
-        _blob(uri).upload_from_filename(path, content_type=content_type, if_generation_match=0)
-        return True
-    except Exception as exc:
-        if _is_precondition_failure(exc):
-            return False
-        raise _map_error(exc, uri) from None
+    return _create_if_absent(uri, lambda b: b.upload_from_filename(path, content_type=content_type, if_generation_match=0))
 
 
 def upload_file(uri: str, path: str, content_type: str = "application/octet-stream") -> None:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 from google import genai
 from google.genai import types
 
-from .backend import TRANSIENT_CODES, BatchInfo, UploadedFile, _is_transport_error, map_error, normalize_state
+from .backend import TRANSIENT_CODES, BatchInfo, UploadedFile, _is_transport_error, generate_content, map_error, normalize_state
 from .errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
 from .faults import maybe_crash
 from .retry import RetryPolicy
@@ -402,17 +402,7 @@ class VertexBackend:
 
     # ---- interactive ------------------------------------------------------------------------------
     def generate_content(self, model: str, body: dict) -> dict:
-        contents = body["contents"]
-        config = dict(body.get("generationConfig", {}))
-        if "systemInstruction" in body:
-            config["systemInstruction"] = body["systemInstruction"]
-        resp = self._call(
-            f"generateContent {model}",
-            lambda: self.client.models.generate_content(model=model.removeprefix("models/"), contents=contents, config=config),
-        )
-        out = resp.model_dump(mode="python", by_alias=True, exclude_none=True)
-        out.pop("sdkHttpResponse", None)
-        return out
+        return generate_content(self, model, body)
 
 
 def vertex_state(job) -> str:
