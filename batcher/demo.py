@@ -43,6 +43,7 @@ def main() -> int:
     for r in rows[:3]:
         print(f"  {r['status']:7} {r['file_name']}  <- {r['prompt'][:60]!r}")
     print(f"  ... metadata: {settings.out / 'metadata.parquet'}")
+    print(f"morning report: {settings.out / 'report.html'} (and contact_sheet.png)")
     return 0 if first.exit_code in (0, 3) and second.jobs_created == 0 else 1
 
 
