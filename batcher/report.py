@@ -18,7 +18,6 @@ import html
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -122,10 +121,10 @@ def _scan(metadata: Path) -> _Scan:
 # ---- files ------------------------------------------------------------------------------------------
 
 def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+    # A fixed temp name: a writer killed half-way leaves it, and the next writer of the same file reuses and
+    # renames it, so no temp file outlives a recovery (a random name would stay behind forever).
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
