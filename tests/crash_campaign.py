@@ -11,6 +11,7 @@ kills land at the same delays; where exactly in the code they land varies with m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -24,6 +25,24 @@ from tests import crash_support as cs
 
 STAGE_SHAPES = ["small", "multi-job", "blocked", "line-errors", "job-outcomes", "submit-collect"]
 KILLS_PER_RANDOM_SCENARIO = 2
+
+
+def calibrate(base: Path) -> dict[str, float]:
+    """Time one uninterrupted run of each shape, so random kill moments fall inside real runs (fixed guesses
+    went stale when batcher got faster: most random kills then came after the run had ended)."""
+    emu, log = cs.start_emulator()
+    durations = {}
+    try:
+        for name, shape in cs.SHAPES.items():
+            d = base / f"calibrate-{name}"
+            d.mkdir(parents=True)
+            cs.reset_emulator(emu, log, shape, 0)
+            manifest = cs.write_manifest(d / "m.csv", shape)
+            inv = cs.cli(cs.command_args(shape, manifest, d / "w", d / "o", d / "c"), emu)
+            durations[name] = inv.seconds
+    finally:
+        emu.stop()
+    return durations
 
 
 def plan(seed: int, random_kills: int, stage_shapes: list[str]) -> list[dict]:
@@ -48,7 +67,7 @@ def plan(seed: int, random_kills: int, stage_shapes: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--random-kills", type=int, default=80)  # about 3 in 4 land before the run ends: >= 50 kills
+    ap.add_argument("--random-kills", type=int, default=80)  # kills after the first of a scenario may miss: >= 50 land
     ap.add_argument("--stage-shapes", default=",".join(STAGE_SHAPES))
     ap.add_argument("--jobs", type=int, default=2, help="scenarios at once (each with its own emulator)")
     ap.add_argument("--figures", type=Path, default=None, help="write the figures as JSON here")
@@ -56,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"crash campaign seed {seed} (replay: python -m tests.crash_campaign --seed {seed})", flush=True)
-    scenarios = plan(seed, args.random_kills, [s for s in args.stage_shapes.split(",") if s])
     base = Path(tempfile.mkdtemp(prefix="batcher-crash-"))
+    if args.random_kills:
+        durations = calibrate(base)
+        print("calibrated run times: " + ", ".join(f"{k} {v:.1f}s" for k, v in durations.items()), flush=True)
+        for name, seconds in durations.items():
+            cs.SHAPES[name] = dataclasses.replace(cs.SHAPES[name], typical_s=max(0.5, seconds))
+    scenarios = plan(seed, args.random_kills, [s for s in args.stage_shapes.split(",") if s])
     local = threading.local()
     emulators = []
     lock = threading.Lock()
