@@ -87,20 +87,27 @@ def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: s
     """A gs:// dataset: built in the workdir, then uploaded; images create-if-absent (same hash, same bytes),
     metadata.parquet last, so a reader never sees metadata whose images are missing."""
     local = ledger.workdir / "dataset-staging"
-    summary = _write_dataset(ledger, store, run_id, local)
-    uploaded: set[str] = set()
-    for batch in pq.ParquetFile(local / "metadata.parquet").iter_batches(columns=["file_name"], batch_size=BATCH_ROWS):
-        for file_name in batch.column(0).to_pylist():
-            if file_name and file_name not in uploaded:  # rows sharing a request share one image
-                uploaded.add(file_name)
-                gcs.upload_file_if_absent(gcs.join(out, file_name), str(local / file_name))
+
+    def place(src: Path | str, file_name: str) -> None:
+        # Straight into the bucket: a server-side copy from a gs:// cache, an upload from a local one. Only
+        # metadata.parquet is staged on local disk. Create-if-absent: same name, same bytes.
+        dest = gcs.join(out, file_name)
+        if gcs.is_gcs(src):
+            gcs.copy_if_absent(str(src), dest)
+        else:
+            gcs.upload_file_if_absent(dest, str(src))
+
+    summary = _write_dataset(ledger, store, run_id, local, place=place)
     gcs.upload_file(gcs.join(out, "metadata.parquet"), str(local / "metadata.parquet"))
     summary.path = out
     return summary
 
 
-def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
+def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None) -> DatasetSummary:
+    """Write metadata.parquet into `out`; each image is placed by `place(src, file_name)` (default: linked or
+    copied into `out`)."""
     out = Path(out)
+    place = place or (lambda src, file_name: _place_image(src, out / file_name))
     out.mkdir(parents=True, exist_ok=True)
     run = ledger.conn.execute("SELECT extra_schema FROM runs WHERE id=?", (run_id,)).fetchone()
     extra = pa.ipc.read_schema(pa.py_buffer(run["extra_schema"])) if run and run["extra_schema"] else pa.schema([])
@@ -130,7 +137,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) ->
                         status = "pending"  # the cache lost it: the next submit generates it again
                     else:
                         file_name = f"images/{r['request_hash'][:2]}/{r['request_hash']}{os.path.splitext(str(src))[1]}"
-                        _place_image(src, out / file_name)
+                        place(src, file_name)  # a no-op when it is there (rows sharing a request share it)
                 summary.rows += 1
                 setattr(summary, status, getattr(summary, status) + 1)
                 # Rows sharing a request share one payment: the first row carries it, so the column sums to the spend.

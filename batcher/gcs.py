@@ -124,6 +124,14 @@ def upload_file_if_absent(uri: str, path: str, content_type: str = "application/
     return _create_if_absent(uri, lambda b: b.upload_from_filename(path, content_type=content_type, if_generation_match=0))
 
 
+def copy_if_absent(src_uri: str, dest_uri: str) -> bool:
+    """A server-side copy (no bytes through this machine), unless the destination exists."""
+    src = _blob(src_uri)
+    dest_bucket, dest_name = split(dest_uri)
+    return _create_if_absent(dest_uri, lambda _b: src.bucket.copy_blob(
+        src, client().bucket(dest_bucket), dest_name, if_generation_match=0))
+
+
 def upload_file(uri: str, path: str, content_type: str = "application/octet-stream") -> None:
     """Write (or replace) an object from a local file: GCS makes the new version visible atomically."""
     try:

@@ -198,3 +198,21 @@ def test_a_dead_collectors_claim_is_taken_over_after_its_lease(bucket):
     assert share.write_done("job1", [{"hash": "h", "kind": "image"}])
     assert not share.write_done("job1", [{"hash": "h", "kind": "error"}])  # outcomes are written once
     assert share.done("job1") == [{"hash": "h", "kind": "image"}]
+
+
+def test_a_gcs_dataset_from_a_gcs_cache_copies_server_side(bucket, tmp_path, emulator, backend_factory, monkeypatch):
+    """No image goes through the owner's disk: only metadata.parquet is staged locally."""
+    import batcher.pipeline as pipeline
+
+    m = tmp_path / "m.csv"
+    m.write_text("id,prompt\na,a red door\nb,a blue door\nc,a red door\n", encoding="utf-8")
+    downloads = []
+    real = gcs.download_file
+    monkeypatch.setattr(gcs, "download_file", lambda uri, path: (downloads.append(uri), real(uri, path)))
+    out = gcs.join(bucket, "datasets/doors")
+    s = pipeline.Settings(workdir=tmp_path / "w", out=out, cache_dir=gcs.join(bucket, "cache"), poll_interval=0.05,
+                          timeout=30, quiet=True)
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
+    assert downloads == []
+    assert sorted(u.rsplit(".", 1)[-1] for u in gcs.list_names(out + "/")) == ["parquet", "png", "png"]
+    assert not (s.workdir / "dataset-staging" / "images").exists()
