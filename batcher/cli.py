@@ -329,6 +329,11 @@ def render_status(doc: dict) -> str:
     lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
                  f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
                  f"${doc['cost_usd']:.4f} spent")
+    for model, cap in (doc.get("capacity") or {}).items():
+        limit = f"{cap['token_cap']:,}" if cap.get("token_cap") else "no cap"
+        lines.append(f"capacity {model}: {cap['in_flight_tokens']:,} of {limit} enqueued tokens in flight; "
+                     f"{cap['jobs_waiting']} job(s) ({cap['waiting_tokens']:,} tokens) waiting; "
+                     f"{cap['requests_not_in_jobs']} request(s) not in a job yet")
     return "\n".join(lines)
 
 

@@ -450,3 +450,18 @@ def test_a_create_whose_reply_is_lost_does_not_make_a_second_job(tmp_path, emula
     stats = emulator.stats()
     assert stats["faults"].get("create_then_fail") == 2
     assert stats["batches_created"] == 2  # 5 requests in jobs of 3: two jobs, each created once
+
+
+def test_status_shows_planned_vs_in_flight_vs_capacity(tmp_path, emulator_env):
+    from batcher.cli import main as cli_main
+
+    emulator_env.configure(job_outcomes=["STUCK"])
+    common = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "-q", "--token-cap", "3000"]
+    r = CliRunner().invoke(cli_main, ["submit", str(manifest(tmp_path)), "--max-requests-per-job", "2"] + common)
+    assert r.exit_code == 4, r.output
+    r = CliRunner().invoke(cli_main, ["status", "--workdir", str(tmp_path / "w"), "--no-refresh"])
+    line = next(x for x in r.output.splitlines() if x.startswith("capacity gemini-2.5-flash-image"))
+    assert "enqueued tokens in flight" in line and "job(s)" in line and "waiting" in line
+    doc = json.loads(CliRunner().invoke(cli_main, ["status", "--json", "--workdir", str(tmp_path / "w"), "--no-refresh"]).output)
+    cap = doc["capacity"]["gemini-2.5-flash-image"]
+    assert cap["in_flight_tokens"] > 0 and cap["jobs_waiting"] >= 1  # one job created, the rest wait for capacity
