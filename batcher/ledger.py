@@ -109,6 +109,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE requests ADD COLUMN variant INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE requests ADD COLUMN fallback_of TEXT
     """,
+    # 4: no query looks job_requests up by hash; keeping that index cost a random-order B-tree insert per request
+    """
+    DROP INDEX IF EXISTS job_requests_by_hash
+    """,
 ]
 
 
