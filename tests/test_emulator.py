@@ -182,23 +182,23 @@ def test_upload_offset_mismatch_and_size_mismatch_raw(emu):
            "X-Goog-Upload-Header-Content-Length": "10", "X-Goog-Upload-Header-Content-Type": "text/plain",
            "Content-Type": "application/json"}
     code, h, _ = raw(emu, "POST", "/upload/v1beta/files", {"file": {"displayName": "camel"}}, hdr)
-    assert code == 200 and h["X-Goog-Upload-Status"] == "active"
+    assert code == 200 and h["X-Goog-Upload-Status"] == "active", (code, h, _)
     url = h["X-Goog-Upload-URL"]
     assert url.startswith(emu.url + "/upload/v1beta/files?upload_id=")
     code, h, body = raw(emu, "POST", url, b"12345", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "3"}, key=None)
-    assert code == 400 and json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
-    assert "Offset" in json.loads(body)["error"]["message"]
-    code, h, _ = raw(emu, "POST", url, b"12345", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"}, key=None)
-    assert code == 200 and h["X-Goog-Upload-Status"] == "active"
+    assert code == 400 and json.loads(body)["error"]["status"] == "INVALID_ARGUMENT", (code, h, body)
+    assert "Offset" in json.loads(body)["error"]["message"], body
+    code, h, body = raw(emu, "POST", url, b"12345", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"}, key=None)
+    assert code == 200 and h["X-Goog-Upload-Status"] == "active", (code, h, body)
     # finalize with too few bytes: declared 10, got 8
     code, h, body = raw(emu, "POST", url, b"678", {"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "5"}, key=None)
-    assert code == 400 and h["X-Goog-Upload-Status"] == "final"
+    assert code == 400 and h["X-Goog-Upload-Status"] == "final", (code, h, body)
     # a good one, camelCase body, display name echoed
     hdr["X-Goog-Upload-Header-Content-Length"] = "3"
     code, h, _ = raw(emu, "POST", "/upload/v1/files", {"file": {"displayName": "camel", "mimeType": "text/plain"}}, hdr)
     code, h, body = raw(emu, "POST", h["X-Goog-Upload-URL"], b"abc",
                         {"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"}, key=None)
-    assert code == 200 and h["X-Goog-Upload-Status"] == "final"
+    assert code == 200 and h["X-Goog-Upload-Status"] == "final", (code, h, body)
     f = json.loads(body)["file"]
     assert f["displayName"] == "camel" and f["sizeBytes"] == "3" and f["state"] == "ACTIVE"
 
