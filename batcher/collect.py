@@ -55,7 +55,6 @@ class CollectStats:
     requeued: int = 0
     unexpected_keys: int = 0
     already_done: int = 0
-    bytes_downloaded: int = 0
     jobs: int = 0
     errors: list[str] = field(default_factory=list)
 

@@ -19,7 +19,7 @@ from .faults import maybe_crash
 from .ledger import (
     J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger,
 )
-from .requests import REF_SCHEME, referenced_hashes, resolve_references
+from .requests import REF_SCHEME, referenced_hashes
 
 log = logging.getLogger("batcher.jobs")
 

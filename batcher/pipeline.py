@@ -142,6 +142,7 @@ class Workspace:
         self._backend_factory = backend_factory
         self._backend: GeminiBackend | None = None
         self.progress = Progress(quiet=settings.quiet)
+        self.published: set[str] = set()  # jobs this process announced to the share (--share)
 
     @property
     def backend(self) -> GeminiBackend:
@@ -206,7 +207,7 @@ def publish_jobs(ws: Workspace) -> None:
     if not ws.settings.share:
         return
     share = Share(ws.settings.share)
-    published = ws.__dict__.setdefault("_published", set())
+    published = ws.published
     for job in ws.ledger.jobs((J_SUBMITTED, J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
         if job["display_name"] not in published:
             hashes = [h for (h,) in ws.ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],))]
@@ -332,9 +333,9 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         total = p.requests
         created = 0
         deadline_passed = stopped_at_deadline = False
+        counts = run_counts(ws.ledger, p.run_id)  # then kept current at the end of each round (nothing else writes)
         with ws.progress.count("requests", total) as bar:
             while True:
-                counts = run_counts(ws.ledger, p.run_id)
                 if not deadline_passed and settings.deadline is not None and time.time() >= settings.deadline \
                         and (counts[PLANNED] or counts[QUEUED]):
                     deadline_passed = True
@@ -358,8 +359,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                 if settings.timeout is not None and time.monotonic() - started > settings.timeout:
                     break
                 sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
-        ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
-        counts = run_counts(ws.ledger, p.run_id)
+        ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)  # reads the ledger only: counts still hold
         code = exit_code_for(counts)
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state

@@ -27,7 +27,7 @@ from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledg
 from .quota import request_tokens
 from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import (
-    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
+    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, image_size_of, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
 from .store import ImageStore
 
@@ -176,8 +176,6 @@ _EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(ex
 class _StoreLookup:
     """`store.has` for many hashes at once: each prefix dir of the cache is listed once (os.listdir) on first
     use instead of up to four stat calls per request."""
-
-    EXTS = (".png", ".jpg", ".webp", ".gif")
 
     def __init__(self, store):
         self.store = store
@@ -434,12 +432,9 @@ def write_rejects(path: Path, problems: list[RowProblem]) -> None:
     os.replace(tmp, path)
 
 
-def expected_output_bytes(model: str, body_json: str) -> int:
+def expected_output_bytes(model: str, size: str | None) -> int:
     spec = catalog.model_spec(model)
-    size = "1K"
-    if '"imageSize"' in body_json:
-        size = json.loads(body_json)["generationConfig"].get("imageConfig", {}).get("imageSize", "1K")
-    png = (spec.typical_png_bytes.get(size) if spec else None) or 2_000_000
+    png = (spec.typical_png_bytes.get(size or "1K") if spec else None) or 2_000_000
     return png * 4 // 3 + 2_000  # base64 plus the JSON around it
 
 
@@ -472,8 +467,9 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
                         done = True
                         break
                     line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
-                    exp = expected_output_bytes(model, body_json)
-                    req_tokens = request_tokens(model, body_json)
+                    size = image_size_of(body_json)  # parsed once, for both estimates
+                    exp = expected_output_bytes(model, size)
+                    req_tokens = request_tokens(model, body_json, size)
                     if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
                                   or out_bytes + exp > limits.max_output_bytes
                                   or (token_cap is not None and tokens + req_tokens > token_cap)):

@@ -78,6 +78,13 @@ def request_body(req: ImageRequest) -> dict:
     return body
 
 
+def image_size_of(body_json: str) -> str | None:
+    """The `imageConfig.imageSize` of a stored request body, or None (the model's default)."""
+    if '"imageSize"' not in body_json:
+        return None
+    return json.loads(body_json)["generationConfig"].get("imageConfig", {}).get("imageSize")
+
+
 def dump_body(body: dict) -> str:
     """A request body as stored in the ledger and written into JSONL lines: compact JSON, UTF-8 text kept."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))

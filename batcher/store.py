@@ -75,6 +75,7 @@ def verify_image(data: bytes) -> str:
 
 
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+IMAGE_EXTS = tuple(EXTENSIONS.values())  # where find() looks, in this order
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -105,7 +106,7 @@ class ImageStore:
 
     def find(self, request_hash: str) -> Path | None:
         d = self._dir(request_hash)
-        for ext in (".png", ".jpg", ".webp", ".gif"):
+        for ext in IMAGE_EXTS:
             p = d / f"{request_hash}{ext}"
             if p.exists():
                 return p
@@ -138,8 +139,6 @@ class GcsImageStore:
     its presence means the entry is complete.
     """
 
-    EXTS = (".png", ".jpg", ".webp", ".gif")
-
     def __init__(self, root: str):
         from . import gcs
 
@@ -157,7 +156,7 @@ class GcsImageStore:
         return {uri.rsplit("/", 1)[-1] for uri in self._gcs.list_names(f"{self.root}/{prefix2}/")}
 
     def find(self, request_hash: str) -> str | None:
-        for ext in self.EXTS:
+        for ext in IMAGE_EXTS:
             uri = self._key(request_hash, ext)
             if self._gcs.exists(uri):
                 return uri
