@@ -177,6 +177,26 @@ def test_multichunk_upload_9mib(emu, c):
     assert ei.value.code == 409
 
 
+def test_keep_alive_responses_are_not_held_by_nagle(emu):
+    # Each response is written as headers, then body. Without TCP_NODELAY the body waits for the client's
+    # delayed ACK of the headers: ~40 ms per response on a kept-alive connection (20 calls took 0.84 s, and
+    # every 8 MiB upload chunk paid it). With it, 20 calls take a few ms.
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(emu.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        conn.request("GET", "/v1beta/files", headers={"x-goog-api-key": "k"})
+        resp = conn.getresponse()
+        assert resp.status == 200, (resp.status, resp.read())
+        resp.read()
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    assert elapsed < 0.4, f"20 kept-alive calls took {elapsed:.2f} s (Nagle + delayed ACK is ~0.8 s)"
+
+
 def test_upload_offset_mismatch_and_size_mismatch_raw(emu):
     hdr = {"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
            "X-Goog-Upload-Header-Content-Length": "10", "X-Goog-Upload-Header-Content-Type": "text/plain",
