@@ -213,10 +213,10 @@ def check_budget(ledger: Ledger, budget_usd: float, table: PriceTable | None = N
     check = BudgetCheck(budget_usd=budget_usd)
     run = ledger.current_run()
     if run is not None:  # requests finished since this run began (not an earlier run's, which share the workdir)
+        where, params = ledger.in_run(run["id"])
         check.spent_usd = c.execute(
             f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND state IN ('{SUCCEEDED}','{BLOCKED}') "
-            "AND updated_at >= ? AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
-            (run["created_at"], run["id"])).fetchone()[0]
+            f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]
     for model, body_json in c.execute("SELECT model, body_json FROM requests WHERE state=?", (QUEUED,)).fetchall():
         check.queued_usd += request_estimate_usd(model, body_json, table)
     left = budget_usd - check.spent_usd - check.queued_usd

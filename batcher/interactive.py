@@ -41,9 +41,9 @@ def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: 
              budget_left_usd: float | None = None, max_attempts: int = 3) -> InteractiveStats:
     """Generate the run's planned requests interactively, within `budget_left_usd` (estimated, full price)."""
     stats = InteractiveStats()
-    todo = ledger.conn.execute(
-        "SELECT hash, model, body_json, attempts FROM requests WHERE state=? AND hash IN (SELECT request_hash FROM rows WHERE run_id=?) ORDER BY rowid",
-        (PLANNED, run_id)).fetchall()
+    where, params = ledger.in_run(run_id)
+    todo = ledger.conn.execute(f"SELECT hash, model, body_json, attempts FROM requests WHERE state=? AND {where} ORDER BY rowid",
+                               (PLANNED, *params)).fetchall()
     chosen = []
     budget = budget_left_usd
     for r in todo:

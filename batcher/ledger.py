@@ -24,6 +24,7 @@ PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED = "planned", "queued", "succeeded", 
 J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED = "planned", "uploading", "uploaded", "creating", "submitted"
 J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED, J_COLLECTED = "succeeded", "failed", "expired", "cancelled", "collected"
 JOB_TERMINAL_API = (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)
+BULK_CACHE_KIB = 256 * 1024  # see Ledger.big_page_cache: 1M requests' hash index stays in memory
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -112,6 +113,11 @@ MIGRATIONS: list[str] = [
     # 4: no query looks job_requests up by hash; keeping that index cost a random-order B-tree insert per request
     """
     DROP INDEX IF EXISTS job_requests_by_hash
+    """,
+    # 5: how many distinct requests a run's rows point to (NULL: unknown), so the run's counts can come from
+    #    the state index when the run's requests are all the ledger holds, instead of a join over its rows
+    """
+    ALTER TABLE runs ADD COLUMN request_count INTEGER
     """,
 ]
 
@@ -207,6 +213,21 @@ class Ledger:
         else:
             self.conn.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def big_page_cache(self) -> Iterator[None]:
+        """A larger SQLite page cache for bulk work (planning, sharding, writing JSONL): the random 64-hex keys
+        of the requests' hash index thrash the default 2 MB cache once the ledger holds ~100k requests.
+        Restored afterwards; the memory is only taken as pages are read. Nested uses keep the outer one."""
+        old = self.conn.execute("PRAGMA cache_size").fetchone()[0]
+        if old == -BULK_CACHE_KIB:
+            yield
+            return
+        self.conn.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
+        try:
+            yield
+        finally:
+            self.conn.execute(f"PRAGMA cache_size={int(old)}")
+
     def _ensure_ledger_id(self) -> str:
         with self.transaction() as c:
             row = c.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()
@@ -255,11 +276,25 @@ class Ledger:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
 
     def request_counts(self, run_id: int | None = None) -> dict[str, int]:
-        if run_id is None:
-            rows = self.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state")
-        else:
-            rows = self.conn.execute(
-                "SELECT r.state, COUNT(*) FROM requests r WHERE r.hash IN (SELECT request_hash FROM rows WHERE run_id=?) GROUP BY r.state",
-                (run_id,),
-            )
-        return {state: n for state, n in rows}
+        where, params = self.in_run(run_id) if run_id is not None else ("1", ())
+        return {state: n for state, n in self.conn.execute(f"SELECT state, COUNT(*) FROM requests WHERE {where} GROUP BY state", params)}
+
+    def in_run(self, run_id: int) -> tuple[str, tuple]:
+        """A condition on `requests` (and its parameters) that holds for the run's requests. When the run's
+        requests are every request in the ledger it is `1`: no join over the run's (maybe millions of) rows."""
+        if self._run_has_every_request(run_id):
+            return "1", ()
+        return "hash IN (SELECT request_hash FROM rows WHERE run_id=?)", (run_id,)
+
+    def _run_has_every_request(self, run_id: int) -> bool:
+        """True when the run's requests are every request in the ledger (a workdir used for one manifest).
+        Every hash a row points to has a requests row, so equal counts mean equal sets."""
+        run = self.conn.execute("SELECT request_count FROM runs WHERE id=?", (run_id,)).fetchone()
+        if run is None or run[0] is None:
+            return False
+        return run[0] == self.conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+
+    def set_run_request_count(self, c: sqlite3.Connection, run_id: int) -> None:
+        """Record how many distinct requests the run's rows point to (after its rows change)."""
+        c.execute("UPDATE runs SET request_count=(SELECT COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?) WHERE id=?",
+                  (run_id, run_id))

@@ -176,6 +176,11 @@ def send_pending(ws: Workspace) -> int:
     """Shard planned requests into jobs, upload them and create them, within the concurrency cap.
     Returns how many jobs were created. Stops creating (not failing) when the API says it has no capacity."""
     ledger, backend, quota = ws.ledger, ws.backend, ws.settings.quota
+    with ledger.big_page_cache():  # shard, then each job's JSONL reads its requests by hash
+        return _send_pending(ws, ledger, backend, quota)
+
+
+def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
     jobs_mod.reconcile(ledger, backend)
     shard(ledger, ws.settings.limits, token_cap_for=quota.cap_for, limit_requests=budget_allowance(ws))
     refs = _ref_paths(ledger)
@@ -287,11 +292,11 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         if dry_run:
-            new = shard(ws.ledger, settings.limits)
-            paths = []
-            for job in ws.ledger.jobs((J_PLANNED,)):
-                dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
-                paths.append(jobs_mod.write_jsonl(ws.ledger, job["id"], dummy))
+            with ws.ledger.big_page_cache():  # each job's JSONL reads its requests by hash
+                new = shard(ws.ledger, settings.limits)
+                for job in ws.ledger.jobs((J_PLANNED,)):
+                    dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
+                    jobs_mod.write_jsonl(ws.ledger, job["id"], dummy)
             counts = run_counts(ws.ledger, p.run_id)
             return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
                            f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded",
@@ -415,9 +420,8 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
     s = ws.settings
     budget_left = None
     if getattr(s, "budget_usd", None) is not None:
-        spent = ws.ledger.conn.execute(
-            "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
-            (run_id,)).fetchone()[0]
+        where, params = ws.ledger.in_run(run_id)
+        spent = ws.ledger.conn.execute(f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND {where}", params).fetchone()[0]
         budget_left = max(0.0, s.budget_usd - spent)
     stats = interactive.generate(ws.ledger, ws.backend, ws.store, run_id, concurrency=s.interactive_concurrency,
                                  budget_left_usd=budget_left, max_attempts=s.max_attempts)
@@ -507,12 +511,10 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
                 "error": j["error"], "warnings": warnings,
             })
         counts = run_counts(ws.ledger, run["id"]) if run else {}
-        cost = ws.ledger.conn.execute(
-            "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
-            (run["id"] if run else -1,)).fetchone()[0]
-        hits = ws.ledger.conn.execute(
-            "SELECT COUNT(*) FROM requests WHERE cached=1 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
-            (run["id"] if run else -1,)).fetchone()[0]
+        where, params = ws.ledger.in_run(run["id"]) if run else ("0", ())
+        cost, hits = ws.ledger.conn.execute(
+            f"SELECT COALESCE(SUM(CASE WHEN cached=0 THEN cost_usd END),0), COUNT(CASE WHEN cached=1 THEN 1 END) FROM requests WHERE {where}",
+            params).fetchone()
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
             "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),

@@ -7,27 +7,26 @@ one transaction, and on any problem the transaction is rolled back, so an invali
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import catalog, gcs
-from .errors import ManifestError
+from .errors import LedgerError, ManifestError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
-from .quota import request_tokens
+from .pricing import expected_output_tokens
+from .quota import prompt_tokens_estimate
 from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import (
-    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, image_size_of, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
+    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
 from .store import ImageStore
 
@@ -92,19 +91,6 @@ def image_requests(row: ManifestRow, refs: _References) -> list[ImageRequest]:
 
 SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
-PLAN_CACHE_KIB = 256 * 1024  # SQLite page cache while planning: the hash indexes of 1M requests stay in memory
-
-
-@contextlib.contextmanager
-def _big_page_cache(conn: sqlite3.Connection):
-    """A larger SQLite page cache for bulk work: the hash indexes are written in random order and thrash the
-    default 2 MB cache once they outgrow it. Restored afterwards (the memory is only used as pages are read)."""
-    old = conn.execute("PRAGMA cache_size").fetchone()[0]
-    conn.execute(f"PRAGMA cache_size=-{PLAN_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        conn.execute(f"PRAGMA cache_size={int(old)}")
 
 
 class _Templates:
@@ -201,6 +187,23 @@ class _StoreLookup:
         return bool(names) and (h + ".png" in names or h + ".jpg" in names or h + ".webp" in names or h + ".gif" in names)
 
 
+def _prepared_rows(manifest: Path | str, options: ManifestOptions, refs: _References) -> Iterator[RowProblem | tuple]:
+    """The manifest's problems, in order, and for each valid row (row, its reference images, its requests as
+    (model, variant, hash, body JSON), its extra columns as JSON or None)."""
+    templates = _Templates()
+    for item in read_manifest(manifest, options):
+        if isinstance(item, RowProblem):
+            yield item
+            continue
+        try:
+            references = tuple(refs.get(p) for p in item.reference_images)
+        except OSError as exc:
+            yield RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}")
+            continue
+        reqs = [templates.request(item, references, v) for v in range(item.variants)]
+        yield item, references, reqs, _EXTRA_JSON.encode(item.extra) if item.extra else None
+
+
 class _BulkPlanner:
     """Writes batches of planned rows and their requests into the ledger (inside plan_manifest's transaction)
     with the same outcome as inserting each row and recording each request one at a time."""
@@ -209,7 +212,6 @@ class _BulkPlanner:
         self.c, self.refresh, self.now, self.retry_blocked, self.fresh = c, refresh, now, retry_blocked, fresh
         self.store = store
         self.lookup = _StoreLookup(store) if store is not None else None
-        self.templates = _Templates()
 
     def cached(self, h: str) -> bool:
         return self.lookup is not None and not self.refresh and self.lookup.has(h)
@@ -220,8 +222,7 @@ class _BulkPlanner:
         c = self.c
         params = []
         s = seq
-        for item, reqs, _pos in pending:
-            extra = _EXTRA_JSON.encode(item.extra) if item.extra else None
+        for item, reqs, extra, _pos in pending:
             for _model, variant, h, _body in reqs:
                 params.append((run_id, s, item.row, item.id, variant, h, item.prompt, extra))
                 s += 1
@@ -234,8 +235,7 @@ class _BulkPlanner:
             c.execute("RELEASE plan_batch")
             s = seq
             dups: list[tuple[int, RowProblem]] = []
-            for item, reqs, pos in pending:
-                extra = _EXTRA_JSON.encode(item.extra) if item.extra else None
+            for item, reqs, extra, pos in pending:
                 for req in reqs:
                     try:
                         c.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
@@ -251,7 +251,7 @@ class _BulkPlanner:
                 problems.insert(pos, problem)
         else:
             c.execute("RELEASE plan_batch")
-            recorded = [req for _item, reqs, _pos in pending for req in reqs]
+            recorded = [req for _item, reqs, _extra, _pos in pending for req in reqs]
         self._record(recorded)
         return s
 
@@ -265,7 +265,6 @@ class _BulkPlanner:
             existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
                                       (json.dumps(list(batch)),)).fetchall())
         new = []
-        updates: list[tuple] = []
         for h, (model, variant, _h, body_json) in batch.items():
             state = existing.get(h)
             if state is None:
@@ -305,11 +304,10 @@ def plan_manifest(
     fingerprint = run_fingerprint(manifest, options)
     existing = ledger.run_by_fingerprint(fingerprint)
     if existing is not None and retry_blocked:
+        where, params = ledger.in_run(existing["id"])
         with ledger.transaction() as c:
-            c.execute(
-                "UPDATE requests SET state=?, attempts=0, updated_at=? WHERE state=? AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)",
-                (PLANNED, time.time(), BLOCKED, existing["id"]),
-            )
+            c.execute(f"UPDATE requests SET state=?, attempts=0, updated_at=? WHERE state=? AND {where}",
+                      (PLANNED, time.time(), BLOCKED, *params))
     if existing is not None and not refresh:
         return _summary(ledger, existing["id"], new_run=False)
 
@@ -322,7 +320,7 @@ def plan_manifest(
     except (OSError, pa.ArrowException, ValueError):
         read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
         raise
-    with _big_page_cache(ledger.conn), ledger.transaction() as c:
+    with ledger.big_page_cache(), ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
             c.execute("DELETE FROM runs WHERE id=?", (existing["id"],))
@@ -336,7 +334,7 @@ def plan_manifest(
         # that already exist are looked up per batch (skipped entirely when the ledger had none).
         fresh = c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
         bulk = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
-        pending: list[tuple] = []  # (item, [(req_or_None, variant, h, model, body_json)], position in problems)
+        pending: list[tuple] = []  # (item, [(model, variant, hash, body_json)], extra JSON, position in problems)
         seq = 0
 
         def flush() -> None:
@@ -344,18 +342,14 @@ def plan_manifest(
             seq = bulk.flush(run_id, seq, pending, problems, manifest, options)
             pending.clear()
 
-        for item in read_manifest(manifest, options):
-            if isinstance(item, RowProblem):
-                problems.append(item)
+        for entry in _prepared_rows(manifest, options, refs):
+            if isinstance(entry, RowProblem):
+                problems.append(entry)
                 continue
-            try:
-                references = tuple(refs.get(p) for p in item.reference_images)
-            except OSError as exc:
-                problems.append(RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}"))
-                continue
+            item, references, reqs, extra = entry
             for ref in references if item.variants else ():
                 c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
-            pending.append((item, [bulk.templates.request(item, references, v) for v in range(item.variants)], len(problems)))
+            pending.append((item, reqs, extra, len(problems)))
             result.rows += 1
             if len(pending) >= PLAN_BATCH_ROWS:
                 flush()
@@ -371,16 +365,14 @@ def plan_manifest(
         if result.rows == 0:
             raise ManifestError(f"{manifest}: no valid rows to submit")
         c.execute("UPDATE runs SET row_count=? WHERE id=?", (result.rows, run_id))
+        if fresh:  # the ledger held no requests before this run: every request in it is this run's
+            c.execute("UPDATE runs SET request_count=(SELECT COUNT(*) FROM requests) WHERE id=?", (run_id,))
+        else:
+            ledger.set_run_request_count(c, run_id)
     maybe_crash("plan")  # test hook: see batcher/faults.py
     if problems and rejects_path is not None:
         write_rejects(rejects_path, problems)
-    if fresh:  # the ledger held no requests before this run: every request in it is this run's
-        c = ledger.conn
-        distinct, hits = c.execute("SELECT COUNT(*), COALESCE(SUM(cached), 0) FROM requests").fetchone()
-        summary = PlanResult(run_id=run_id, rows=result.rows, requests=distinct, cache_hits=hits,
-                             duplicates=seq - distinct, new_run=True)
-    else:
-        summary = _summary(ledger, run_id, new_run=True)
+    summary = _summary(ledger, run_id, new_run=True, planned_rows=seq)
     summary.rejected = len(problems)
     return summary
 
@@ -409,14 +401,21 @@ def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageR
         c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
 
 
-def _summary(ledger: Ledger, run_id: int, new_run: bool) -> PlanResult:
+def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None) -> PlanResult:
+    """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, if known."""
     c = ledger.conn
-    rows = c.execute("SELECT COUNT(*), COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?", (run_id,)).fetchone()
-    hits = c.execute(
-        "SELECT COUNT(*) FROM requests WHERE cached=1 AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)", (run_id,)
-    ).fetchone()[0]
-    manifest_rows = c.execute("SELECT row_count FROM runs WHERE id=?", (run_id,)).fetchone()[0]
-    return PlanResult(run_id=run_id, rows=manifest_rows, requests=rows[1], cache_hits=hits, duplicates=rows[0] - rows[1], new_run=new_run)
+    run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
+    if planned_rows is None:
+        planned_rows = c.execute("SELECT COUNT(*) FROM rows WHERE run_id=?", (run_id,)).fetchone()[0]
+    if run["request_count"] is None:  # a run planned before the ledger recorded it
+        with ledger.transaction() as tx:
+            ledger.set_run_request_count(tx, run_id)
+        run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
+    distinct = run["request_count"]
+    where, params = ledger.in_run(run_id)
+    hits = c.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0]
+    return PlanResult(run_id=run_id, rows=run["row_count"], requests=distinct, cache_hits=hits,
+                      duplicates=planned_rows - distinct, new_run=new_run)
 
 
 def write_rejects(path: Path, problems: list[RowProblem]) -> None:
@@ -445,62 +444,78 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
     c = ledger.conn
     new_jobs: list[int] = []
     now = time.time()
-    with _big_page_cache(c), ledger.transaction():
+    with ledger.big_page_cache(), ledger.transaction():
         models = [r[0] for r in c.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
         budget = limit_requests
         for model in models:
-            batch: list[tuple[int, str]] = []  # (rowid, hash)
-            in_bytes = out_bytes = tokens = 0
+            first_rowid = prev_rowid = None  # the job being filled: planned requests of `model` in this rowid range
+            count = in_bytes = out_bytes = tokens = 0
             token_cap = token_cap_for(model)
+            per_size: dict[str | None, tuple[int, int]] = {}  # image size -> (output bytes, output tokens)
             last_rowid = -1
             done = False
             while not done:
                 # A page at a time (bounded memory), in rowid order; the rows already grouped leave the
                 # `planned` state only when their job is written, so paging by rowid sees each one once.
-                page = c.execute("SELECT rowid, hash, body_json FROM requests WHERE state=? AND model=? AND rowid>? "
-                                 "ORDER BY rowid LIMIT ?", (PLANNED, model, last_rowid, SHARD_PAGE)).fetchall()
+                # What the limits need is measured in SQLite: the bodies never come to Python.
+                page = c.execute(
+                    "SELECT rowid, length(CAST(body_json AS BLOB)), length(body_json), "
+                    "CASE WHEN instr(body_json, '\"imageSize\"') THEN json_extract(body_json, '$.generationConfig.imageConfig.imageSize') END, "
+                    "CASE WHEN instr(body_json, '\"fileData\"') THEN (length(body_json) - length(replace(body_json, '\"fileData\"', ''))) / 10 ELSE 0 END "
+                    "FROM requests WHERE state=? AND model=? AND rowid>? ORDER BY rowid LIMIT ?",
+                    (PLANNED, model, last_rowid, SHARD_PAGE)).fetchall()
                 if not page:
                     break
                 last_rowid = page[-1][0]
-                for rowid, h, body_json in page:
+                for rowid, body_bytes, body_chars, size, refs in page:
                     if budget is not None and budget <= 0:
                         done = True
                         break
-                    line_bytes = len(body_json.encode()) + 120  # key and wrapper; references grow by their URIs
-                    size = image_size_of(body_json)  # parsed once, for both estimates
-                    exp = expected_output_bytes(model, size)
-                    req_tokens = request_tokens(model, body_json, size)
-                    if batch and (len(batch) >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
+                    line_bytes = body_bytes + 120  # key and wrapper; references grow by their URIs
+                    out = per_size.get(size)
+                    if out is None:
+                        out = per_size[size] = (expected_output_bytes(model, size), expected_output_tokens(model, size))
+                    exp = out[0]
+                    req_tokens = prompt_tokens_estimate(body_chars, refs) + out[1]
+                    if count and (count >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
                                   or out_bytes + exp > limits.max_output_bytes
                                   or (token_cap is not None and tokens + req_tokens > token_cap)):
-                        new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
-                        batch, in_bytes, out_bytes, tokens = [], 0, 0, 0
-                    batch.append((rowid, h))
+                        new_jobs.append(_new_job(ledger, model, first_rowid, prev_rowid, count, in_bytes, tokens, now))
+                        first_rowid, count, in_bytes, out_bytes, tokens = None, 0, 0, 0, 0
+                    if first_rowid is None:
+                        first_rowid = rowid
+                    prev_rowid = rowid
+                    count += 1
                     in_bytes += line_bytes
                     out_bytes += exp
                     tokens += req_tokens
                     if budget is not None:
                         budget -= 1
-            if batch:
-                new_jobs.append(_new_job(ledger, model, batch, in_bytes, tokens, now))
+            if count:
+                new_jobs.append(_new_job(ledger, model, first_rowid, prev_rowid, count, in_bytes, tokens, now))
     return new_jobs
 
 
-def _new_job(ledger: Ledger, model: str, members: list[tuple[int, str]], in_bytes: int, tokens: int, now: float) -> int:
+def _new_job(ledger: Ledger, model: str, first_rowid: int, last_rowid: int, count: int, in_bytes: int, tokens: int,
+             now: float) -> int:
+    """A job of the `count` planned requests of `model` with rowids from first_rowid to last_rowid (shard takes
+    them in rowid order, so they are exactly the planned requests of that model in that range)."""
     c = ledger.conn
-    hashes = [h for _rowid, h in members]
     cur = c.execute(
         "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, est_tokens, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-        (f"pending-{now}-{len(hashes)}-{hashes[0][:8]}", model, J_PLANNED, len(hashes), in_bytes, tokens, now, now),
+        (f"pending-{now}-{count}-{first_rowid}", model, J_PLANNED, count, in_bytes, tokens, now, now),
     )
     job_id = cur.lastrowid
     # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.
     c.execute("UPDATE jobs SET display_name=? WHERE id=?", (f"batcher-{ledger.ledger_id}-job{job_id:05d}", job_id))
-    c.executemany("INSERT INTO job_requests(job_id, hash) VALUES (?,?)", [(job_id, h) for h in hashes])
-    c.executemany(  # by rowid: in order through the table, not random probes of the hash index
-        "UPDATE requests SET state=?, job_id=?, updated_at=? WHERE rowid=? AND state=?",
-        [(QUEUED, job_id, now, rowid, PLANNED) for rowid, _h in members],
-    )
+    members = "WHERE state=? AND model=? AND rowid BETWEEN ? AND ?"  # a range of the (state, model) index
+    added = c.execute(f"INSERT INTO job_requests(job_id, hash) SELECT ?, hash FROM requests {members} ORDER BY rowid",
+                      (job_id, PLANNED, model, first_rowid, last_rowid)).rowcount
+    queued = c.execute(f"UPDATE requests SET state=?, job_id=?, updated_at=? {members}",
+                       (QUEUED, job_id, now, PLANNED, model, first_rowid, last_rowid)).rowcount
+    if added != count or queued != count:  # the range must hold exactly the requests shard counted
+        raise LedgerError(f"job {job_id}: expected {count} planned requests of {model} in rowids {first_rowid}..{last_rowid}, "
+                          f"found {added} and {queued}")
     return job_id
 
 
@@ -513,10 +528,10 @@ def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallba
         raise ManifestError(f"fallback model {fallback_model!r} is not known; use one of {', '.join(catalog.MODELS)}")
     now = time.time()
     created = 0
+    where, params = ledger.in_run(run_id)
     with ledger.transaction() as c:
-        failed = c.execute(
-            "SELECT hash, body_json, variant, error FROM requests WHERE state=? AND model<>? "
-            "AND hash IN (SELECT request_hash FROM rows WHERE run_id=?)", (FAILED, fallback_model, run_id)).fetchall()
+        failed = c.execute(f"SELECT hash, body_json, variant, error FROM requests WHERE state=? AND model<>? AND {where}",
+                           (FAILED, fallback_model, *params)).fetchall()
         for r in failed:
             body = json.loads(r["body_json"])
             image_config = body.get("generationConfig", {}).get("imageConfig", {})
@@ -531,4 +546,6 @@ def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallba
                     (h, fallback_model, r["body_json"], SUCCEEDED if cached else PLANNED, int(cached), r["variant"], r["hash"], now))
             c.execute("UPDATE rows SET request_hash=? WHERE run_id=? AND request_hash=?", (h, run_id, r["hash"]))
             created += 1
+        if created:
+            ledger.set_run_request_count(c, run_id)
     return created

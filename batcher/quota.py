@@ -34,8 +34,12 @@ class Quota:
 def request_tokens(model: str, body_json: str, size: str | None) -> int:
     """Enqueued tokens of one request: its prompt (about 4 characters a token, images 258) plus its image
     of `size` (None: the model's default)."""
-    refs = body_json.count('"fileData"')
-    return len(body_json) // 4 + 258 * refs + expected_output_tokens(model, size)
+    return prompt_tokens_estimate(len(body_json), body_json.count('"fileData"')) + expected_output_tokens(model, size)
+
+
+def prompt_tokens_estimate(body_chars: int, references: int) -> int:
+    """The input side of `request_tokens`, from a body's length in characters and its reference images."""
+    return body_chars // 4 + 258 * references
 
 
 def in_flight_tokens(ledger: Ledger, model: str) -> int:

@@ -146,3 +146,61 @@ def test_reference_placeholders_are_spliced_only_as_whole_values():
     assert out["contents"][0]["parts"][1]["text"] == f'see "batcher-ref:sha256:{sha}" here'  # the prompt is untouched
     with pytest.raises(KeyError):
         splice_references(body_json, {})
+
+
+def test_run_counts_are_the_runs_own_whether_or_not_the_ledger_holds_other_runs(tmp_path):
+    """A run that has every request in the ledger is counted from the state index; once another run adds
+    requests, each run still counts only its own (and both ways agree with the join over the run's rows)."""
+    from batcher.ledger import PLANNED, SUCCEEDED
+    from batcher.manifest import ManifestOptions
+    from batcher.planner import plan_manifest
+
+    from .helpers import write_csv
+
+    ledger = Ledger(tmp_path / "wd")
+    a = write_csv(tmp_path / "a.csv", ["id", "prompt"], [[f"a{i}", f"prompt {i}"] for i in range(6)] + [["dup", "prompt 0"]])
+    b = write_csv(tmp_path / "b.csv", ["id", "prompt"], [[f"b{i}", f"prompt {i}"] for i in range(3, 10)])
+    run_a = plan_manifest(ledger, None, a, ManifestOptions())
+    assert (run_a.rows, run_a.requests, run_a.duplicates) == (7, 6, 1)
+    assert ledger.in_run(run_a.run_id)[0] == "1"  # the fast path is taken
+    ledger.conn.execute("UPDATE requests SET state=? WHERE hash IN (SELECT request_hash FROM rows WHERE id='a0')", (SUCCEEDED,))
+    assert ledger.request_counts(run_a.run_id) == {PLANNED: 5, SUCCEEDED: 1}
+
+    run_b = plan_manifest(ledger, None, b, ManifestOptions())  # shares prompts 3..5 with run a
+    assert (run_b.rows, run_b.requests, run_b.duplicates) == (7, 7, 0)
+    assert ledger.in_run(run_a.run_id)[0] != "1" and ledger.in_run(run_b.run_id)[0] != "1"
+    assert ledger.request_counts(run_a.run_id) == {PLANNED: 5, SUCCEEDED: 1}
+    assert ledger.request_counts(run_b.run_id) == {PLANNED: 7}
+    assert ledger.request_counts() == {PLANNED: 9, SUCCEEDED: 1}
+
+
+def test_shard_estimates_match_the_per_request_formulas(tmp_path):
+    """shard measures bodies in SQLite (bytes, characters, image size, reference count); its job totals must
+    equal the Python formulas applied to each stored body."""
+    from batcher.ledger import QUEUED
+    from batcher.manifest import ManifestOptions
+    from batcher.planner import ShardLimits, expected_output_bytes, plan_manifest, shard
+    from batcher.quota import request_tokens
+    from batcher.requests import image_size_of
+
+    from .helpers import write_csv
+
+    (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    (tmp_path / "b.png").write_bytes(png_bytes((4, 5, 6)))
+    rows = [[f"r{i}", f"a prompt with ünïcode and \"quotes\" {i}", ["1K", "2K", ""][i % 3],
+             ["", "a.png", "a.png|b.png"][i % 3]] for i in range(30)]
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "image_size", "reference_images"], rows)
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, None, m, ManifestOptions(model="gemini-3-pro-image-preview"))
+    jobs = shard(ledger, ShardLimits(max_requests=7))
+    assert len(jobs) == 5
+    for job_id in jobs:
+        job = ledger.job(job_id)
+        bodies = [b for (b,) in ledger.conn.execute(
+            "SELECT r.body_json FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
+            (job_id, QUEUED, job_id))]
+        assert len(bodies) == job["request_count"]
+        assert job["input_bytes"] == sum(len(b.encode()) + 120 for b in bodies)
+        assert job["est_tokens"] == sum(request_tokens(job["model"], b, image_size_of(b)) for b in bodies)
+    assert any('"fileData"' in b for (b,) in ledger.conn.execute("SELECT body_json FROM requests"))
+    assert expected_output_bytes("gemini-3-pro-image-preview", "2K") != expected_output_bytes("gemini-3-pro-image-preview", "1K")
