@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from .backend import BatchInfo, GeminiBackend
-from .errors import ApiError, NotFoundError, QuotaError, TransientApiError
+from .errors import ApiError, LedgerError, NotFoundError, QuotaError, TransientApiError
 from .faults import maybe_crash
 from .ledger import (
-    J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger,
+    J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, QUEUED, Ledger,
 )
 from .requests import REF_SCHEME, referenced_hashes
 
@@ -38,11 +38,10 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
     path = jsonl_path(ledger, job["display_name"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
-    rows = ledger.conn.execute(
-        "SELECT r.hash, r.body_json FROM job_requests jr JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=? ORDER BY jr.rowid",
-        (job_id,),
-    )
-    size = 0
+    # A job's requests stay queued in it until it has run, so they are the requests whose job_id is this job
+    # (one index range, in the order shard took them), not a lookup by hash per request.
+    rows = ledger.conn.execute("SELECT hash, body_json FROM requests WHERE job_id=? AND state=? ORDER BY rowid", (job_id, QUEUED))
+    size = lines = 0
     with open(tmp, "wb") as f:
         for h, body_json in rows:
             if REF_SCHEME in body_json:
@@ -50,7 +49,11 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
             # The stored body is already JSON: splice it in rather than parse and serialise it again.
             line = f'{{"key":"{h}","request":{body_json}}}\n'.encode()
             size += len(line)
+            lines += 1
             f.write(line)
+    if lines != job["request_count"]:
+        os.unlink(tmp)
+        raise LedgerError(f"job {job_id}: {lines} queued requests in the ledger, but the job was made with {job['request_count']}")
     os.replace(tmp, path)
     with ledger.transaction() as c:
         c.execute("UPDATE jobs SET jsonl_path=?, input_bytes=? WHERE id=?", (str(path), size, job_id))
@@ -73,10 +76,8 @@ def job_reference_hashes(ledger: Ledger, job_id: int) -> set[str]:
     if ledger.conn.execute("SELECT 1 FROM reference_files LIMIT 1").fetchone() is None:
         return set()  # no run in this workdir has reference images: skip the scan
     out: set[str] = set()
-    rows = ledger.conn.execute(
-        "SELECT r.body_json FROM job_requests jr JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=? AND r.body_json LIKE ?",
-        (job_id, f"%{REF_SCHEME}%"),
-    )
+    rows = ledger.conn.execute("SELECT body_json FROM requests WHERE job_id=? AND state=? AND body_json LIKE ?",
+                               (job_id, QUEUED, f"%{REF_SCHEME}%"))
     for (body_json,) in rows:
         out.update(referenced_hashes(body_json))
     return out

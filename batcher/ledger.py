@@ -119,6 +119,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN request_count INTEGER
     """,
+    # 6: a job's requests by job id (writing its JSONL, finishing it, releasing it) without a scan of every request
+    """
+    CREATE INDEX requests_by_job ON requests(job_id)
+    """,
 ]
 
 
