@@ -7,9 +7,6 @@ line is parsed again on the next collect (the cache write is idempotent), never 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,28 +20,17 @@ from .backend import GeminiBackend
 from .ledger import BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .faults import maybe_crash
 from .pricing import cost_usd
+from .decoder import DecoderPool, default_processes
+from .errors import CollectError
+from .results import BLOCK_FINISH_REASONS, Outcome, classify, loads_line, read_line  # noqa: F401 (classify: a public name here)
 from .store import ImageStore, InvalidImage
 
 log = logging.getLogger("batcher.collect")
 
-BLOCK_FINISH_REASONS = {
-    "SAFETY", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
-    "RECITATION", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE", "OTHER",
-}
 COMMIT_EVERY = 64  # lines per ledger transaction
 IMAGE_WRITERS = 2  # threads verifying and writing images (fsync, crc32 and file writes release the GIL)
 DOWNLOAD_AHEAD = 8  # 1 MB blocks received ahead of the parser at most
 IMAGES_IN_FLIGHT = 8  # decoded images waiting for a writer at most: bounds memory
-
-
-@dataclass
-class Outcome:
-    kind: str  # "image" | "blocked" | "error"
-    data: bytes | None = None
-    reason: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
 
 
 @dataclass
@@ -59,109 +45,18 @@ class CollectStats:
     errors: list[str] = field(default_factory=list)
 
 
-def _get(d: dict, camel: str, snake: str):
-    v = d.get(camel)
-    return d.get(snake) if v is None else v
-
-
-def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
-    """Turn one GenerateContentResponse into an image, a block (final) or an error (retried).
-    `blobs`: the base64 strings that `_loads_line` cut out of the results line (the response holds placeholders)."""
-    usage = _get(response, "usageMetadata", "usage_metadata") or {}
-    prompt_tokens = int(_get(usage, "promptTokenCount", "prompt_token_count") or 0)
-    output_tokens = int(_get(usage, "candidatesTokenCount", "candidates_token_count") or 0)
-    feedback = _get(response, "promptFeedback", "prompt_feedback") or {}
-    block = _get(feedback, "blockReason", "block_reason")
-    candidates = response.get("candidates") or []
-    if block or not candidates:
-        return Outcome("blocked", reason=f"prompt blocked: {block or 'no candidates'}", finish_reason=block or "NO_CANDIDATES",
-                       prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-    cand = candidates[0]
-    finish = _get(cand, "finishReason", "finish_reason")
-    parts = ((cand.get("content") or {}).get("parts")) or []
-    images = [p for p in parts if (_get(p, "inlineData", "inline_data") or {}) and not p.get("thought")]
-    images = [p for p in images if str(_get(_get(p, "inlineData", "inline_data"), "mimeType", "mime_type") or "").startswith("image/")]
-    if not images:
-        if finish in BLOCK_FINISH_REASONS:
-            reason = f"no image: finish reason {finish}"
-        else:
-            reason = "no image: the model replied with text only"
-            finish = finish if finish and finish != "STOP" else "NO_IMAGE"
-        return Outcome("blocked", reason=reason, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-    inline = _get(images[-1], "inlineData", "inline_data")  # the last image is the final one (earlier ones may be drafts)
-    if isinstance(inline.get("data"), bytes):  # an interactive response, decoded by the SDK already
-        return Outcome("image", data=inline["data"], finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-    try:
-        data = inline.get("data") or ""
-        data = blobs.decode(data) if blobs is not None and blobs.holds(data) else binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        return Outcome("error", reason=f"corrupt base64 image data ({exc})", finish_reason=finish)
-    return Outcome("image", data=data, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
-
-
-_PLACEHOLDER = "\x00batcher-b64:"
-_B64_PIECE = 128 * 1024  # base64 characters decoded per call (a multiple of 4)
-_BLOB_MIN = 1024  # base64 strings shorter than this are left to json.loads
-
-
-class _Blobs:
-    """The long "data" strings of one results line, kept as slices of the line's bytes."""
-
-    def __init__(self, line: bytes, spans: list[tuple[int, int]]):
-        self.line = line
-        self.view = memoryview(line)
-        self.spans = spans
-
-    def holds(self, value) -> bool:
-        return isinstance(value, str) and value.startswith(_PLACEHOLDER)
-
-    def decode(self, placeholder: str) -> bytes:
-        """Strict base64 decoding, in pieces: one call on megabytes holds the GIL for milliseconds, which would
-        stall the download and image-writer threads; between pieces they get to run."""
-        start, end = self.spans[int(placeholder[len(_PLACEHOLDER):])]
-        if end - start <= _B64_PIECE:
-            return binascii.a2b_base64(self.view[start:end], strict_mode=True)
-        last = start + (end - start - 1) // _B64_PIECE * _B64_PIECE  # the last piece holds any padding
-        if (end - start) % 4 or self.line.find(b"=", start, last) >= 0:
-            raise binascii.Error("malformed base64 (padding inside the data, or a length not a multiple of 4)")
-        a2b, view = binascii.a2b_base64, self.view
-        return b"".join([a2b(view[i:min(i + _B64_PIECE, end)], strict_mode=True) for i in range(start, end, _B64_PIECE)])
-
-
-def _loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
-    """json.loads of one results line without turning its megabytes of base64 into a str first: each long
-    `"data": "..."` string value (base64 has no escapes and no quotes) is cut out and replaced by a placeholder
-    that `classify` decodes straight from the line's bytes. Anything unusual is left to json.loads."""
-    if len(line) < _BLOB_MIN:
-        return json.loads(line), None
-    pieces: list[bytes] = []
-    spans: list[tuple[int, int]] = []
-    n, pos, i = len(line), 0, 0
-    while (k := line.find(b'"data"', i)) >= 0:
-        i = q = k + 6
-        while q < n and line[q] in b" \t\r\n":
-            q += 1
-        if q >= n or line[q] != 0x3A:  # ':' -- not a key
-            continue
-        q += 1
-        while q < n and line[q] in b" \t\r\n":
-            q += 1
-        if q >= n or line[q] != 0x22:  # '"' -- not a string value
-            continue
-        start = q + 1
-        end = line.find(b'"', start)
-        if end < 0:
-            break  # unterminated: json.loads reports it
-        i = end + 1
-        if end - start < _BLOB_MIN or line.find(b"\\", start, end) >= 0:
-            continue
-        pieces += (line[pos:start], b"\\u0000batcher-b64:%d" % len(spans))
-        spans.append((start, end))
-        pos = end
-    if not spans:
-        return json.loads(line), None
-    pieces.append(line[pos:])
-    return json.loads(b"".join(pieces)), _Blobs(line, spans)
+def _spans(blocks: Iterable[bytes]) -> Iterator[tuple[int, int]]:
+    """Offsets [start, end) of the lines in a stream of byte blocks (each ends with b"\\n", except perhaps the last)."""
+    pos = start = 0
+    for blk in blocks:
+        i = blk.find(b"\n")
+        while i >= 0:
+            yield start, pos + i + 1
+            start = pos + i + 1
+            i = blk.find(b"\n", i + 1)
+        pos += len(blk)
+    if start < pos:
+        yield start, pos
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -183,18 +78,38 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(held)
 
 
-def _result_lines(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Iterator[bytes]:
-    """The job's results file a line at a time, parsed while it downloads: the bytes are appended to the
-    resumable `.part` file as they arrive (as `download_results` does), and a finished download is read back."""
+def _read_blocks(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while blk := f.read(block):
+            yield blk
+
+
+def _result_source(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> tuple[Path, Iterator[bytes]]:
+    """The file the job's results are read from, and its bytes in order. A finished download is read back;
+    otherwise the results are parsed while they download: the bytes are appended to the resumable `.part`
+    file as they arrive (as `download_results` does). Once they are all in, `_downloaded` names it final."""
     final = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
     if final.exists() or not hasattr(backend, "download_chunks"):
-        with open(download_results(ledger, backend, job, on_bytes=on_bytes), "rb") as f:
-            yield from f
-        return
+        path = download_results(ledger, backend, job, on_bytes=on_bytes)
+        return path, _read_blocks(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_suffix(".jsonl.part")
-    yield from _lines(_prefetch(backend.download_chunks(job["output_file"], part, on_bytes=on_bytes), DOWNLOAD_AHEAD))
-    part.replace(final)
+    open(part, "ab").close()  # there from the start: decoder processes open it as their first line arrives
+    return part, backend.download_chunks(job["output_file"], part, on_bytes=on_bytes)
+
+
+def _downloaded(path: Path) -> None:
+    """Every byte of the results file is in `path`: a `.part` becomes the final file (read back, not downloaded
+    again, if this collect does not get to finish)."""
+    if path.name.endswith(".jsonl.part"):
+        path.replace(path.with_suffix(""))
+
+
+def _result_lines(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Iterator[bytes]:
+    """The job's results file a line at a time, received in a thread of its own while the lines are parsed."""
+    path, blocks = _result_source(ledger, backend, job, on_bytes=on_bytes)
+    yield from _lines(_prefetch(blocks, DOWNLOAD_AHEAD))
+    _downloaded(path)
 
 
 def _prefetch(blocks: Iterator[bytes], depth: int) -> Iterator[bytes]:
@@ -255,7 +170,11 @@ def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_i
         if not job["output_file"]:
             stats.errors.append(f"{job['display_name']}: succeeded without a results file")
         else:
-            _parse_results(ledger, store, job, _result_lines(ledger, backend, job, on_bytes=on_bytes), max_attempts, stats, on_image)
+            processes = default_processes()
+            if processes and isinstance(store, ImageStore):
+                _parse_in_decoders(ledger, backend, store, job, processes, max_attempts, stats, on_bytes, on_image)
+            else:  # a gs:// cache (written through this process's GCS client), or BATCHER_COLLECT_PROCESSES=0
+                _parse_results(ledger, store, job, _result_lines(ledger, backend, job, on_bytes=on_bytes), max_attempts, stats, on_image)
     finish_job(ledger, backend, job_id, max_attempts, stats, delete_remote=delete_remote)
 
 
@@ -318,13 +237,98 @@ def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts
                 _fail(c, ledger, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
 
 
+class _Recorder:
+    """The ledger side of parsing one job's results: the keys the job still waits for, and their outcomes,
+    committed COMMIT_EVERY lines at a time, each batch only once every image in it is durable in the cache."""
+
+    def __init__(self, ledger: Ledger, job, max_attempts: int, stats: CollectStats, on_image):
+        self.ledger, self.job, self.max_attempts, self.stats, self.on_image = ledger, job, max_attempts, stats, on_image
+        self.expected = {h: a for h, a in ledger.conn.execute(
+            "SELECT r.hash, r.attempts FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
+            (job["id"], QUEUED, job["id"]))}
+        self.sent = {h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],))}
+        self.pending: list[tuple] = []
+
+    def line(self, lineno: int, status: str, key, o: "Outcome | Future | None") -> None:
+        """One line's result (see results.read_line); `o` is an Outcome, or a Future of an image being written."""
+        name = self.job["display_name"]
+        if status == "blank":
+            return
+        if status == "bad-json":
+            self.stats.errors.append(f"{name} results line {lineno}: not valid JSON; skipped")
+            return
+        if not (isinstance(key, str) and key in self.expected):
+            if isinstance(key, str) and key in self.sent:
+                self.stats.already_done += 1  # finished another way meanwhile (interactive fallback): the cache wins
+            else:
+                self.stats.unexpected_keys += 1
+                self.stats.errors.append(f"{name} results line {lineno}: key {str(key)[:80]!r} was not sent in this job; ignored")
+            return
+        attempts = self.expected.pop(key)
+        self.pending.append(("image" if isinstance(o, Future) else o.kind, key, attempts, o))
+        maybe_crash("decode")  # test hook: see batcher/faults.py
+        if len(self.pending) >= COMMIT_EVERY:
+            self.flush()
+
+    def image_written(self) -> None:
+        """An image of a pending line is durable in the cache (or was rejected); the ledger is not told yet."""
+        maybe_crash("image")  # test hook: image durable in the cache, ledger not yet told
+        if self.on_image:
+            self.on_image(1)
+
+    def flush(self) -> None:
+        # First every image of the batch must be durable (or rejected), then the ledger is told.
+        for i, (kind, h, attempts, o) in enumerate(self.pending):
+            if isinstance(o, Future):
+                o, fut = o.image, o
+                try:
+                    fut.result()
+                except InvalidImage as exc:
+                    o = Outcome("error", reason=f"returned image is invalid: {exc}")
+                    kind = "error"
+                self.image_written()
+                self.pending[i] = (kind, h, attempts, o)
+        record_outcomes(self.ledger, self.job["model"], self.pending, self.max_attempts, self.stats)
+        self.pending.clear()
+
+
+def _parse_in_decoders(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job, processes: int, max_attempts: int,
+                       stats: CollectStats, on_bytes, on_image) -> None:
+    """Parse the results in decoder processes (batcher.decoder) while they download: a thread here receives the
+    file into the workdir and hands each line's offsets to the least busy decoder, which reads the line from
+    the file, decodes and verifies the image, writes it into the cache and only then replies."""
+    rec = _Recorder(ledger, job, max_attempts, stats, on_image)
+    path, blocks = _result_source(ledger, backend, job, on_bytes=on_bytes)
+    pool = DecoderPool(processes)
+    try:
+        pool.start_job(str(path), str(store.root), job["model"], rec.expected)
+        for msg in pool.run(_spans(blocks)):
+            lineno, status = msg[0], msg[1]
+            if status == "fatal":
+                _, _, errno, strerror, filename, text = msg
+                if errno is not None:
+                    raise OSError(errno, strerror, filename)
+                raise CollectError(f"{job['display_name']} results line {lineno}: {text}")
+            if status != "outcome":
+                rec.line(lineno, status, msg[2] if status == "unwanted" else None, None)
+                continue
+            _, _, key, kind, reason, finish, prompt_tokens, output_tokens, was_image = msg
+            if was_image:
+                rec.image_written()
+            rec.line(lineno, status, key, Outcome(kind, reason=reason, finish_reason=finish,
+                                                  prompt_tokens=prompt_tokens, output_tokens=output_tokens))
+        rec.flush()
+    finally:
+        pool.close()
+    _downloaded(path)  # after the decoders: they read the file by this name
+
+
 def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable[bytes], max_attempts: int, stats: CollectStats,
                    on_image) -> None:
-    """Parse a results file (a path, or its lines as they download). Images are verified and written to the cache
-    by writer threads while the next lines are parsed; a batch of lines is committed to the ledger only once
-    every image of the batch is durable in the cache."""
-    job_id, model = job["id"], job["model"]
-    pending: list[tuple] = []
+    """Parse a results file (a path, or its lines as they download) in this process. Images are verified and
+    written to the cache by writer threads while the next lines are parsed."""
+    model = job["model"]
+    rec = _Recorder(ledger, job, max_attempts, stats, on_image)
     writers = ThreadPoolExecutor(max_workers=IMAGE_WRITERS, thread_name_prefix="batcher-image")
     slots = threading.BoundedSemaphore(IMAGES_IN_FLIGHT)
 
@@ -336,62 +340,19 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable
             o.data = None  # written (or rejected): don't hold megabytes until the batch is committed
             slots.release()
 
-    def flush():
-        # First every image of the batch must be durable (or rejected), then the ledger is told.
-        for i, (kind, h, attempts, o) in enumerate(pending):
-            if isinstance(o, Future):
-                o, fut = o.image, o
-                try:
-                    fut.result()
-                    maybe_crash("image")  # image durable in the cache, ledger not yet told
-                except InvalidImage as exc:
-                    o = Outcome("error", reason=f"returned image is invalid: {exc}")
-                    kind = "error"
-                if on_image:
-                    on_image(1)
-                pending[i] = (kind, h, attempts, o)
-        record_outcomes(ledger, model, pending, max_attempts, stats)
-        pending.clear()
-
-    expected = {h: a for h, a in ledger.conn.execute(
-        "SELECT r.hash, r.attempts FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
-        (job_id, QUEUED, job_id))}
-    sent = {h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job_id,))}
     f = open(path, "rb") if isinstance(path, (str, Path)) else None
     try:
         for lineno, line in enumerate(f if f is not None else path, 1):
-            if line[:1] in (b"", b" ", b"\t", b"\r", b"\n") and not line.strip():
-                continue
-            try:
-                obj, blobs = _loads_line(line)
-                key = obj.get("key")
-            except (ValueError, AttributeError):
-                stats.errors.append(f"{job['display_name']} results line {lineno}: not valid JSON; skipped")
-                continue
-            if key not in expected and key in sent:
-                stats.already_done += 1  # finished another way meanwhile (interactive fallback): the cache wins
-                continue
-            if key not in expected:
-                stats.unexpected_keys += 1
-                stats.errors.append(f"{job['display_name']} results line {lineno}: key {str(key)[:80]!r} was not sent in this job; ignored")
-                continue
-            attempts = expected.pop(key)
-            if obj.get("error") is not None or obj.get("response") is None:
-                err = obj.get("error") or {}
-                o = Outcome("error", reason=f"API error {err.get('code', '')} {err.get('status', '')}: {err.get('message', 'no response')}".strip())
-            else:
-                o = classify(obj["response"], blobs)
-                if o.kind == "image":
-                    slots.acquire()
-                    fut = writers.submit(write_image, key, o)
-                    fut.image = o
-                    o = fut
-            del obj, blobs, line
-            pending.append(("image" if isinstance(o, Future) else o.kind, key, attempts, o))
-            maybe_crash("decode")  # test hook: see batcher/faults.py
-            if len(pending) >= COMMIT_EVERY:
-                flush()
-        flush()
+            status, key, o = read_line(line, rec.expected.__contains__)
+            del line
+            if o is not None and o.kind == "image":
+                slots.acquire()
+                fut = writers.submit(write_image, key, o)
+                fut.image = o  # type: ignore[attr-defined]
+                o = fut
+            rec.line(lineno, status, key, o)
+            del o
+        rec.flush()
     finally:
         writers.shutdown(wait=True)  # never leave an image half-written behind a returning caller
         if f is not None:

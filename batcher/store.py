@@ -14,9 +14,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import platformdirs
-from PIL import Image
-
 
 class InvalidImage(ValueError):
     pass
@@ -24,7 +21,11 @@ class InvalidImage(ValueError):
 
 def default_cache_dir() -> Path:
     env = os.environ.get("BATCHER_CACHE_DIR")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("batcher")) / "images"
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("batcher")) / "images"
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,6 +66,8 @@ def verify_image(data: bytes) -> str:
     if data[:8] == _PNG_SIGNATURE:
         _verify_png(data)  # the common case, checked as Pillow's verify does but ~20x cheaper
         return "PNG"
+    from PIL import Image  # only for formats other than PNG: decoder processes start without it
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()

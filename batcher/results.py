@@ -1,0 +1,151 @@
+"""One line of a job's results file: parse it, classify the response (image, block, error) and decode the image.
+
+Standard library only (no SDK, no pyarrow, no Pillow unless an image is not a PNG): the collect decoder
+processes (batcher.decoder) import this, and their start-up is paid on every collect.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from dataclasses import dataclass
+
+BLOCK_FINISH_REASONS = {
+    "SAFETY", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
+    "RECITATION", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE", "OTHER",
+}
+
+
+@dataclass
+class Outcome:
+    kind: str  # "image" | "blocked" | "error"
+    data: bytes | None = None
+    reason: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+def _get(d: dict, camel: str, snake: str):
+    v = d.get(camel)
+    return d.get(snake) if v is None else v
+
+
+def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
+    """Turn one GenerateContentResponse into an image, a block (final) or an error (retried).
+    `blobs`: the base64 strings that `loads_line` cut out of the results line (the response holds placeholders)."""
+    usage = _get(response, "usageMetadata", "usage_metadata") or {}
+    prompt_tokens = int(_get(usage, "promptTokenCount", "prompt_token_count") or 0)
+    output_tokens = int(_get(usage, "candidatesTokenCount", "candidates_token_count") or 0)
+    feedback = _get(response, "promptFeedback", "prompt_feedback") or {}
+    block = _get(feedback, "blockReason", "block_reason")
+    candidates = response.get("candidates") or []
+    if block or not candidates:
+        return Outcome("blocked", reason=f"prompt blocked: {block or 'no candidates'}", finish_reason=block or "NO_CANDIDATES",
+                       prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    cand = candidates[0]
+    finish = _get(cand, "finishReason", "finish_reason")
+    parts = ((cand.get("content") or {}).get("parts")) or []
+    images = [p for p in parts if (_get(p, "inlineData", "inline_data") or {}) and not p.get("thought")]
+    images = [p for p in images if str(_get(_get(p, "inlineData", "inline_data"), "mimeType", "mime_type") or "").startswith("image/")]
+    if not images:
+        if finish in BLOCK_FINISH_REASONS:
+            reason = f"no image: finish reason {finish}"
+        else:
+            reason = "no image: the model replied with text only"
+            finish = finish if finish and finish != "STOP" else "NO_IMAGE"
+        return Outcome("blocked", reason=reason, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    inline = _get(images[-1], "inlineData", "inline_data")  # the last image is the final one (earlier ones may be drafts)
+    if isinstance(inline.get("data"), bytes):  # an interactive response, decoded by the SDK already
+        return Outcome("image", data=inline["data"], finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    try:
+        data = inline.get("data") or ""
+        data = blobs.decode(data) if blobs is not None and blobs.holds(data) else binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        return Outcome("error", reason=f"corrupt base64 image data ({exc})", finish_reason=finish)
+    return Outcome("image", data=data, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+
+
+_PLACEHOLDER = "\x00batcher-b64:"
+_B64_PIECE = 128 * 1024  # base64 characters decoded per call (a multiple of 4)
+_BLOB_MIN = 1024  # base64 strings shorter than this are left to json.loads
+
+
+class _Blobs:
+    """The long "data" strings of one results line, kept as slices of the line's bytes."""
+
+    def __init__(self, line: bytes, spans: list[tuple[int, int]]):
+        self.line = line
+        self.view = memoryview(line)
+        self.spans = spans
+
+    def holds(self, value) -> bool:
+        return isinstance(value, str) and value.startswith(_PLACEHOLDER)
+
+    def decode(self, placeholder: str) -> bytes:
+        """Strict base64 decoding, in pieces: one call on megabytes holds the GIL for milliseconds, which would
+        stall the download and image-writer threads; between pieces they get to run."""
+        start, end = self.spans[int(placeholder[len(_PLACEHOLDER):])]
+        if end - start <= _B64_PIECE:
+            return binascii.a2b_base64(self.view[start:end], strict_mode=True)
+        last = start + (end - start - 1) // _B64_PIECE * _B64_PIECE  # the last piece holds any padding
+        if (end - start) % 4 or self.line.find(b"=", start, last) >= 0:
+            raise binascii.Error("malformed base64 (padding inside the data, or a length not a multiple of 4)")
+        a2b, view = binascii.a2b_base64, self.view
+        return b"".join([a2b(view[i:min(i + _B64_PIECE, end)], strict_mode=True) for i in range(start, end, _B64_PIECE)])
+
+
+def loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
+    """json.loads of one results line without turning its megabytes of base64 into a str first: each long
+    `"data": "..."` string value (base64 has no escapes and no quotes) is cut out and replaced by a placeholder
+    that `classify` decodes straight from the line's bytes. Anything unusual is left to json.loads."""
+    if len(line) < _BLOB_MIN:
+        return json.loads(line), None
+    pieces: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    n, pos, i = len(line), 0, 0
+    while (k := line.find(b'"data"', i)) >= 0:
+        i = q = k + 6
+        while q < n and line[q] in b" \t\r\n":
+            q += 1
+        if q >= n or line[q] != 0x3A:  # ':' -- not a key
+            continue
+        q += 1
+        while q < n and line[q] in b" \t\r\n":
+            q += 1
+        if q >= n or line[q] != 0x22:  # '"' -- not a string value
+            continue
+        start = q + 1
+        end = line.find(b'"', start)
+        if end < 0:
+            break  # unterminated: json.loads reports it
+        i = end + 1
+        if end - start < _BLOB_MIN or line.find(b"\\", start, end) >= 0:
+            continue
+        pieces += (line[pos:start], b"\\u0000batcher-b64:%d" % len(spans))
+        spans.append((start, end))
+        pos = end
+    if not spans:
+        return json.loads(line), None
+    pieces.append(line[pos:])
+    return json.loads(b"".join(pieces)), _Blobs(line, spans)
+
+
+def read_line(line: bytes, wanted) -> tuple[str, object, Outcome | None]:
+    """One results line: ("blank", None, None), ("bad-json", None, None), ("unwanted", key, None) for a key
+    `wanted(key)` refuses (nothing decoded), or ("outcome", key, Outcome); an image outcome carries the bytes."""
+    if line[:1] in (b"", b" ", b"\t", b"\r", b"\n") and not line.strip():
+        return "blank", None, None
+    try:
+        obj, blobs = loads_line(line)
+        key = obj.get("key")
+    except (ValueError, AttributeError):
+        return "bad-json", None, None
+    if not (isinstance(key, str) and wanted(key)):
+        return "unwanted", key, None
+    if obj.get("error") is not None or obj.get("response") is None:
+        err = obj.get("error") or {}
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        reason = f"API error {err.get('code', '')} {err.get('status', '')}: {err.get('message', 'no response')}".strip()
+        return "outcome", key, Outcome("error", reason=reason)
+    return "outcome", key, classify(obj["response"], blobs)

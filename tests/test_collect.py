@@ -1,0 +1,143 @@
+"""Collect's parsing paths: decoder processes (the default on a local cache) and the in-process one (a gs://
+cache, or BATCHER_COLLECT_PROCESSES=0) give the same outcomes, line for line, for good and hostile lines."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import batcher.pipeline as pipeline
+from batcher.collect import _spans
+from batcher.decoder import DecoderPool, default_processes
+from batcher.errors import CollectError
+from batcher.store import ImageStore
+from tests.helpers import write_csv
+
+
+def png(color=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_line(key: str, data: bytes | str, mime="image/png") -> bytes:
+    b64 = data if isinstance(data, str) else base64.b64encode(data).decode()
+    resp = {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": mime, "data": b64}}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 1290}}
+    return json.dumps({"key": key, "response": resp}).encode() + b"\n"
+
+
+def test_spans_cover_every_line_across_block_boundaries():
+    data = b'{"a":1}\n\n{"b":22}\n{"c":333}'
+    for size in (1, 2, 3, 5, 8, 100):
+        blocks = [data[i:i + size] for i in range(0, len(data), size)]
+        assert [data[s:e] for s, e in _spans(blocks)] == data.splitlines(keepends=True)
+    assert list(_spans([])) == [] and list(_spans([b"x\n"])) == [(0, 2)]
+
+
+def test_decoder_processes_report_every_kind_of_line(tmp_path):
+    good, other = png(), png((1, 2, 3))
+    big = png((200, 0, 0)) + b"\0" * 3000  # trailing bytes after IEND: still a PNG
+    keys = [f"{i:064x}" for i in range(8)]
+    lines = [
+        image_line(keys[0], good),
+        b"\n",
+        b"not json at all\n",
+        json.dumps({"key": keys[1], "error": {"code": 500, "status": "INTERNAL", "message": "boom"}}).encode() + b"\n",
+        image_line(keys[2], base64.b64encode(other).decode()[:-3] + "*=="),  # corrupt base64
+        image_line(keys[3], b"this is not an image, it is text" * 100),  # decodes, but not an image
+        json.dumps({"key": keys[4], "response": {"candidates": [{"content": {"parts": [{"text": "no"}]},
+                                                                "finishReason": "IMAGE_SAFETY"}]}}).encode() + b"\n",
+        image_line("f" * 64, good),  # a key this job does not wait for: not decoded, not cached
+        image_line(keys[5], big),
+    ]
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b"".join(lines))
+    spans, pos = [], 0
+    for line in lines:
+        spans.append((pos, pos + len(line)))
+        pos += len(line)
+    store = ImageStore(tmp_path / "cache")
+    pool = DecoderPool(2)
+    try:
+        pool.start_job(str(path), str(store.root), "m", keys[:6])
+        replies = {msg[0]: msg for msg in pool.run(iter(spans))}
+    finally:
+        pool.close()
+    assert sorted(replies) == list(range(1, len(lines) + 1))
+    assert replies[1][1:4] == ["outcome", keys[0], "image"] and replies[1][-1] is True
+    assert replies[2][1] == "blank" and replies[3][1] == "bad-json"
+    assert replies[4][1:4] == ["outcome", keys[1], "error"] and "500 INTERNAL: boom" in replies[4][4]
+    assert replies[5][3] == "error" and "corrupt base64" in replies[5][4]
+    assert replies[6][3] == "error" and replies[6][4].startswith("returned image is invalid") and replies[6][-1] is True
+    assert replies[7][3] == "blocked" and replies[7][5] == "IMAGE_SAFETY"
+    assert replies[8][1:] == ["unwanted", "f" * 64]
+    assert replies[9][3] == "image"
+    assert store.find(keys[0]).read_bytes() == good and store.meta(keys[0])["output_tokens"] == 1290
+    assert store.find(keys[5]).read_bytes() == big
+    assert not store.has("f" * 64) and not store.has(keys[3]) and not store.has(keys[2])
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_a_cache_that_cannot_be_written_is_an_os_error_naming_it(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache should be")
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(image_line("a" * 64, png()))
+    pool = DecoderPool(1)
+    try:
+        pool.start_job(str(path), str(tmp_path / "cache"), "m", ["a" * 64])
+        (msg,) = list(pool.run(iter([(0, path.stat().st_size)])))
+    finally:
+        pool.close()
+    assert msg[1] == "fatal" and msg[2] is not None and str(tmp_path / "cache") in msg[4]
+
+
+def test_a_decoder_that_dies_is_a_collect_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(image_line("a" * 64, png()))
+    pool = DecoderPool(1)
+    try:
+        pool.procs[0].kill()
+        pool.procs[0].wait()
+        with pytest.raises(CollectError, match="exited unexpectedly"):
+            pool.start_job(str(path), str(tmp_path / "cache"), "m", ["a" * 64])
+            list(pool.run(iter([(0, path.stat().st_size)])))
+    finally:
+        pool.close()
+
+
+def test_processes_setting(monkeypatch):
+    monkeypatch.setenv("BATCHER_COLLECT_PROCESSES", "0")
+    assert default_processes() == 0
+    monkeypatch.setenv("BATCHER_COLLECT_PROCESSES", "3")
+    assert default_processes() == 3
+    monkeypatch.delenv("BATCHER_COLLECT_PROCESSES")
+    assert 1 <= default_processes() <= 8
+    monkeypatch.setenv("BATCHER_COLLECT_PROCESSES", "many")
+    with pytest.raises(ValueError, match="BATCHER_COLLECT_PROCESSES"):
+        default_processes()
+
+
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_both_paths_end_with_the_same_outcomes(tmp_path, emulator, backend_factory, monkeypatch, processes):
+    """Corrupt and non-image payloads, blocked and erroring lines: requeued or final with the same reasons."""
+    monkeypatch.setenv("BATCHER_COLLECT_PROCESSES", processes)
+    emulator.configure(corrupt_base64_rate=0.25, not_image_rate=0.25, line_error_rate=0.2, seed=3)
+    rows = [[f"r{i}", f"collect paths prompt {i}"] for i in range(12)] + [["b", "blocked [emulator:image_safety]"]]
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                          timeout=60, quiet=True, max_attempts=10)
+    result = pipeline.run(write_csv(tmp_path / "m.csv", ["id", "prompt"], rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 3, result.summary
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        states = dict(ws.ledger.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall())
+        errors = [e for (e,) in ws.ledger.conn.execute("SELECT error FROM requests WHERE error IS NOT NULL")]
+    assert states == {"succeeded": 12, "blocked": 1}
+    assert any("finish reason IMAGE_SAFETY" in e for e in errors)
+    stats = emulator.stats()["faults"]
+    assert stats.get("corrupt_base64", 0) + stats.get("not_image", 0) >= 1
+    for p in (tmp_path / "c").rglob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
