@@ -28,7 +28,7 @@ from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, 
 from .requests import (
     HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
 )
-from .store import ImageStore
+from .store import IMAGE_EXTS, ImageStore
 
 KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
 MAX_PROBLEMS_SHOWN = 20
@@ -174,17 +174,19 @@ class _StoreLookup:
         listing = getattr(self.store, "list_dir", None)  # a gs:// cache: one listing per prefix too
         if self.root is None and listing is None:
             return self.store.has(h)
-        names = self.dirs.get(h[:2])
-        if names is None:
+        hashes = self.dirs.get(h[:2])
+        if hashes is None:
             if self.root is None:
                 names = listing(h[:2])
             else:
                 try:
-                    names = {n for n in os.listdir(os.path.join(self.root, h[:2])) if not n.startswith(".")}
+                    names = os.listdir(os.path.join(self.root, h[:2]))
                 except (FileNotFoundError, NotADirectoryError):
-                    names = set()
-            self.dirs[h[:2]] = names
-        return bool(names) and (h + ".png" in names or h + ".jpg" in names or h + ".webp" in names or h + ".gif" in names)
+                    names = ()
+            # The hashes that have an image file: one set lookup per request instead of one per extension.
+            hashes = self.dirs[h[:2]] = {stem for stem, dot, ext in (n.rpartition(".") for n in names)
+                                         if dot and "." + ext in IMAGE_EXTS and not stem.startswith(".")}
+        return h in hashes
 
 
 def _prepared_rows(manifest: Path | str, options: ManifestOptions, refs: _References) -> Iterator[RowProblem | tuple]:

@@ -228,3 +228,20 @@ def test_a_job_whose_requests_changed_under_it_writes_no_jsonl(tmp_path):
         write_jsonl(ledger, job_id, {})
     assert not jsonl_path(ledger, ledger.job(job_id)["display_name"]).exists()
     assert not list((tmp_path / "wd" / "jobs").glob("*.tmp"))
+
+
+def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
+    """The planner lists each cache prefix dir once instead of asking the store per request; both must agree
+    for every image extension, temp files and a prefix that does not exist."""
+    from batcher.planner import _StoreLookup
+
+    store = ImageStore(tmp_path / "cache")
+    png_hash, jpg_hash, temp_hash, absent = "ab" + "1" * 62, "ab" + "2" * 62, "ab" + "3" * 62, "cd" + "4" * 62
+    store.put(png_hash, png_bytes())
+    (tmp_path / "cache" / "ab" / f"{jpg_hash}.jpg").write_bytes(b"\xff\xd8\xff")
+    (tmp_path / "cache" / "ab" / f".{temp_hash}.png").write_bytes(b"partial")
+    (tmp_path / "cache" / "ab" / f"{temp_hash}.png.tmp").write_bytes(b"partial")
+    lookup = _StoreLookup(store)
+    for h in (png_hash, jpg_hash, temp_hash, absent):
+        assert lookup.has(h) == store.has(h), h
+    assert lookup.has(png_hash) and lookup.has(jpg_hash) and not lookup.has(temp_hash) and not lookup.has(absent)
