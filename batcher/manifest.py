@@ -23,6 +23,7 @@ seed a 32-bit signed integer; variants an integer in [1, `MAX_VARIANTS`]; at mos
 from __future__ import annotations
 
 import base64
+import bisect
 import codecs
 import csv
 import datetime as _dt
@@ -408,6 +409,16 @@ class _Source:
     types: list[pa.DataType] | None  # None for CSV/TSV (every column is a string)
     first_row: int  # row number of the first data row
     batches: Iterator[pa.RecordBatch]
+    # CSV/TSV: for each blank line (which a spreadsheet shows as a row, but the reader skips), how many data
+    # rows come before it; sorted. Empty when there are none.
+    blank_lines: list[int] = field(default_factory=list)
+
+    def row_numbers(self, first_index: int, n: int) -> list[int] | None:
+        """The row numbers of data rows first_index..first_index+n-1 (0-based), or None when they are simply
+        first_row + index (no blank lines)."""
+        if not self.blank_lines:
+            return None
+        return [self.first_row + k + bisect.bisect_right(self.blank_lines, k) for k in range(first_index, first_index + n)]
 
 
 def _format_for(path: str, display: str, options: ManifestOptions) -> str:
@@ -578,10 +589,43 @@ def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> _Source:
             fh.close()
         _check_unclosed_quote(path, display, last, rows)
 
-    source = _Source(display, path, fmt, names, None, 2, batches())
+    source = _Source(display, path, fmt, names, None, 2, batches(), _blank_lines(path, delimiter))
     if first.num_rows == 0:  # pyarrow can return an empty first batch; make sure there is a row somewhere
         source.batches = _require_rows(source.batches, display)
     return source
+
+
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+def _blank_lines(path: str, delimiter: str) -> list[int]:
+    """Where the file's blank lines are, as counts of data rows before each (see _Source.blank_lines).
+
+    A byte scan finds out whether the file has a blank line at all (most don't: then that is all it costs);
+    only then is it parsed with the csv module, which sees quoted newlines as pyarrow does and yields an empty
+    record for a blank line. (A quoted value with an empty line inside can trigger that parse; it finds no blank
+    line there.) Blank lines before the header are not counted. A gs:// manifest is not read twice: its rows are
+    numbered without blank lines."""
+    if gcs.is_gcs(path):
+        return []
+    with open(path, "rb") as fh:
+        tail = b""  # the end of the previous block: a blank line can straddle two
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            if _BLANK_LINE.search(tail + block):
+                break
+            tail = block[-2:]
+        else:
+            return []
+    blanks: list[int] = []
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        records = csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
+        data_rows = -1  # the header is not a data row
+        for record in records:
+            if record:
+                data_rows += 1
+            elif data_rows >= 0:
+                blanks.append(data_rows)
+    return blanks
 
 
 def _check_unclosed_quote(path: str, display: str, last: pa.RecordBatch, rows: int) -> None:
@@ -878,18 +922,20 @@ def _slow_column(col: str, raws: list[Any], add: Callable[[int, str, Any, str], 
 class _Batch:
     """Validation of one record batch: column by column, in Arrow where it can be."""
 
-    def __init__(self, batch: pa.RecordBatch, index: dict[str, int], display: str, row0: int):
+    def __init__(self, batch: pa.RecordBatch, index: dict[str, int], display: str, row0: int, rows: list[int] | None = None):
         self.batch = batch
         self.index = index
         self.display = display
         self.row0 = row0
+        self.rows = rows  # the rows' numbers when they are not row0, row0 + 1, ... (blank lines in between)
         self.n = batch.num_rows
         self.problems: dict[int, list[RowProblem]] = {}
         self._raws: dict[str, list[Any]] = {}
 
     def add(self, j: int, column: str | None, raw: Any, message: str) -> None:
         shown = None if raw is None else _shown(raw)
-        self.problems.setdefault(j, []).append(RowProblem(self.display, self.row0 + j, column, shown, message))
+        row = self.rows[j] if self.rows is not None else self.row0 + j
+        self.problems.setdefault(j, []).append(RowProblem(self.display, row, column, shown, message))
 
     def array(self, name: str) -> pa.Array:
         return _decoded(self.batch.column(self.index[name]))
@@ -1088,7 +1134,8 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
     try:
         for batch in source.batches:
             n = batch.num_rows
-            b = _Batch(batch, index, source.display, next_row)
+            numbers = source.row_numbers(next_index - 1, n)
+            b = _Batch(batch, index, source.display, next_row, numbers)
             prompts = b.prompts(prompt_col)
             ids: Iterator[str] | list[str] = b.ids(id_col) if id_col else map(str, range(next_index, next_index + n))
             models = b.setting("model") if "model" in settings else None
@@ -1145,7 +1192,7 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
             )
             problems = b.problems
             row0 = next_row
-            if not problems:
+            if not problems and numbers is None:
                 for j, values in enumerate(rows):
                     yield ManifestRow(row0 + j, *values)
             else:
@@ -1154,7 +1201,7 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
                     if found:
                         yield from found
                     else:
-                        yield ManifestRow(row0 + j, *values)
+                        yield ManifestRow(numbers[j] if numbers is not None else row0 + j, *values)
             next_row += n
             next_index += n
     finally:

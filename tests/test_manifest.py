@@ -151,6 +151,27 @@ def test_quotes_and_newlines_inside_csv_fields(tmp_path):
     ]
 
 
+def test_blank_lines_count_as_rows_as_a_spreadsheet_shows_them(tmp_path):
+    """pyarrow skips blank lines; a spreadsheet shows them as rows. Row numbers (of rows and of problems)
+    follow the spreadsheet, and an empty line inside a quoted value is not a blank line."""
+    text = (
+        'id,prompt\r\n'
+        'a,one\r\n'
+        '\r\n'  # row 3: blank
+        'b,"two\n\nwith an empty line inside"\n'
+        '\n'  # row 5: blank
+        '\n'  # row 6: blank
+        'c,\n'  # row 7: empty prompt
+        'd,four\n'
+        '\n'  # trailing blank lines change nothing
+    )
+    rows, problems = read(write(tmp_path, "blank.csv", text))
+    assert [(r.row, r.id) for r in rows] == [(2, "a"), (4, "b"), (8, "d")]
+    assert [(p.row, p.column) for p in problems] == [(7, "prompt")]
+    tsv, tsv_problems = read(write(tmp_path, "blank.tsv", "id\tprompt\n\na\tone\n\n\nb\t\n"))
+    assert [r.row for r in tsv] == [3] and [p.row for p in tsv_problems] == [6]
+
+
 def test_utf8_bom_and_unicode(tmp_path):
     path = write(tmp_path, "b.csv", "\ufeffid,prompt\n1,un café très élégant ☕ 東京\n")
     rows, problems = read(path)
