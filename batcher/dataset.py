@@ -109,7 +109,8 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     out = Path(out)
     place = place or (lambda src, file_name: _place_image(src, out / file_name))
     out.mkdir(parents=True, exist_ok=True)
-    run = ledger.conn.execute("SELECT extra_schema FROM runs WHERE id=?", (run_id,)).fetchone()
+    run = ledger.conn.execute("SELECT extra_schema, created_at FROM runs WHERE id=?", (run_id,)).fetchone()
+    run_started = run["created_at"] if run else 0.0
     extra = pa.ipc.read_schema(pa.py_buffer(run["extra_schema"])) if run and run["extra_schema"] else pa.schema([])
     taken = {f.name for f in BASE_FIELDS}
     extra_fields = [f for f in extra if f.name not in taken]
@@ -119,7 +120,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     query = ledger.conn.execute(
         """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
                   r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
-                  r.cost_usd, j.display_name AS job
+                  r.cost_usd, r.updated_at, j.display_name AS job
            FROM rows w JOIN requests r ON r.hash = w.request_hash LEFT JOIN jobs j ON j.id = r.job_id
            WHERE w.run_id=? ORDER BY w.seq""",
         (run_id,),
@@ -140,8 +141,11 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                         place(src, file_name)  # a no-op when it is there (rows sharing a request share it)
                 summary.rows += 1
                 setattr(summary, status, getattr(summary, status) + 1)
-                # Rows sharing a request share one payment: the first row carries it, so the column sums to the spend.
-                cost = r["cost_usd"] if not r["cached"] and r["request_hash"] not in seen_cost else 0.0
+                # A request that ended before this run began was paid for by an earlier run in this workdir: to
+                # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,
+                # so the column sums to this run's spend.
+                earlier = r["updated_at"] < run_started and r["state"] in (SUCCEEDED, BLOCKED)
+                cost = r["cost_usd"] if not r["cached"] and not earlier and r["request_hash"] not in seen_cost else 0.0
                 if cost:
                     seen_cost.add(r["request_hash"])
                     summary.cost_usd += cost
@@ -149,7 +153,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                     "file_name": file_name, "id": r["id"], "row": r["row"], "variant": r["variant"], "prompt": r["prompt"],
                     "request_hash": r["request_hash"], "status": status, "error": r["error"] if status != "ok" else None,
                     "finish_reason": r["finish_reason"], "model": r["model"], "job": r["job"], "attempts": r["attempts"],
-                    "cached": bool(r["cached"]), "prompt_tokens": r["prompt_tokens"], "output_tokens": r["output_tokens"],
+                    "cached": bool(r["cached"]) or (earlier and status == "ok"), "prompt_tokens": r["prompt_tokens"], "output_tokens": r["output_tokens"],
                     "cost_usd": cost,
                 }
                 extras = json.loads(r["extra_json"]) if r["extra_json"] else {}

@@ -512,9 +512,10 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
             })
         counts = run_counts(ws.ledger, run["id"]) if run else {}
         where, params = ws.ledger.in_run(run["id"]) if run else ("0", ())
+        # As in the dataset: what this run paid for (an earlier run's requests in this workdir are not counted again).
         cost, hits = ws.ledger.conn.execute(
-            f"SELECT COALESCE(SUM(CASE WHEN cached=0 THEN cost_usd END),0), COUNT(CASE WHEN cached=1 THEN 1 END) FROM requests WHERE {where}",
-            params).fetchone()
+            "SELECT COALESCE(SUM(CASE WHEN cached=0 AND updated_at >= ? THEN cost_usd END),0), COUNT(CASE WHEN cached=1 THEN 1 END) "
+            f"FROM requests WHERE {where}", (run["created_at"] if run else 0.0, *params)).fetchone()
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
             "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),

@@ -95,6 +95,26 @@ def test_second_run_uses_the_cache_and_creates_no_job(tmp_path, emulator, backen
     assert emulator.stats()["batches_created"] == before
 
 
+def test_a_later_run_in_the_same_workdir_does_not_count_earlier_payments(tmp_path, emulator, backend_factory):
+    """Tonight's manifest shares prompts with last night's, in the same workdir: the shared rows were paid for
+    last night, so tonight's dataset and status show them as cached at no cost, and only the new rows' cost."""
+    s = settings(tmp_path)
+    assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
+    first_cost = sum(r["cost_usd"] for r in metadata(s))
+    tonight = PROMPTS[:2] + [["n1", "a lighthouse in a storm", "", "1", "landscape"]]
+    result = pipeline.run(manifest(tmp_path, tonight, name="tonight.csv"), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    rows = {(r["id"], r["variant"]): r for r in metadata(s)}
+    assert len(rows) == 4
+    for key in (("p1", 0), ("p2", 0), ("p2", 1)):
+        assert rows[key]["cached"] and rows[key]["cost_usd"] == 0.0, rows[key]
+    new = rows[("n1", 0)]
+    assert not new["cached"] and new["cost_usd"] > 0
+    assert first_cost > 3 * new["cost_usd"]
+    status = pipeline.status(s, backend_factory=backend_factory)
+    assert status["cost_usd"] == pytest.approx(new["cost_usd"], abs=1e-6)  # status rounds to 6 places
+
+
 def test_parquet_manifest_and_multi_job_sharding(tmp_path, emulator, backend_factory):
     table = pa.table({"id": [f"r{i}" for i in range(7)], "prompt": [f"product shot number {i}" for i in range(7)],
                       "price": [float(i) for i in range(7)]})
