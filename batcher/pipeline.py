@@ -172,17 +172,23 @@ def _ref_paths(ledger: Ledger) -> dict[str, str]:
     return {sha: path for sha, path in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
 
 
+def shard_planned(ws: Workspace) -> list[int]:
+    """Planned requests into new jobs: within the shard limits, each model's enqueued-token cap and the budget.
+    A dry run shards the same way, so the jobs it leaves are the ones a later submit sends."""
+    return shard(ws.ledger, ws.settings.limits, token_cap_for=ws.settings.quota.cap_for, limit_requests=budget_allowance(ws))
+
+
 def send_pending(ws: Workspace) -> int:
     """Shard planned requests into jobs, upload them and create them, within the concurrency cap.
     Returns how many jobs were created. Stops creating (not failing) when the API says it has no capacity."""
     ledger, backend, quota = ws.ledger, ws.backend, ws.settings.quota
-    with ledger.big_page_cache():  # shard, then each job's JSONL reads its requests by hash
+    with ledger.big_page_cache():  # bulk ledger work: sharding, then every job's requests
         return _send_pending(ws, ledger, backend, quota)
 
 
 def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
     jobs_mod.reconcile(ledger, backend)
-    shard(ledger, ws.settings.limits, token_cap_for=quota.cap_for, limit_requests=budget_allowance(ws))
+    shard_planned(ws)
     refs = _ref_paths(ledger)
     created = 0
     for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
@@ -292,14 +298,15 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         if dry_run:
-            with ws.ledger.big_page_cache():  # each job's JSONL reads its requests by hash
-                new = shard(ws.ledger, settings.limits)
+            with ws.ledger.big_page_cache():  # bulk ledger work: sharding, then every job's requests
+                new = shard_planned(ws)
                 for job in ws.ledger.jobs((J_PLANNED,)):
                     dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
                     jobs_mod.write_jsonl(ws.ledger, job["id"], dummy)
             counts = run_counts(ws.ledger, p.run_id)
             return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
-                           f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded",
+                           f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
+                           + budget_note(ws),
                            plan=p, counts=counts)
         created = send_pending(ws) if run_counts(ws.ledger, p.run_id)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
         publish_jobs(ws)

@@ -185,6 +185,25 @@ def test_submit_with_a_budget_sends_what_fits_and_exits_4(tmp_path, emulator, ba
     assert "8 requests held back" in result.summary
 
 
+def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_path, emulator, backend_factory):
+    """A dry run leaves the jobs a later submit sends, so it honours the budget and each model's token cap,
+    and says what the budget holds back; then the real submit sends exactly those jobs."""
+    from batcher.quota import Quota
+
+    m = prompts_csv(tmp_path / "m.csv", 10)
+    s = settings(tmp_path, budget_usd=0.10, quota=Quota(token_cap=2 * 1400))
+    result = pipeline.submit(m, s, dry_run=True, backend_factory=backend_factory)
+    assert result.counts["queued"] == 5 and result.counts["planned"] == 5, result.summary
+    assert "5 to send in 3 new job(s)" in result.summary  # 2 + 2 + 1 under the cap
+    assert "budget $0.10: 5 requests held back" in result.summary
+    assert emulator.stats()["files_uploaded"] == 0
+    result = pipeline.submit(m, s, backend_factory=backend_factory)
+    assert emulator.stats()["batches_created"] == 1  # one job fills the cap; the others wait for it
+    with pipeline.open_workspace(s, backend_factory) as ws:
+        sizes = [r[0] for r in ws.ledger.conn.execute("SELECT request_count FROM jobs ORDER BY id")]
+    assert sizes == [2, 2, 1]
+
+
 def test_budget_from_the_job_spec_and_the_command_line(tmp_path, emulator_env):
     p = spec(tmp_path, '[limits]\nbudget_usd = 0.10\n[poll]\ninterval_seconds = 0.05\ntimeout_seconds = 60\n')
     r = CliRunner().invoke(main, ["run", str(p), "-q"])
