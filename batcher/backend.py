@@ -269,10 +269,14 @@ class GeminiBackend:
         return int(f.size_bytes or 0)
 
     # ---- batches ----------------------------------------------------------------------------------
-    def create_batch(self, model: str, file_name: str, display_name: str) -> BatchInfo:
-        """Not retried here: create is not idempotent. The caller reconciles by display name instead."""
+    def create_batch(self, model: str, file_name: str, display_name: str, webhook: dict | None = None) -> BatchInfo:
+        """Not retried here: create is not idempotent. The caller reconciles by display name instead.
+        `webhook`: a webhook_config (batcher.webhooks) for listeners the API notifies when the job ends."""
+        config: dict = {"display_name": display_name}
+        if webhook:
+            config["webhook_config"] = webhook
         try:
-            job = self._create_client.batches.create(model=model, src=file_name, config={"display_name": display_name})
+            job = self._create_client.batches.create(model=model, src=file_name, config=config)
         except genai_errors.APIError as exc:
             raise map_error(exc, f"create job {display_name}") from None
         except Exception as exc:

@@ -146,6 +146,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
         "window.deadline": "deadline", "window.policy": "deadline_policy", "share": "share",
         "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
         "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
+        "notify.webhook_uris": "webhook_uris",
     }
     for spec_key, option in mapping.items():
         if spec_key not in spec.values:
@@ -159,6 +160,8 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
 
 
 def _settings(kw: dict, **extra) -> pipeline.Settings:
+    if kw.get("webhook_uris") and kw.get("backend") == "vertex":
+        raise UsageError("webhooks (--webhook-uri, notify.webhook_uris) are a Gemini API feature; Vertex AI batch jobs don't take them")
     m = ManifestOptions(
         prompt_column=kw.get("prompt_column", "prompt"), id_column=kw.get("id_column", "id"), format=kw.get("fmt"),
         model=kw.get("model", DEFAULT_MODEL), aspect_ratio=kw.get("aspect_ratio"), image_size=kw.get("image_size"),
@@ -173,7 +176,7 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
         refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False),
         fallback_model=kw.get("fallback_model"), share=kw.get("share"), skip_invalid=kw.get("skip_invalid", False),
         rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False),
-        budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), **extra,
+        budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), webhook_uris=kw.get("webhook_uris") or (), **extra,
     )
 
 
@@ -219,6 +222,8 @@ def main():
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
 @click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
+@click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
+              help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
 @handle_errors
 @click.pass_context
 def submit(ctx, manifest, dry_run, **kw):
@@ -239,6 +244,8 @@ def submit(ctx, manifest, dry_run, **kw):
 @click.option("--deadline-policy", type=click.Choice(["wait", "report", "resubmit", "interactive"]), default="wait", show_default=True,
               help="At the deadline: keep waiting; stop and exit 4; cancel and resubmit stragglers; or generate them interactively (full price).")
 @click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
+@click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
+              help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
 @handle_errors
 @click.pass_context
 def run(ctx, manifest, poll_interval, timeout, **kw):

@@ -20,6 +20,7 @@ from .ledger import (
     J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, QUEUED, Ledger,
 )
 from .requests import REF_SCHEME, referenced_hashes
+from .webhooks import webhook_config
 
 log = logging.getLogger("batcher.jobs")
 
@@ -125,15 +126,17 @@ def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: d
         ledger.job_transition(c, job_id, (J_UPLOADING,), J_UPLOADED, input_file=uploaded.name)
 
 
-def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> bool:
+def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris: tuple[str, ...] = ()) -> bool:
     """uploaded -> creating -> submitted. Returns False when the API has no capacity now (429): the job stays
-    `uploaded` and is created later. Raises on other errors, leaving the job reconcilable."""
+    `uploaded` and is created later. Raises on other errors, leaving the job reconcilable. With webhook_uris the
+    API also POSTs the job's end to those listeners (batcher.webhooks)."""
     job = ledger.job(job_id)
     with ledger.transaction() as c:
         ledger.job_transition(c, job_id, (J_UPLOADED,), J_CREATING)
     maybe_crash("create")  # test hook: see batcher/faults.py
     try:
-        info = backend.create_batch(job["model"], job["input_file"], job["display_name"])
+        webhook = webhook_config(webhook_uris, job["display_name"], ledger.ledger_id)
+        info = backend.create_batch(job["model"], job["input_file"], job["display_name"], webhook=webhook)
     except QuotaError as exc:
         log.info("no capacity for %s now (%s); will retry", job["display_name"], exc)
         with ledger.transaction() as c:

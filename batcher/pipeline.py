@@ -39,6 +39,7 @@ from .progress import Progress
 from .quota import Quota, capacity, why_not_now
 from .share import Share, export_records, import_records
 from .store import ImageStore, open_store
+from .webhooks import check_uris
 
 log = logging.getLogger("batcher")
 
@@ -69,8 +70,10 @@ class Settings:
     lock_wait: float = 0.0
     budget_usd: float | None = None  # hold back requests beyond this estimated spend of the run (batcher.estimate)
     prices: dict | None = None  # price overrides (job spec [prices]); None: WORKDIR/prices.json or the defaults
+    webhook_uris: tuple[str, ...] = ()  # the API POSTs each job's end (batch.succeeded, ...) here: webhook_config
 
     def __post_init__(self):
+        self.webhook_uris = check_uris(self.webhook_uris)
         self.workdir = Path(self.workdir)
         self.out = _path_or_uri(self.out) if self.out else self.workdir / "dataset"
         self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
@@ -199,7 +202,7 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
         if job["state"] in (J_PLANNED, J_UPLOADING):
             with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
                 jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
-        if not jobs_mod.create_job(ledger, backend, job["id"]):
+        if not jobs_mod.create_job(ledger, backend, job["id"], webhook_uris=ws.settings.webhook_uris):
             if ledger.job(job["id"])["state"] == J_UPLOADED:
                 break  # no capacity now (429): later, as earlier jobs finish
             continue

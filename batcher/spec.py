@@ -35,6 +35,7 @@ SCHEMA: dict[str, Any] = {
     "window": {"deadline": str, "policy": str},
     "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
     "vertex": {"project": str, "location": str, "staging": str},  # backend = "vertex"
+    "notify": {"webhook_uris": list},  # listeners the API POSTs each job's end to (batcher.webhooks)
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 # Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
@@ -102,6 +103,9 @@ def load_spec(path: str | Path) -> JobSpec:
         from .pricing import parse_overrides
 
         values["prices"] = parse_overrides(prices, path)
+    uris = values.get("notify.webhook_uris", [])
+    if not all(isinstance(u, str) for u in uris):
+        raise UsageError(f"{path}: 'notify.webhook_uris' must be a list of URL strings")
     if "manifest" not in values:
         raise UsageError(f"{path}: 'manifest' is required (the manifest file, relative to the spec)")
     for key in PATH_KEYS:

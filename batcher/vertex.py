@@ -287,8 +287,11 @@ class VertexBackend:
     def output_prefix(self, display_name: str) -> str:
         return self._uri("outputs", display_name)
 
-    def create_batch(self, model: str, file_name: str, display_name: str) -> BatchInfo:
-        """Not retried here: create is not idempotent. The caller reconciles by display name instead."""
+    def create_batch(self, model: str, file_name: str, display_name: str, webhook: dict | None = None) -> BatchInfo:
+        """Not retried here: create is not idempotent. The caller reconciles by display name instead.
+        No webhooks: Vertex AI batch jobs don't take webhook_config (the pipeline refuses them before any work)."""
+        if webhook:
+            raise UsageError("webhooks (--webhook-uri) are a Gemini API feature; Vertex AI batch jobs don't take them")
         what = f"create job {display_name}"
         try:
             job = self._create_client.batches.create(

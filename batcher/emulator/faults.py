@@ -81,6 +81,10 @@ class EmulatorConfig:
     vertex_shuffle_output: bool = False  # output lines in a seeded shuffled order (Vertex does not promise order)
     vertex_partial_state: bool = True  # some lines failed: JOB_STATE_PARTIALLY_SUCCEEDED (False: SUCCEEDED)
     vertex_project_number: str | None = None  # resource names carry this instead of the project sent
+    # Webhooks (batcher/emulator/webhooks.py): how events are signed and how often a failed delivery is retried
+    webhook_secret: str = "whsec_ZW11bGF0b3Itd2ViaG9vay1zZWNyZXQ="  # base64 of "emulator-webhook-secret"
+    webhook_max_attempts: int = 5
+    webhook_retry_seconds: float = 0.2  # real seconds before the first retry; doubles each time
 
     def validate(self) -> None:
         if self.state_style not in STATE_STYLES:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from .faults import EmulatorConfig, FaultInjector
 from .generate import Generator, LineError, estimate_tokens
 from .models import MODELS
+from .webhooks import WebhookSender, parse_webhook_config
 
 FILE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
@@ -122,6 +123,7 @@ class Batch:
     enqueued_tokens: int
     inline_requests: list[dict[str, Any]] | None = None
     input_path: str | None = None
+    webhook: dict[str, Any] | None = None  # webhookConfig: listeners told of the job's end
     state: str = "PENDING"
     update_time: float = 0.0
     end_time: float | None = None
@@ -159,6 +161,7 @@ class Service:
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self.webhooks = WebhookSender(lambda: self.config, self.clock.now, self._count_webhook)
         self._reset_state()
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -177,18 +180,24 @@ class Service:
                 "batches_failed", "batches_expired", "files_uploaded", "files_deleted", "files_expired",
                 "bytes_uploaded", "bytes_downloaded", "upload_chunks", "downloads", "downloads_dropped",
                 "generate_content_calls", "lines_processed", "lines_failed", "images_generated",
-                "faults_injected", "http_errors")}
+                "faults_injected", "http_errors", "webhooks_delivered", "webhook_attempts_failed", "webhooks_dropped")}
             self.fault_counts: dict[str, int] = {}
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._run_worker, name="emulator-worker", daemon=True)
         self._worker.start()
+        self.webhooks.start()
+
+    def _count_webhook(self, key: str) -> None:
+        with self.lock:
+            self.counters[key] += 1
 
     def stop(self) -> None:
         self._stop.set()
         self._kick.set()
         if self._worker:
             self._worker.join(timeout=10)
+        self.webhooks.stop()
         with self.lock:
             for b in self.batches.values():
                 self._close_cursor(b)
@@ -199,6 +208,7 @@ class Service:
                 b.state = "DELETED"  # stops any line the worker is processing right now
                 self._close_cursor(b)
             self._reset_state()
+            self.webhooks.clear()
             self.injector.reseed(self.config.seed)
             if getattr(self, "vertex", None) is not None:  # Vertex jobs (batcher/emulator/vertex.py)
                 self.vertex.reset()
@@ -261,6 +271,7 @@ class Service:
                 "batch_states": states,
                 "storage_bytes": sum(f.size for f in self.files.values()),
                 "emulated_time": rfc3339(self.clock.now()),
+                "webhook_deliveries": self.webhooks.deliveries(),  # one per attempt: uri, type, id, status, attempt
                 **(self.vertex.stats() if getattr(self, "vertex", None) is not None else {}),
             }
 
@@ -452,6 +463,10 @@ class Service:
             raise ApiError(400, "INVALID_ARGUMENT",
                            "* GenerateContentBatch.input_config: exactly one of file_name or requests must be set.\n")
         display = batch.get("displayName", batch.get("display_name"))
+        try:
+            webhook = parse_webhook_config(batch.get("webhookConfig", batch.get("webhook_config")))
+        except ValueError as exc:
+            raise ApiError(400, "INVALID_ARGUMENT", f"* GenerateContentBatch.webhook_config: {exc}\n") from None
         inline: list[dict[str, Any]] | None = None
         input_path = None
         tokens = 0
@@ -507,7 +522,7 @@ class Service:
             run_at = now + cfg.pending_seconds
             done_at = None if outcome == "STUCK" else run_at + cfg.running_seconds
             b = Batch(new_id(36), model, display, input_config, now, run_at, done_at, outcome, count, tokens,
-                      inline_requests=inline, input_path=input_path, update_time=now)
+                      inline_requests=inline, input_path=input_path, update_time=now, webhook=webhook)
             # A file input is copied by reference: keep our own hard link so deleting the file later
             # does not break the job (the real service snapshots its input).
             if input_path:
@@ -563,6 +578,8 @@ class Service:
         key = {"SUCCEEDED": "batches_succeeded", "FAILED": "batches_failed", "EXPIRED": "batches_expired"}.get(state)
         if key:
             self.counters[key] += 1
+        if b.webhook:
+            self.webhooks.job_ended(b.name, b.display_name, state, b.webhook, rfc3339)
         if b.input_path and state != "SUCCEEDED":
             self._drop_input(b)
 
