@@ -8,6 +8,7 @@ line is parsed again on the next collect (the cache write is idempotent), never 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -300,6 +301,8 @@ def _parse_in_decoders(ledger: Ledger, backend: GeminiBackend, store: ImageStore
     rec = _Recorder(ledger, job, max_attempts, stats, on_image)
     path, blocks = _result_source(ledger, backend, job, on_bytes=on_bytes)
     pool = DecoderPool(processes)
+    warm = threading.Thread(target=_warm_up, args=(backend,), name="batcher-warm-up", daemon=True)
+    warm.start()
     try:
         pool.start_job(str(path), str(store.root), job["model"], rec.expected)
         for msg in pool.run(_spans(blocks)):
@@ -320,7 +323,33 @@ def _parse_in_decoders(ledger: Ledger, backend: GeminiBackend, store: ImageStore
         rec.flush()
     finally:
         pool.close()
+        warm.join()
+        log.info("%s: %d decoder processes, peak RSS %s MB", job["display_name"], processes,
+                 " + ".join(f"{kb / 1024:.1f}" for kb in pool.peak_rss_kb))
     _downloaded(path)  # after the decoders: they read the file by this name
+
+
+WARM_UP_SWITCH_S = 0.0002  # the GIL switch interval while warming up (Python's default: 5 ms)
+
+
+def _warm_up(backend) -> None:
+    """What the end of a collect needs, made while the decoders work: the SDK client that deletes the job's
+    files, and pyarrow's first array for the dataset (pyarrow imports pandas then, when it is installed: ~0.2 s).
+    Imports hold the GIL; the download thread needs it after every socket read, so meanwhile the interpreter
+    hands it over every 0.2 ms instead of every 5 ms, or the download (and the decoders behind it) would stall."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, WARM_UP_SWITCH_S))
+    try:
+        client = getattr(type(backend), "client", None)
+        if isinstance(client, property):  # GeminiBackend makes its SDK client on first use
+            backend.client
+        import pyarrow as pa
+
+        pa.array([None], type=pa.string())
+    except Exception as exc:  # only a head start: the real use reports any problem
+        log.debug("warm-up: %s", exc)
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable[bytes], max_attempts: int, stats: CollectStats,

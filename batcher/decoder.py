@@ -12,6 +12,7 @@ Protocol: one JSON array per line on the decoder's stdin and stdout.
     <- [lineno, "unwanted", key]
     <- [lineno, "outcome", key, kind, reason, finish_reason, prompt_tokens, output_tokens, was_image]
     <- [lineno, "fatal", errno, strerror, filename, message]          (an environment error: disk full, ...)
+    <- ["exit", peak_rss_kb]                                         (last, when its stdin has closed)
 A decoder exits when its stdin closes (the collector finished, or died: then it finishes the line in hand).
 """
 
@@ -62,6 +63,7 @@ class DecoderPool:
         self.cond = threading.Condition()
         self.stop = threading.Event()
         self.readers: list[threading.Thread] = []
+        self.peak_rss_kb: list[int] = []
         try:
             for i in range(processes):
                 p = subprocess.Popen([sys.executable, "-m", "batcher.decoder"], stdin=subprocess.PIPE,
@@ -78,6 +80,9 @@ class DecoderPool:
         assert p.stdout is not None
         for raw in p.stdout:
             msg = json.loads(raw)
+            if msg[0] == "exit":
+                self.peak_rss_kb.append(msg[1])
+                continue
             with self.cond:
                 self.inflight[i] -= 1
                 self.cond.notify()
@@ -157,7 +162,8 @@ class DecoderPool:
             feeder.join(timeout=60)
 
     def close(self, timeout: float = 60.0) -> None:
-        """Close the decoders' input and wait for them: a line in hand is finished (its image written) first."""
+        """Close the decoders' input and wait for them: a line in hand is finished (its image written) first.
+        Each decoder's peak RSS as it reports it at exit (VmHWM) is kept in `peak_rss_kb`."""
         self.stop.set()
         for p in self.procs:
             try:
@@ -255,6 +261,22 @@ def _serve() -> None:
     finally:
         writes.put(None)
         t.join()
+    reply(["exit", _peak_rss_kb()])
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage: a child's ru_maxrss starts from the RSS of the process
+    that forked it (the collector), which it never had of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _pread(fd: int, start: int, end: int) -> bytes:
