@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -51,8 +52,11 @@ def prompt_for(i: int) -> str:
 
 # ---- measurement harness ------------------------------------------------------------------------------
 
-def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None, check: bool = True) -> dict:
-    """Run argv under /usr/bin/time; return wall seconds and peak RSS (MB) of that process tree's max."""
+def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None, check: bool = True,
+             helpers_rss=None) -> dict:
+    """Run argv under /usr/bin/time; return wall seconds and peak RSS (MB). `/usr/bin/time` sees one process:
+    for a command with helper processes, `helpers_rss(stderr)` returns their peaks (MB, from the command's
+    log) and `peak_rss_mb` is the sum of every process's peak (`main_peak_rss_mb` is the command's own)."""
     fd, tfile = tempfile.mkstemp(prefix="bench-time-")
     os.close(fd)
     full_env = dict(os.environ)
@@ -67,7 +71,13 @@ def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | No
     if check and p.returncode not in (0, 3, 4):
         raise RuntimeError(f"{name} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     res["stdout_tail"] = p.stdout.strip()[-300:]
-    print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  rc={p.returncode}", flush=True)
+    note = ""
+    if helpers_rss is not None:
+        helpers = helpers_rss(p.stderr)
+        res["main_peak_rss_mb"], res["helpers_peak_rss_mb"] = res["peak_rss_mb"], helpers
+        res["peak_rss_mb"] = round(res["peak_rss_mb"] + sum(helpers), 1)
+        note = f"  (sum: main {res['main_peak_rss_mb']:.0f} + helpers {' + '.join(f'{h:.0f}' for h in helpers) or 'none'})"
+    print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  rc={p.returncode}{note}", flush=True)
     return res
 
 
@@ -235,8 +245,20 @@ def wait_succeeded(workdir: Path, env: dict, timeout: float) -> list[dict]:
         time.sleep(1.0)
 
 
-def bench_collect(n: int, base: Path) -> dict:
-    print(f"\n[collect] {n} images x ~{IMAGE_BYTES / 1e6:.1f} MB PNG", flush=True)
+def decoders_rss(stderr: str) -> list[float]:
+    """The peaks of collect's decoder processes (MB), from its log (`-v`): one line per job collected, its
+    decoders' peaks as the OS counted them (wait4). Jobs are collected one after another, so the largest sum."""
+    sums = [[float(x) for x in m.group(1).split(" + ")]
+            for m in re.finditer(r"decoder processes, peak RSS ([0-9.]+(?: \+ [0-9.]+)*) MB", stderr)]
+    return max(sums, key=sum, default=[])
+
+
+def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
+    """`repeats` workdirs submit the same prompts (one job each, so the emulator makes `repeats` identical
+    results files); then, `repeats` times, the floors, the naive script and `batcher collect` of one of them run
+    one after another, so load from other processes falls on all alike. Each figure is the median run; the
+    ratios are the medians' ratios, with their range over runs made next to each other."""
+    print(f"\n[collect] {n} images x ~{IMAGE_BYTES / 1e6:.1f} MB PNG, {repeats} interleaved repeats", flush=True)
     d = base / f"collect-{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -246,40 +268,61 @@ def bench_collect(n: int, base: Path) -> dict:
         for i in range(n):
             f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
     emu = EmulatorProc()
+    runs: dict[str, list[dict]] = {"transfer_floor": [], "floor": [], "naive": [], "collect": []}
     try:
         env = emu.env()
-        common = ["--workdir", str(d / "wd"), "--cache-dir", str(d / "cache"), "--quiet"]
-        sub = measured("batcher submit", [*BATCHER, "submit", str(manifest), *common, "--max-requests-per-job",
-                                          str(max(n, 1000))], env)
+        common = [[f"--workdir={d / f'wd{i}'}", f"--cache-dir={d / f'cache{i}'}"] for i in range(repeats)]
+        subs = [measured(f"batcher submit #{i + 1}", [*BATCHER, "submit", str(manifest), *common[i], "--quiet",
+                                                      "--max-requests-per-job", str(max(n, 1000))], env)
+                for i in range(repeats)]
         t0 = time.time()
-        jobs = wait_succeeded(d / "wd", env, timeout=max(120, n * 2))
+        files = []
+        for i in range(repeats):
+            jobs = wait_succeeded(d / f"wd{i}", env, timeout=max(120, n * 2) * repeats)
+            assert len(jobs) == 1, jobs
+            op = emu.get_json(f"/v1beta/{jobs[0]['name']}")
+            files.append(op["metadata"]["output"]["responsesFile"])
         gen_s = time.time() - t0
-        assert len(jobs) == 1, jobs
-        op = emu.get_json(f"/v1beta/{jobs[0]['name']}")
-        file_name = op["metadata"]["output"]["responsesFile"]
-        size = emu.get_json(f"/v1beta/{file_name}").get("sizeBytes")
-        size = int(size)
-        print(f"  results file {file_name}: {size / 1e6:.1f} MB (emulator generated it in ~{gen_s:.1f} s)", flush=True)
-        transfer = measured("floor: transfer only (GET -> /dev/null)", worker("floor", emu.url, file_name, "0"))
-        floor = measured("floor: GET + json + a2b_base64", worker("floor", emu.url, file_name, "1"))
-        naive = measured("naive: SDK download + b64decode + write", worker("naive", emu.url, file_name, str(d / "naive")))
-        shutil.rmtree(d / "naive", ignore_errors=True)
-        col = measured("batcher collect", [*BATCHER, "collect", *common, "--out", str(d / "dataset")], env)
-        images = sum(1 for _ in (d / "cache").rglob("*.png"))
-        if images != n:
-            raise RuntimeError(f"batcher collect cached {images} images, expected {n}")
+        size = int(emu.get_json(f"/v1beta/{files[0]}").get("sizeBytes"))
+        print(f"  {repeats} results files of {size / 1e6:.1f} MB (the emulator made them in ~{gen_s:.1f} s)", flush=True)
+        for i, file_name in enumerate(files):
+            tag = f" #{i + 1}"
+            runs["transfer_floor"].append(measured("floor: transfer only (GET -> /dev/null)" + tag,
+                                                   worker("floor", emu.url, file_name, "0")))
+            runs["floor"].append(measured("floor: GET + json + a2b_base64" + tag, worker("floor", emu.url, file_name, "1")))
+            runs["naive"].append(measured("naive: SDK download + b64decode + write" + tag,
+                                          worker("naive", emu.url, file_name, str(d / "naive"))))
+            shutil.rmtree(d / "naive", ignore_errors=True)
+            # -v: collect logs its decoder processes' peak RSS (summed with its own; /usr/bin/time sees one process)
+            runs["collect"].append(measured("batcher collect" + tag, [*BATCHER, "collect", *common[i], "-v",
+                                                                      "--out", str(d / f"dataset{i}")], env,
+                                            helpers_rss=decoders_rss))
+            images = sum(1 for _ in (d / f"cache{i}").rglob("*.png"))
+            if images != n:
+                raise RuntimeError(f"batcher collect cached {images} images, expected {n}")
+            shutil.rmtree(d / f"cache{i}", ignore_errors=True)
+            shutil.rmtree(d / f"dataset{i}", ignore_errors=True)
     finally:
         emu.close()
     shutil.rmtree(d, ignore_errors=True)
     mb = size / 1e6
-    return {
-        "images": n, "results_mb": round(mb, 1), "submit": sub, "transfer_floor": transfer, "floor": floor,
-        "naive": naive, "collect": col,
+    out: dict = {"images": n, "results_mb": round(mb, 1), "repeats": repeats, "submit": subs[0], "runs": runs}
+    for key, rs in runs.items():
+        out[key] = sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
+        out[f"{key}_wall_range"] = [min(r["wall_s"] for r in rs), max(r["wall_s"] for r in rs)]
+        out[f"{key}_peak_rss_range"] = [min(r["peak_rss_mb"] for r in rs), max(r["peak_rss_mb"] for r in rs)]
+    col, floor, naive, transfer = out["collect"], out["floor"], out["naive"], out["transfer_floor"]
+    over_floor = sorted(c["wall_s"] / f["wall_s"] for c, f in zip(runs["collect"], runs["floor"]))
+    over_naive = sorted(nv["wall_s"] / c["wall_s"] for c, nv in zip(runs["collect"], runs["naive"]))
+    out.update({
         "collect_mb_per_s": round(mb / col["wall_s"], 1), "floor_mb_per_s": round(mb / floor["wall_s"], 1),
         "collect_over_floor": round(col["wall_s"] / floor["wall_s"], 2),
+        "collect_over_floor_range": [round(over_floor[0], 2), round(over_floor[-1], 2)],
         "collect_over_transfer": round(col["wall_s"] / transfer["wall_s"], 2),
         "naive_over_collect": round(naive["wall_s"] / col["wall_s"], 2),
-    }
+        "naive_over_collect_range": [round(over_naive[0], 2), round(over_naive[-1], 2)],
+    })
+    return out
 
 
 # ---- 3: planning ----------------------------------------------------------------------------------------
@@ -450,15 +493,22 @@ def bench_upload(target: int, base: Path, repeats: int = 3) -> dict:
 def table(results: dict) -> str:
     rows = [("measurement", "wall s", "peak RSS MB", "throughput", "ratio")]
     for c in results.get("collect", []):
+        # wall s and peak RSS: the median run (collect: main process + decoder processes); ratio: medians' (range).
         tag = f"collect {c['images']} img / {c['results_mb']:.0f} MB"
+        rng = lambda key: f" ({c[key][0]:.2f}-{c[key][1]:.2f})" if key in c else ""  # noqa: E731
         rows.append((f"{tag}: floor transfer only", f"{c['transfer_floor']['wall_s']:.2f}", f"{c['transfer_floor']['peak_rss_mb']:.0f}",
                      f"{c['results_mb'] / c['transfer_floor']['wall_s']:.0f} MB/s", ""))
         rows.append((f"{tag}: floor GET+json+b64", f"{c['floor']['wall_s']:.2f}", f"{c['floor']['peak_rss_mb']:.0f}",
                      f"{c['floor_mb_per_s']:.0f} MB/s", ""))
         rows.append((f"{tag}: naive SDK script", f"{c['naive']['wall_s']:.2f}", f"{c['naive']['peak_rss_mb']:.0f}",
-                     f"{c['results_mb'] / c['naive']['wall_s']:.0f} MB/s", f"naive/batcher {c['naive_over_collect']:.2f}x"))
-        rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", f"{c['collect']['peak_rss_mb']:.0f}",
-                     f"{c['collect_mb_per_s']:.0f} MB/s", f"batcher/floor {c['collect_over_floor']:.2f}x"))
+                     f"{c['results_mb'] / c['naive']['wall_s']:.0f} MB/s",
+                     f"naive/batcher {c['naive_over_collect']:.2f}x{rng('naive_over_collect_range')}"))
+        rss = c["collect"]
+        rss_text = f"{rss['peak_rss_mb']:.0f}"
+        if "main_peak_rss_mb" in rss:
+            rss_text += f" ({rss['main_peak_rss_mb']:.0f}+{'+'.join(f'{h:.0f}' for h in rss['helpers_peak_rss_mb'])})"
+        rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", rss_text,
+                     f"{c['collect_mb_per_s']:.0f} MB/s", f"batcher/floor {c['collect_over_floor']:.2f}x{rng('collect_over_floor_range')}"))
     for p in results.get("plan", []):
         rows.append((f"plan {p['rows']:,} rows: submit --dry-run", f"{p['first']['wall_s']:.2f}", f"{p['first']['peak_rss_mb']:.0f}",
                      f"{p['first_rows_per_s']:,} rows/s", ""))
@@ -491,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-rows", type=int, action="append", help="manifest sizes for the planning measurement")
     ap.add_argument("--collect-images", type=int, action="append", help="image counts for the collect measurement")
     ap.add_argument("--upload-repeats", type=int, default=3, help="interleaved repeats of the three uploads")
+    ap.add_argument("--collect-repeats", type=int, default=None,
+                    help="interleaved repeats of the collect measurements (default 3; 1 with --quick)")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -516,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.time()
     if "collect" in sections:
-        results["collect"] = [bench_collect(n, base) for n in collect_sizes]
+        repeats = args.collect_repeats or (1 if args.quick else 3)
+        results["collect"] = [bench_collect(n, base, repeats) for n in collect_sizes]
     if "plan" in sections:
         results["plan"] = []
         for rows in plan_rows:
