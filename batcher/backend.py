@@ -170,7 +170,7 @@ class GeminiBackend:
 
     @property
     def client(self) -> "genai.Client":
-        """The SDK client, made on first use (see _LazyModule); `warm_up` makes it in the background."""
+        """The SDK client, made on first use (see _LazyModule; collect makes it in the background)."""
         return self._sdk_client("client")
 
     @property
@@ -201,13 +201,6 @@ class GeminiBackend:
                     )
                 self._clients[which] = genai.Client(api_key=connection.api_key, http_options=options)
             return self._clients[which]
-
-    def warm_up(self) -> threading.Thread:
-        """Import the SDK and make the client in a background thread (while a collect downloads and decodes),
-        so the file deletions at the end do not wait for it."""
-        t = threading.Thread(target=lambda: self.client, name="batcher-sdk-warm-up", daemon=True)
-        t.start()
-        return t
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable):
