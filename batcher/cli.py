@@ -370,7 +370,8 @@ def report(workdir, out, quiet, verbose):
 
     _setup_logging(verbose, quiet)
     r = write_report(pipeline.Settings(workdir=workdir, out=out, quiet=quiet))
-    click.echo(f"report: {r.html_path} ({r.rows} rows; contact sheet {r.sheet_path})")
+    where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
+    click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
 
 
 class _LazyEmulatorCommand(click.Command):

@@ -384,8 +384,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .report import write_report
-        if not gcs.is_gcs(settings.out):  # a report for a gs:// dataset is not written yet (docs/scaling.md)
-            write_report(settings)
+        write_report(settings)
     except Exception as exc:  # noqa: BLE001
         log.warning("report not written: %s", exc)
     return outcome

@@ -24,6 +24,7 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
+from . import gcs
 from .catalog import BATCH_DISCOUNT
 from .errors import BatcherError, UsageError
 
@@ -52,11 +53,12 @@ _FILE_NAME = re.compile(r"^images/[0-9a-f]{2}/[0-9a-f]{16,128}\.[A-Za-z0-9]{1,5}
 
 @dataclass
 class ReportSummary:
-    html_path: Path
+    html_path: Path  # the local page (for a gs:// dataset: in WORKDIR/report/, also uploaded to `uploaded_to`)
     sheet_path: Path
     rows: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     thumbnails: int = 0  # generated this time (the others were up to date)
+    uploaded_to: str | None = None  # a gs:// dataset: where report.html, contact_sheet.png and thumbs/ went
 
 
 @dataclass
@@ -445,6 +447,8 @@ def write_report(settings, *, status: dict | None = None, now: dt.datetime | Non
     (if the workdir is busy, the page says so and the rest is still written)."""
     from . import pipeline
 
+    if gcs.is_gcs(settings.out):
+        return _write_gcs_report(settings, status=status, now=now)
     out = Path(settings.out)
     metadata = out / "metadata.parquet"
     if not metadata.exists():
@@ -466,3 +470,31 @@ def write_report(settings, *, status: dict | None = None, now: dt.datetime | Non
     dest = out / "report.html"
     _atomic_write(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return ReportSummary(html_path=dest, sheet_path=sheet, rows=scan.rows, counts=dict(scan.counts), thumbnails=made)
+
+
+def _write_gcs_report(settings, *, status: dict | None, now: dt.datetime | None) -> ReportSummary:
+    """A gs:// dataset: the report is made in WORKDIR/report/ (metadata.parquet and the grid's images, at most
+    GRID_LIMIT, copied down) and its files are uploaded next to the dataset; the local copy stays."""
+    import dataclasses
+
+    uri = str(settings.out).rstrip("/")
+    staging = Path(settings.workdir) / "report"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        _atomic_write(staging / "metadata.parquet", lambda tmp: gcs.download_file(gcs.join(uri, "metadata.parquet"), str(tmp)))
+    except UsageError:  # gcs: not found
+        raise UsageError(f"no dataset at {uri} (no metadata.parquet): run `batcher collect` or `batcher run` first") from None
+    for row in _scan(staging / "metadata.parquet").grid:
+        name = _safe_file_name(row)
+        if name and not (staging / name).exists():
+            try:
+                _atomic_write(staging / name, lambda tmp, n=name: gcs.download_file(gcs.join(uri, n), str(tmp)))
+            except UsageError:  # gcs: not found
+                pass  # no thumbnail for it; the report says how many are missing
+    summary = write_report(dataclasses.replace(settings, out=staging), status=status, now=now)
+    uploads = [(summary.html_path, "text/html; charset=utf-8"), (summary.sheet_path, "image/png")]
+    uploads += [(p, "image/jpeg" if p.suffix == ".jpg" else "image/png") for p in sorted((staging / THUMB_DIR).glob("**/*")) if p.is_file()]
+    for path, content_type in uploads:
+        gcs.upload_file(gcs.join(uri, path.relative_to(staging).as_posix()), str(path), content_type=content_type)
+    return dataclasses.replace(summary, uploaded_to=uri)
+

@@ -144,6 +144,34 @@ def test_cache_and_dataset_on_gcs(bucket, tmp_path, emulator, backend_factory):
     assert {r["cached"] for r in pq.read_table(s2.out / "metadata.parquet").to_pylist()} == {True}
 
 
+def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_path, emulator, backend_factory):
+    """run writes report.html, contact_sheet.png and thumbs/ into the gs:// dataset (made in WORKDIR/report/)."""
+    import io
+
+    from PIL import Image
+
+    import batcher.pipeline as pipeline
+    from batcher.report import write_report
+
+    m = tmp_path / "m.csv"
+    m.write_text("id,prompt\na,a red kite\nb,a blue kite\nc,a kite [emulator:image_safety]\n", encoding="utf-8")
+    out = gcs.join(bucket, "datasets/kites")
+    s = pipeline.Settings(workdir=tmp_path / "w", out=out, cache_dir=tmp_path / "cache", poll_interval=0.05, timeout=30,
+                          quiet=True, max_attempts=1)
+    assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 3  # one row blocked
+    page = gcs.read_bytes(gcs.join(out, "report.html")).decode()
+    assert "a red kite" in page and "blocked" in page
+    Image.open(io.BytesIO(gcs.read_bytes(gcs.join(out, "contact_sheet.png")))).verify()
+    thumbs = [n for n in gcs.list_names(gcs.join(out, "thumbs") + "/")]
+    assert len(thumbs) == 2  # one per ok image
+    for name in thumbs:
+        assert f'src="{name.split(out + "/", 1)[1]}"' in page  # the page's relative links resolve in the bucket
+    again = write_report(s)  # the command: the same files, replaced
+    assert again.uploaded_to == out and again.rows == 3 and again.html_path == tmp_path / "w" / "report" / "report.html"
+    with pytest.raises(UsageError, match="no dataset at gs://.*/nothing-here"):
+        write_report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
+
+
 def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_factory, gcs_url):
     """Three collector processes and the owner: every job collected once, one complete dataset."""
     import os
@@ -212,7 +240,20 @@ def test_a_gcs_dataset_from_a_gcs_cache_copies_server_side(bucket, tmp_path, emu
     out = gcs.join(bucket, "datasets/doors")
     s = pipeline.Settings(workdir=tmp_path / "w", out=out, cache_dir=gcs.join(bucket, "cache"), poll_interval=0.05,
                           timeout=30, quiet=True)
+    # The dataset itself is copied server side; only the morning report (made in WORKDIR/report/ after the
+    # dataset is written) reads anything back: its metadata and the images of its thumbnail grid.
+    monkeypatch.setattr(pipeline, "write_dataset", _no_downloads_during(pipeline.write_dataset, downloads))
     assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
-    assert downloads == []
-    assert sorted(u.rsplit(".", 1)[-1] for u in gcs.list_names(out + "/")) == ["parquet", "png", "png"]
+    assert sorted(u.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for u in downloads) == ["parquet", "png", "png"]
+    dataset = [u for u in gcs.list_names(out + "/") if "/thumbs/" not in u and not u.endswith(("report.html", "contact_sheet.png"))]
+    assert sorted(u.rsplit(".", 1)[-1] for u in dataset) == ["parquet", "png", "png"]
     assert not (s.workdir / "dataset-staging" / "images").exists()
+
+
+def _no_downloads_during(write_dataset, downloads: list):
+    def wrapped(*args, **kwargs):
+        before = len(downloads)
+        result = write_dataset(*args, **kwargs)
+        assert len(downloads) == before, downloads[before:]  # no image went through the owner's disk
+        return result
+    return wrapped
