@@ -213,8 +213,43 @@ def worker_upload_plain(url: str, path: str, chunk: str = "0") -> None:
     print(json.dumps({"name": f["name"], "size": f.get("sizeBytes"), "upload_s": round(upload_s, 3)}))
 
 
+def worker_ledger_floor(workdir: str, rows: str) -> None:
+    """The ledger's share of a dry run of `rows` rows: the planner's row and request inserts (same statements,
+    same batches, one transaction, the same bulk page cache) with synthetic hashes and bodies, then the real
+    `shard`. No manifest, no validation, no hashing, no JSONL: what is left of a dry run without them."""
+    import hashlib
+
+    from batcher.ledger import PLANNED, Ledger
+    from batcher.planner import PLAN_BATCH_ROWS, ShardLimits, shard
+
+    n = int(rows)
+    ledger = Ledger(workdir)
+    c = ledger.conn
+    now = time.time()
+    t0 = time.perf_counter()
+    with ledger.big_page_cache(), ledger.transaction():
+        run_id = c.execute("INSERT INTO runs(fingerprint, manifest, options_json, created_at) VALUES ('f', 'm', '{}', ?)",
+                           (now,)).lastrowid
+        for start in range(0, n, PLAN_BATCH_ROWS):
+            batch = []
+            for i in range(start, min(n, start + PLAN_BATCH_ROWS)):
+                prompt = prompt_for(i)
+                h = hashlib.sha256(prompt.encode()).hexdigest()
+                body = '{"contents":[{"parts":[{"text":' + json.dumps(prompt) + '}],"role":"user"}],' \
+                       '"generationConfig":{"responseModalities":["IMAGE"]}}'
+                batch.append((i, f"r{i:07d}", h, prompt, '{"category": "x"}', body))
+            c.executemany("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,0,?,?,?)",
+                          [(run_id, i, i + 1, rid, h, p, e) for i, rid, h, p, e, _b in batch])
+            c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,0,0,?)",
+                          [(h, "gemini-2.5-flash-image", b, PLANNED, now) for _i, _r, h, _p, _e, b in batch])
+    t1 = time.perf_counter()
+    jobs = shard(ledger, ShardLimits())
+    t2 = time.perf_counter()
+    print(json.dumps({"insert_commit_s": round(t1 - t0, 2), "shard_s": round(t2 - t1, 2), "jobs": len(jobs)}))
+
+
 WORKERS = {"floor": worker_floor, "naive": worker_naive, "upload_batcher": worker_upload_batcher,
-           "upload_plain": worker_upload_plain}
+           "upload_plain": worker_upload_plain, "ledger_floor": worker_ledger_floor}
 
 
 def worker(name: str, *args: str) -> list[str]:
@@ -392,6 +427,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     env = {"GEMINI_API_KEY": API_KEY}
     first = measured("submit --dry-run (empty cache)", [*BATCHER, "submit", str(manifest), "--dry-run", "--quiet",
                                                          "--workdir", str(d / "wd1"), "--cache-dir", str(d / "cacheA")], env)
+    floor = measured("ledger floor: inserts + shard, no parsing", worker("ledger_floor", str(d / "floor"), str(rows)))
     # The request hashes, exactly as batcher computed them, from the first run's ledger.
     con = sqlite3.connect(d / "wd1" / "ledger.sqlite")
     hashes = [h for (h,) in con.execute("SELECT request_hash FROM rows ORDER BY seq")]
@@ -409,7 +445,8 @@ def bench_plan(rows: int, base: Path) -> dict:
     if cached != len(hit):
         raise RuntimeError(f"re-plan saw {cached} cache hits, expected {len(hit)}")
     shutil.rmtree(d, ignore_errors=True)
-    return {"rows": rows, "first": first, "first_rows_per_s": round(rows / first["wall_s"]),
+    return {"rows": rows, "first": first, "first_rows_per_s": round(rows / first["wall_s"]), "ledger_floor": floor,
+            "first_over_ledger_floor": round(first["wall_s"] / floor["wall_s"], 2),
             "replan": replan, "replan_rows_per_s": round(rows / replan["wall_s"]), "replan_cache_hits": cached}
 
 
@@ -510,8 +547,12 @@ def table(results: dict) -> str:
         rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", rss_text,
                      f"{c['collect_mb_per_s']:.0f} MB/s", f"batcher/floor {c['collect_over_floor']:.2f}x{rng('collect_over_floor_range')}"))
     for p in results.get("plan", []):
+        if "ledger_floor" in p:
+            rows.append((f"plan {p['rows']:,} rows: ledger floor (inserts + shard)", f"{p['ledger_floor']['wall_s']:.2f}",
+                         f"{p['ledger_floor']['peak_rss_mb']:.0f}", "", ""))
         rows.append((f"plan {p['rows']:,} rows: submit --dry-run", f"{p['first']['wall_s']:.2f}", f"{p['first']['peak_rss_mb']:.0f}",
-                     f"{p['first_rows_per_s']:,} rows/s", ""))
+                     f"{p['first_rows_per_s']:,} rows/s", f"dry-run/ledger floor {p['first_over_ledger_floor']:.2f}x"
+                     if "first_over_ledger_floor" in p else ""))
         rows.append((f"plan {p['rows']:,} rows: re-plan 99% cached", f"{p['replan']['wall_s']:.2f}", f"{p['replan']['peak_rss_mb']:.0f}",
                      f"{p['replan_rows_per_s']:,} rows/s", ""))
     u = results.get("upload")
