@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import signal
-import subprocess
 import sys
 import threading
 from typing import Iterable, Iterator
@@ -54,10 +53,12 @@ class DecoderPool:
     """Decoder processes and the threads that feed them line offsets and read back their replies."""
 
     def __init__(self, processes: int):
+        import subprocess  # here, not at the top: a decoder process does not need it (~1 MB each)
+
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this very copy of batcher
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list = []
         self.replies: queue.Queue = queue.Queue()
         self.inflight = [0] * processes
         self.cond = threading.Condition()
@@ -76,7 +77,7 @@ class DecoderPool:
             self.close()
             raise
 
-    def _read(self, i: int, p: subprocess.Popen) -> None:
+    def _read(self, i: int, p) -> None:
         assert p.stdout is not None
         for raw in p.stdout:
             msg = json.loads(raw)
@@ -174,7 +175,7 @@ class DecoderPool:
         for p in self.procs:
             try:
                 p.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except Exception:  # subprocess.TimeoutExpired
                 p.kill()
                 p.wait()
         for t in self.readers:
@@ -247,7 +248,7 @@ def _serve() -> None:
             _, lineno, start, end = msg
             try:
                 line = _pread(fd, start, end)
-                status, key, o = read_line(line, expected.__contains__)
+                status, key, o = read_line(line, expected.__contains__, pieces=False)
                 del line
                 if status != "outcome":
                     reply([lineno, status] if status != "unwanted" else [lineno, status, key])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import binascii
 import json
-from dataclasses import dataclass
 
 BLOCK_FINISH_REASONS = {
     "SAFETY", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST", "SPII",
@@ -16,14 +15,31 @@ BLOCK_FINISH_REASONS = {
 }
 
 
-@dataclass
 class Outcome:
-    kind: str  # "image" | "blocked" | "error"
-    data: bytes | None = None
-    reason: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
+    """A line's outcome. A plain class, not a dataclass: `dataclasses` imports `inspect`, ~1.5 MB in every
+    decoder process."""
+
+    __slots__ = ("kind", "data", "reason", "finish_reason", "prompt_tokens", "output_tokens")
+
+    def __init__(self, kind: str, data: bytes | None = None, reason: str | None = None, finish_reason: str | None = None,
+                 prompt_tokens: int = 0, output_tokens: int = 0):
+        self.kind = kind  # "image" | "blocked" | "error"
+        self.data = data
+        self.reason = reason
+        self.finish_reason = finish_reason
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Outcome) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        data = None if self.data is None else f"<{len(self.data)} bytes>"
+        return (f"Outcome(kind={self.kind!r}, data={data}, reason={self.reason!r}, finish_reason={self.finish_reason!r}, "
+                f"prompt_tokens={self.prompt_tokens}, output_tokens={self.output_tokens})")
 
 
 def _get(d: dict, camel: str, snake: str):
@@ -74,19 +90,21 @@ _BLOB_MIN = 1024  # base64 strings shorter than this are left to json.loads
 class _Blobs:
     """The long "data" strings of one results line, kept as slices of the line's bytes."""
 
-    def __init__(self, line: bytes, spans: list[tuple[int, int]]):
+    def __init__(self, line: bytes, spans: list[tuple[int, int]], pieces: bool = True):
         self.line = line
         self.view = memoryview(line)
         self.spans = spans
+        self.pieces = pieces
 
     def holds(self, value) -> bool:
         return isinstance(value, str) and value.startswith(_PLACEHOLDER)
 
     def decode(self, placeholder: str) -> bytes:
-        """Strict base64 decoding, in pieces: one call on megabytes holds the GIL for milliseconds, which would
-        stall the download and image-writer threads; between pieces they get to run."""
+        """Strict base64 decoding, in pieces unless `pieces` is false: one call on megabytes holds the GIL for
+        milliseconds, which would stall the download and image-writer threads; between pieces they get to run.
+        (A decoder process has no such threads: it decodes in one call, without joining pieces.)"""
         start, end = self.spans[int(placeholder[len(_PLACEHOLDER):])]
-        if end - start <= _B64_PIECE:
+        if end - start <= _B64_PIECE or not self.pieces:
             return binascii.a2b_base64(self.view[start:end], strict_mode=True)
         last = start + (end - start - 1) // _B64_PIECE * _B64_PIECE  # the last piece holds any padding
         if (end - start) % 4 or self.line.find(b"=", start, last) >= 0:
@@ -95,13 +113,13 @@ class _Blobs:
         return b"".join([a2b(view[i:min(i + _B64_PIECE, end)], strict_mode=True) for i in range(start, end, _B64_PIECE)])
 
 
-def loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
+def loads_line(line: bytes, pieces: bool = True) -> tuple[dict, _Blobs | None]:
     """json.loads of one results line without turning its megabytes of base64 into a str first: each long
     `"data": "..."` string value (base64 has no escapes and no quotes) is cut out and replaced by a placeholder
     that `classify` decodes straight from the line's bytes. Anything unusual is left to json.loads."""
     if len(line) < _BLOB_MIN:
         return json.loads(line), None
-    pieces: list[bytes] = []
+    parts: list[bytes] = []
     spans: list[tuple[int, int]] = []
     n, pos, i = len(line), 0, 0
     while (k := line.find(b'"data"', i)) >= 0:
@@ -122,22 +140,23 @@ def loads_line(line: bytes) -> tuple[dict, _Blobs | None]:
         i = end + 1
         if end - start < _BLOB_MIN or line.find(b"\\", start, end) >= 0:
             continue
-        pieces += (line[pos:start], b"\\u0000batcher-b64:%d" % len(spans))
+        parts += (line[pos:start], b"\\u0000batcher-b64:%d" % len(spans))
         spans.append((start, end))
         pos = end
     if not spans:
         return json.loads(line), None
-    pieces.append(line[pos:])
-    return json.loads(b"".join(pieces)), _Blobs(line, spans)
+    parts.append(line[pos:])
+    return json.loads(b"".join(parts)), _Blobs(line, spans, pieces)
 
 
-def read_line(line: bytes, wanted) -> tuple[str, object, Outcome | None]:
+def read_line(line: bytes, wanted, pieces: bool = True) -> tuple[str, object, Outcome | None]:
     """One results line: ("blank", None, None), ("bad-json", None, None), ("unwanted", key, None) for a key
-    `wanted(key)` refuses (nothing decoded), or ("outcome", key, Outcome); an image outcome carries the bytes."""
+    `wanted(key)` refuses (nothing decoded), or ("outcome", key, Outcome); an image outcome carries the bytes.
+    `pieces`: see _Blobs.decode."""
     if line[:1] in (b"", b" ", b"\t", b"\r", b"\n") and not line.strip():
         return "blank", None, None
     try:
-        obj, blobs = loads_line(line)
+        obj, blobs = loads_line(line, pieces)
         key = obj.get("key")
     except (ValueError, AttributeError):
         return "bad-json", None, None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -81,9 +80,21 @@ EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
 IMAGE_EXTS = tuple(EXTENSIONS.values())  # where find() looks, in this order
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new file beside `path`, mode 0600, as tempfile.mkstemp makes it (without importing tempfile: ~1 MB in
+    every decoder process)."""
+    for _ in range(100):
+        tmp = os.path.join(path.parent, f".tmp-{os.urandom(6).hex()}{path.suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name in {path.parent}")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
