@@ -56,8 +56,11 @@ class DecoderPool:
         import subprocess  # here, not at the top: a decoder process does not need it (~1 MB each)
 
         env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this very copy of batcher
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.basename(root) not in ("site-packages", "dist-packages"):
+            # A source tree (run from it, or an editable install): the decoders import this very copy. An
+            # installed package is found as usual (site-packages ahead of the standard library would shadow it).
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.procs: list = []
         self.replies: queue.Queue = queue.Queue()
         self.inflight = [0] * processes
