@@ -169,9 +169,13 @@ def test_run_counts_are_the_runs_own_whether_or_not_the_ledger_holds_other_runs(
     run_b = plan_manifest(ledger, None, b, ManifestOptions())  # shares prompts 3..5 with run a
     assert (run_b.rows, run_b.requests, run_b.duplicates) == (7, 7, 0)
     assert ledger.in_run(run_a.run_id)[0] != "1" and ledger.in_run(run_b.run_id)[0] != "1"
-    assert ledger.request_counts(run_a.run_id) == {PLANNED: 5, SUCCEEDED: 1}
+    assert ledger.request_counts(run_a.run_id) == {PLANNED: 5, SUCCEEDED: 1}  # a duplicate row: the set of hashes
+    assert ledger._run_rows_have_distinct_requests(run_b.run_id)  # no duplicate: the join of its rows
     assert ledger.request_counts(run_b.run_id) == {PLANNED: 7}
     assert ledger.request_counts() == {PLANNED: 9, SUCCEEDED: 1}
+    ledger.conn.execute("UPDATE requests SET state=? WHERE hash IN (SELECT request_hash FROM rows WHERE id='b3')", (SUCCEEDED,))
+    assert ledger.request_counts(run_b.run_id) == {PLANNED: 6, SUCCEEDED: 1}
+    assert ledger.request_counts(run_a.run_id) == {PLANNED: 4, SUCCEEDED: 2}  # prompt 3 is in both runs
 
 
 def test_shard_estimates_match_the_per_request_formulas(tmp_path):
