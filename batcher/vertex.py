@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,18 +358,54 @@ class VertexBackend:
         return keys
 
     def download(self, file_name: str, dest: Path, on_bytes: Callable[[int], None] | None = None) -> int:
-        """Stream the job's predictions into `dest` as `{"key", "response"|"error"}` lines. Returns its size.
-        `file_name` is the job's gcsOutputDirectory. Not resumed mid-file: a retry starts `dest` over."""
+        """The job's predictions as `{"key", "response"|"error"}` lines in `dest`. Returns its size.
+        `file_name` is the job's gcsOutputDirectory. Each predictions file is first copied as it is into
+        `dest`.raw/, resuming a partial copy from where it stopped (a ranged read); then `dest` is written from
+        those local copies, which are removed once it is."""
+        raw_dir = dest.with_name(dest.name + ".raw")
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        copies = self.retry.call(f"download {file_name}", lambda: self._copy_outputs(file_name, raw_dir, on_bytes))
+        size = self.retry.call(f"read {file_name}", lambda: self._normalise(file_name, copies, dest))
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        return size
+
+    def _copy_outputs(self, file_name: str, raw_dir: Path, on_bytes: Callable[[int], None] | None) -> list[Path]:
+        """Each predictions file into raw_dir, appending to what an earlier (killed or dropped) attempt left."""
+        try:
+            copies = []
+            for i, blob in enumerate(self._output_blobs(file_name)):
+                copy = raw_dir / f"{i:05d}-{blob.name.rsplit('/', 1)[-1]}"
+                have = copy.stat().st_size if copy.exists() else 0
+                if blob.size is None or have < blob.size:
+                    with blob.open("rb", chunk_size=1 << 20) as f, open(copy, "ab") as out:
+                        f.seek(have)
+                        while chunk := f.read(1 << 20):
+                            out.write(chunk)
+                            out.flush()
+                            if on_bytes:
+                                on_bytes(len(chunk))
+                            maybe_crash("download")  # test hook: see batcher/faults.py
+                copies.append(copy)
+            return copies
+        except ApiError:
+            raise
+        except Exception as exc:
+            mapped = _gcs_error(exc, f"download {file_name}")
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+    def _normalise(self, file_name: str, copies: list[Path], dest: Path) -> int:
+        """The local copies of the predictions -> `dest` in collect's line format (keys matched back to the
+        input's when the output lines carry none)."""
         key_map: dict[str, list] | None = None
 
         def attempt() -> int:
             nonlocal key_map
             with open(dest, "wb") as out:
-                for blob in self._output_blobs(file_name):
-                    with io.BufferedReader(blob.open("rb"), buffer_size=1 << 20) as f:
+                for copy in copies:
+                    with open(copy, "rb", buffering=1 << 20) as f:
                         for raw in f:
-                            if on_bytes:
-                                on_bytes(len(raw))
                             if not raw.strip():
                                 continue
                             try:
@@ -385,23 +422,17 @@ class VertexBackend:
                             err = line_error(rec)
                             line = {"key": key, "error": err} if err is not None else {"key": key, "response": rec["response"]}
                             out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
-                            maybe_crash("download")  # test hook: see batcher/faults.py
             return dest.stat().st_size
 
-        def once() -> int:
-            nonlocal key_map
-            try:
-                return attempt()
-            except ApiError:
+        try:
+            return attempt()
+        except ApiError:
+            raise
+        except Exception as exc:  # reading the job's input for the key map
+            mapped = _gcs_error(exc, f"read the input of {file_name}")
+            if mapped is exc:
                 raise
-            except Exception as exc:
-                key_map = None  # candidates were popped: rebuild on the next attempt
-                mapped = _gcs_error(exc, f"download {file_name}")
-                if mapped is exc:
-                    raise
-                raise mapped from None
-
-        return self.retry.call(f"download {file_name}", once)
+            raise mapped from None
 
     # ---- interactive ------------------------------------------------------------------------------
     def generate_content(self, model: str, body: dict) -> dict:

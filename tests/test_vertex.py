@@ -334,3 +334,28 @@ def test_a_vertex_run_with_manifest_cache_and_dataset_on_gcs(tmp_path, vx, gcs):
     assert pipeline.run(f"{root}/manifests/m.csv", s2, backend_factory=factory(vx, bucket)).exit_code == 0
     assert vx.stats()["vertex_jobs_created"] == 1  # the second run was served by the gs:// cache
     gcs_mod.client.cache_clear()
+
+
+def test_a_partial_download_resumes_where_it_stopped(tmp_path, vx, gcs):
+    """A predictions file copied half-way (a killed collect, a dropped read) is continued with a ranged read,
+    not fetched again; the lines that come out are whole and the local copies are removed."""
+    _, bucket = gcs
+    backend = factory(vx, bucket)()
+    lines = [json.dumps({"key": f"k{i}", "request": {"contents": []}, "status": "",
+                         "response": {"candidates": [{"content": {"parts": [{"text": "x" * 3000}]}}]}}) + "\n"
+             for i in range(1000)]
+    data = "".join(lines).encode()
+    d = "stage/outputs/batcher-x-job9/prediction-model-2026-01-01T00:00:00.000000Z/"
+    bucket.blob(d + "predictions.jsonl").upload_from_string(data)
+    dest = tmp_path / "res.jsonl.part"
+    raw = dest.with_name(dest.name + ".raw")
+    raw.mkdir()
+    cut = 1_234_567  # mid-line, as a kill leaves it
+    (raw / "00000-predictions.jsonl").write_bytes(data[:cut])
+    fetched = []
+    size = backend.download(f"gs://{bucket.name}/{d}", dest, on_bytes=fetched.append)
+    assert sum(fetched) == len(data) - cut  # only the rest came over the wire
+    got = [json.loads(x) for x in dest.read_text().splitlines()]
+    assert [g["key"] for g in got] == [f"k{i}" for i in range(1000)] and size == dest.stat().st_size
+    assert got[500]["response"]["candidates"][0]["content"]["parts"][0]["text"] == "x" * 3000
+    assert not raw.exists()
