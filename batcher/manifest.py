@@ -617,14 +617,21 @@ def _blank_lines(path: str, delimiter: str) -> list[int]:
         else:
             return []
     blanks: list[int] = []
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-        records = csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
-        data_rows = -1  # the header is not a data row
-        for record in records:
-            if record:
-                data_rows += 1
-            elif data_rows >= 0:
-                blanks.append(data_rows)
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long prompt is a valid cell
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+            records = csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
+            data_rows = -1  # the header is not a data row
+            for record in records:
+                if record:
+                    data_rows += 1
+                elif data_rows >= 0:
+                    blanks.append(data_rows)
+    except csv.Error:
+        return []  # a file the csv module can't read: pyarrow's verdict stands, rows numbered without blank lines
+    finally:
+        csv.field_size_limit(old_limit)
     return blanks
 
 
@@ -678,7 +685,8 @@ def _csv_error(path: str, display: str, delimiter: str, exc: BaseException) -> M
 def _locate_csv_problem(path: str, delimiter: str) -> str | None:
     """Rescan a CSV file that pyarrow refused and describe the first bad record ("row N: ..."), or None.
 
-    Only run on the error path. Rows are numbered as in the normal read: header row 1, blank lines skipped.
+    Only run on the error path. Rows are numbered as in the normal read: header row 1, a blank line after the
+    header counts as a row (see _blank_lines).
     """
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
@@ -690,6 +698,7 @@ def _locate_csv_problem(path: str, delimiter: str) -> str | None:
             try:
                 for record in reader:
                     if not record:
+                        row += header is not None
                         continue
                     row += 1
                     if header is None:

@@ -33,7 +33,7 @@ from .ledger import (
 )
 from .manifest import ManifestOptions
 from .planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
-from .estimate import budget_allowance, budget_exhausted, budget_note
+from .estimate import budget_allowance, budget_exhausted, budget_note, check_budget
 from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
@@ -151,7 +151,10 @@ class Workspace:
     def backend(self) -> GeminiBackend:
         if self._backend is None:
             factory = self._backend_factory or (lambda: GeminiBackend(Connection.from_env()))
-            self._backend = factory()
+            backend = factory()
+            if self.settings.webhook_uris and not getattr(backend, "takes_webhooks", True):
+                raise UsageError("webhooks (webhook_uris) are a Gemini API feature; Vertex AI batch jobs don't take them")
+            self._backend = backend
         return self._backend
 
     def close(self) -> None:
@@ -191,6 +194,14 @@ def send_pending(ws: Workspace) -> int:
 
 def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
     jobs_mod.reconcile(ledger, backend)
+    budget = ws.settings.budget_usd
+    if budget is not None and ledger.jobs((J_PLANNED,)):
+        check = check_budget(ledger, budget)
+        if check.spent_usd + check.queued_usd > budget:
+            # Jobs sharded earlier without this budget (a dry run, a run with a higher one) would take the run
+            # over it: those not yet uploaded go back to planned, and the budget decides again below.
+            n = release_unsent_jobs(ws, (J_PLANNED,), "released: over --budget-usd, re-sharded under it")
+            log.warning("%d job(s) planned earlier would exceed the budget: sharded again under it", n)
     shard_planned(ws)
     refs = _ref_paths(ledger)
     created = 0
@@ -397,6 +408,9 @@ def on_deadline(ws: Workspace, counts: dict) -> str:
     log.warning("deadline passed with %d requests unfinished: policy %s", counts[PLANNED] + counts[QUEUED], policy)
     if policy == "report":
         return "stop"
+    # A create killed half-way (`creating`) may have made its job: find it before anything is released or
+    # cancelled (past the deadline, send_pending, which reconciles, may never run again).
+    jobs_mod.reconcile(ws.ledger, ws.backend)
     if policy in ("resubmit", "interactive"):
         for job in ws.ledger.jobs((J_SUBMITTED,)):  # stragglers: their unfinished requests come back as planned
             try:
@@ -408,15 +422,15 @@ def on_deadline(ws: Workspace, counts: dict) -> str:
     return "continue"
 
 
-def release_unsent_jobs(ws: Workspace) -> int:
+def release_unsent_jobs(ws: Workspace, states: tuple[str, ...] = (J_PLANNED, J_UPLOADING, J_UPLOADED),
+                        why: str = "released at the deadline, never created") -> int:
     """Jobs never created (waiting for capacity): their requests go back to planned, without an attempt."""
     released = 0
-    for job in ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
+    for job in ws.ledger.jobs(states):
         with ws.ledger.transaction() as c:
             c.execute("UPDATE requests SET state=?, job_id=NULL, updated_at=? WHERE job_id=? AND state=?",
                       (PLANNED, time.time(), job["id"], QUEUED))
-            ws.ledger.job_transition(c, job["id"], (J_PLANNED, J_UPLOADING, J_UPLOADED), J_COLLECTED,
-                                     error="released at the deadline, never created")
+            ws.ledger.job_transition(c, job["id"], states, J_COLLECTED, error=why)
         if job["input_file"]:
             ws.backend.delete_file(job["input_file"])
         released += 1
@@ -429,9 +443,7 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
     s = ws.settings
     budget_left = None
     if getattr(s, "budget_usd", None) is not None:
-        where, params = ws.ledger.in_run(run_id)
-        spent = ws.ledger.conn.execute(f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND {where}", params).fetchone()[0]
-        budget_left = max(0.0, s.budget_usd - spent)
+        budget_left = max(0.0, s.budget_usd - check_budget(ws.ledger, s.budget_usd).spent_usd)  # what this run paid
     stats = interactive.generate(ws.ledger, ws.backend, ws.store, run_id, concurrency=s.interactive_concurrency,
                                  budget_left_usd=budget_left, max_attempts=s.max_attempts)
     if stats.succeeded or stats.failed or stats.blocked:

@@ -206,6 +206,11 @@ def _prepared_rows(manifest: Path | str, options: ManifestOptions, refs: _Refere
         yield item, references, reqs, _EXTRA_JSON.encode(item.extra) if item.extra else None
 
 
+# A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
+# kept, it would be counted as this run's spend, or stay on a request that then fails).
+REPLANNED = f"state='{PLANNED}', attempts=0, cost_usd=NULL, prompt_tokens=NULL, output_tokens=NULL, updated_at=?"
+
+
 class _BulkPlanner:
     """Writes batches of planned rows and their requests into the ledger (inside plan_manifest's transaction)
     with the same outcome as inserting each row and recording each request one at a time."""
@@ -275,13 +280,13 @@ class _BulkPlanner:
             elif state == QUEUED:
                 continue  # in a job already: it will be collected
             elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
-                c.execute("UPDATE requests SET state=?, attempts=0, error=NULL, finish_reason=NULL, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+                c.execute(f"UPDATE requests SET {REPLANNED}, error=NULL, finish_reason=NULL, cached=0 WHERE hash=?", (now, h))
             elif state == SUCCEEDED and self.lookup is not None and not self.lookup.has(h):
                 # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
-                c.execute("UPDATE requests SET state=?, attempts=0, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+                c.execute(f"UPDATE requests SET {REPLANNED}, cached=0 WHERE hash=?", (now, h))
             elif state == FAILED or (state == BLOCKED and self.retry_blocked):
                 # A new run gives requests that ran out of attempts before a fresh set.
-                c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
+                c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
         # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is.
         c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)", new)
 
@@ -308,8 +313,7 @@ def plan_manifest(
     if existing is not None and retry_blocked:
         where, params = ledger.in_run(existing["id"])
         with ledger.transaction() as c:
-            c.execute(f"UPDATE requests SET state=?, attempts=0, updated_at=? WHERE state=? AND {where}",
-                      (PLANNED, time.time(), BLOCKED, *params))
+            c.execute(f"UPDATE requests SET {REPLANNED} WHERE state=? AND {where}", (time.time(), BLOCKED, *params))
     if existing is not None and not refresh:
         return _summary(ledger, existing["id"], new_run=False)
 
@@ -377,30 +381,6 @@ def plan_manifest(
     summary = _summary(ledger, run_id, new_run=True, planned_rows=seq)
     summary.rejected = len(problems)
     return summary
-
-
-def _record_request(c: sqlite3.Connection, store: ImageStore | None, req: ImageRequest, h: str, refresh: bool, now: float,
-                    retry_blocked: bool = False) -> None:
-    row = c.execute("SELECT state FROM requests WHERE hash=?", (h,)).fetchone()
-    cached = store is not None and not refresh and store.has(h)
-    if row is None:
-        c.execute(
-            "INSERT INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)",
-            (h, req.model, dump_body(request_body(req)), SUCCEEDED if cached else PLANNED, int(cached),
-             req.variant, now),
-        )
-        return
-    state = row["state"]
-    if state == QUEUED:
-        return  # in a job already: it will be collected
-    if refresh and state in (SUCCEEDED, FAILED, BLOCKED):
-        c.execute("UPDATE requests SET state=?, attempts=0, error=NULL, finish_reason=NULL, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
-    elif state == SUCCEEDED and store is not None and not store.has(h):
-        # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
-        c.execute("UPDATE requests SET state=?, attempts=0, cached=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
-    elif state == FAILED or (state == BLOCKED and retry_blocked):
-        # A new run gives requests that ran out of attempts before a fresh set.
-        c.execute("UPDATE requests SET state=?, attempts=0, updated_at=? WHERE hash=?", (PLANNED, now, h))
 
 
 def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None) -> PlanResult:

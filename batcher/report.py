@@ -493,7 +493,8 @@ def _write_gcs_report(settings, *, status: dict | None, now: dt.datetime | None)
                 pass  # no thumbnail for it; the report says how many are missing
     summary = write_report(dataclasses.replace(settings, out=staging), status=status, now=now)
     uploads = [(summary.html_path, "text/html; charset=utf-8"), (summary.sheet_path, "image/png")]
-    uploads += [(p, "image/jpeg" if p.suffix == ".jpg" else "image/png") for p in sorted((staging / THUMB_DIR).glob("**/*")) if p.is_file()]
+    uploads += [(p, "image/jpeg" if p.suffix == ".jpg" else "image/png") for p in sorted((staging / THUMB_DIR).glob("**/*"))
+                if p.is_file() and not p.name.startswith(".")]  # not a temp file a killed writer left
     for path, content_type in uploads:
         gcs.upload_file(gcs.join(uri, path.relative_to(staging).as_posix()), str(path), content_type=content_type)
     return dataclasses.replace(summary, uploaded_to=uri)

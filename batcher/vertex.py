@@ -288,6 +288,8 @@ class VertexBackend:
     def output_prefix(self, display_name: str) -> str:
         return self._uri("outputs", display_name)
 
+    takes_webhooks = False  # Vertex AI batch jobs have no webhook_config (the workspace refuses them up front)
+
     def create_batch(self, model: str, file_name: str, display_name: str, webhook: dict | None = None) -> BatchInfo:
         """Not retried here: create is not idempotent. The caller reconciles by display name instead.
         No webhooks: Vertex AI batch jobs don't take webhook_config (the pipeline refuses them before any work)."""

@@ -226,3 +226,13 @@ def test_realized_cost_and_status_use_the_overridden_prices(tmp_path, emulator, 
     # status (no prices given) uses the prices the workdir's run was made with
     doc = pipeline.status(settings(tmp_path), refresh=False, backend_factory=backend_factory)
     assert doc["cost_usd"] == pytest.approx(expected)
+
+
+def test_jobs_a_dry_run_left_are_sharded_again_under_a_later_budget(tmp_path, emulator, backend_factory):
+    """A dry run without a budget shards everything; a submit with a budget must not send all of it."""
+    m = prompts_csv(tmp_path / "m.csv", 10)
+    pipeline.submit(m, settings(tmp_path), dry_run=True, backend_factory=backend_factory)
+    result = pipeline.submit(m, settings(tmp_path, budget_usd=0.05), backend_factory=backend_factory)
+    assert result.counts["queued"] == 2 and result.counts["planned"] == 8, result.summary
+    assert "8 requests held back" in result.summary
+    assert emulator.stats()["batches_created"] == 1

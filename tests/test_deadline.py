@@ -79,3 +79,28 @@ def test_parse_deadline():
     for bad in ("25:00", "tomorrow", "", "7x"):
         with pytest.raises(UsageError, match="--deadline"):
             parse_deadline(bad, now)
+
+
+def test_a_create_killed_half_way_is_found_before_the_interactive_fallback(tmp_path, emulator, backend_factory):
+    """The process died inside create (the job exists at the API, the ledger says `creating`) and the re-run
+    starts past the deadline with policy interactive: the job is found by its name and cancelled like any
+    straggler, and its requests are generated interactively; none is left queued in a job nobody watches."""
+    import sqlite3
+
+    emulator.configure(job_outcomes=["STUCK"])
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], ROWS)
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                          timeout=10, quiet=True)
+    assert pipeline.submit(m, s, backend_factory=backend_factory).jobs_created == 1
+    con = sqlite3.connect(s.workdir / "ledger.sqlite")  # as a kill between the API's answer and the ledger leaves it
+    con.execute("UPDATE jobs SET state='creating', batch_name=NULL, api_state=NULL")
+    con.commit()
+    con.close()
+    late = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                             timeout=10, quiet=True, deadline=time.time() - 1, deadline_policy="interactive")
+    result = pipeline.run(m, late, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    stats = emulator.stats()
+    assert stats["batches_created"] == 1 and stats["batches_cancelled"] == 1
+    assert stats["generate_content_calls"] == 5
+    assert {r["status"] for r in pq.read_table(s.out / "metadata.parquet").to_pylist()} == {"ok"}

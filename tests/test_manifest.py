@@ -172,6 +172,15 @@ def test_blank_lines_count_as_rows_as_a_spreadsheet_shows_them(tmp_path):
     assert [r.row for r in tsv] == [3] and [p.row for p in tsv_problems] == [6]
 
 
+def test_blank_lines_next_to_a_very_long_cell(tmp_path):
+    """Finding the blank lines must not trip on a cell longer than the csv module's default limit (128 KiB)."""
+    notes = "a very detailed note. " * 10_000  # 220 000 characters, in a carried column
+    text = f'id,prompt,notes\na,a lamp,"{notes}"\n\nb,,x\n'
+    rows, problems = read(write(tmp_path, "long.csv", text))
+    assert [(r.row, len(r.extra["notes"])) for r in rows] == [(2, len(notes))]
+    assert [(p.row, p.column) for p in problems] == [(4, "prompt")]
+
+
 def test_utf8_bom_and_unicode(tmp_path):
     path = write(tmp_path, "b.csv", "\ufeffid,prompt\n1,un café très élégant ☕ 東京\n")
     rows, problems = read(path)

@@ -115,6 +115,19 @@ def test_a_later_run_in_the_same_workdir_does_not_count_earlier_payments(tmp_pat
     assert status["cost_usd"] == pytest.approx(new["cost_usd"], abs=1e-6)  # status rounds to 6 places
 
 
+def test_a_request_planned_again_carries_no_earlier_payment(tmp_path, emulator, backend_factory):
+    """--refresh plans every request again: until it is generated again, this run has paid nothing for it."""
+    s = settings(tmp_path)
+    assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
+    assert pipeline.status(s, backend_factory=backend_factory)["cost_usd"] > 0
+    again = settings(tmp_path, refresh=True)
+    pipeline.submit(manifest(tmp_path), again, dry_run=True, backend_factory=backend_factory)
+    assert pipeline.status(again, backend_factory=backend_factory)["cost_usd"] == 0
+    con = sqlite3.connect(s.workdir / "ledger.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM requests WHERE cost_usd IS NOT NULL OR prompt_tokens IS NOT NULL").fetchone()[0] == 0
+    con.close()
+
+
 def test_parquet_manifest_and_multi_job_sharding(tmp_path, emulator, backend_factory):
     table = pa.table({"id": [f"r{i}" for i in range(7)], "prompt": [f"product shot number {i}" for i in range(7)],
                       "price": [float(i) for i in range(7)]})

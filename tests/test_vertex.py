@@ -359,3 +359,16 @@ def test_a_partial_download_resumes_where_it_stopped(tmp_path, vx, gcs):
     assert [g["key"] for g in got] == [f"k{i}" for i in range(1000)] and size == dest.stat().st_size
     assert got[500]["response"]["candidates"][0]["content"]["parts"][0]["text"] == "x" * 3000
     assert not raw.exists()
+
+
+def test_webhooks_are_refused_on_vertex_before_anything_is_uploaded(tmp_path, vx, gcs):
+    import batcher.pipeline as pipeline
+    from batcher.errors import UsageError
+
+    _, bucket = gcs
+    m = tmp_path / "m.csv"
+    m.write_text("id,prompt\na,a vertex webhook\n", encoding="utf-8")
+    s = settings(tmp_path, webhook_uris=("https://hooks.example.com/x",))
+    with pytest.raises(UsageError, match="Vertex AI batch jobs don't take them"):
+        pipeline.submit(m, s, backend_factory=factory(vx, bucket))
+    assert not [b.name for b in bucket.list_blobs()]  # nothing staged

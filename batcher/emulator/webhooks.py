@@ -58,6 +58,7 @@ class WebhookSender:
         self._thread: threading.Thread | None = None
         self.log: list[dict[str, Any]] = []  # one entry per attempt: uri, type, status, attempt
         self._log_lock = threading.Lock()
+        self._generation = 0  # bumped by clear(): events queued or waiting for a retry before it are dropped
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="emulator-webhooks", daemon=True)
@@ -74,6 +75,7 @@ class WebhookSender:
 
     def clear(self) -> None:
         with self._log_lock:
+            self._generation += 1
             self.log.clear()
 
     def job_ended(self, name: str, display_name: str | None, state: str, webhook: dict, rfc3339: Callable[[float], str]) -> None:
@@ -84,7 +86,7 @@ class WebhookSender:
             "name": name, "display_name": display_name, "state": state, "user_metadata": webhook["user_metadata"]}}).encode()
         msg_id = f"msg_{uuid.uuid4().hex}"
         for uri in webhook["uris"]:
-            self._queue.put((uri, event, msg_id, body, 1, 0.0))
+            self._queue.put((uri, event, msg_id, body, 1, self._generation))
 
     def _run(self) -> None:
         waiting: list[tuple] = []  # retries: (due, item)
@@ -98,11 +100,13 @@ class WebhookSender:
             except queue.Empty:
                 pass
             for item in items:
+                if item[-1] != self._generation:
+                    continue  # queued before a reset of the emulator
                 retry = self._deliver(*item)
                 if retry is not None:
                     waiting.append(retry)
 
-    def _deliver(self, uri: str, event: str, msg_id: str, body: bytes, attempt: int, _due: float):
+    def _deliver(self, uri: str, event: str, msg_id: str, body: bytes, attempt: int, generation: int):
         cfg = self._config()
         timestamp = int(self._now())
         req = urllib.request.Request(uri, data=body, method="POST", headers={
@@ -126,4 +130,4 @@ class WebhookSender:
             self._count("webhooks_dropped")
             return None
         delay = cfg.webhook_retry_seconds * 2 ** (attempt - 1)
-        return (time.monotonic() + delay, (uri, event, msg_id, body, attempt + 1, 0.0))
+        return (time.monotonic() + delay, (uri, event, msg_id, body, attempt + 1, generation))
