@@ -305,7 +305,8 @@ class Ledger:
 
     def _run_has_every_request(self, run_id: int) -> bool:
         """True when the run's requests are every request in the ledger (a workdir used for one manifest).
-        Every hash a row points to has a requests row, so equal counts mean equal sets."""
+        Every hash a row points to has a requests row and requests are never deleted, so equal counts mean
+        equal sets (anything that deletes requests, or repoints rows, must refresh runs.request_count)."""
         run = self.conn.execute("SELECT request_count FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None or run[0] is None:
             return False
