@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -38,7 +38,7 @@ from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
 from .share import Share, export_records, import_records
-from .store import ImageStore, open_store
+from .store import open_store
 from .webhooks import check_uris
 
 log = logging.getLogger("batcher")
