@@ -206,17 +206,22 @@ class BudgetCheck:
                 "in the job spec) and run again to send them")
 
 
+def run_spend_usd(ledger: Ledger, run) -> float:
+    """What the run has paid: its requests finished (ok or blocked) since it began and not served from the cache.
+    An earlier run's requests in the same workdir were paid by that run; they are not counted again."""
+    if run is None:
+        return 0.0
+    where, params = ledger.in_run(run["id"])
+    return ledger.conn.execute(
+        f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND state IN ('{SUCCEEDED}','{BLOCKED}') "
+        f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]
+
+
 def check_budget(ledger: Ledger, budget_usd: float, table: PriceTable | None = None) -> BudgetCheck:
     """How many planned requests can be sent, in the order `planner.shard` takes them, within the budget."""
     table = table or current_table()
     c = ledger.conn
-    check = BudgetCheck(budget_usd=budget_usd)
-    run = ledger.current_run()
-    if run is not None:  # requests finished since this run began (not an earlier run's, which share the workdir)
-        where, params = ledger.in_run(run["id"])
-        check.spent_usd = c.execute(
-            f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND state IN ('{SUCCEEDED}','{BLOCKED}') "
-            f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]
+    check = BudgetCheck(budget_usd=budget_usd, spent_usd=run_spend_usd(ledger, ledger.current_run()))
     for model, body_json in c.execute("SELECT model, body_json FROM requests WHERE state=?", (QUEUED,)).fetchall():
         check.queued_usd += request_estimate_usd(model, body_json, table)
     left = budget_usd - check.spent_usd - check.queued_usd
@@ -234,12 +239,13 @@ def check_budget(ledger: Ledger, budget_usd: float, table: PriceTable | None = N
     return check
 
 
-def budget_allowance(ws) -> int | None:
-    """For pipeline.send_pending: how many planned requests may be sharded (None: no budget). Remembers the check."""
+def budget_allowance(ws, check: BudgetCheck | None = None) -> int | None:
+    """For pipeline.send_pending: how many planned requests may be sharded (None: no budget). Remembers the check
+    (`check`: one just made on the same ledger)."""
     budget = getattr(ws.settings, "budget_usd", None)
     if budget is None:
         return None
-    ws.budget = check_budget(ws.ledger, budget)
+    ws.budget = check or check_budget(ws.ledger, budget)
     return ws.budget.allowed
 
 

@@ -248,6 +248,9 @@ class Ledger:
     def current_run(self) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
 
+    def run(self, run_id: int) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+
     def run_by_fingerprint(self, fingerprint: str) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM runs WHERE fingerprint=?", (fingerprint,)).fetchone()
 

@@ -33,7 +33,7 @@ from .ledger import (
 )
 from .manifest import ManifestOptions
 from .planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
-from .estimate import budget_allowance, budget_exhausted, budget_note, check_budget
+from .estimate import budget_allowance, budget_exhausted, budget_note, check_budget, run_spend_usd
 from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
@@ -178,10 +178,12 @@ def _ref_paths(ledger: Ledger) -> dict[str, str]:
     return {sha: path for sha, path in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
 
 
-def shard_planned(ws: Workspace) -> list[int]:
-    """Planned requests into new jobs: within the shard limits, each model's enqueued-token cap and the budget.
-    A dry run shards the same way, so the jobs it leaves are the ones a later submit sends."""
-    return shard(ws.ledger, ws.settings.limits, token_cap_for=ws.settings.quota.cap_for, limit_requests=budget_allowance(ws))
+def shard_planned(ws: Workspace, budget_check=None) -> list[int]:
+    """Planned requests into new jobs: within the shard limits, each model's enqueued-token cap and the budget
+    (`budget_check`: one just made). A dry run shards the same way, so the jobs it leaves are the ones a later
+    submit sends."""
+    return shard(ws.ledger, ws.settings.limits, token_cap_for=ws.settings.quota.cap_for,
+                 limit_requests=budget_allowance(ws, budget_check))
 
 
 def send_pending(ws: Workspace) -> int:
@@ -194,7 +196,7 @@ def send_pending(ws: Workspace) -> int:
 
 def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
     jobs_mod.reconcile(ledger, backend)
-    budget = ws.settings.budget_usd
+    budget, check = ws.settings.budget_usd, None
     if budget is not None and ledger.jobs((J_PLANNED,)):
         check = check_budget(ledger, budget)
         if check.spent_usd + check.queued_usd > budget:
@@ -202,7 +204,8 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
             # over it: those not yet uploaded go back to planned, and the budget decides again below.
             n = release_unsent_jobs(ws, (J_PLANNED,), "released: over --budget-usd, re-sharded under it")
             log.warning("%d job(s) planned earlier would exceed the budget: sharded again under it", n)
-    shard_planned(ws)
+            check = None  # the ledger changed: check again
+    shard_planned(ws, check)
     refs = _ref_paths(ledger)
     created = 0
     for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
@@ -443,7 +446,7 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
     s = ws.settings
     budget_left = None
     if getattr(s, "budget_usd", None) is not None:
-        budget_left = max(0.0, s.budget_usd - check_budget(ws.ledger, s.budget_usd).spent_usd)  # what this run paid
+        budget_left = max(0.0, s.budget_usd - run_spend_usd(ws.ledger, ws.ledger.run(run_id)))
     stats = interactive.generate(ws.ledger, ws.backend, ws.store, run_id, concurrency=s.interactive_concurrency,
                                  budget_left_usd=budget_left, max_attempts=s.max_attempts)
     if stats.succeeded or stats.failed or stats.blocked:
@@ -533,10 +536,8 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
             })
         counts = run_counts(ws.ledger, run["id"]) if run else {}
         where, params = ws.ledger.in_run(run["id"]) if run else ("0", ())
-        # As in the dataset: what this run paid for (an earlier run's requests in this workdir are not counted again).
-        cost, hits = ws.ledger.conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN cached=0 AND updated_at >= ? THEN cost_usd END),0), COUNT(CASE WHEN cached=1 THEN 1 END) "
-            f"FROM requests WHERE {where}", (run["created_at"] if run else 0.0, *params)).fetchone()
+        cost = run_spend_usd(ws.ledger, run)  # as the budget counts it: not an earlier run's in this workdir
+        hits = ws.ledger.conn.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0]
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
             "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),
