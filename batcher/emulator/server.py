@@ -388,10 +388,14 @@ class Handler(BaseHTTPRequestHandler):
         self._json({})
 
     def h_list_files(self) -> None:
-        items, token = self._page(self.svc.list_files(), 100)
+        self._list(self.svc.list_files(), 100, "files", self.svc.file_json)
+
+    def _list(self, items: list[Any], max_size: int, field: str, to_json) -> None:
+        """A list response: one page of `items` under `field` (omitted when empty), and the next page's token."""
+        page, token = self._page(items, max_size)
         out: dict[str, Any] = {}
-        if items:
-            out["files"] = [self.svc.file_json(f) for f in items]
+        if page:
+            out[field] = [to_json(x) for x in page]
         if token:
             out["nextPageToken"] = token
         self._json(out)
@@ -501,13 +505,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(self.svc.batch_json(self.svc.get_batch(batch_id)))
 
     def h_list_batches(self) -> None:
-        items, token = self._page(self.svc.list_batches(), 1000)
-        out: dict[str, Any] = {}
-        if items:
-            out["operations"] = [self.svc.batch_json(b) for b in items]
-        if token:
-            out["nextPageToken"] = token
-        self._json(out)
+        self._list(self.svc.list_batches(), 1000, "operations", self.svc.batch_json)
 
     def h_cancel_batch(self, batch_id: str) -> None:
         self._drain()
