@@ -123,7 +123,70 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX requests_by_job ON requests(job_id)
     """,
+    # 7: unique keys as ordinary indexes, so planning into an empty ledger can load `requests` and `rows` bare and
+    #    build each index once, sorted (see Ledger.bulk_load): a random-order insert into the 64-hex hash key cost
+    #    more than the rest of a request's insert. `rows` is keyed by (run_id, seq), the order it is written and read
+    #    in, and `job_requests` by its primary key alone (no rowid B-tree beside it).
+    """
+    CREATE TABLE requests_v7 (
+        hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        body_json TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        job_id INTEGER,
+        error TEXT,
+        finish_reason TEXT,
+        prompt_tokens INTEGER,
+        output_tokens INTEGER,
+        cost_usd REAL,
+        cached INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL,
+        variant INTEGER NOT NULL DEFAULT 0,
+        fallback_of TEXT
+    );
+    INSERT INTO requests_v7(rowid, hash, model, body_json, state, attempts, job_id, error, finish_reason, prompt_tokens,
+                            output_tokens, cost_usd, cached, updated_at, variant, fallback_of)
+        SELECT rowid, hash, model, body_json, state, attempts, job_id, error, finish_reason, prompt_tokens,
+               output_tokens, cost_usd, cached, updated_at, variant, fallback_of FROM requests;
+    DROP TABLE requests;
+    ALTER TABLE requests_v7 RENAME TO requests;
+    CREATE UNIQUE INDEX requests_by_hash ON requests(hash);
+    CREATE INDEX requests_by_state ON requests(state, model);
+    CREATE INDEX requests_by_job ON requests(job_id);
+    CREATE TABLE rows_v7 (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        row INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        variant INTEGER NOT NULL,
+        request_hash TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        extra_json TEXT,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO rows_v7 SELECT run_id, seq, row, id, variant, request_hash, prompt, extra_json FROM rows;
+    DROP TABLE rows;
+    ALTER TABLE rows_v7 RENAME TO rows;
+    CREATE UNIQUE INDEX rows_by_id ON rows(run_id, id, variant);
+    CREATE TABLE job_requests_v7 (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        hash TEXT NOT NULL,
+        PRIMARY KEY (job_id, hash)
+    ) WITHOUT ROWID;
+    INSERT INTO job_requests_v7 SELECT job_id, hash FROM job_requests;
+    DROP TABLE job_requests;
+    ALTER TABLE job_requests_v7 RENAME TO job_requests
+    """,
 ]
+
+# The indexes Ledger.bulk_load drops and builds again (the same definitions as the migrations above).
+BULK_INDEXES = {
+    "requests_by_hash": "CREATE UNIQUE INDEX requests_by_hash ON requests(hash)",
+    "requests_by_state": "CREATE INDEX requests_by_state ON requests(state, model)",
+    "requests_by_job": "CREATE INDEX requests_by_job ON requests(job_id)",
+    "rows_by_id": "CREATE UNIQUE INDEX rows_by_id ON rows(run_id, id, variant)",
+}
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -231,6 +294,32 @@ class Ledger:
             yield
         finally:
             self.conn.execute(f"PRAGMA cache_size={int(old)}")
+
+    def is_empty(self) -> bool:
+        """No requests and no rows yet: a fresh workdir."""
+        c = self.conn
+        return c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None and \
+            c.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is None
+
+    @contextlib.contextmanager
+    def bulk_load(self, c: sqlite3.Connection) -> Iterator[None]:
+        """Load an empty ledger's `requests` and `rows` without their secondary indexes, then build each index
+        once: SQLite sorts to build an index, several times cheaper than a random-order B-tree insert per row.
+
+        Use it inside a transaction (or savepoint) that is rolled back on any error: the indexes are dropped in
+        it, so a rollback brings them back. Requests loaded twice (rows sharing a request) keep their first copy.
+        Raises sqlite3.IntegrityError if two rows of a run share an id and variant."""
+        for name in BULK_INDEXES:
+            c.execute(f"DROP INDEX {name}")
+        yield
+        try:
+            c.execute(BULK_INDEXES["requests_by_hash"])
+        except sqlite3.IntegrityError:
+            c.execute("DELETE FROM requests WHERE rowid NOT IN (SELECT MIN(rowid) FROM requests GROUP BY hash)")
+            c.execute(BULK_INDEXES["requests_by_hash"])
+        for name, ddl in BULK_INDEXES.items():
+            if name != "requests_by_hash":
+                c.execute(ddl)
 
     def _ensure_ledger_id(self) -> str:
         with self.transaction() as c:

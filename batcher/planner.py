@@ -223,9 +223,34 @@ class _BulkPlanner:
     def cached(self, h: str) -> bool:
         return self.lookup is not None and not self.refresh and self.lookup.has(h)
 
-    def flush(self, run_id: int, seq: int, pending: list, problems: list, manifest: Path, options: ManifestOptions) -> int:
+    def load(self, run_id: int, manifest: Path | str, options: ManifestOptions, refs: _References,
+             problems: list[RowProblem]) -> tuple[int, int]:
+        """Record the manifest's valid rows and their requests; append its problems. Returns (rows written, one
+        per variant; manifest rows)."""
+        pending: list[tuple] = []  # (item, [(model, variant, hash, body_json)], extra JSON, position in problems)
+        seq = rows = 0
+        for entry in _prepared_rows(manifest, options, refs):
+            if isinstance(entry, RowProblem):
+                problems.append(entry)
+                continue
+            item, references, reqs, extra = entry
+            for ref in references if item.variants else ():
+                self.c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
+            pending.append((item, reqs, extra, len(problems)))
+            rows += 1
+            if len(pending) >= PLAN_BATCH_ROWS:
+                seq, duplicates = self.flush(run_id, seq, pending, problems, manifest, options)
+                rows -= duplicates
+                pending.clear()
+        seq, duplicates = self.flush(run_id, seq, pending, problems, manifest, options)
+        return seq, rows - duplicates
+
+    def flush(self, run_id: int, seq: int, pending: list, problems: list, manifest: Path,
+              options: ManifestOptions) -> tuple[int, int]:
+        """Write a batch of rows and their requests. Returns (the next seq, how many rows were rejected as
+        duplicate ids)."""
         if not pending:
-            return seq
+            return seq, 0
         c = self.c
         params = []
         s = seq
@@ -256,11 +281,11 @@ class _BulkPlanner:
                     recorded.append(req)
             for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
                 problems.insert(pos, problem)
-        else:
-            c.execute("RELEASE plan_batch")
-            recorded = [req for _item, reqs, _extra, _pos in pending for req in reqs]
-        self._record(recorded)
-        return s
+            self._record(recorded)
+            return s, len(dups)
+        c.execute("RELEASE plan_batch")
+        self._record([req for _item, reqs, _extra, _pos in pending for req in reqs])
+        return s, 0
 
     def _record(self, reqs: list[tuple]) -> None:
         c, now = self.c, self.now
@@ -337,29 +362,24 @@ def plan_manifest(
         run_id = result.run_id = cur.lastrowid
         # Bulk path: rows and requests go in batches (executemany), each request body is serialised once per
         # row from a per-shape template, cache hits come from one listing per prefix dir, and the requests
-        # that already exist are looked up per batch (skipped entirely when the ledger had none).
+        # that already exist are looked up per batch (skipped entirely when the ledger had none). An empty
+        # ledger is loaded without its indexes, which are then built once (Ledger.bulk_load).
         fresh = c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
-        bulk = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
-        pending: list[tuple] = []  # (item, [(model, variant, hash, body_json)], extra JSON, position in problems)
-        seq = 0
-
-        def flush() -> None:
-            nonlocal seq
-            seq = bulk.flush(run_id, seq, pending, problems, manifest, options)
-            pending.clear()
-
-        for entry in _prepared_rows(manifest, options, refs):
-            if isinstance(entry, RowProblem):
-                problems.append(entry)
-                continue
-            item, references, reqs, extra = entry
-            for ref in references if item.variants else ():
-                c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
-            pending.append((item, reqs, extra, len(problems)))
-            result.rows += 1
-            if len(pending) >= PLAN_BATCH_ROWS:
-                flush()
-        flush()
+        planner = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
+        c.execute("SAVEPOINT plan_rows")
+        if fresh and ledger.is_empty():
+            try:
+                with ledger.bulk_load(c):
+                    seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
+            except sqlite3.IntegrityError:
+                # Two rows share an id: plan again with the indexes in place, which find each duplicate where
+                # it is and report it with the row it repeats.
+                c.execute("ROLLBACK TO plan_rows")
+                problems.clear()
+                seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
+        else:
+            seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
+        c.execute("RELEASE plan_rows")
         if problems and not skip_invalid:
             shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
             more = len(problems) - len(shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 
@@ -130,6 +131,111 @@ def test_an_old_ledger_is_upgraded_in_place(tmp_path):
     assert job["state"] == "submitted" and job["est_tokens"] == 0
     req = ledger.conn.execute("SELECT * FROM requests WHERE hash='h'").fetchone()
     assert req["state"] == "queued" and req["variant"] == 0 and req["fallback_of"] is None
+
+
+def test_migration_7_keeps_every_row_and_every_unique_key(tmp_path):
+    """Migration 7 rebuilds requests, rows and job_requests (unique keys as droppable indexes): nothing is lost,
+    rowids (shard's order) are kept, and each key is still unique."""
+    conn = connect(tmp_path / "ledger.sqlite")
+    for number in range(1, 7):  # a ledger written by the release before migration 7
+        for statement in MIGRATIONS[number - 1].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    conn.execute("INSERT INTO runs(id, fingerprint, manifest, options_json, created_at) VALUES (1, 'f', 'm', '{}', 0)")
+    conn.execute("INSERT INTO jobs(id, display_name, model, state, request_count, created_at, updated_at) VALUES (1,'j','m','submitted',2,0,0)")
+    for rowid, h in ((5, "h5"), (9, "h9")):
+        conn.execute("INSERT INTO requests(rowid, hash, model, body_json, state, job_id, cost_usd, updated_at) "
+                     "VALUES (?,?,'m','{}','queued',1,0.5,0)", (rowid, h))
+        conn.execute("INSERT INTO job_requests(job_id, hash) VALUES (1, ?)", (h,))
+    conn.execute("INSERT INTO rows VALUES (1, 0, 2, 'a', 0, 'h5', 'p', NULL), (1, 1, 3, 'b', 0, 'h9', 'q', '{\"k\": 1}')")
+    conn.close()
+    ledger = Ledger(tmp_path)
+    c = ledger.conn
+    assert schema_version(c) == len(MIGRATIONS) and ledger.integrity_ok()
+    assert [tuple(r) for r in c.execute("SELECT rowid, hash, state, job_id, cost_usd FROM requests ORDER BY rowid")] == \
+        [(5, "h5", "queued", 1, 0.5), (9, "h9", "queued", 1, 0.5)]
+    assert [tuple(r) for r in c.execute("SELECT * FROM rows ORDER BY seq")] == \
+        [(1, 0, 2, "a", 0, "h5", "p", None), (1, 1, 3, "b", 0, "h9", "q", '{"k": 1}')]
+    assert [tuple(r) for r in c.execute("SELECT * FROM job_requests ORDER BY hash")] == [(1, "h5"), (1, "h9")]
+    for duplicate in ("INSERT INTO requests(hash, model, body_json, state, updated_at) VALUES ('h5','m','{}','planned',0)",
+                      "INSERT INTO rows VALUES (1, 2, 4, 'a', 0, 'h9', 'p', NULL)",
+                      "INSERT INTO job_requests VALUES (1, 'h9')"):
+        with pytest.raises(sqlite3.IntegrityError):
+            c.execute(duplicate)
+
+
+def _plan_tables(ledger: Ledger, run_id: int) -> tuple:
+    c = ledger.conn
+    requests = c.execute("SELECT hash, model, body_json, state, cached, variant FROM requests ORDER BY rowid").fetchall()
+    rows = c.execute("SELECT seq, row, id, variant, request_hash, prompt, extra_json FROM rows WHERE run_id=? ORDER BY seq",
+                     (run_id,)).fetchall()
+    return [tuple(r) for r in requests], [tuple(r) for r in rows]
+
+
+@pytest.mark.parametrize("duplicate_id", [False, True])
+def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives(tmp_path, monkeypatch, duplicate_id):
+    """An empty ledger is loaded without its indexes (Ledger.bulk_load). Rows sharing a request across batches,
+    variants, cache hits, extra columns and a duplicate id must end exactly as on the indexed path (a ledger that
+    already holds a request), problems included; and every index is back afterwards."""
+    from batcher import planner
+    from batcher.manifest import ManifestOptions
+    from batcher.planner import plan_manifest
+
+    from .helpers import write_csv
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)  # duplicates land in other batches
+    bulk_loads = []  # how each bulk load ended: the bulk path must really be taken
+    real_bulk_load = Ledger.bulk_load
+
+    @contextlib.contextmanager
+    def spy(self, c):
+        try:
+            with real_bulk_load(self, c):
+                yield
+        except sqlite3.IntegrityError:
+            bulk_loads.append("duplicate id")
+            raise
+        bulk_loads.append("done")
+
+    monkeypatch.setattr(Ledger, "bulk_load", spy)
+    rows = [[f"r{i}", f"prompt {i % 7}", str(1 + i % 2), f"c{i % 3}"] for i in range(30)]
+    if duplicate_id:
+        rows[17][0] = "r5"
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "variants", "colour"], rows)
+    options = ManifestOptions()
+    store = ImageStore(tmp_path / "cache")
+    outcomes = []
+    for name in ("bulk", "indexed"):
+        ledger = Ledger(tmp_path / name)
+        if name == "indexed":  # one unrelated request: not an empty ledger, so the indexed path
+            other = write_csv(tmp_path / "other.csv", ["id", "prompt"], [["x", "something else"]])
+            plan_manifest(ledger, store, other, options)
+        if not outcomes:  # cache hits: the images of two of the requests
+            first = plan_manifest(Ledger(tmp_path / "probe"), None, m, options, skip_invalid=True)
+            probe = Ledger(tmp_path / "probe").conn
+            for (h,) in probe.execute("SELECT hash FROM requests ORDER BY rowid LIMIT 2"):
+                store.put(h, png_bytes())
+            assert first.requests == 14
+        problems_path = tmp_path / f"{name}-rejects.csv"
+        result = plan_manifest(ledger, store, m, options, skip_invalid=True, rejects_path=problems_path)
+        requests, plan_rows = _plan_tables(ledger, result.run_id)
+        if name == "indexed":
+            requests = [r for r in requests if r[2].find("something else") < 0]
+        outcomes.append((requests, plan_rows, (result.rows, result.requests, result.cache_hits, result.duplicates,
+                                               result.rejected), problems_path.read_text() if duplicate_id else None))
+        names = {r[0] for r in ledger.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"requests_by_hash", "requests_by_state", "requests_by_job", "rows_by_id"} <= names
+        assert ledger.integrity_ok()
+    bulk, indexed = outcomes
+    # The probe's, the "bulk" ledger's, then the unrelated request's; the "indexed" ledger's plan takes none.
+    ended = "duplicate id" if duplicate_id else "done"
+    assert bulk_loads == [ended, ended, "done"]
+    assert bulk == indexed
+    # 30 rows, 45 requests with their variants, 14 distinct; the duplicate id (row 19, two variants) is rejected.
+    assert bulk[2] == ((29, 14, 2, 43 - 14, 1) if duplicate_id else (30, 14, 2, 45 - 14, 0))
+    if duplicate_id:
+        assert "duplicate id (first used at row 7)" in bulk[3] and ",19," in bulk[3]
 
 
 def test_reference_placeholders_are_spliced_only_as_whole_values():
