@@ -49,18 +49,24 @@ def default_processes() -> int:
     return max(1, min(cpus, MAX_PROCESSES))
 
 
+def child_env() -> dict:
+    """The environment for a `python -m batcher.<module>` child process that must import this very batcher."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+        # A source tree (run from it, or an editable install): the child imports this very copy. An installed
+        # package is found as usual (site-packages ahead of the standard library would shadow it).
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class DecoderPool:
     """Decoder processes and the threads that feed them line offsets and read back their replies."""
 
     def __init__(self, processes: int):
         import subprocess  # here, not at the top: a decoder process does not need it (~1 MB each)
 
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if os.path.basename(root) not in ("site-packages", "dist-packages"):
-            # A source tree (run from it, or an editable install): the decoders import this very copy. An
-            # installed package is found as usual (site-packages ahead of the standard library would shadow it).
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = child_env()
         self.procs: list = []
         self.replies: queue.Queue = queue.Queue()
         self.inflight = [0] * processes

@@ -19,7 +19,8 @@ from pathlib import Path
 from .errors import ManifestError
 from .ledger import BLOCKED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .manifest import ManifestOptions, RowProblem, read_manifest
-from .planner import MAX_PROBLEMS_SHOWN, _References, image_requests
+from .planner import MAX_PROBLEMS_SHOWN
+from .prepare import References, image_requests
 from .pricing import PriceTable, current_table
 from .requests import request_hash
 from .store import ImageStore
@@ -92,7 +93,7 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     store = None if refresh else ImageStore(cache_dir)
     result = Estimate(manifest=str(manifest))
     problems: list[RowProblem] = []
-    refs = _References()
+    refs = References()
     seen: set[str] = set()
     for item in read_manifest(manifest, options):
         if isinstance(item, RowProblem):

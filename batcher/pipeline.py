@@ -304,8 +304,10 @@ def _current_run_id(ledger: Ledger) -> int:
 
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
     s = ws.settings
+    # Without a budget, what shard_planned would do next can be done as the plan loads (an empty ledger only).
+    inline = {} if s.budget_usd is not None else {"shard_limits": s.limits, "token_cap_for": s.quota.cap_for}
     return plan_manifest(ws.ledger, ws.store, manifest, s.manifest, refresh=s.refresh,
-                         skip_invalid=s.skip_invalid, rejects_path=s.rejects_path, retry_blocked=s.retry_blocked)
+                         skip_invalid=s.skip_invalid, rejects_path=s.rejects_path, retry_blocked=s.retry_blocked, **inline)
 
 
 def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, backend_factory=None) -> Outcome:
@@ -322,7 +324,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
                     jobs_mod.write_jsonl(ws.ledger, job["id"], dummy)
             counts = run_counts(ws.ledger, p.run_id)
             return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
-                           f"{counts[QUEUED]} to send in {len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
+                           f"{counts[QUEUED]} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
                            + budget_note(ws),
                            plan=p, counts=counts)
         created = send_pending(ws) if run_counts(ws.ledger, p.run_id)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0

@@ -12,9 +12,10 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyarrow as pa
 
@@ -22,12 +23,11 @@ from . import catalog, gcs
 from .errors import LedgerError, ManifestError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .prepare import PreparedBatch, References, batches
 from .pricing import expected_output_tokens
 from .quota import prompt_tokens_estimate
-from .manifest import ManifestOptions, ManifestRow, RowProblem, carried_schema, manifest_fingerprint, read_manifest
-from .requests import (
-    HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, dump_body, canonical_json, file_sha256, identity_hash, image_mime_type, request_body, request_hash,
-)
+from .manifest import ManifestOptions, RowProblem, carried_schema, manifest_fingerprint, read_manifest
+from .requests import canonical_json, identity_hash
 from .store import IMAGE_EXTS, ImageStore
 
 KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
@@ -50,113 +50,15 @@ class PlanResult:
     duplicates: int = 0  # rows sharing another row's request
     rejected: int = 0
     new_run: bool = True
+    jobs: list[int] = field(default_factory=list)  # jobs the plan sharded as it loaded (see _InlineJobs)
 
 
 def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
     return hashlib.sha256(canonical_json(manifest_fingerprint(str(manifest), options)).encode()).hexdigest()
 
 
-class _References:
-    """Content hashes of reference images, computed once per distinct path."""
-
-    def __init__(self):
-        self._by_path: dict[str, ReferenceImage] = {}
-
-    def get(self, path: str) -> ReferenceImage:
-        ref = self._by_path.get(path)
-        if ref is None:
-            ref = ReferenceImage(sha256=file_sha256(path), mime_type=image_mime_type(path), path=path)
-            self._by_path[path] = ref
-        return ref
-
-
-def image_requests(row: ManifestRow, refs: _References) -> list[ImageRequest]:
-    references = tuple(refs.get(p) for p in row.reference_images)
-    return [
-        ImageRequest(
-            model=row.model,
-            prompt=row.prompt,
-            variant=v,
-            aspect_ratio=row.aspect_ratio,
-            image_size=row.image_size,
-            temperature=row.temperature,
-            top_p=row.top_p,
-            seed=row.seed,
-            system_instruction=row.system_instruction,
-            references=references,
-        )
-        for v in range(row.variants)
-    ]
-
-
 SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
-
-
-class _Templates:
-    """Request bodies and hashes without building and serialising each body twice: for every request "shape"
-    (everything but the prompt) the stored body JSON and the canonical identity JSON are rendered once around
-    a sentinel prompt, and each row's JSON-encoded prompt is spliced in. The first request of each shape is
-    checked against `request_body`/`request_hash`; a shape that does not match falls back to them."""
-
-    SENTINEL = "\x00batcher-prompt\x00"
-
-    def __init__(self):
-        self._shapes: dict[tuple, tuple | None] = {}
-
-    def request(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
-        """(model, variant, hash, body_json) of one request of a row."""
-        key = (row.model, row.aspect_ratio, row.image_size, row.temperature, row.top_p, row.seed,
-               row.system_instruction, references, variant)
-        try:
-            shape = self._shapes[key]
-        except (KeyError, TypeError):  # TypeError: an unhashable value; no template
-            return self._slow(row, references, variant, key)
-        if shape is None:
-            return self._exact(row, references, variant)
-        body_pre, body_post, ident_pre, ident_post = shape
-        p = _encode_str(row.prompt)
-        h = hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest()
-        return row.model, variant, h, body_pre + p + body_post
-
-    @staticmethod
-    def _req(row: ManifestRow, references: tuple, variant: int, prompt: str) -> ImageRequest:
-        return ImageRequest(model=row.model, prompt=prompt, variant=variant, aspect_ratio=row.aspect_ratio,
-                            image_size=row.image_size, temperature=row.temperature, top_p=row.top_p, seed=row.seed,
-                            system_instruction=row.system_instruction, references=references)
-
-    def _exact(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
-        req = self._req(row, references, variant, row.prompt)
-        return row.model, variant, request_hash(req), dump_body(request_body(req))
-
-    def _slow(self, row: ManifestRow, references: tuple, variant: int, key: tuple) -> tuple:
-        exact = self._exact(row, references, variant)
-        shape = None
-        try:
-            sentinel = self._req(row, references, variant, self.SENTINEL)
-            s_body = request_body(sentinel)
-            s_json = dump_body(s_body)
-            ident = canonical_json({"schema": HASH_SCHEMA_VERSION, "model": row.model.removeprefix("models/"),
-                                    "request": s_body, "variant": variant})
-            enc = _encode_str(self.SENTINEL)
-            if s_json.count(enc) == 1 and ident.count(enc) == 1:
-                body_pre, body_post = s_json.split(enc)
-                ident_pre, ident_post = ident.split(enc)
-                p = _encode_str(row.prompt)
-                mine = (hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest(), body_pre + p + body_post)
-                if mine == exact[2:]:
-                    shape = (body_pre, body_post, ident_pre, ident_post)
-        except (ValueError, TypeError):
-            shape = None
-        try:
-            self._shapes[key] = shape
-        except TypeError:
-            pass
-        return exact
-
-
-_encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) writes
-_EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
 
 
 class _StoreLookup:
@@ -189,26 +91,23 @@ class _StoreLookup:
         return h in hashes
 
 
-def _prepared_rows(manifest: Path | str, options: ManifestOptions, refs: _References) -> Iterator[RowProblem | tuple]:
-    """The manifest's problems, in order, and for each valid row (row, its reference images, its requests as
-    (model, variant, hash, body JSON), its extra columns as JSON or None)."""
-    templates = _Templates()
-    for item in read_manifest(manifest, options):
-        if isinstance(item, RowProblem):
-            yield item
-            continue
-        try:
-            references = tuple(refs.get(p) for p in item.reference_images)
-        except OSError as exc:
-            yield RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}")
-            continue
-        reqs = [templates.request(item, references, v) for v in range(item.variants)]
-        yield item, references, reqs, _EXTRA_JSON.encode(item.extra) if item.extra else None
-
-
 # A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
 # kept, it would be counted as this run's spend, or stay on a request that then fails).
 REPLANNED = f"state='{PLANNED}', attempts=0, cost_usd=NULL, prompt_tokens=NULL, output_tokens=NULL, updated_at=?"
+
+
+def _merge_problems(b: PreparedBatch, problems: list[RowProblem]) -> list[int]:
+    """Append the batch's problems to `problems` in manifest order. Returns, per valid row of the batch, how many
+    problems come before it: where a problem found later about that row (a duplicate id) belongs."""
+    positions = []
+    k = 0
+    for j in range(len(b.rows)):
+        while k < len(b.problems) and b.problems[k][0] <= j:
+            problems.append(b.problems[k][1])
+            k += 1
+        positions.append(len(problems))
+    problems.extend(problem for _, problem in b.problems[k:])
+    return positions
 
 
 class _BulkPlanner:
@@ -219,73 +118,72 @@ class _BulkPlanner:
         self.c, self.refresh, self.now, self.retry_blocked, self.fresh = c, refresh, now, retry_blocked, fresh
         self.store = store
         self.lookup = _StoreLookup(store) if store is not None else None
+        self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
+        self.seen: set[str] = set()  # with `inline`: the hashes loaded so far (a request joins one job once)
 
     def cached(self, h: str) -> bool:
         return self.lookup is not None and not self.refresh and self.lookup.has(h)
 
-    def load(self, run_id: int, manifest: Path | str, options: ManifestOptions, refs: _References,
+    def load(self, run_id: int, manifest: Path | str, options: ManifestOptions, refs: References,
              problems: list[RowProblem]) -> tuple[int, int]:
         """Record the manifest's valid rows and their requests; append its problems. Returns (rows written, one
         per variant; manifest rows)."""
-        pending: list[tuple] = []  # (item, [(model, variant, hash, body_json)], extra JSON, position in problems)
         seq = rows = 0
-        for entry in _prepared_rows(manifest, options, refs):
-            if isinstance(entry, RowProblem):
-                problems.append(entry)
-                continue
-            item, references, reqs, extra = entry
-            for ref in references if item.variants else ():
-                self.c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
-            pending.append((item, reqs, extra, len(problems)))
-            rows += 1
-            if len(pending) >= PLAN_BATCH_ROWS:
-                seq, duplicates = self.flush(run_id, seq, pending, problems, manifest, options)
-                rows -= duplicates
-                pending.clear()
-        seq, duplicates = self.flush(run_id, seq, pending, problems, manifest, options)
-        return seq, rows - duplicates
+        # A large manifest is read, validated and hashed by a child process on another core, while this one writes.
+        for b in batches(manifest, options, refs, PLAN_BATCH_ROWS):
+            positions = _merge_problems(b, problems)
+            for references, variants in zip(b.references, b.variants):
+                for ref in references if variants else ():
+                    self.c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
+            seq, duplicates = self.flush(run_id, seq, b, positions, problems, manifest, options)
+            rows += len(b.rows) - duplicates
+        return seq, rows
 
-    def flush(self, run_id: int, seq: int, pending: list, problems: list, manifest: Path,
-              options: ManifestOptions) -> tuple[int, int]:
+    def flush(self, run_id: int, seq: int, b: PreparedBatch, positions: list[int], problems: list[RowProblem],
+              manifest: Path | str, options: ManifestOptions) -> tuple[int, int]:
         """Write a batch of rows and their requests. Returns (the next seq, how many rows were rejected as
-        duplicate ids)."""
-        if not pending:
+        duplicate ids). `positions`: where in `problems` each row's problem would go."""
+        if not b.rows:
             return seq, 0
         c = self.c
-        params = []
-        s = seq
-        for item, reqs, extra, _pos in pending:
-            for _model, variant, h, _body in reqs:
-                params.append((run_id, s, item.row, item.id, variant, h, item.prompt, extra))
-                s += 1
-        recorded: list[tuple] = []
+        rows, ids, prompts, extras = b.rows, b.ids, b.prompts, b.extras
+        params = [(run_id, seq + i, rows[o], ids[o], v, h, prompts[o], extras[o])
+                  for i, (o, v, h) in enumerate(zip(b.owners, b.request_variants, b.hashes))]
         c.execute("SAVEPOINT plan_batch")
         try:
             c.executemany("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)", params)
         except sqlite3.IntegrityError:  # a duplicate id in this batch: redo it a row at a time to report it
             c.execute("ROLLBACK TO plan_batch")
             c.execute("RELEASE plan_batch")
-            s = seq
-            dups: list[tuple[int, RowProblem]] = []
-            for item, reqs, extra, pos in pending:
-                for req in reqs:
-                    try:
-                        c.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
-                                  (run_id, s, item.row, item.id, req[1], req[2], item.prompt, extra))
-                    except sqlite3.IntegrityError:
-                        first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, item.id)).fetchone()
-                        dups.append((pos, RowProblem(str(manifest), item.row, options.id_column, item.id,
-                                                     f"duplicate id (first used at row {first[0] if first else '?'}); ids must be unique")))
-                        break
-                    s += 1
-                    recorded.append(req)
-            for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
-                problems.insert(pos, problem)
-            self._record(recorded)
-            return s, len(dups)
+            return self._flush_one_at_a_time(run_id, seq, b, positions, problems, manifest, options)
         c.execute("RELEASE plan_batch")
-        self._record([req for _item, reqs, _extra, _pos in pending for req in reqs])
-        return s, 0
+        self._record(b.requests())
+        return seq + len(params), 0
+
+    def _flush_one_at_a_time(self, run_id: int, seq: int, b: PreparedBatch, positions: list[int],
+                             problems: list[RowProblem], manifest: Path | str, options: ManifestOptions) -> tuple[int, int]:
+        c = self.c
+        s = seq
+        recorded: list[tuple] = []
+        dups: list[tuple[int, RowProblem]] = []
+        start = 0
+        for j, n in enumerate(b.variants):
+            for req in b.requests(start, start + n):
+                try:
+                    c.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
+                              (run_id, s, b.rows[j], b.ids[j], req[1], req[2], b.prompts[j], b.extras[j]))
+                except sqlite3.IntegrityError:
+                    first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, b.ids[j])).fetchone()
+                    dups.append((positions[j], RowProblem(str(manifest), b.rows[j], options.id_column, b.ids[j],
+                                                          f"duplicate id (first used at row {first[0] if first else '?'}); ids must be unique")))
+                    break
+                s += 1
+                recorded.append(req)
+            start += n
+        for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
+            problems.insert(pos, problem)
+        self._record(recorded)
+        return s, len(dups)
 
     def _record(self, reqs: list[tuple]) -> None:
         c, now = self.c, self.now
@@ -297,11 +195,20 @@ class _BulkPlanner:
             existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
                                       (json.dumps(list(batch)),)).fetchall())
         new = []
-        for h, (model, variant, _h, body_json) in batch.items():
+        inline, seen = self.inline, self.seen
+        for h, (model, variant, _h, body_json, size) in batch.items():
             state = existing.get(h)
             if state is None:
-                cached = self.cached(h)
-                new.append((h, model, body_json, SUCCEEDED if cached else PLANNED, int(cached), variant, now))
+                if inline is not None:
+                    if h in seen:
+                        continue  # loaded by an earlier batch: already in its job
+                    seen.add(h)
+                if self.cached(h):
+                    new.append((h, model, body_json, SUCCEEDED, 1, variant, None, now))
+                elif inline is not None:
+                    new.append((h, model, body_json, QUEUED, 0, variant, inline.assign(model, h, body_json, size), now))
+                else:
+                    new.append((h, model, body_json, PLANNED, 0, variant, None, now))
             elif state == QUEUED:
                 continue  # in a job already: it will be collected
             elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
@@ -313,7 +220,10 @@ class _BulkPlanner:
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
         # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is.
-        c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, updated_at) VALUES (?,?,?,?,?,?,?)", new)
+        c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, job_id, updated_at) "
+                      "VALUES (?,?,?,?,?,?,?,?)", new)
+        if inline is not None:
+            inline.write_members()
 
 
 def plan_manifest(
@@ -326,8 +236,12 @@ def plan_manifest(
     skip_invalid: bool = False,
     rejects_path: Path | None = None,
     retry_blocked: bool = False,
+    shard_limits: ShardLimits | None = None,
+    token_cap_for: Callable[[str], int | None] = lambda model: None,
 ) -> PlanResult:
-    """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest."""
+    """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest.
+    With `shard_limits`, a plan into an empty ledger also shards its new requests into jobs as it loads them,
+    exactly as `shard` would (same limits and token caps; no budget); they are in PlanResult.jobs."""
     manifest = str(manifest) if gcs.is_gcs(manifest) else Path(manifest)
     if isinstance(manifest, Path) and not manifest.exists():
         raise ManifestError(f"{manifest}: no such file; check the path")
@@ -343,7 +257,7 @@ def plan_manifest(
         return _summary(ledger, existing["id"], new_run=False)
 
     problems: list[RowProblem] = []
-    refs = _References()
+    refs = References()
     now = time.time()
     result = PlanResult(run_id=0)
     try:
@@ -351,7 +265,9 @@ def plan_manifest(
     except (OSError, pa.ArrowException, ValueError):
         read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
         raise
-    with ledger.big_page_cache(), ledger.transaction() as c:
+    bulk = existing is None and ledger.is_empty()  # nothing else writes: the workdir is locked
+    # The big page cache is for random-order inserts into existing indexes; a bulk load appends.
+    with (ledger.journal_for_new_pages() if bulk else ledger.big_page_cache()), ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
             c.execute("DELETE FROM runs WHERE id=?", (existing["id"],))
@@ -364,18 +280,23 @@ def plan_manifest(
         # row from a per-shape template, cache hits come from one listing per prefix dir, and the requests
         # that already exist are looked up per batch (skipped entirely when the ledger had none). An empty
         # ledger is loaded without its indexes, which are then built once (Ledger.bulk_load).
-        fresh = c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
+        fresh = bulk or c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
         planner = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
         c.execute("SAVEPOINT plan_rows")
-        if fresh and ledger.is_empty():
+        if bulk:
+            if shard_limits is not None:
+                planner.inline = _InlineJobs(ledger, shard_limits, token_cap_for, now)
             try:
                 with ledger.bulk_load(c):
                     seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
+                    if planner.inline is not None:
+                        result.jobs = planner.inline.close_all()
             except sqlite3.IntegrityError:
                 # Two rows share an id: plan again with the indexes in place, which find each duplicate where
-                # it is and report it with the row it repeats.
+                # it is and report it with the row it repeats (its requests are left for `shard`).
                 c.execute("ROLLBACK TO plan_rows")
                 problems.clear()
+                planner.inline, planner.seen, result.jobs = None, set(), []
                 seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
         else:
             seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
@@ -400,6 +321,7 @@ def plan_manifest(
         write_rejects(rejects_path, problems)
     summary = _summary(ledger, run_id, new_run=True, planned_rows=seq)
     summary.rejected = len(problems)
+    summary.jobs = result.jobs
     return summary
 
 
@@ -439,6 +361,41 @@ def expected_output_bytes(model: str, size: str | None) -> int:
     return png * 4 // 3 + 2_000  # base64 plus the JSON around it
 
 
+class _JobFiller:
+    """The greedy packing of one model's requests into jobs, in order: a request that would take the open job
+    past any limit (requests, input bytes, expected output bytes, the model's enqueued-token cap) closes it
+    and starts the next. Used by `shard` and by a plan that shards as it loads (_InlineJobs)."""
+
+    def __init__(self, model: str, limits: ShardLimits, token_cap: int | None):
+        self.model, self.limits, self.token_cap = model, limits, token_cap
+        self.per_size: dict[str | None, tuple[int, int]] = {}  # image size -> (output bytes, output tokens)
+        self.count = self.in_bytes = self.out_bytes = self.tokens = 0
+
+    def measure(self, body_bytes: int, body_chars: int, size: str | None, refs: int) -> tuple[int, int, int]:
+        """(line bytes, expected output bytes, tokens) of one request."""
+        out = self.per_size.get(size)
+        if out is None:
+            out = self.per_size[size] = (expected_output_bytes(self.model, size), expected_output_tokens(self.model, size))
+        line_bytes = body_bytes + 120  # key and wrapper; references grow by their URIs
+        return line_bytes, out[0], prompt_tokens_estimate(body_chars, refs) + out[1]
+
+    def full_for(self, m: tuple[int, int, int]) -> bool:
+        """Whether the open job must close before this request joins it."""
+        limits = self.limits
+        return bool(self.count) and (self.count >= limits.max_requests or self.in_bytes + m[0] > limits.max_input_bytes
+                                     or self.out_bytes + m[1] > limits.max_output_bytes
+                                     or (self.token_cap is not None and self.tokens + m[2] > self.token_cap))
+
+    def add(self, m: tuple[int, int, int]) -> None:
+        self.count += 1
+        self.in_bytes += m[0]
+        self.out_bytes += m[1]
+        self.tokens += m[2]
+
+    def reset(self) -> None:
+        self.count = self.in_bytes = self.out_bytes = self.tokens = 0
+
+
 def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None,
           token_cap_for: Callable[[str], int | None] = lambda model: None) -> list[int]:
     """Group planned requests into new jobs (one model per job). Returns the new job ids.
@@ -451,9 +408,7 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
         budget = limit_requests
         for model in models:
             first_rowid = prev_rowid = None  # the job being filled: planned requests of `model` in this rowid range
-            count = in_bytes = out_bytes = tokens = 0
-            token_cap = token_cap_for(model)
-            per_size: dict[str | None, tuple[int, int]] = {}  # image size -> (output bytes, output tokens)
+            filler = _JobFiller(model, limits, token_cap_for(model))
             last_rowid = -1
             done = False
             while not done:
@@ -473,43 +428,40 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
                     if budget is not None and budget <= 0:
                         done = True
                         break
-                    line_bytes = body_bytes + 120  # key and wrapper; references grow by their URIs
-                    out = per_size.get(size)
-                    if out is None:
-                        out = per_size[size] = (expected_output_bytes(model, size), expected_output_tokens(model, size))
-                    exp = out[0]
-                    req_tokens = prompt_tokens_estimate(body_chars, refs) + out[1]
-                    if count and (count >= limits.max_requests or in_bytes + line_bytes > limits.max_input_bytes
-                                  or out_bytes + exp > limits.max_output_bytes
-                                  or (token_cap is not None and tokens + req_tokens > token_cap)):
-                        new_jobs.append(_new_job(ledger, model, first_rowid, prev_rowid, count, in_bytes, tokens, now))
-                        first_rowid, count, in_bytes, out_bytes, tokens = None, 0, 0, 0, 0
+                    m = filler.measure(body_bytes, body_chars, size, refs)
+                    if filler.full_for(m):
+                        new_jobs.append(_new_job(ledger, filler, first_rowid, prev_rowid, now))
+                        first_rowid = None
+                        filler.reset()
                     if first_rowid is None:
                         first_rowid = rowid
                     prev_rowid = rowid
-                    count += 1
-                    in_bytes += line_bytes
-                    out_bytes += exp
-                    tokens += req_tokens
+                    filler.add(m)
                     if budget is not None:
                         budget -= 1
-            if count:
-                new_jobs.append(_new_job(ledger, model, first_rowid, prev_rowid, count, in_bytes, tokens, now))
+            if filler.count:
+                new_jobs.append(_new_job(ledger, filler, first_rowid, prev_rowid, now))
     return new_jobs
 
 
-def _new_job(ledger: Ledger, model: str, first_rowid: int, last_rowid: int, count: int, in_bytes: int, tokens: int,
-             now: float) -> int:
-    """A job of the `count` planned requests of `model` with rowids from first_rowid to last_rowid (shard takes
-    them in rowid order, so they are exactly the planned requests of that model in that range)."""
+def _insert_job(ledger: Ledger, model: str, count: int, in_bytes: int, tokens: int, now: float) -> int:
     c = ledger.conn
     cur = c.execute(
         "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, est_tokens, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-        (f"pending-{now}-{count}-{first_rowid}", model, J_PLANNED, count, in_bytes, tokens, now, now),
+        (f"pending-{uuid.uuid4().hex}", model, J_PLANNED, count, in_bytes, tokens, now, now),
     )
     job_id = cur.lastrowid
     # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.
     c.execute("UPDATE jobs SET display_name=? WHERE id=?", (f"batcher-{ledger.ledger_id}-job{job_id:05d}", job_id))
+    return job_id
+
+
+def _new_job(ledger: Ledger, filler: _JobFiller, first_rowid: int, last_rowid: int, now: float) -> int:
+    """A job of the filler's `count` planned requests of its model with rowids from first_rowid to last_rowid
+    (shard takes them in rowid order, so they are exactly the planned requests of that model in that range)."""
+    c = ledger.conn
+    model, count = filler.model, filler.count
+    job_id = _insert_job(ledger, model, count, filler.in_bytes, filler.tokens, now)
     members = "WHERE state=? AND model=? AND rowid BETWEEN ? AND ?"  # a range of the (state, model) index
     added = c.execute(f"INSERT INTO job_requests(job_id, hash) SELECT ?, hash FROM requests {members} ORDER BY rowid",
                       (job_id, PLANNED, model, first_rowid, last_rowid)).rowcount
@@ -519,6 +471,51 @@ def _new_job(ledger: Ledger, model: str, first_rowid: int, last_rowid: int, coun
         raise LedgerError(f"job {job_id}: expected {count} planned requests of {model} in rowids {first_rowid}..{last_rowid}, "
                           f"found {added} and {queued}")
     return job_id
+
+
+class _InlineJobs:
+    """Shards an empty ledger's new requests into jobs as the plan loads them, with the same packing as `shard`
+    (each model's requests in load order), so a million requests are not read back and moved a second time.
+    Their rows go in as `queued` in their job; jobs are created open and get their totals when they close."""
+
+    def __init__(self, ledger: Ledger, limits: ShardLimits, token_cap_for: Callable[[str], int | None], now: float):
+        self.ledger, self.limits, self.token_cap_for, self.now = ledger, limits, token_cap_for, now
+        self.fillers: dict[str, _JobFiller] = {}
+        self.open: dict[str, int] = {}  # model -> its open job
+        self.created: list[int] = []
+        self.members: list[tuple[int, str]] = []  # (job, hash) not yet written
+
+    def assign(self, model: str, h: str, body: str, size: str | None) -> int:
+        filler = self.fillers.get(model)
+        if filler is None:
+            filler = self.fillers[model] = _JobFiller(model, self.limits, self.token_cap_for(model))
+        # Measured as shard measures a stored body (its UTF-8 bytes, characters, image size, references).
+        m = filler.measure(len(body.encode("utf-8")), len(body), size, body.count('"fileData"'))
+        job_id = self.open.get(model)
+        if job_id is None or filler.full_for(m):
+            if job_id is not None:
+                self._close(model)
+            job_id = self.open[model] = _insert_job(self.ledger, model, 0, 0, 0, self.now)
+            self.created.append(job_id)
+        filler.add(m)
+        self.members.append((job_id, h))
+        return job_id
+
+    def write_members(self) -> None:
+        self.ledger.conn.executemany("INSERT INTO job_requests(job_id, hash) VALUES (?,?)", self.members)
+        self.members = []
+
+    def close_all(self) -> list[int]:
+        self.write_members()
+        for model in list(self.open):
+            self._close(model)
+        return self.created
+
+    def _close(self, model: str) -> None:
+        f = self.fillers[model]
+        self.ledger.conn.execute("UPDATE jobs SET request_count=?, input_bytes=?, est_tokens=? WHERE id=?",
+                                 (f.count, f.in_bytes, f.tokens, self.open.pop(model)))
+        f.reset()
 
 
 def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallback_model: str) -> int:

@@ -13,7 +13,7 @@ from batcher.cli import main
 from batcher.errors import UsageError
 from batcher.estimate import estimate
 from batcher.manifest import ManifestOptions, read_manifest
-from batcher.planner import _References, image_requests
+from batcher.prepare import References, image_requests
 from batcher.pricing import default_table, parse_overrides
 from batcher.requests import request_hash
 from batcher.spec import load_spec
@@ -28,7 +28,7 @@ def prompts_csv(path: Path, n: int, start: int = 0) -> Path:
 
 def fill_cache(cache: Path, manifest: Path, options: ManifestOptions, n: int) -> None:
     """Put the first n requests of the manifest in the cache (has() only looks for the file)."""
-    refs = _References()
+    refs = References()
     for i, row in enumerate(read_manifest(manifest, options)):
         if i >= n:
             break

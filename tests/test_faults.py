@@ -181,13 +181,11 @@ def test_500_at_30_percent_creates_no_duplicate_jobs(tmp_path, emulator, backend
 
 def test_input_file_expired_before_create_is_uploaded_again(tmp_path, emulator, backend_factory):
     from batcher import jobs as jobs_mod
-    from batcher.planner import shard
 
     s = settings(tmp_path)
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
-        pipeline.plan(ws, m)
-        (job_id,) = shard(ws.ledger, s.limits)
+        (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         jobs_mod.upload_job(ws.ledger, ws.backend, job_id, {})
         assert ws.ledger.job(job_id)["state"] == "uploaded"
     assert emulator.stats()["files_uploaded"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 from pathlib import Path
@@ -15,7 +14,6 @@ from PIL import Image
 
 import batcher.pipeline as pipeline
 from batcher.cli import main
-from batcher.manifest import ManifestOptions
 from batcher.planner import ShardLimits
 from tests.helpers import write_csv
 
@@ -281,10 +279,8 @@ def test_a_crash_inside_create_never_creates_a_job_twice(tmp_path, emulator, bac
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
         from batcher import jobs as jobs_mod
-        from batcher.planner import shard
 
-        pipeline.plan(ws, m)
-        (job_id,) = shard(ws.ledger, s.limits)
+        (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         jobs_mod.upload_job(ws.ledger, ws.backend, job_id, {})
         job = ws.ledger.job(job_id)
         with ws.ledger.transaction() as c:
@@ -300,10 +296,8 @@ def test_a_crash_before_create_creates_the_job_once(tmp_path, emulator, backend_
     s = settings(tmp_path)
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
-        from batcher.planner import shard
 
-        pipeline.plan(ws, m)
-        (job_id,) = shard(ws.ledger, s.limits)
+        (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         with ws.ledger.transaction() as c:  # died after recording the intent, before calling create
             ws.ledger.job_transition(c, job_id, ("planned",), "uploading")
     result = pipeline.run(m, s, backend_factory=backend_factory)
@@ -394,10 +388,8 @@ def test_an_upload_orphaned_by_a_crash_is_deleted(tmp_path, emulator, backend_fa
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
         from batcher import jobs as jobs_mod
-        from batcher.planner import shard
 
-        pipeline.plan(ws, m)
-        (job_id,) = shard(ws.ledger, s.limits)
+        (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         with ws.ledger.transaction() as c:
             ws.ledger.job_transition(c, job_id, ("planned",), "uploading")
         path = jobs_mod.write_jsonl(ws.ledger, job_id, {})

@@ -1,0 +1,198 @@
+"""Planning at scale: a plan that shards as it loads, rows prepared in a child process, and the journal of a
+bulk load. Each fast path must end exactly where the plain path ends."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from batcher import prepare
+from batcher.errors import BatcherError, ManifestError
+from batcher.ledger import Ledger
+from batcher.manifest import ManifestOptions
+from batcher.planner import ShardLimits, plan_manifest, shard
+from batcher.store import ImageStore
+
+from .helpers import write_csv
+from .test_core import png_bytes
+
+MODELS = ("gemini-2.5-flash-image", "gemini-3-pro-image-preview")
+
+
+def mixed_manifest(tmp_path, n: int = 60):
+    """Two models, image sizes, reference images, variants, shared prompts, extra columns and two bad rows."""
+    (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    (tmp_path / "b.png").write_bytes(png_bytes((4, 5, 6)))
+    rows = []
+    for i in range(n):
+        model = MODELS[i % 2]
+        size = ["", "2K", "1K"][i % 3] if model == MODELS[1] else ""
+        rows.append([f"r{i}", f"a prompt with ünïcode \"{i % 23}\"", model, size, ["", "a.png", "a.png|b.png"][i % 3],
+                     str(1 + i % 2), f"c{i % 4}"])
+    rows[11][1] = ""  # an empty prompt
+    rows[40][3] = "7K"  # an image size no model has
+    return write_csv(tmp_path / "m.csv", ["id", "prompt", "model", "image_size", "reference_images", "variants", "colour"], rows)
+
+
+def jobs_of(ledger: Ledger) -> list[tuple]:
+    """Each job's model, totals and requests in order; sorted, so job ids and creation order don't matter."""
+    c = ledger.conn
+    out = []
+    for job in c.execute("SELECT * FROM jobs ORDER BY id"):
+        members = [h for (h,) in c.execute("SELECT hash FROM requests WHERE job_id=? ORDER BY rowid", (job["id"],))]
+        recorded = sorted(h for (h,) in c.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],)))
+        assert recorded == sorted(members)
+        assert job["display_name"] == f"batcher-{ledger.ledger_id}-job{job['id']:05d}" and job["state"] == "planned"
+        out.append((job["model"], job["request_count"], job["input_bytes"], job["est_tokens"], tuple(members)))
+    return sorted(out)
+
+
+def states_of(ledger: Ledger) -> list[tuple]:
+    return [tuple(r) for r in ledger.conn.execute(
+        "SELECT hash, model, body_json, state, cached, variant, attempts, job_id IS NULL FROM requests ORDER BY rowid")]
+
+
+def rows_of(ledger: Ledger) -> list[tuple]:
+    return [tuple(r) for r in ledger.conn.execute("SELECT * FROM rows ORDER BY run_id, seq")]
+
+
+def test_a_plan_that_shards_as_it_loads_makes_the_jobs_shard_makes(tmp_path):
+    """Same limits, same token caps: the same requests in the same jobs with the same totals, whether the plan
+    shards as it loads (an empty ledger, no budget) or `shard` runs after it."""
+    m = mixed_manifest(tmp_path)
+    store = ImageStore(tmp_path / "cache")
+    probe = Ledger(tmp_path / "probe")
+    plan_manifest(probe, None, m, ManifestOptions(), skip_invalid=True)
+    for (h,) in probe.conn.execute("SELECT hash FROM requests ORDER BY rowid LIMIT 3"):
+        store.put(h, png_bytes())  # three cache hits: never in a job
+    limits = ShardLimits(max_requests=7, max_input_bytes=3_000)
+    caps = {MODELS[0]: None, MODELS[1]: 9_000}.get
+    after, inline = Ledger(tmp_path / "after"), Ledger(tmp_path / "inline")
+    planned = plan_manifest(after, store, m, ManifestOptions(), skip_invalid=True)
+    assert planned.jobs == [] and planned.cache_hits == 3
+    made = shard(after, limits, token_cap_for=caps)
+    result = plan_manifest(inline, store, m, ManifestOptions(), skip_invalid=True, shard_limits=limits, token_cap_for=caps)
+    assert len(result.jobs) == len(made) > 4 and result.rejected == 2 and result.cache_hits == 3
+    assert jobs_of(inline) == jobs_of(after)
+    assert states_of(inline) == states_of(after)
+    assert rows_of(inline) == rows_of(after)
+    assert shard(inline, limits, token_cap_for=caps) == []  # nothing left for shard
+
+
+def test_a_ledger_that_holds_requests_is_not_sharded_while_planning(tmp_path):
+    """Sharding as it loads is only for an empty ledger: elsewhere requests already in jobs, cached or failed
+    decide what is new, and `shard` does it."""
+    m = mixed_manifest(tmp_path)
+    ledger = Ledger(tmp_path / "wd")
+    other = write_csv(tmp_path / "other.csv", ["id", "prompt"], [["x", "something else"]])
+    first = plan_manifest(ledger, None, other, ManifestOptions(), shard_limits=ShardLimits())
+    assert len(first.jobs) == 1
+    second = plan_manifest(ledger, None, m, ManifestOptions(), skip_invalid=True, shard_limits=ShardLimits())
+    assert second.jobs == [] and second.requests > 0
+    assert ledger.conn.execute("SELECT COUNT(*) FROM requests WHERE state='planned'").fetchone()[0] == second.requests
+
+
+def plan_with(monkeypatch, tmp_path, name: str, manifest, child: bool, **kw):
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1" if child else "0")
+    ledger = Ledger(tmp_path / name)
+    result = plan_manifest(ledger, ImageStore(tmp_path / "cache"), manifest, ManifestOptions(), **kw)
+    return ledger, result
+
+
+@pytest.mark.parametrize("shard_limits", [None, ShardLimits(max_requests=5)])
+def test_rows_prepared_in_a_child_process_are_the_rows_prepared_in_process(tmp_path, monkeypatch, shard_limits):
+    m = mixed_manifest(tmp_path, n=120)
+    monkeypatch.setattr("batcher.planner.PLAN_BATCH_ROWS", 16)  # several batches through the pipe
+    rejects = {}
+    outcomes = []
+    for child in (False, True):
+        name = "child" if child else "in-process"
+        rejects[name] = tmp_path / f"{name}.csv"
+        ledger, result = plan_with(monkeypatch, tmp_path, name, m, child, skip_invalid=True, rejects_path=rejects[name],
+                                   shard_limits=shard_limits)
+        outcomes.append((rows_of(ledger), states_of(ledger), jobs_of(ledger), result.rows, result.requests,
+                         result.duplicates, result.rejected, rejects[name].read_text()))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][6] == 2 and ",13,prompt," in outcomes[0][7] and ",42,image_size,7K," in outcomes[0][7]
+
+
+def test_invalid_rows_found_by_the_child_process_are_reported_as_in_process(tmp_path, monkeypatch):
+    m = mixed_manifest(tmp_path)
+    errors = []
+    for child in (False, True):
+        with pytest.raises(ManifestError) as info:
+            plan_with(monkeypatch, tmp_path, f"wd{child}", m, child)
+        errors.append((str(info.value), info.value.problems))
+        ledger = Ledger(tmp_path / f"wd{child}")
+        assert ledger.conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 0  # nothing half-done
+    assert errors[0] == errors[1] and len(errors[0][1]) == 2
+
+
+def test_a_duplicate_id_found_through_the_child_process_is_reported_with_its_first_row(tmp_path, monkeypatch):
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"], ["b", "two"], ["a", "three"]])
+    with pytest.raises(ManifestError) as info:
+        plan_with(monkeypatch, tmp_path, "wd", m, True)
+    assert any("row 4" in p and "duplicate id (first used at row 2)" in p for p in info.value.problems)
+
+
+def test_a_child_process_that_dies_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"]])
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1")
+    monkeypatch.setenv("BATCHER_CRASH_AT", "prepare")  # read by the child: SIGKILL before its first batch
+    ledger = Ledger(tmp_path / "wd")
+    with pytest.raises(BatcherError, match=r"child process failed \(exit status -9\).*BATCHER_PLAN_PROCESS=0"):
+        plan_manifest(ledger, None, m, ManifestOptions())
+    assert ledger.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+    assert ledger.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_bad_plan_process_setting_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "yes")
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"]])
+    with pytest.raises(BatcherError, match="BATCHER_PLAN_PROCESS='yes': expected 0"):
+        plan_manifest(Ledger(tmp_path / "wd"), None, m, ManifestOptions())
+
+
+def test_only_a_large_local_manifest_is_prepared_in_a_child(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.delenv(prepare.ENV_PLAN_PROCESS, raising=False)
+    monkeypatch.setattr(prepare, "CHILD_MIN_ROWS", 50)
+    small, large = tmp_path / "small.parquet", tmp_path / "large.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(10)], "prompt": ["p"] * 10}), small)
+    pq.write_table(pa.table({"id": [str(i) for i in range(60)], "prompt": ["p"] * 60}), large)
+    monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert not prepare.use_child(small) and prepare.use_child(large)
+    assert not prepare.use_child(str(large))  # gs:// manifests are passed as text: read in-process
+    monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0})
+    assert not prepare.use_child(large)  # one CPU: nothing to overlap with
+
+
+def test_a_bulk_load_writes_with_a_rollback_journal_and_gives_the_wal_back(tmp_path, monkeypatch):
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"p{i}"] for i in range(20)])
+    modes = []  # the journal mode while each plan loads
+    real_bulk_load = Ledger.bulk_load
+
+    def spy(self, c):
+        modes.append(c.execute("PRAGMA journal_mode").fetchone()[0])
+        return real_bulk_load(self, c)
+
+    monkeypatch.setattr(Ledger, "bulk_load", spy)
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, None, m, ManifestOptions())
+    # A reader holding the database open keeps the WAL: the plan still works, only slower.
+    busy = Ledger(tmp_path / "wd2")
+    reader = sqlite3.connect(tmp_path / "wd2" / "ledger.sqlite")
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM runs").fetchone()
+    plan_manifest(busy, None, m, ManifestOptions())
+    reader.execute("COMMIT")
+    reader.close()
+    assert modes == ["delete", "wal"]
+    for wd, mine in (("wd", ledger), ("wd2", busy)):
+        assert mine.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        check = Ledger(tmp_path / wd)
+        assert check.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal" and check.integrity_ok()
+        assert check.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 20
