@@ -7,6 +7,8 @@ one transaction, and on any problem the transaction is rolled back, so an invali
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -15,7 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -23,22 +25,14 @@ from . import catalog, gcs
 from .errors import LedgerError, ManifestError
 from .faults import maybe_crash
 from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .packing import JobFiller, ShardLimits, measure, measure_body
 from .prepare import PreparedBatch, References, batches
-from .pricing import expected_output_tokens
-from .quota import prompt_tokens_estimate
 from .manifest import ManifestOptions, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import canonical_json, identity_hash
-from .store import IMAGE_EXTS, ImageStore
+from .store import ImageStore, StoreLookup
 
 KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
 MAX_PROBLEMS_SHOWN = 20
-
-
-@dataclass(frozen=True)
-class ShardLimits:
-    max_requests: int = 1000
-    max_input_bytes: int = 1_900_000_000  # under the API's 2 GB per input file
-    max_output_bytes: int = 2_000_000_000  # expected base64 results, so a job's results stay retrievable
 
 
 @dataclass
@@ -61,39 +55,21 @@ SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
 
 
-class _StoreLookup:
-    """`store.has` for many hashes at once: each prefix dir of the cache is listed once (os.listdir) on first
-    use instead of up to four stat calls per request."""
-
-    def __init__(self, store):
-        self.store = store
-        root = getattr(store, "root", None)
-        plain = type(store).has is ImageStore.has and type(store).find is ImageStore.find
-        self.root = os.fspath(root) if root is not None and plain else None
-        self.dirs: dict[str, set[str]] = {}
-
-    def has(self, h: str) -> bool:
-        listing = getattr(self.store, "list_dir", None)  # a gs:// cache: one listing per prefix too
-        if self.root is None and listing is None:
-            return self.store.has(h)
-        hashes = self.dirs.get(h[:2])
-        if hashes is None:
-            if self.root is None:
-                names = listing(h[:2])
-            else:
-                try:
-                    names = os.listdir(os.path.join(self.root, h[:2]))
-                except (FileNotFoundError, NotADirectoryError):
-                    names = ()
-            # The hashes that have an image file: one set lookup per request instead of one per extension.
-            hashes = self.dirs[h[:2]] = {stem for stem, dot, ext in (n.rpartition(".") for n in names)
-                                         if dot and "." + ext in IMAGE_EXTS and not stem.startswith(".")}
-        return h in hashes
-
-
 # A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
 # kept, it would be counted as this run's spend, or stay on a request that then fails).
 REPLANNED = f"state='{PLANNED}', attempts=0, cost_usd=NULL, prompt_tokens=NULL, output_tokens=NULL, updated_at=?"
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Loading makes millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _merge_problems(b: PreparedBatch, problems: list[RowProblem]) -> list[int]:
@@ -117,7 +93,7 @@ class _BulkPlanner:
     def __init__(self, c: sqlite3.Connection, store, refresh: bool, now: float, retry_blocked: bool, fresh: bool):
         self.c, self.refresh, self.now, self.retry_blocked, self.fresh = c, refresh, now, retry_blocked, fresh
         self.store = store
-        self.lookup = _StoreLookup(store) if store is not None else None
+        self.lookup = StoreLookup(store) if store is not None else None
         self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
         self.seen: set[str] = set()  # with `inline`: the hashes loaded so far (a request joins one job once)
 
@@ -130,13 +106,16 @@ class _BulkPlanner:
         per variant; manifest rows)."""
         seq = rows = 0
         # A large manifest is read, validated and hashed by a child process on another core, while this one writes.
-        for b in batches(manifest, options, refs, PLAN_BATCH_ROWS):
-            positions = _merge_problems(b, problems)
-            for references, variants in zip(b.references, b.variants):
-                for ref in references if variants else ():
-                    self.c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
-            seq, duplicates = self.flush(run_id, seq, b, positions, problems, manifest, options)
-            rows += len(b.rows) - duplicates
+        # A plain local cache is looked up where the rows are prepared (with them, in the child process).
+        cache_root = self.lookup.root if self.lookup is not None and not self.refresh else None
+        with _cyclic_gc_paused():
+            for b in batches(manifest, options, refs, PLAN_BATCH_ROWS, cache_root):
+                positions = _merge_problems(b, problems)
+                for references, variants in zip(b.references, b.variants):
+                    for ref in references if variants else ():
+                        self.c.execute("INSERT OR REPLACE INTO reference_files(sha256, path) VALUES (?,?)", (ref.sha256, ref.path))
+                seq, duplicates = self.flush(run_id, seq, b, positions, problems, manifest, options)
+                rows += len(b.rows) - duplicates
         return seq, rows
 
     def flush(self, run_id: int, seq: int, b: PreparedBatch, positions: list[int], problems: list[RowProblem],
@@ -196,24 +175,25 @@ class _BulkPlanner:
                                       (json.dumps(list(batch)),)).fetchall())
         new = []
         inline, seen = self.inline, self.seen
-        for h, (model, variant, _h, body_json, size) in batch.items():
+        for h, (model, variant, _h, body_json, size, in_cache) in batch.items():
             state = existing.get(h)
             if state is None:
                 if inline is not None:
                     if h in seen:
                         continue  # loaded by an earlier batch: already in its job
                     seen.add(h)
-                if self.cached(h):
+                if in_cache if in_cache is not None else self.cached(h):
                     new.append((h, model, body_json, SUCCEEDED, 1, variant, None, now))
                 elif inline is not None:
-                    new.append((h, model, body_json, QUEUED, 0, variant, inline.assign(model, h, body_json, size), now))
+                    job_id = inline.assign(model, h, measure_body(model, body_json, size))
+                    new.append((h, model, body_json, QUEUED, 0, variant, job_id, now))
                 else:
                     new.append((h, model, body_json, PLANNED, 0, variant, None, now))
             elif state == QUEUED:
                 continue  # in a job already: it will be collected
             elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
                 c.execute(f"UPDATE requests SET {REPLANNED}, error=NULL, finish_reason=NULL, cached=0 WHERE hash=?", (now, h))
-            elif state == SUCCEEDED and self.lookup is not None and not self.lookup.has(h):
+            elif state == SUCCEEDED and self.lookup is not None and not (in_cache if in_cache is not None else self.lookup.has(h)):
                 # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
                 c.execute(f"UPDATE requests SET {REPLANNED}, cached=0 WHERE hash=?", (now, h))
             elif state == FAILED or (state == BLOCKED and self.retry_blocked):
@@ -355,47 +335,6 @@ def write_rejects(path: Path, problems: list[RowProblem]) -> None:
     os.replace(tmp, path)
 
 
-def expected_output_bytes(model: str, size: str | None) -> int:
-    spec = catalog.model_spec(model)
-    png = (spec.typical_png_bytes.get(size or "1K") if spec else None) or 2_000_000
-    return png * 4 // 3 + 2_000  # base64 plus the JSON around it
-
-
-class _JobFiller:
-    """The greedy packing of one model's requests into jobs, in order: a request that would take the open job
-    past any limit (requests, input bytes, expected output bytes, the model's enqueued-token cap) closes it
-    and starts the next. Used by `shard` and by a plan that shards as it loads (_InlineJobs)."""
-
-    def __init__(self, model: str, limits: ShardLimits, token_cap: int | None):
-        self.model, self.limits, self.token_cap = model, limits, token_cap
-        self.per_size: dict[str | None, tuple[int, int]] = {}  # image size -> (output bytes, output tokens)
-        self.count = self.in_bytes = self.out_bytes = self.tokens = 0
-
-    def measure(self, body_bytes: int, body_chars: int, size: str | None, refs: int) -> tuple[int, int, int]:
-        """(line bytes, expected output bytes, tokens) of one request."""
-        out = self.per_size.get(size)
-        if out is None:
-            out = self.per_size[size] = (expected_output_bytes(self.model, size), expected_output_tokens(self.model, size))
-        line_bytes = body_bytes + 120  # key and wrapper; references grow by their URIs
-        return line_bytes, out[0], prompt_tokens_estimate(body_chars, refs) + out[1]
-
-    def full_for(self, m: tuple[int, int, int]) -> bool:
-        """Whether the open job must close before this request joins it."""
-        limits = self.limits
-        return bool(self.count) and (self.count >= limits.max_requests or self.in_bytes + m[0] > limits.max_input_bytes
-                                     or self.out_bytes + m[1] > limits.max_output_bytes
-                                     or (self.token_cap is not None and self.tokens + m[2] > self.token_cap))
-
-    def add(self, m: tuple[int, int, int]) -> None:
-        self.count += 1
-        self.in_bytes += m[0]
-        self.out_bytes += m[1]
-        self.tokens += m[2]
-
-    def reset(self) -> None:
-        self.count = self.in_bytes = self.out_bytes = self.tokens = 0
-
-
 def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None,
           token_cap_for: Callable[[str], int | None] = lambda model: None) -> list[int]:
     """Group planned requests into new jobs (one model per job). Returns the new job ids.
@@ -408,7 +347,7 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
         budget = limit_requests
         for model in models:
             first_rowid = prev_rowid = None  # the job being filled: planned requests of `model` in this rowid range
-            filler = _JobFiller(model, limits, token_cap_for(model))
+            filler = JobFiller(model, limits, token_cap_for(model))
             last_rowid = -1
             done = False
             while not done:
@@ -428,7 +367,7 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
                     if budget is not None and budget <= 0:
                         done = True
                         break
-                    m = filler.measure(body_bytes, body_chars, size, refs)
+                    m = measure(model, body_bytes, body_chars, size, refs)
                     if filler.full_for(m):
                         new_jobs.append(_new_job(ledger, filler, first_rowid, prev_rowid, now))
                         first_rowid = None
@@ -456,7 +395,7 @@ def _insert_job(ledger: Ledger, model: str, count: int, in_bytes: int, tokens: i
     return job_id
 
 
-def _new_job(ledger: Ledger, filler: _JobFiller, first_rowid: int, last_rowid: int, now: float) -> int:
+def _new_job(ledger: Ledger, filler: JobFiller, first_rowid: int, last_rowid: int, now: float) -> int:
     """A job of the filler's `count` planned requests of its model with rowids from first_rowid to last_rowid
     (shard takes them in rowid order, so they are exactly the planned requests of that model in that range)."""
     c = ledger.conn
@@ -480,17 +419,16 @@ class _InlineJobs:
 
     def __init__(self, ledger: Ledger, limits: ShardLimits, token_cap_for: Callable[[str], int | None], now: float):
         self.ledger, self.limits, self.token_cap_for, self.now = ledger, limits, token_cap_for, now
-        self.fillers: dict[str, _JobFiller] = {}
+        self.fillers: dict[str, JobFiller] = {}
         self.open: dict[str, int] = {}  # model -> its open job
         self.created: list[int] = []
         self.members: list[tuple[int, str]] = []  # (job, hash) not yet written
 
-    def assign(self, model: str, h: str, body: str, size: str | None) -> int:
+    def assign(self, model: str, h: str, m: tuple[int, int, int]) -> int:
+        """The job of a new request of `model` with hash `h` and measure `m` (packing.measure_body)."""
         filler = self.fillers.get(model)
         if filler is None:
-            filler = self.fillers[model] = _JobFiller(model, self.limits, self.token_cap_for(model))
-        # Measured as shard measures a stored body (its UTF-8 bytes, characters, image size, references).
-        m = filler.measure(len(body.encode("utf-8")), len(body), size, body.count('"fileData"'))
+            filler = self.fillers[model] = JobFiller(model, self.limits, self.token_cap_for(model))
         job_id = self.open.get(model)
         if job_id is None or filler.full_for(m):
             if job_id is not None:

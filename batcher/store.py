@@ -202,3 +202,37 @@ def open_store(root: str | os.PathLike | None = None):
     if root is not None and str(root).startswith("gs://"):
         return GcsImageStore(str(root))
     return ImageStore(root)
+
+
+class StoreLookup:
+    """`store.has` for many hashes at once (planning): each prefix dir of the cache is listed once on first use
+    (os.listdir, or a gs:// cache's list_dir) instead of up to four stat calls per request."""
+
+    def __init__(self, store):
+        self.store = store
+        root = getattr(store, "root", None)
+        plain = type(store).has is ImageStore.has and type(store).find is ImageStore.find
+        self.root = os.fspath(root) if root is not None and plain else None  # a plain local cache
+        self.list_dir = None if self.root is not None else getattr(store, "list_dir", None)
+        self.one_by_one = self.root is None and self.list_dir is None
+        self.dirs: dict[str, set[str]] = {}
+
+    def has(self, h: str) -> bool:
+        hashes = self.dirs.get(h[:2])
+        if hashes is None:
+            if self.one_by_one:
+                return self.store.has(h)
+            hashes = self.dirs[h[:2]] = self._hashes_in(h[:2])
+        return h in hashes
+
+    def _hashes_in(self, prefix: str) -> set[str]:
+        if self.root is None:
+            names = self.list_dir(prefix)
+        else:
+            try:
+                names = os.listdir(os.path.join(self.root, prefix))
+            except (FileNotFoundError, NotADirectoryError):
+                names = ()
+        # The hashes that have an image file: one set lookup per request instead of one per extension.
+        return {stem for stem, dot, ext in (n.rpartition(".") for n in names)
+                if dot and "." + ext in IMAGE_EXTS and not stem.startswith(".")}

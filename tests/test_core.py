@@ -289,7 +289,8 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
     equal the Python formulas applied to each stored body."""
     from batcher.ledger import QUEUED
     from batcher.manifest import ManifestOptions
-    from batcher.planner import ShardLimits, expected_output_bytes, plan_manifest, shard
+    from batcher.packing import ShardLimits, expected_output_bytes
+    from batcher.planner import plan_manifest, shard
     from batcher.quota import request_tokens
     from batcher.requests import image_size_of
 
@@ -343,7 +344,7 @@ def test_a_job_whose_requests_changed_under_it_writes_no_jsonl(tmp_path):
 def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     """The planner lists each cache prefix dir once instead of asking the store per request; both must agree
     for every image extension, temp files and a prefix that does not exist."""
-    from batcher.planner import _StoreLookup
+    from batcher.store import StoreLookup as _StoreLookup
 
     store = ImageStore(tmp_path / "cache")
     png_hash, jpg_hash, temp_hash, absent = "ab" + "1" * 62, "ab" + "2" * 62, "ab" + "3" * 62, "cd" + "4" * 62
