@@ -406,15 +406,19 @@ class Ledger:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
 
     def request_counts(self, run_id: int | None = None) -> dict[str, int]:
+        return self.counts_by("state", run_id)
+
+    def counts_by(self, column: str, run_id: int | None = None) -> dict:
+        """How many of the run's requests (every request: run_id None) have each value of `column` of `requests`."""
         where, params = self.in_run(run_id) if run_id is not None else ("1", ())
         if where != "1" and self._run_rows_have_distinct_requests(run_id):
             # Each of the run's rows has a request of its own: counting the join of its rows is exact, and
             # ~2.5x cheaper than building the set of its hashes first (3 s instead of 8 s at 1M rows).
-            rows = self.conn.execute("SELECT r.state, COUNT(*) FROM rows w JOIN requests r ON r.hash = w.request_hash "
-                                     "WHERE w.run_id=? GROUP BY r.state", (run_id,))
+            rows = self.conn.execute(f"SELECT r.{column}, COUNT(*) FROM rows w JOIN requests r ON r.hash = w.request_hash "
+                                     f"WHERE w.run_id=? GROUP BY r.{column}", (run_id,))
         else:
-            rows = self.conn.execute(f"SELECT state, COUNT(*) FROM requests WHERE {where} GROUP BY state", params)
-        return {state: n for state, n in rows}
+            rows = self.conn.execute(f"SELECT {column}, COUNT(*) FROM requests WHERE {where} GROUP BY {column}", params)
+        return {value: n for value, n in rows}
 
     def _run_rows_have_distinct_requests(self, run_id: int) -> bool:
         run = self.conn.execute("SELECT request_count FROM runs WHERE id=?", (run_id,)).fetchone()

@@ -316,8 +316,7 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
             ledger.set_run_request_count(tx, run_id)
         run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
     distinct = run["request_count"]
-    where, params = ledger.in_run(run_id)
-    hits = c.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0]
+    hits = ledger.counts_by("cached", run_id).get(1, 0)
     return PlanResult(run_id=run_id, rows=run["row_count"], requests=distinct, cache_hits=hits,
                       duplicates=planned_rows - distinct, new_run=new_run)
 
