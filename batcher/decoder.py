@@ -26,6 +26,7 @@ import sys
 import threading
 from typing import Iterable, Iterator
 
+from .children import child_env, peak_rss_kb
 from .errors import CollectError
 
 DEPTH = 2  # lines handed to one decoder ahead of its replies: one in work, one waiting
@@ -47,17 +48,6 @@ def default_processes() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return max(1, min(cpus, MAX_PROCESSES))
-
-
-def child_env() -> dict:
-    """The environment for a `python -m batcher.<module>` child process that must import this very batcher."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.basename(root) not in ("site-packages", "dist-packages"):
-        # A source tree (run from it, or an editable install): the child imports this very copy. An installed
-        # package is found as usual (site-packages ahead of the standard library would shadow it).
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 class DecoderPool:
@@ -271,22 +261,7 @@ def _serve() -> None:
     finally:
         writes.put(None)
         t.join()
-    reply(["exit", _peak_rss_kb()])
-
-
-def _peak_rss_kb() -> int:
-    """This process's peak RSS (VmHWM). Not getrusage: a child's ru_maxrss starts from the RSS of the process
-    that forked it (the collector), which it never had of its own."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reply(["exit", peak_rss_kb()])
 
 
 def _pread(fd: int, start: int, end: int) -> bytes:

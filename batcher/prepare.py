@@ -3,8 +3,9 @@
 Reading, validating and hashing rows is CPU-bound Python, and so is writing them into the ledger: in one
 process the two take turns on one core. For a large local manifest the planner therefore takes its batches
 from a child process (`python -m batcher.prepare`) on another core, which streams them back while the planner
-writes the ones before. A batch is a handful of lists (cheap to pickle: ~0.5 µs a row, against ~2.5 µs for a
-tuple per row), and the same batches come from either path.
+writes the ones before. A batch travels as a handful of lists (cheap to pickle: ~0.5 µs a row, against ~2.5 µs
+for a tuple per row), and the same batches come from either path. The cache lookups for the rows' requests
+are made here too (in the child, for a large manifest).
 
 Protocol: pickle frames on the child's stdin and stdout (between two copies of this same code).
     -> (manifest, options, batch_rows, cache_root)
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .children import child_env, peak_rss_kb
 from .errors import BatcherError, ManifestError
 from .faults import maybe_crash
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
@@ -155,8 +157,8 @@ _EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(ex
 class PreparedBatch:
     """Consecutive manifest rows, prepared. Per valid row: its row number, id, prompt, extra columns (JSON or
     None), reference images and how many requests it has (its variants); per request, in row order: its row
-    (an index into the row lists), model, variant, hash and body JSON. `problems` are the rejected rows, each with how many of this batch's valid
-    rows come before it."""
+    (an index into the row lists), model, variant, hash, body JSON, image size and, when asked, whether its
+    image is in the cache. `problems` are the rejected rows, each with how many valid rows come before it."""
 
     rows: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
@@ -262,8 +264,6 @@ def estimated_rows(manifest: os.PathLike) -> int:
 
 def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_rows: int,
                        cache_root: str | None = None) -> Iterator[PreparedBatch]:
-    from .decoder import child_env  # started the same way as the decoder processes
-
     proc = subprocess.Popen([sys.executable, "-m", "batcher.prepare"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=child_env(), close_fds=True)
     try:
@@ -302,16 +302,8 @@ def _child_main() -> None:
             pickle.dump(("batch", b), out, protocol=pickle.HIGHEST_PROTOCOL)
     except ManifestError as exc:
         pickle.dump(("manifest-error", str(exc), exc.problems), out, protocol=pickle.HIGHEST_PROTOCOL)
-    pickle.dump(("done", _peak_rss_kb()), out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(("done", peak_rss_kb()), out, protocol=pickle.HIGHEST_PROTOCOL)
     out.flush()
-
-
-def _peak_rss_kb() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return 0
 
 
 if __name__ == "__main__":
