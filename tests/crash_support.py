@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Every stage point wired with maybe_crash() in the batcher package.
-STAGE_POINTS = ["plan", "upload", "uploaded", "create", "created", "poll", "download", "decode:3", "image:2",
+STAGE_POINTS = ["prepare", "plan", "upload", "uploaded", "create", "created", "poll", "download", "decode:3", "image:2",
                 "dataset", "dataset-replace"]
 EMULATOR_BASE = dict(pending_seconds=0.05, running_seconds=0.2, image_bytes=3_000)
 RUN_TIMEOUT_S = 90.0  # one CLI invocation; beyond this it is a hang (a violation)
@@ -162,6 +162,8 @@ def cli(args: list[str], emu: Emulator, *, crash_at: str | None = None, kill_aft
         timeout: float = RUN_TIMEOUT_S) -> Invocation:
     env = {k: v for k, v in os.environ.items() if k not in ("BATCHER_CRASH_AT", "GOOGLE_API_KEY")}
     env.update(GEMINI_API_KEY="any", GOOGLE_GEMINI_BASE_URL=emu.url, PYTHONPATH=str(ROOT))
+    # Rows prepared in a child process, as for a large manifest: that path (and its `prepare` point) is killed too.
+    env.setdefault("BATCHER_PLAN_PROCESS", "1")
     if crash_at:
         env["BATCHER_CRASH_AT"] = crash_at
     argv = [PYTHON, "-m", "batcher.cli", *args]
@@ -178,6 +180,8 @@ def cli(args: list[str], emu: Emulator, *, crash_at: str | None = None, kill_aft
             err += f"\n[harness] HANG: killed after {timeout}s"
     if proc.returncode == -signal.SIGKILL:
         killed = True
+    if crash_at == "prepare" and proc.returncode == 1 and "child process failed (exit status -9)" in (err or ""):
+        killed = True  # the planner's row-preparing child died: the planner rolled back and exited 1
     return Invocation(argv, proc.returncode, killed, (out or "") + (err or ""), time.monotonic() - started)
 
 
