@@ -5,6 +5,13 @@ process imports nothing else."""
 from __future__ import annotations
 
 import os
+import sys
+
+
+def module_command(module: str) -> list[str]:
+    """`python -P -m batcher.<module>`: -P keeps the current directory off the import path, where another copy
+    of batcher (a checkout) would come first and could, say, hash requests differently from this one."""
+    return [sys.executable, "-P", "-m", f"batcher.{module}"]
 
 
 def child_env() -> dict:

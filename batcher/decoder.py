@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import Iterable, Iterator
 
-from .children import child_env, peak_rss_kb
+from .children import child_env, module_command, peak_rss_kb
 from .errors import CollectError
 
 DEPTH = 2  # lines handed to one decoder ahead of its replies: one in work, one waiting
@@ -66,7 +66,7 @@ class DecoderPool:
         self.peak_rss_kb: list[int] = []
         try:
             for i in range(processes):
-                p = subprocess.Popen([sys.executable, "-m", "batcher.decoder"], stdin=subprocess.PIPE,
+                p = subprocess.Popen(module_command("decoder"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, close_fds=True)
                 self.procs.append(p)
                 t = threading.Thread(target=self._read, args=(i, p), name=f"batcher-decoder-{i}", daemon=True)

@@ -27,6 +27,7 @@ PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED = "planned", "queued", "succeeded", 
 J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED = "planned", "uploading", "uploaded", "creating", "submitted"
 J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED, J_COLLECTED = "succeeded", "failed", "expired", "cancelled", "collected"
 JOB_TERMINAL_API = (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)
+BUSY_TIMEOUT_MS = 30_000
 BULK_CACHE_KIB = 256 * 1024  # see Ledger.big_page_cache: 1M requests' hash index stays in memory
 
 MIGRATIONS: list[str] = [
@@ -197,7 +198,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     use_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
@@ -323,17 +324,29 @@ class Ledger:
         journal keeps only pages that existed before, and nearly every page of such a load is new, so each is
         written once; through the WAL each is written twice (WAL, then checkpoint): ~3 s of a 1M-row plan.
         Needs the database to itself (the workdir lock keeps writers out; a reader makes it keep the WAL).
-        Yields whether it switched. WAL comes back afterwards, and every connection asks for it when it opens."""
+        Yields whether it switched. WAL comes back afterwards, and every connection asks for it when it opens.
+        Meanwhile an outside reader (the sqlite3 shell, a dashboard) waits for the commit, and a read it holds
+        open holds up the load; batcher's own commands never read a workdir another one has locked."""
         try:
             switched = self.conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0].lower() == "delete"
         except sqlite3.OperationalError:  # "database is locked": another connection is reading it
             switched = False
+        if switched:  # a rollback journal is only as safe on power loss as WAL with NORMAL when fully synced
+            self.conn.execute("PRAGMA synchronous=FULL")
         try:
             yield switched
         finally:
-            if switched and not use_wal(self.conn, attempts=100):  # a reader's lock lasts milliseconds
-                log.warning("%s: still in rollback-journal mode (a reader held it); the next batcher command "
-                            "switches it back to WAL", self.path)
+            if switched:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                # A reader's lock lasts milliseconds: try for ~5 s, each try without the 30 s busy wait.
+                self.conn.execute("PRAGMA busy_timeout=0")
+                try:
+                    back = use_wal(self.conn, attempts=100)
+                finally:
+                    self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                if not back:
+                    log.warning("%s: still in rollback-journal mode (a reader held it); the next batcher command "
+                                "switches it back to WAL", self.path)
 
     @contextlib.contextmanager
     def bulk_load(self, c: sqlite3.Connection) -> Iterator[None]:

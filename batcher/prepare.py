@@ -27,13 +27,14 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .children import child_env, peak_rss_kb
+from .children import child_env, module_command, peak_rss_kb
 from .errors import BatcherError, ManifestError
 from .faults import maybe_crash
 from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
@@ -145,9 +146,6 @@ class _Templates:
         return exact
 
 
-_encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) writes
-_EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
-
 
 _encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) writes
 _EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
@@ -234,12 +232,12 @@ def batches(manifest: Path | str, options: ManifestOptions, refs: References, ba
 
 def use_child(manifest) -> bool:
     setting = os.environ.get(ENV_PLAN_PROCESS, "").strip()
-    if setting in ("0", "1"):
-        return setting == "1"
-    if setting:
+    if setting not in ("", "0", "1"):
         raise BatcherError(f"{ENV_PLAN_PROCESS}={setting!r}: expected 0 (in-process) or 1 (a child process)")
-    if not isinstance(manifest, os.PathLike):  # gs://: read once, by the planner itself
+    if not isinstance(manifest, os.PathLike):  # gs://: read once, by the planner itself (and its credentials)
         return False
+    if setting:
+        return setting == "1"
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -264,7 +262,7 @@ def estimated_rows(manifest: os.PathLike) -> int:
 
 def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_rows: int,
                        cache_root: str | None = None) -> Iterator[PreparedBatch]:
-    proc = subprocess.Popen([sys.executable, "-m", "batcher.prepare"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen(module_command("prepare"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=child_env(), close_fds=True)
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -273,7 +271,7 @@ def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_row
         while True:
             try:
                 message = pickle.load(proc.stdout)
-            except EOFError:
+            except (EOFError, pickle.UnpicklingError):  # it died between frames, or in the middle of one
                 raise BatcherError(f"preparing {manifest} in a child process failed (exit status {proc.wait()}); "
                                    f"its error is above. Set {ENV_PLAN_PROCESS}=0 to prepare in-process") from None
             if message[0] == "batch":
@@ -294,6 +292,7 @@ def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_row
 def _child_main() -> None:
     # Millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them (~20 % of the time).
     gc.disable()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the planner's to handle; it stops us
     manifest, options, batch_rows, cache_root = pickle.load(sys.stdin.buffer)
     out = sys.stdout.buffer
     try:

@@ -166,6 +166,9 @@ def test_only_a_large_local_manifest_is_prepared_in_a_child(tmp_path, monkeypatc
     monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0, 1})
     assert not prepare.use_child(small) and prepare.use_child(large)
     assert not prepare.use_child(str(large))  # gs:// manifests are passed as text: read in-process
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1")
+    assert prepare.use_child(small) and not prepare.use_child("gs://bucket/manifest.csv")  # even when forced
+    monkeypatch.delenv(prepare.ENV_PLAN_PROCESS)
     monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0})
     assert not prepare.use_child(large)  # one CPU: nothing to overlap with
 
@@ -196,3 +199,31 @@ def test_a_bulk_load_writes_with_a_rollback_journal_and_gives_the_wal_back(tmp_p
         check = Ledger(tmp_path / wd)
         assert check.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal" and check.integrity_ok()
         assert check.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 20
+
+
+def test_a_child_that_dies_in_the_middle_of_a_batch_is_the_same_clear_error(tmp_path, monkeypatch):
+    """Killed while it writes a frame (the OOM killer), not between two: the planner reads half a pickle."""
+    import sys
+
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"]])
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1")
+    half_a_frame = ("import pickle, sys; frame = pickle.dumps(('batch', list(range(100_000))));"
+                    "sys.stdout.buffer.write(frame[:5000]); sys.stdout.flush(); sys.exit(137)")
+    monkeypatch.setattr(prepare, "module_command", lambda module: [sys.executable, "-c", half_a_frame])
+    ledger = Ledger(tmp_path / "wd")
+    with pytest.raises(BatcherError, match=r"child process failed \(exit status 137\)"):
+        plan_manifest(ledger, None, m, ManifestOptions())
+    assert ledger.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def test_the_child_imports_this_batcher_not_one_in_the_current_directory(tmp_path, monkeypatch):
+    """`python -m` puts the current directory first on the import path: a checkout of another batcher there
+    would prepare (and hash) the rows. The child must import the planner's own copy."""
+    shadow = tmp_path / "elsewhere" / "batcher"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the batcher in the current directory was imported')\n")
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"], ["b", "two"]])
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1")
+    monkeypatch.chdir(shadow.parent)
+    result = plan_manifest(Ledger(tmp_path / "wd"), None, m, ManifestOptions())
+    assert result.rows == 2 and result.requests == 2
