@@ -53,6 +53,8 @@ def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
 
 SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
+# Sharding as a plan loads keeps the hashes it has seen (~140 bytes each): past this many, `shard` does the rest.
+INLINE_MAX_REQUESTS = 2_000_000
 
 
 # A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
@@ -96,6 +98,14 @@ class _BulkPlanner:
         self.lookup = StoreLookup(store) if store is not None else None
         self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
         self.seen: set[str] = set()  # with `inline`: the hashes loaded so far (a request joins one job once)
+        self.inline_jobs: list[int] = []
+
+    def stop_sharding(self) -> None:
+        """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
+        `shard`), and the set of hashes seen is let go."""
+        if self.inline is not None:
+            self.inline_jobs = self.inline.close_all()
+            self.inline, self.seen = None, set()
 
     def cached(self, h: str) -> bool:
         return self.lookup is not None and not self.refresh and self.lookup.has(h)
@@ -204,6 +214,8 @@ class _BulkPlanner:
                       "VALUES (?,?,?,?,?,?,?,?)", new)
         if inline is not None:
             inline.write_members()
+            if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory
+                self.stop_sharding()
 
 
 def plan_manifest(
@@ -269,14 +281,14 @@ def plan_manifest(
             try:
                 with ledger.bulk_load(c):
                     seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
-                    if planner.inline is not None:
-                        result.jobs = planner.inline.close_all()
+                    planner.stop_sharding()
+                    result.jobs = planner.inline_jobs
             except sqlite3.IntegrityError:
                 # Two rows share an id: plan again with the indexes in place, which find each duplicate where
                 # it is and report it with the row it repeats (its requests are left for `shard`).
                 c.execute("ROLLBACK TO plan_rows")
                 problems.clear()
-                planner.inline, planner.seen, result.jobs = None, set(), []
+                planner.inline, planner.seen, planner.inline_jobs, result.jobs = None, set(), [], []
                 seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
         else:
             seq, result.rows = planner.load(run_id, manifest, options, refs, problems)

@@ -204,6 +204,11 @@ def open_store(root: str | os.PathLike | None = None):
     return ImageStore(root)
 
 
+# A cache listing keeps its hashes (~140 bytes each); past this many, the prefixes not listed yet are asked one
+# hash at a time (bounded memory for a cache of any size, slower past ~2M images).
+MAX_LISTED_HASHES = 2_000_000
+
+
 class StoreLookup:
     """`store.has` for many hashes at once (planning): each prefix dir of the cache is listed once on first use
     (os.listdir, or a gs:// cache's list_dir) instead of up to four stat calls per request."""
@@ -216,13 +221,15 @@ class StoreLookup:
         self.list_dir = None if self.root is not None else getattr(store, "list_dir", None)
         self.one_by_one = self.root is None and self.list_dir is None
         self.dirs: dict[str, set[str]] = {}
+        self.listed = 0
 
     def has(self, h: str) -> bool:
         hashes = self.dirs.get(h[:2])
         if hashes is None:
-            if self.one_by_one:
+            if self.one_by_one or self.listed >= MAX_LISTED_HASHES:
                 return self.store.has(h)
             hashes = self.dirs[h[:2]] = self._hashes_in(h[:2])
+            self.listed += len(hashes)
         return h in hashes
 
     def _hashes_in(self, prefix: str) -> set[str]:

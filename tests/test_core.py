@@ -356,3 +356,17 @@ def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     for h in (png_hash, jpg_hash, temp_hash, absent):
         assert lookup.has(h) == store.has(h), h
     assert lookup.has(png_hash) and lookup.has(jpg_hash) and not lookup.has(temp_hash) and not lookup.has(absent)
+
+
+def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeypatch):
+    """Past MAX_LISTED_HASHES listed, prefixes not listed yet are asked one hash at a time: same answers."""
+    from batcher import store as store_mod
+
+    store = ImageStore(tmp_path / "cache")
+    hashes = [f"{p:02x}" + str(i) * 62 for p in range(4) for i in range(3)]
+    for h in hashes[::2]:
+        store.put(h, png_bytes())
+    monkeypatch.setattr(store_mod, "MAX_LISTED_HASHES", 2)
+    lookup = store_mod.StoreLookup(store)
+    assert [lookup.has(h) for h in hashes] == [store.has(h) for h in hashes] == [i % 2 == 0 for i in range(len(hashes))]
+    assert len(lookup.dirs) == 1 and lookup.listed == 2  # the first prefix listed (2 images), the rest asked

@@ -227,3 +227,28 @@ def test_the_child_imports_this_batcher_not_one_in_the_current_directory(tmp_pat
     monkeypatch.chdir(shadow.parent)
     result = plan_manifest(Ledger(tmp_path / "wd"), None, m, ManifestOptions())
     assert result.rows == 2 and result.requests == 2
+
+
+def test_past_its_limit_a_plan_stops_sharding_and_shard_does_the_rest(tmp_path, monkeypatch):
+    """Sharding as it loads keeps every hash seen; past INLINE_MAX_REQUESTS it stops (bounded memory): its jobs
+    so far are closed, later requests stay planned for `shard`, and each request still ends in one job."""
+    from batcher import planner
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 8)
+    monkeypatch.setattr(planner, "INLINE_MAX_REQUESTS", 20)
+    m = mixed_manifest(tmp_path, n=120)
+    ledger = Ledger(tmp_path / "wd")
+    limits = ShardLimits(max_requests=6)
+    result = plan_manifest(ledger, None, m, ManifestOptions(), skip_invalid=True, shard_limits=limits)
+    c = ledger.conn
+    inline_queued = c.execute("SELECT COUNT(*) FROM requests WHERE state='queued'").fetchone()[0]
+    planned = c.execute("SELECT COUNT(*) FROM requests WHERE state='planned'").fetchone()[0]
+    assert result.jobs and 20 <= inline_queued < result.requests and planned == result.requests - inline_queued
+    later = shard(ledger, limits)
+    assert later and not set(later) & set(result.jobs)
+    assert c.execute("SELECT COUNT(*) FROM requests WHERE state<>'queued'").fetchone()[0] == 0
+    members = c.execute("SELECT hash FROM job_requests").fetchall()
+    assert len(members) == len(set(members)) == result.requests  # every request in exactly one job
+    for job in c.execute("SELECT id, request_count FROM jobs"):
+        assert c.execute("SELECT COUNT(*) FROM requests WHERE job_id=?", (job[0],)).fetchone()[0] == job[1] <= 6
+    assert c.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == result.requests  # no duplicate copies
