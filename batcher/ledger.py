@@ -194,7 +194,7 @@ BULK_INDEXES = {
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.row_factory = sqlite3.Row
     use_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -299,8 +299,9 @@ class Ledger:
 
     @contextlib.contextmanager
     def big_page_cache(self) -> Iterator[None]:
-        """A larger SQLite page cache for bulk work (planning, sharding, writing JSONL): the random 64-hex keys
-        of the requests' hash index thrash the default 2 MB cache once the ledger holds ~100k requests.
+        """A larger SQLite page cache for bulk work (planning into a ledger that holds requests, sharding, writing
+        JSONL): the random 64-hex keys of the requests' hash index thrash the default 2 MB cache once the ledger
+        holds ~100k requests.
         Restored afterwards; the memory is only taken as pages are read. Nested uses keep the outer one."""
         old = self.conn.execute("PRAGMA cache_size").fetchone()[0]
         if old == -BULK_CACHE_KIB:

@@ -31,7 +31,6 @@ from .manifest import ManifestOptions, RowProblem, carried_schema, manifest_fing
 from .requests import canonical_json, identity_hash
 from .store import ImageStore, StoreLookup
 
-KNOWN_COLUMNS = {"model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "reference_images", "system_instruction"}
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -56,6 +55,8 @@ PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
 # Sharding as a plan loads keeps the hashes it has seen (~140 bytes each): past this many, `shard` does the rest.
 INLINE_MAX_REQUESTS = 2_000_000
 
+
+_INSERT_ROW = "INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)"
 
 # A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
 # kept, it would be counted as this run's spend, or stay on a request that then fails).
@@ -107,8 +108,9 @@ class _BulkPlanner:
             self.inline_jobs = self.inline.close_all()
             self.inline, self.seen = None, set()
 
-    def cached(self, h: str) -> bool:
-        return self.lookup is not None and not self.refresh and self.lookup.has(h)
+    def in_cache(self, h: str, known: bool | None) -> bool:
+        """Whether the image of `h` is in the cache: as its batch found (`known`), or asked now."""
+        return known if known is not None else self.lookup is not None and self.lookup.has(h)
 
     def load(self, run_id: int, manifest: Path | str, options: ManifestOptions, refs: References,
              problems: list[RowProblem]) -> tuple[int, int]:
@@ -140,7 +142,7 @@ class _BulkPlanner:
                   for i, (o, v, h) in enumerate(zip(b.owners, b.request_variants, b.hashes))]
         c.execute("SAVEPOINT plan_batch")
         try:
-            c.executemany("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)", params)
+            c.executemany(_INSERT_ROW, params)
         except sqlite3.IntegrityError:  # a duplicate id in this batch: redo it a row at a time to report it
             c.execute("ROLLBACK TO plan_batch")
             c.execute("RELEASE plan_batch")
@@ -159,8 +161,7 @@ class _BulkPlanner:
         for j, n in enumerate(b.variants):
             for req in b.requests(start, start + n):
                 try:
-                    c.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)",
-                              (run_id, s, b.rows[j], b.ids[j], req[1], req[2], b.prompts[j], b.extras[j]))
+                    c.execute(_INSERT_ROW, (run_id, s, b.rows[j], b.ids[j], req[1], req[2], b.prompts[j], b.extras[j]))
                 except sqlite3.IntegrityError:
                     first = c.execute("SELECT row FROM rows WHERE run_id=? AND id=? LIMIT 1", (run_id, b.ids[j])).fetchone()
                     dups.append((positions[j], RowProblem(str(manifest), b.rows[j], options.id_column, b.ids[j],
@@ -192,7 +193,7 @@ class _BulkPlanner:
                     if h in seen:
                         continue  # loaded by an earlier batch: already in its job
                     seen.add(h)
-                if in_cache if in_cache is not None else self.cached(h):
+                if not self.refresh and self.in_cache(h, in_cache):  # --refresh: no cache hits
                     new.append((h, model, body_json, SUCCEEDED, 1, variant, None, now))
                 elif inline is not None:
                     job_id = inline.assign(model, h, measure_body(model, body_json, size))
@@ -203,13 +204,14 @@ class _BulkPlanner:
                 continue  # in a job already: it will be collected
             elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
                 c.execute(f"UPDATE requests SET {REPLANNED}, error=NULL, finish_reason=NULL, cached=0 WHERE hash=?", (now, h))
-            elif state == SUCCEEDED and self.lookup is not None and not (in_cache if in_cache is not None else self.lookup.has(h)):
+            elif state == SUCCEEDED and self.lookup is not None and not self.in_cache(h, in_cache):
                 # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
                 c.execute(f"UPDATE requests SET {REPLANNED}, cached=0 WHERE hash=?", (now, h))
             elif state == FAILED or (state == BLOCKED and self.retry_blocked):
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
-        # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is.
+        # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is. In a
+        # bulk load there is no index to ignore by: Ledger.bulk_load keeps the first copy.
         c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, job_id, updated_at) "
                       "VALUES (?,?,?,?,?,?,?,?)", new)
         if inline is not None:
@@ -268,7 +270,7 @@ def plan_manifest(
             (fingerprint, str(manifest), json.dumps(asdict(options)), schema.serialize().to_pybytes(), now),
         )
         run_id = result.run_id = cur.lastrowid
-        # Bulk path: rows and requests go in batches (executemany), each request body is serialised once per
+        # Rows and requests go in batches (executemany), each request body is serialised once per
         # row from a per-shape template, cache hits come from one listing per prefix dir, and the requests
         # that already exist are looked up per batch (skipped entirely when the ledger had none). An empty
         # ledger is loaded without its indexes, which are then built once (Ledger.bulk_load).
