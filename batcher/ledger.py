@@ -182,13 +182,19 @@ MIGRATIONS: list[str] = [
     DROP TABLE job_requests;
     ALTER TABLE job_requests_v7 RENAME TO job_requests
     """,
+    # 8: the job index holds only requests that are in a job (every query by job asks job_id=?, which implies it):
+    #    a re-plan's cache hits, never in a job, no longer go into it (0.35 s -> 0.1 s to build at 1M requests)
+    """
+    DROP INDEX requests_by_job;
+    CREATE INDEX requests_by_job ON requests(job_id) WHERE job_id IS NOT NULL
+    """,
 ]
 
 # The indexes Ledger.bulk_load drops and builds again (the same definitions as the migrations above).
 BULK_INDEXES = {
     "requests_by_hash": "CREATE UNIQUE INDEX requests_by_hash ON requests(hash)",
     "requests_by_state": "CREATE INDEX requests_by_state ON requests(state, model)",
-    "requests_by_job": "CREATE INDEX requests_by_job ON requests(job_id)",
+    "requests_by_job": "CREATE INDEX requests_by_job ON requests(job_id) WHERE job_id IS NOT NULL",
     "rows_by_id": "CREATE UNIQUE INDEX rows_by_id ON rows(run_id, id, variant)",
 }
 

@@ -78,6 +78,8 @@ def _cyclic_gc_paused() -> Iterator[None]:
 def _merge_problems(b: PreparedBatch, problems: list[RowProblem]) -> list[int]:
     """Append the batch's problems to `problems` in manifest order. Returns, per valid row of the batch, how many
     problems come before it: where a problem found later about that row (a duplicate id) belongs."""
+    if not b.problems:
+        return [len(problems)] * len(b.rows)
     positions = []
     k = 0
     for j in range(len(b.rows)):
@@ -148,7 +150,10 @@ class _BulkPlanner:
             c.execute("RELEASE plan_batch")
             return self._flush_one_at_a_time(run_id, seq, b, positions, problems, manifest, options)
         c.execute("RELEASE plan_batch")
-        self._record(b.requests())
+        if self.fresh:
+            self._record_new(b.models, b.request_variants, b.hashes, b.bodies, b.sizes, b.cached)
+        else:
+            self._record(b.requests())
         return seq + len(params), 0
 
     def _flush_one_at_a_time(self, run_id: int, seq: int, b: PreparedBatch, positions: list[int],
@@ -172,34 +177,56 @@ class _BulkPlanner:
             start += n
         for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
             problems.insert(pos, problem)
-        self._record(recorded)
+        if self.fresh:
+            self._record_new(*(list(column) for column in zip(*recorded)) if recorded else [[]] * 6)
+        else:
+            self._record(recorded)
         return s, len(dups)
 
+    def _record_new(self, models: list[str], variants: list[int], hashes: list[str], bodies: list[str],
+                    sizes: list[str | None], cached: list[bool | None]) -> None:
+        """Record a batch's requests (its columns) in a ledger that held no requests before this plan (every fresh
+        workdir): each is new, or an earlier batch's. With `inline`, the ones to generate go into jobs as they load."""
+        if self.refresh:  # --refresh: no cache hits
+            cached = [False] * len(hashes)
+        elif not cached or cached[0] is None:  # not looked up where the rows were prepared
+            cached = self.lookup.has_all(hashes) if self.lookup is not None else [False] * len(hashes)
+        now, inline, seen = self.now, self.inline, self.seen
+        columns = list(zip(hashes, models, bodies, variants, cached))
+        hits = [(h, model, body, variant, now) for h, model, body, variant, hit in columns if hit]
+        if inline is None:
+            self._insert_requests(hits, [(h, model, body, variant, now) for h, model, body, variant, hit in columns if not hit])
+            return
+        self._insert_requests(hits, [])
+        queued = []
+        for (h, model, body, variant, hit), size in zip(columns, sizes):
+            if hit or h in seen:  # seen: loaded by an earlier batch or row, so already in its job
+                continue
+            seen.add(h)
+            queued.append((h, model, body, variant, now, inline.assign(model, h, measure_body(model, body, size))))
+        self.c.executemany("INSERT INTO requests(hash, model, body_json, variant, updated_at, job_id, state, cached) "
+                           f"VALUES (?,?,?,?,?,?,'{QUEUED}',0)", queued)
+        inline.write_members()
+        if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory
+            self.stop_sharding()
+
     def _record(self, reqs: list[tuple]) -> None:
+        """Record a batch's requests in a ledger that held requests before this plan: each is looked up, and one
+        that exists gets the transition its state calls for. (Never sharded as it loads: that needs an empty ledger.)"""
         c, now = self.c, self.now
         batch: dict[str, tuple] = {}
         for req in reqs:
             batch.setdefault(req[2], req)
-        existing: dict[str, str] = {}
-        if not self.fresh:
-            existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
-                                      (json.dumps(list(batch)),)).fetchall())
-        new = []
-        inline, seen = self.inline, self.seen
+        existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(list(batch)),)).fetchall())
+        hits, new = [], []
         for h, (model, variant, _h, body_json, size, in_cache) in batch.items():
             state = existing.get(h)
             if state is None:
-                if inline is not None:
-                    if h in seen:
-                        continue  # loaded by an earlier batch: already in its job
-                    seen.add(h)
                 if not self.refresh and self.in_cache(h, in_cache):  # --refresh: no cache hits
-                    new.append((h, model, body_json, SUCCEEDED, 1, variant, None, now))
-                elif inline is not None:
-                    job_id = inline.assign(model, h, measure_body(model, body_json, size))
-                    new.append((h, model, body_json, QUEUED, 0, variant, job_id, now))
+                    hits.append((h, model, body_json, variant, now))
                 else:
-                    new.append((h, model, body_json, PLANNED, 0, variant, None, now))
+                    new.append((h, model, body_json, variant, now))
             elif state == QUEUED:
                 continue  # in a job already: it will be collected
             elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
@@ -210,14 +237,18 @@ class _BulkPlanner:
             elif state == FAILED or (state == BLOCKED and self.retry_blocked):
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
-        # OR IGNORE: a request of an earlier batch of this run (fresh ledger, no lookup) is left as it is. In a
-        # bulk load there is no index to ignore by: Ledger.bulk_load keeps the first copy.
-        c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, cached, variant, job_id, updated_at) "
-                      "VALUES (?,?,?,?,?,?,?,?)", new)
-        if inline is not None:
-            inline.write_members()
-            if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory
-                self.stop_sharding()
+        self._insert_requests(hits, new)
+
+    def _insert_requests(self, hits: list[tuple], new: list[tuple]) -> None:
+        """Insert new requests, each (hash, model, body JSON, variant, now): the cache hits, then the ones to
+        generate (both paths insert in this order). The constant columns are in the SQL: ~0.5 s less per million
+        requests than binding them. OR IGNORE: a request of an earlier batch of this run is left as it is; in a
+        bulk load there is no index to ignore by, and Ledger.bulk_load keeps the first copy."""
+        insert = "INSERT OR IGNORE INTO requests(hash, model, body_json, variant, updated_at, state, cached) VALUES (?,?,?,?,?,"
+        if hits:
+            self.c.executemany(insert + f"'{SUCCEEDED}',1)", hits)
+        if new:
+            self.c.executemany(insert + f"'{PLANNED}',0)", new)
 
 
 def plan_manifest(

@@ -151,6 +151,28 @@ _encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_asci
 _EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
 
 
+def extra_json(extra: dict) -> str:
+    """json.dumps(extra, default=str, ensure_ascii=False) of a row's extra columns, ~3x faster for what they
+    usually hold (text, integers, nulls, booleans); anything else goes through the encoder."""
+    parts = []
+    for key, value in extra.items():
+        kind = type(value)
+        if type(key) is not str:  # a column name is text; anything else as json.dumps writes it
+            return _EXTRA_JSON.encode(extra)
+        if kind is str:
+            parts.append(f"{_encode_str(key)}: {_encode_str(value)}")
+        elif kind is int:
+            parts.append(f"{_encode_str(key)}: {int.__repr__(value)}")
+        elif value is None or kind is bool:
+            parts.append(f"{_encode_str(key)}: {_JSON_CONSTANTS[value]}")
+        else:
+            return _EXTRA_JSON.encode(extra)
+    return "{" + ", ".join(parts) + "}"
+
+
+_JSON_CONSTANTS = {None: "null", True: "true", False: "false"}
+
+
 @dataclass
 class PreparedBatch:
     """Consecutive manifest rows, prepared. Per valid row: its row number, id, prompt, extra columns (JSON or
@@ -185,7 +207,7 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
     """The manifest's rows, prepared, `batch_rows` valid rows at a time (problems in between ride along).
     With `cache_root` (a plain local cache), whether each request's image is in it, too."""
     templates = _Templates()
-    has = StoreLookup(ImageStore(cache_root)).has if cache_root is not None else None
+    lookup = StoreLookup(ImageStore(cache_root)) if cache_root is not None else None
     rows: list[tuple] = []  # a tuple per row and per request, made into columns per batch (fewer appends)
     reqs: list[tuple] = []
     problems: list[tuple[int, RowProblem]] = []
@@ -200,25 +222,26 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
                                                    f"cannot read reference image: {exc}")))
             continue
         owner = len(rows)
-        rows.append((item.row, item.id, item.prompt, _EXTRA_JSON.encode(item.extra) if item.extra else None,
+        rows.append((item.row, item.id, item.prompt, extra_json(item.extra) if item.extra else None,
                      references, item.variants))
         for v in range(item.variants):
             model, variant, h, body = templates.request(item, references, v)
-            reqs.append((owner, model, variant, h, body, item.image_size, has(h) if has is not None else None))
+            reqs.append((owner, model, variant, h, body, item.image_size))
         if len(rows) >= batch_rows:
-            yield _columns(rows, reqs, problems, has is not None)
+            yield _columns(rows, reqs, problems, lookup)
             rows, reqs, problems = [], [], []
     if rows or problems:
-        yield _columns(rows, reqs, problems, has is not None)
+        yield _columns(rows, reqs, problems, lookup)
 
 
-def _columns(rows: list[tuple], reqs: list[tuple], problems: list, looked_up: bool) -> PreparedBatch:
+def _columns(rows: list[tuple], reqs: list[tuple], problems: list, lookup: StoreLookup | None) -> PreparedBatch:
     b = PreparedBatch(problems=problems)
     if rows:
         b.rows, b.ids, b.prompts, b.extras, b.references, b.variants = map(list, zip(*rows))
     if reqs:
-        b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes, cached = map(list, zip(*reqs))
-        b.cached = cached if looked_up else []
+        b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes = map(list, zip(*reqs))
+        if lookup is not None:
+            b.cached = lookup.has_all(b.hashes)
     return b
 
 

@@ -78,6 +78,8 @@ def verify_image(data: bytes) -> str:
 
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
 IMAGE_EXTS = tuple(EXTENSIONS.values())  # where find() looks, in this order
+_IMAGE_EXT_SET = frozenset(IMAGE_EXTS)
+HASH_CHARS = 64  # a request hash: sha256, in hex
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
@@ -114,7 +116,7 @@ class ImageStore:
         self.root = Path(root) if root else default_cache_dir()
 
     def _dir(self, request_hash: str) -> Path:
-        if len(request_hash) != 64 or not all(c in "0123456789abcdef" for c in request_hash):
+        if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
             raise ValueError(f"not a request hash: {request_hash!r}")
         return self.root / request_hash[:2]
 
@@ -161,7 +163,7 @@ class GcsImageStore:
         self._gcs = gcs
 
     def _key(self, request_hash: str, ext: str) -> str:
-        if len(request_hash) != 64 or not all(c in "0123456789abcdef" for c in request_hash):
+        if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
             raise ValueError(f"not a request hash: {request_hash!r}")
         return f"{self.root}/{request_hash[:2]}/{request_hash}{ext}"
 
@@ -224,13 +226,23 @@ class StoreLookup:
         self.listed = 0
 
     def has(self, h: str) -> bool:
-        hashes = self.dirs.get(h[:2])
-        if hashes is None:
-            if self.one_by_one or self.listed >= MAX_LISTED_HASHES:
-                return self.store.has(h)
-            hashes = self.dirs[h[:2]] = self._hashes_in(h[:2])
+        hashes = self._listing(h[:2])
+        return h in hashes if hashes is not None else self.store.has(h)
+
+    def has_all(self, hashes: list[str]) -> list[bool]:
+        """`has` of each hash, in order: the same answers without a method call per hash (~1 s per million)."""
+        for prefix in sorted({h[:2] for h in hashes}):  # sorted: which ones get listed does not depend on the set order
+            self._listing(prefix)
+        dirs, has = self.dirs, self.store.has
+        return [h in listed if (listed := dirs.get(h[:2])) is not None else has(h) for h in hashes]
+
+    def _listing(self, prefix: str) -> set[str] | None:
+        """The hashes with an image under `prefix` (listed on first use), or None: ask the store one by one."""
+        hashes = self.dirs.get(prefix)
+        if hashes is None and not self.one_by_one and self.listed < MAX_LISTED_HASHES:
+            hashes = self.dirs[prefix] = self._hashes_in(prefix)
             self.listed += len(hashes)
-        return h in hashes
+        return hashes
 
     def _hashes_in(self, prefix: str) -> set[str]:
         if self.root is None:
@@ -240,6 +252,6 @@ class StoreLookup:
                 names = os.listdir(os.path.join(self.root, prefix))
             except (FileNotFoundError, NotADirectoryError):
                 names = ()
-        # The hashes that have an image file: one set lookup per request instead of one per extension.
-        return {stem for stem, dot, ext in (n.rpartition(".") for n in names)
-                if dot and "." + ext in IMAGE_EXTS and not stem.startswith(".")}
+        # The hashes that have an image file: one set lookup per request instead of one per extension. An entry
+        # is <64-hex hash><ext> (ImageStore._dir); temp files (".tmp-...") and others are never a hash's name.
+        return {n[:HASH_CHARS] for n in names if n[HASH_CHARS:] in _IMAGE_EXT_SET}

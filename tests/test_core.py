@@ -165,6 +165,10 @@ def test_migration_7_keeps_every_row_and_every_unique_key(tmp_path):
             c.execute(duplicate)
 
 
+def index_definitions(c: sqlite3.Connection) -> dict[str, str]:
+    return {name: " ".join(sql.split()) for name, sql in c.execute("SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
+
+
 def _plan_tables(ledger: Ledger, run_id: int) -> tuple:
     c = ledger.conn
     requests = c.execute("SELECT hash, model, body_json, state, cached, variant FROM requests ORDER BY rowid").fetchall()
@@ -206,6 +210,8 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
     options = ManifestOptions()
     store = ImageStore(tmp_path / "cache")
     outcomes = []
+    migrated_indexes = index_definitions(Ledger(tmp_path / "migrated").conn)
+    assert {"requests_by_hash", "requests_by_state", "requests_by_job", "rows_by_id"} <= set(migrated_indexes)
     for name in ("bulk", "indexed"):
         ledger = Ledger(tmp_path / name)
         if name == "indexed":  # one unrelated request: not an empty ledger, so the indexed path
@@ -224,8 +230,7 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
             requests = [r for r in requests if r[2].find("something else") < 0]
         outcomes.append((requests, plan_rows, (result.rows, result.requests, result.cache_hits, result.duplicates,
                                                result.rejected), problems_path.read_text() if duplicate_id else None))
-        names = {r[0] for r in ledger.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"requests_by_hash", "requests_by_state", "requests_by_job", "rows_by_id"} <= names
+        assert index_definitions(ledger.conn) == migrated_indexes  # each index as the migrations define it (BULK_INDEXES agrees with them)
         assert ledger.integrity_ok()
     bulk, indexed = outcomes
     # The probe's, the "bulk" ledger's, then the unrelated request's; the "indexed" ledger's plan takes none.
@@ -356,6 +361,8 @@ def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     for h in (png_hash, jpg_hash, temp_hash, absent):
         assert lookup.has(h) == store.has(h), h
     assert lookup.has(png_hash) and lookup.has(jpg_hash) and not lookup.has(temp_hash) and not lookup.has(absent)
+    hashes = [absent, png_hash, temp_hash, jpg_hash, png_hash]
+    assert _StoreLookup(store).has_all(hashes) == [store.has(h) for h in hashes] == [False, True, False, True, True]
 
 
 def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeypatch):
@@ -370,3 +377,6 @@ def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeyp
     lookup = store_mod.StoreLookup(store)
     assert [lookup.has(h) for h in hashes] == [store.has(h) for h in hashes] == [i % 2 == 0 for i in range(len(hashes))]
     assert len(lookup.dirs) == 1 and lookup.listed == 2  # the first prefix listed (2 images), the rest asked
+    batched = store_mod.StoreLookup(store)
+    assert batched.has_all(hashes) == [i % 2 == 0 for i in range(len(hashes))]
+    assert len(batched.dirs) == 1 and batched.listed == 2

@@ -252,3 +252,14 @@ def test_past_its_limit_a_plan_stops_sharding_and_shard_does_the_rest(tmp_path, 
     for job in c.execute("SELECT id, request_count FROM jobs"):
         assert c.execute("SELECT COUNT(*) FROM requests WHERE job_id=?", (job[0],)).fetchone()[0] == job[1] <= 6
     assert c.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == result.requests  # no duplicate copies
+
+
+@pytest.mark.parametrize("value", ["", "plain", 'a "quote" and \\ backslash', "ünïcode 中文 😀", "\x00\x1f\u2028", 0, -7, 10**30,
+                                   True, False, None, 1.5, float("nan"), float("inf"), [1, "a"], {"k": "v"}, b"raw"])
+def test_extra_columns_are_stored_as_json_dumps_writes_them(value):
+    """prepare.extra_json is a faster json.dumps(extra, default=str, ensure_ascii=False): the same text for every
+    kind of value a manifest's extra column can hold, in any position, under any column name."""
+    import json
+
+    for extra in ({"colour": value}, {"ü \"name\"": value, "after": "x"}, {"before": 1, "colour": value}):
+        assert prepare.extra_json(extra) == json.dumps(extra, default=str, ensure_ascii=False)
