@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import bisect
 import codecs
+import contextlib
 import csv
 import datetime as _dt
 import decimal
@@ -34,7 +35,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -800,6 +801,22 @@ def read_manifest(
     File-level problems raise ManifestError here, before the first row (the file is opened and its header and
     first block read eagerly); a problem found later in the file (a corrupt block) raises while iterating.
     """
+    source, default_spec = _opened(path, options, batch_rows)
+    return _rows(source, options, default_spec)
+
+
+def read_manifest_blocks(
+    path: str | os.PathLike,
+    options: ManifestOptions = ManifestOptions(),
+    batch_rows: int = 65536,
+) -> Iterator[RowBlock]:
+    """read_manifest, a block of rows at a time, as columns (RowBlock.items() gives its rows and problems)."""
+    source, default_spec = _opened(path, options, batch_rows)
+    return _blocks(source, options, default_spec)
+
+
+def _opened(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) -> tuple[_Source, catalog.ModelSpec]:
+    """The manifest opened, with the checks of the whole file made (see read_manifest)."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     default_spec = _check_options(options)
@@ -834,8 +851,7 @@ def read_manifest(
         ):
             if value is not None and (message := check(default_spec, value)):
                 raise ManifestError(f"Invalid default --{name} {value!r}: {message}.")
-
-    return _rows(source, options, default_spec)
+    return source, default_spec
 
 
 _BAD = object()  # a cell that failed validation (its row is reported, never yielded)
@@ -1116,7 +1132,80 @@ class _Batch:
         return out
 
 
+@dataclass
+class RowBlock:
+    """A block of consecutive manifest rows, validated, as columns (the reader's batches): a list per column
+    with a value per row, or None where every row takes the same value (`defaults`). `items()` gives the block
+    as read_manifest yields it; a consumer that handles columns (planning) can skip making a row object each."""
+
+    n: int
+    row0: int  # the first row's number (when `numbers` is None, row j is row0 + j)
+    numbers: list[int] | None  # each row's number, where rows are not consecutive in the file
+    ids: list[str]
+    prompts: list[Any]
+    settings: dict[str, list[Any] | None]  # model, aspect_ratio, image_size, temperature, ..., system_instruction
+    defaults: dict[str, Any]
+    references: list[tuple[str, ...]] | None  # None: no reference column
+    extra_names: list[str]
+    extra_values: list[list[Any]]  # per extra column, its values
+    problems: dict[int, list[RowProblem]]  # rows (by index in the block) that are rejected, and why
+
+    def column(self, name: str) -> Iterable[Any]:
+        values = self.settings[name]
+        return values if values is not None else itertools.repeat(self.defaults[name], self.n)
+
+    def row_number(self, j: int) -> int:
+        return self.numbers[j] if self.numbers is not None else self.row0 + j
+
+    def row(self, j: int) -> ManifestRow:
+        """Row j of the block, as items() gives it (a row without problems)."""
+        settings = {name: values[j] if (values := self.settings[name]) is not None else self.defaults[name]
+                    for name in _ROW_SETTINGS}
+        return ManifestRow(self.row_number(j), self.ids[j], self.prompts[j],
+                           reference_images=self.references[j] if self.references is not None else (),
+                           extra={name: values[j] for name, values in zip(self.extra_names, self.extra_values)},
+                           **settings)
+
+    def items(self) -> Iterator[ManifestRow | RowProblem]:
+        n = self.n
+        extra_dicts: Iterable[dict]
+        if self.extra_names:
+            extra_dicts = [dict(zip(self.extra_names, values)) for values in zip(*self.extra_values)]
+        else:
+            extra_dicts = ({} for _ in range(n))
+        rows = zip(
+            self.ids,
+            self.prompts,
+            *(self.column(name) for name in _ROW_SETTINGS[:7]),
+            self.references if self.references is not None else itertools.repeat((), n),
+            self.column("system_instruction"),
+            extra_dicts,
+        )
+        problems = self.problems
+        if not problems and self.numbers is None:
+            row0 = self.row0
+            for j, values in enumerate(rows):
+                yield ManifestRow(row0 + j, *values)
+        else:
+            for j, values in enumerate(rows):
+                found = problems.get(j)
+                if found:
+                    yield from found
+                else:
+                    yield ManifestRow(self.row_number(j), *values)
+
+
+# ManifestRow's fields between prompt and reference_images, then system_instruction: RowBlock.settings' keys.
+_ROW_SETTINGS = ("model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "system_instruction")
+
+
 def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.ModelSpec) -> Iterator[ManifestRow | RowProblem]:
+    with contextlib.closing(_blocks(source, options, default_spec)) as blocks:  # closed with us: the file too
+        for block in blocks:
+            yield from block.items()
+
+
+def _blocks(source: _Source, options: ManifestOptions, default_spec: catalog.ModelSpec) -> Iterator[RowBlock]:
     names = source.names
     index = {name: i for i, name in enumerate(names)}
     prompt_col = options.prompt_column
@@ -1131,6 +1220,9 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
     images = _ImageChecker(os.path.dirname(source.path))
     default_model = default_spec.name
     defaults = {
+        "model": default_model,
+        "aspect_ratio": options.aspect_ratio,
+        "image_size": options.image_size,
         "temperature": options.temperature,
         "top_p": options.top_p,
         "seed": options.seed,
@@ -1146,10 +1238,11 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
             numbers = source.row_numbers(next_index - 1, n)
             b = _Batch(batch, index, source.display, next_row, numbers)
             prompts = b.prompts(prompt_col)
-            ids: Iterator[str] | list[str] = b.ids(id_col) if id_col else map(str, range(next_index, next_index + n))
+            ids = b.ids(id_col) if id_col else list(map(str, range(next_index, next_index + n)))
             models = b.setting("model") if "model" in settings else None
             filled_models = None if models is None else [default_model if m is None else m for m in models]
-            aspect = b.check_for_model(
+            columns: dict[str, list[Any] | None] = {"model": filled_models}
+            columns["aspect_ratio"] = b.check_for_model(
                 "aspect_ratio",
                 b.setting("aspect_ratio") if "aspect_ratio" in settings else None,
                 options.aspect_ratio,
@@ -1159,7 +1252,7 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
                 _aspect_ratio_problem,
                 "--aspect-ratio",
             )
-            size = b.check_for_model(
+            columns["image_size"] = b.check_for_model(
                 "image_size",
                 b.setting("image_size") if "image_size" in settings else None,
                 options.image_size,
@@ -1169,48 +1262,27 @@ def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.Model
                 _image_size_problem,
                 "--image-size",
             )
-            columns: dict[str, Any] = {}
             for col in ("temperature", "top_p", "seed", "variants", "system_instruction"):
                 default = defaults[col]
                 if col in settings:
                     values = b.setting(col)
                     columns[col] = values if default is None else [default if v is None else v for v in values]
                 else:
-                    columns[col] = itertools.repeat(default, n)
+                    columns[col] = None
             refs = b.references(images, filled_models, default_model) if "reference_images" in settings else None
-            extra_dicts: Iterator[dict] | list[dict]
-            if extras:
-                lists = [_column_values(batch.column(index[name]), plain[name]) for name in extras]
-                extra_dicts = [dict(zip(extras, values)) for values in zip(*lists)]
-            else:
-                extra_dicts = ({} for _ in range(n))
-
-            rows = zip(
-                ids,
-                prompts,
-                filled_models if filled_models is not None else itertools.repeat(default_model, n),
-                aspect if aspect is not None else itertools.repeat(options.aspect_ratio, n),
-                size if size is not None else itertools.repeat(options.image_size, n),
-                columns["temperature"],
-                columns["top_p"],
-                columns["seed"],
-                columns["variants"],
-                refs if refs is not None else itertools.repeat((), n),
-                columns["system_instruction"],
-                extra_dicts,
+            yield RowBlock(
+                n=n,
+                row0=next_row,
+                numbers=numbers,
+                ids=ids,
+                prompts=prompts,
+                settings=columns,
+                defaults=defaults,
+                references=refs,
+                extra_names=extras,
+                extra_values=[_column_values(batch.column(index[name]), plain[name]) for name in extras],
+                problems=b.problems,
             )
-            problems = b.problems
-            row0 = next_row
-            if not problems and numbers is None:
-                for j, values in enumerate(rows):
-                    yield ManifestRow(row0 + j, *values)
-            else:
-                for j, values in enumerate(rows):
-                    found = problems.get(j)
-                    if found:
-                        yield from found
-                    else:
-                        yield ManifestRow(numbers[j] if numbers is not None else row0 + j, *values)
             next_row += n
             next_index += n
     finally:

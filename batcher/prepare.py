@@ -27,9 +27,11 @@ import json
 import logging
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +39,7 @@ from typing import Iterator
 from .children import child_env, module_command, peak_rss_kb
 from .errors import BatcherError, ManifestError
 from .faults import maybe_crash
-from .manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
+from .manifest import ManifestOptions, ManifestRow, RowBlock, RowProblem, read_manifest_blocks
 from .requests import (
     HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, dump_body, file_sha256, image_mime_type,
     request_body, request_hash,
@@ -97,8 +99,7 @@ class _Templates:
 
     def request(self, row: ManifestRow, references: tuple, variant: int) -> tuple:
         """(model, variant, hash, body_json) of one request of a row."""
-        key = (row.model, row.aspect_ratio, row.image_size, row.temperature, row.top_p, row.seed,
-               row.system_instruction, references, variant)
+        key = _shape_key(row, references, variant)
         try:
             shape = self._shapes[key]
         except (KeyError, TypeError):  # TypeError: an unhashable value; no template
@@ -109,6 +110,15 @@ class _Templates:
         p = _encode_str(row.prompt)
         h = hashlib.sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest()
         return row.model, variant, h, body_pre + p + body_post
+
+    def shape(self, row: ManifestRow, references: tuple, variant: int) -> tuple | None:
+        """The template (body before and after the prompt, identity before and after) of requests with `row`'s
+        settings, checked on `row`; None: they have none (each is built and hashed in full)."""
+        self.request(row, references, variant)
+        try:
+            return self._shapes.get(_shape_key(row, references, variant))
+        except TypeError:  # an unhashable value
+            return None
 
     @staticmethod
     def _req(row: ManifestRow, references: tuple, variant: int, prompt: str) -> ImageRequest:
@@ -147,6 +157,11 @@ class _Templates:
 
 
 
+def _shape_key(row: ManifestRow, references: tuple, variant: int) -> tuple:
+    return (row.model, row.aspect_ratio, row.image_size, row.temperature, row.top_p, row.seed,
+            row.system_instruction, references, variant)
+
+
 _encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) writes
 _EXTRA_JSON = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(extra, default=str, ensure_ascii=False)
 
@@ -156,18 +171,45 @@ def extra_json(extra: dict) -> str:
     usually hold (text, integers, nulls, booleans); anything else goes through the encoder."""
     parts = []
     for key, value in extra.items():
-        kind = type(value)
-        if type(key) is not str:  # a column name is text; anything else as json.dumps writes it
+        text = _value_json(value)
+        if text is None or type(key) is not str:  # a column name is text; anything else as json.dumps writes it
             return _EXTRA_JSON.encode(extra)
-        if kind is str:
-            parts.append(f"{_encode_str(key)}: {_encode_str(value)}")
-        elif kind is int:
-            parts.append(f"{_encode_str(key)}: {int.__repr__(value)}")
-        elif value is None or kind is bool:
-            parts.append(f"{_encode_str(key)}: {_JSON_CONSTANTS[value]}")
-        else:
-            return _EXTRA_JSON.encode(extra)
+        parts.append(f"{_encode_str(key)}: {text}")
     return "{" + ", ".join(parts) + "}"
+
+
+def extras_json(names: list[str], columns: list[list], n: int) -> list[str | None]:
+    """Per row of a block of `n` rows, its extra columns (`names`, each one's values) as extra_json writes
+    them, or None if there are none."""
+    if not names:
+        return [None] * n
+    if not all(type(name) is str for name in names):
+        return [extra_json(dict(zip(names, values))) for values in zip(*columns)]
+    texts = []
+    for name, values in zip(names, columns):
+        if set(map(type, values)) == {str}:
+            column = [_encode_str(v) for v in values]
+        else:
+            column = [_value_json(v) for v in values]
+            if None in column:
+                return [extra_json(dict(zip(names, values))) for values in zip(*columns)]
+        key = _encode_str(name) + ": "
+        texts.append([key + text for text in column])
+    if len(texts) == 1:
+        return ["{" + text + "}" for text in texts[0]]
+    return ["{" + ", ".join(parts) + "}" for parts in zip(*texts)]
+
+
+def _value_json(value) -> str | None:
+    """json.dumps(value, ensure_ascii=False) for text, integers, booleans and null; None for anything else."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None or kind is bool:
+        return _JSON_CONSTANTS[value]
+    return None
 
 
 _JSON_CONSTANTS = {None: "null", True: "true", False: "false"}
@@ -203,46 +245,130 @@ class PreparedBatch:
 
 
 def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
-                     cache_root: str | None = None) -> Iterator[PreparedBatch]:
+                     cache_root: str | None = None, list_cache_ahead: bool = False) -> Iterator[PreparedBatch]:
     """The manifest's rows, prepared, `batch_rows` valid rows at a time (problems in between ride along).
-    With `cache_root` (a plain local cache), whether each request's image is in it, too."""
+    With `cache_root` (a plain local cache), whether each request's image is in it, too; `list_cache_ahead`:
+    list the whole cache from the start, in a thread, while the first rows are read (a large manifest's
+    requests touch every prefix dir anyway).
+
+    A block of rows that all share their settings (no problems, no per-row settings or references: the usual
+    nightly manifest) is prepared a column at a time; any other block a row at a time. Both give the same
+    batches (tests/test_planning.py compares them)."""
     templates = _Templates()
     lookup = StoreLookup(ImageStore(cache_root)) if cache_root is not None else None
-    rows: list[tuple] = []  # a tuple per row and per request, made into columns per batch (fewer appends)
-    reqs: list[tuple] = []
-    problems: list[tuple[int, RowProblem]] = []
-    for item in read_manifest(manifest, options):
-        if isinstance(item, RowProblem):
-            problems.append((len(rows), item))
+    if lookup is not None and list_cache_ahead:
+        lookup.list_ahead()
+    out = _Batches(batch_rows, lookup)
+    for block in read_manifest_blocks(manifest, options, MANIFEST_BLOCK_ROWS):
+        shapes = _shared_shapes(block, templates) if COLUMNS_AT_A_TIME else None
+        if shapes is None:
+            for item in block.items():
+                out.add(item, refs, templates, manifest)
+                if out.full():
+                    yield out.take()
             continue
+        hashes, bodies = _requests_of_prompts(block.prompts, shapes)
+        extras = extras_json(block.extra_names, block.extra_values, block.n)
+        start = 0
+        while start < block.n:
+            stop = min(block.n, start + out.room())
+            out.add_shared(block, start, stop, hashes, bodies, extras)
+            start = stop
+            if out.full():
+                yield out.take()
+    if out.rows or out.problems:
+        yield out.take()
+
+
+COLUMNS_AT_A_TIME = True  # False: every block a row at a time (tests compare the two)
+MANIFEST_BLOCK_ROWS = 65536  # rows per block read from the manifest
+
+
+def _shared_shapes(block: RowBlock, templates: _Templates) -> list[tuple] | None:
+    """When every row of the block has the same settings and no problems: the template of each variant's
+    requests. None: the block goes a row at a time."""
+    if block.problems or block.references is not None or block.n == 0:
+        return None
+    if any(values is not None for values in block.settings.values()):
+        return None
+    first = block.row(0)
+    shapes = [templates.shape(first, (), v) for v in range(first.variants)]
+    return None if None in shapes else shapes
+
+
+def _requests_of_prompts(prompts: list[str], shapes: list[tuple]) -> tuple[list[list[str]], list[list[str]]]:
+    """Per variant (each one's template), the hash and body JSON of each prompt's request."""
+    encoded = [_encode_str(p) for p in prompts]
+    sha256 = hashlib.sha256
+    hashes, bodies = [], []
+    for body_pre, body_post, ident_pre, ident_post in shapes:
+        hashes.append([sha256((ident_pre + p + ident_post).encode("utf-8")).hexdigest() for p in encoded])
+        bodies.append([body_pre + p + body_post for p in encoded])
+    return hashes, bodies
+
+
+class _Batches:
+    """Prepared rows and requests, gathered into batches of `batch_rows` valid rows: a tuple per row and per
+    request, made into columns per batch (fewer appends than a list per column)."""
+
+    def __init__(self, batch_rows: int, lookup: StoreLookup | None):
+        self.batch_rows, self.lookup = batch_rows, lookup
+        self.rows: list[tuple] = []
+        self.reqs: list[tuple] = []
+        self.problems: list[tuple[int, RowProblem]] = []
+
+    def room(self) -> int:
+        return self.batch_rows - len(self.rows)
+
+    def full(self) -> bool:
+        return len(self.rows) >= self.batch_rows
+
+    def add(self, item: ManifestRow | RowProblem, refs: References, templates: _Templates, manifest) -> None:
+        """One row (or problem) of the manifest."""
+        if isinstance(item, RowProblem):
+            self.problems.append((len(self.rows), item))
+            return
         try:
             references = tuple(refs.get(p) for p in item.reference_images)
         except OSError as exc:
-            problems.append((len(rows), RowProblem(str(manifest), item.row, "reference_images", None,
-                                                   f"cannot read reference image: {exc}")))
-            continue
-        owner = len(rows)
-        rows.append((item.row, item.id, item.prompt, extra_json(item.extra) if item.extra else None,
-                     references, item.variants))
+            self.problems.append((len(self.rows), RowProblem(str(manifest), item.row, "reference_images", None,
+                                                             f"cannot read reference image: {exc}")))
+            return
+        owner = len(self.rows)
+        self.rows.append((item.row, item.id, item.prompt, extra_json(item.extra) if item.extra else None,
+                          references, item.variants))
         for v in range(item.variants):
             model, variant, h, body = templates.request(item, references, v)
-            reqs.append((owner, model, variant, h, body, item.image_size))
-        if len(rows) >= batch_rows:
-            yield _columns(rows, reqs, problems, lookup)
-            rows, reqs, problems = [], [], []
-    if rows or problems:
-        yield _columns(rows, reqs, problems, lookup)
+            self.reqs.append((owner, model, variant, h, body, item.image_size))
 
+    def add_shared(self, block: RowBlock, start: int, stop: int, hashes: list[list[str]], bodies: list[list[str]],
+                   extras: list[str | None]) -> None:
+        """Rows [start, stop) of a block whose rows share their settings (_shared_shapes), with their
+        requests' hashes and bodies per variant and their extra columns' JSON."""
+        k = stop - start
+        first = len(self.rows)
+        model, size, variants = block.defaults["model"], block.defaults["image_size"], block.defaults["variants"]
+        numbers = block.numbers[start:stop] if block.numbers is not None else range(block.row0 + start, block.row0 + stop)
+        self.rows.extend(zip(numbers, block.ids[start:stop], block.prompts[start:stop], extras[start:stop],
+                             itertools.repeat((), k), itertools.repeat(variants, k)))
+        if variants == 1:
+            self.reqs.extend(zip(range(first, first + k), itertools.repeat(model, k), itertools.repeat(0, k),
+                                 hashes[0][start:stop], bodies[0][start:stop], itertools.repeat(size, k)))
+            return
+        for j in range(start, stop):
+            owner = first + j - start
+            self.reqs.extend((owner, model, v, hashes[v][j], bodies[v][j], size) for v in range(variants))
 
-def _columns(rows: list[tuple], reqs: list[tuple], problems: list, lookup: StoreLookup | None) -> PreparedBatch:
-    b = PreparedBatch(problems=problems)
-    if rows:
-        b.rows, b.ids, b.prompts, b.extras, b.references, b.variants = map(list, zip(*rows))
-    if reqs:
-        b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes = map(list, zip(*reqs))
-        if lookup is not None:
-            b.cached = lookup.has_all(b.hashes)
-    return b
+    def take(self) -> PreparedBatch:
+        b = PreparedBatch(problems=self.problems)
+        if self.rows:
+            b.rows, b.ids, b.prompts, b.extras, b.references, b.variants = map(list, zip(*self.rows))
+        if self.reqs:
+            b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes = map(list, zip(*self.reqs))
+            if self.lookup is not None:
+                b.cached = self.lookup.has_all(b.hashes)
+        self.rows, self.reqs, self.problems = [], [], []
+        return b
 
 
 def batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
@@ -312,20 +438,59 @@ def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_row
             proc.stdout.close()
 
 
+class _Sender:
+    """Messages to the planner, pickled here and written by a thread, up to AHEAD batches ahead: preparing goes
+    on while the planner is busy writing (a pipe holds 64 KB, a batch ~2 MB), so it never waits for a block of
+    rows to be read and hashed."""
+
+    AHEAD = 8
+
+    def __init__(self, out):
+        self.out = out
+        self.queue: queue.Queue[bytes | None] = queue.Queue(self.AHEAD)
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._write, name="batcher-prepare-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, message: tuple) -> None:
+        if self.failed is not None:
+            raise self.failed
+        self.queue.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.failed is not None:
+            raise self.failed
+
+    def _write(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.failed is None:
+                try:
+                    self.out.write(data)
+                except BaseException as exc:  # the planner stopped reading: say so to the sender, drain the queue
+                    self.failed = exc
+        if self.failed is None:
+            try:
+                self.out.flush()
+            except BaseException as exc:
+                self.failed = exc
+
+
 def _child_main() -> None:
     # Millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them (~20 % of the time).
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the planner's to handle; it stops us
     manifest, options, batch_rows, cache_root = pickle.load(sys.stdin.buffer)
-    out = sys.stdout.buffer
+    sender = _Sender(sys.stdout.buffer)
     try:
-        for b in prepared_batches(manifest, options, References(), batch_rows, cache_root):
+        for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, list_cache_ahead=True):
             maybe_crash("prepare")  # test hook: see batcher/faults.py
-            pickle.dump(("batch", b), out, protocol=pickle.HIGHEST_PROTOCOL)
+            sender.send(("batch", b))
     except ManifestError as exc:
-        pickle.dump(("manifest-error", str(exc), exc.problems), out, protocol=pickle.HIGHEST_PROTOCOL)
-    pickle.dump(("done", peak_rss_kb()), out, protocol=pickle.HIGHEST_PROTOCOL)
-    out.flush()
+        sender.send(("manifest-error", str(exc), exc.problems))
+    sender.send(("done", peak_rss_kb()))
+    sender.close()
 
 
 if __name__ == "__main__":

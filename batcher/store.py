@@ -224,6 +224,24 @@ class StoreLookup:
         self.one_by_one = self.root is None and self.list_dir is None
         self.dirs: dict[str, set[str]] = {}
         self.listed = 0
+        self._ahead = None  # a thread listing every prefix dir (list_ahead)
+
+    def list_ahead(self) -> None:
+        """Start listing every prefix dir, in a thread (os.listdir lets other threads run meanwhile). Lookups wait
+        for it to end; a prefix it could not list is listed again when it is asked for (and fails there)."""
+        import threading  # here: the decoder processes import this module, and need no threads
+
+        if not self.one_by_one and self._ahead is None:
+            self._ahead = threading.Thread(target=self._list_every_prefix, name="batcher-cache-listing", daemon=True)
+            self._ahead.start()
+
+    def _list_every_prefix(self) -> None:
+        for i in range(256):
+            if self.listed >= MAX_LISTED_HASHES:
+                return
+            prefix = f"{i:02x}"
+            hashes = self.dirs[prefix] = self._hashes_in(prefix)
+            self.listed += len(hashes)
 
     def has(self, h: str) -> bool:
         hashes = self._listing(h[:2])
@@ -238,6 +256,9 @@ class StoreLookup:
 
     def _listing(self, prefix: str) -> set[str] | None:
         """The hashes with an image under `prefix` (listed on first use), or None: ask the store one by one."""
+        if self._ahead is not None:
+            self._ahead.join()
+            self._ahead = None
         hashes = self.dirs.get(prefix)
         if hashes is None and not self.one_by_one and self.listed < MAX_LISTED_HASHES:
             hashes = self.dirs[prefix] = self._hashes_in(prefix)

@@ -363,6 +363,9 @@ def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     assert lookup.has(png_hash) and lookup.has(jpg_hash) and not lookup.has(temp_hash) and not lookup.has(absent)
     hashes = [absent, png_hash, temp_hash, jpg_hash, png_hash]
     assert _StoreLookup(store).has_all(hashes) == [store.has(h) for h in hashes] == [False, True, False, True, True]
+    ahead = _StoreLookup(store)
+    ahead.list_ahead()  # all 256 prefix dirs, listed in a thread while the caller goes on
+    assert ahead.has_all(hashes) == [False, True, False, True, True] and len(ahead.dirs) == 256
 
 
 def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeypatch):
@@ -380,3 +383,7 @@ def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeyp
     batched = store_mod.StoreLookup(store)
     assert batched.has_all(hashes) == [i % 2 == 0 for i in range(len(hashes))]
     assert len(batched.dirs) == 1 and batched.listed == 2
+    ahead = store_mod.StoreLookup(store)
+    ahead.list_ahead()  # every prefix dir, in a thread: it stops at the limit too
+    assert ahead.has_all(hashes) == [i % 2 == 0 for i in range(len(hashes))]
+    assert list(ahead.dirs) == ["00"] and ahead.listed == 2

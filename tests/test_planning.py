@@ -263,3 +263,45 @@ def test_extra_columns_are_stored_as_json_dumps_writes_them(value):
 
     for extra in ({"colour": value}, {"ü \"name\"": value, "after": "x"}, {"before": 1, "colour": value}):
         assert prepare.extra_json(extra) == json.dumps(extra, default=str, ensure_ascii=False)
+
+
+def _prepared(monkeypatch, manifest, options: ManifestOptions, cache, columns: bool) -> list:
+    monkeypatch.setattr(prepare, "COLUMNS_AT_A_TIME", columns)
+    return list(prepare.prepared_batches(manifest, options, prepare.References(), 7, str(cache)))
+
+
+@pytest.mark.parametrize("options", [ManifestOptions(), ManifestOptions(variants=3, temperature=0.4, aspect_ratio="16:9")])
+def test_rows_that_share_their_settings_are_prepared_a_column_at_a_time_as_a_row_at_a_time(tmp_path, monkeypatch, options):
+    """A block of rows with the same settings and no problems is prepared from its columns: same batches (rows,
+    requests, hashes, bodies, extra columns' JSON, cache hits, problems, batch cuts) as row by row, whether
+    blocks are uniform or not, in Parquet (typed extra columns) or CSV (a quoted prompt over two lines)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare, "MANIFEST_BLOCK_ROWS", 16)  # several blocks, cut across batches of 7 rows
+    n = 60
+    prompts = [f"a prompt with ünïcode \"{i % 23}\"\\ {'😀' * (i % 2)}" for i in range(n)]
+    prompts[37] = ""  # a bad row: its block goes row by row, the others a column at a time
+    parquet = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": [f"r{i}" for i in range(n)], "prompt": prompts,
+        "label": [None if i % 5 == 0 else f"l{i}\n\t" for i in range(n)],
+        "count": pa.array([None if i % 7 == 0 else i - 30 for i in range(n)], pa.int64()),
+        "flag": [i % 3 == 0 for i in range(n)],
+        "score": [i / 7 if i >= 48 else None for i in range(n)],  # floats (the last block): not extra_json's own kinds
+    }), parquet)
+    rows = [[f"r{i}", prompts[i] if i != 12 else "two\nlines", f"c{i % 4}"] for i in range(n)]
+    csv = write_csv(tmp_path / "m.csv", ["id", "prompt", "colour"], rows)
+    bare = write_csv(tmp_path / "bare.csv", ["prompt"], [[p] for p in prompts[:20]])  # no id, no extra columns
+    for manifest in (parquet, csv, bare):
+        cache = tmp_path / f"cache-{manifest.name}"
+        store = ImageStore(cache)
+        by_row = _prepared(monkeypatch, manifest, options, cache, columns=False)
+        hits = {b.hashes[0] for b in by_row[:2]}
+        for h in hits:
+            store.put(h, png_bytes())  # some cache hits
+        by_row = _prepared(monkeypatch, manifest, options, cache, columns=False)
+        by_column = _prepared(monkeypatch, manifest, options, cache, columns=True)
+        assert by_column == by_row, manifest
+        assert [c for b in by_row for c in b.cached] == [h in hits for b in by_row for h in b.hashes] and len(hits) == 2
+        assert sum(len(b.problems) for b in by_row) == (0 if manifest == bare else 1)  # the empty prompt
