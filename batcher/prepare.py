@@ -8,7 +8,7 @@ for a tuple per row), and the same batches come from either path. The cache look
 are made here too (in the child, for a large manifest).
 
 Protocol: pickle frames on the child's stdin and stdout (between two copies of this same code).
-    -> (manifest, options, batch_rows, cache_root)
+    -> (manifest, options, batch_rows, cache_root, measure)
     <- ("batch", PreparedBatch) ...
     <- ("manifest-error", message, problems)    (instead of the rest)
     <- ("done", peak_rss_kb)
@@ -40,6 +40,7 @@ from .children import child_env, module_command, peak_rss_kb
 from .errors import BatcherError, ManifestError
 from .faults import maybe_crash
 from .manifest import ManifestOptions, ManifestRow, RowBlock, RowProblem, read_manifest_blocks
+from .packing import measure_body
 from .requests import (
     HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, dump_body, file_sha256, image_mime_type,
     request_body, request_hash,
@@ -235,6 +236,7 @@ class PreparedBatch:
     bodies: list[str] = field(default_factory=list)
     sizes: list[str | None] = field(default_factory=list)  # per request: its image size (None: the model's default)
     cached: list[bool] = field(default_factory=list)  # per request, when asked: is its image in the cache
+    measures: list[tuple | None] = field(default_factory=list)  # when asked: packing.measure_body, None for a cache hit
     problems: list[tuple[int, RowProblem]] = field(default_factory=list)
 
     def requests(self, start: int = 0, stop: int | None = None) -> list[tuple]:
@@ -245,11 +247,13 @@ class PreparedBatch:
 
 
 def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
-                     cache_root: str | None = None, list_cache_ahead: bool = False) -> Iterator[PreparedBatch]:
+                     cache_root: str | None = None, measure: bool = False,
+                     list_cache_ahead: bool = False) -> Iterator[PreparedBatch]:
     """The manifest's rows, prepared, `batch_rows` valid rows at a time (problems in between ride along).
     With `cache_root` (a plain local cache), whether each request's image is in it, too; `list_cache_ahead`:
     list the whole cache from the start, in a thread, while the first rows are read (a large manifest's
-    requests touch every prefix dir anyway).
+    requests touch every prefix dir anyway). `measure`: what each request that is not a cache hit counts
+    against a job's limits (for a plan that shards as it loads).
 
     A block of rows that all share their settings (no problems, no per-row settings or references: the usual
     nightly manifest) is prepared a column at a time; any other block a row at a time. Both give the same
@@ -258,7 +262,7 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
     lookup = StoreLookup(ImageStore(cache_root)) if cache_root is not None else None
     if lookup is not None and list_cache_ahead:
         lookup.list_ahead()
-    out = _Batches(batch_rows, lookup)
+    out = _Batches(batch_rows, lookup, measure)
     for block in read_manifest_blocks(manifest, options, MANIFEST_BLOCK_ROWS):
         shapes = _shared_shapes(block, templates) if COLUMNS_AT_A_TIME else None
         if shapes is None:
@@ -311,8 +315,8 @@ class _Batches:
     """Prepared rows and requests, gathered into batches of `batch_rows` valid rows: a tuple per row and per
     request, made into columns per batch (fewer appends than a list per column)."""
 
-    def __init__(self, batch_rows: int, lookup: StoreLookup | None):
-        self.batch_rows, self.lookup = batch_rows, lookup
+    def __init__(self, batch_rows: int, lookup: StoreLookup | None, measure: bool):
+        self.batch_rows, self.lookup, self.measure = batch_rows, lookup, measure
         self.rows: list[tuple] = []
         self.reqs: list[tuple] = []
         self.problems: list[tuple[int, RowProblem]] = []
@@ -367,16 +371,19 @@ class _Batches:
             b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes = map(list, zip(*self.reqs))
             if self.lookup is not None:
                 b.cached = self.lookup.has_all(b.hashes)
+            if self.measure:
+                b.measures = [None if hit else measure_body(model, body, size) for model, body, size, hit
+                              in zip(b.models, b.bodies, b.sizes, b.cached or itertools.repeat(False))]
         self.rows, self.reqs, self.problems = [], [], []
         return b
 
 
 def batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
-            cache_root: str | None = None) -> Iterator[PreparedBatch]:
+            cache_root: str | None = None, measure: bool = False) -> Iterator[PreparedBatch]:
     """prepared_batches, from a child process when that is faster (see module doc)."""
     if use_child(manifest):
-        return batches_from_child(manifest, options, batch_rows, cache_root)
-    return prepared_batches(manifest, options, refs, batch_rows, cache_root)
+        return batches_from_child(manifest, options, batch_rows, cache_root, measure)
+    return prepared_batches(manifest, options, refs, batch_rows, cache_root, measure)
 
 
 def use_child(manifest) -> bool:
@@ -410,12 +417,12 @@ def estimated_rows(manifest: os.PathLike) -> int:
 
 
 def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_rows: int,
-                       cache_root: str | None = None) -> Iterator[PreparedBatch]:
+                       cache_root: str | None = None, measure: bool = False) -> Iterator[PreparedBatch]:
     proc = subprocess.Popen(module_command("prepare"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=child_env(), close_fds=True)
     try:
         assert proc.stdin is not None and proc.stdout is not None
-        pickle.dump((manifest, options, batch_rows, cache_root), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((manifest, options, batch_rows, cache_root, measure), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         proc.stdin.close()
         while True:
             try:
@@ -481,10 +488,11 @@ def _child_main() -> None:
     # Millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them (~20 % of the time).
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the planner's to handle; it stops us
-    manifest, options, batch_rows, cache_root = pickle.load(sys.stdin.buffer)
+    manifest, options, batch_rows, cache_root, measure = pickle.load(sys.stdin.buffer)
     sender = _Sender(sys.stdout.buffer)
     try:
-        for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, list_cache_ahead=True):
+        for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, measure,
+                                      list_cache_ahead=True):
             maybe_crash("prepare")  # test hook: see batcher/faults.py
             sender.send(("batch", b))
     except ManifestError as exc:
