@@ -224,24 +224,33 @@ class StoreLookup:
         self.one_by_one = self.root is None and self.list_dir is None
         self.dirs: dict[str, set[str]] = {}
         self.listed = 0
-        self._ahead = None  # a thread listing every prefix dir (list_ahead)
+        self._ahead: list = []  # threads listing every prefix dir (list_ahead)
 
-    def list_ahead(self) -> None:
-        """Start listing every prefix dir, in a thread (os.listdir lets other threads run meanwhile). Lookups wait
-        for it to end; a prefix it could not list is listed again when it is asked for (and fails there)."""
+    def list_ahead(self, threads: int = 2) -> None:
+        """Start listing every prefix dir, in `threads` threads (os.listdir lets other threads run; two list ~1.5x
+        faster than one). Lookups wait for them to end; a prefix they could not list is listed again when it is
+        asked for (and fails there)."""
         import threading  # here: the decoder processes import this module, and need no threads
 
-        if not self.one_by_one and self._ahead is None:
-            self._ahead = threading.Thread(target=self._list_every_prefix, name="batcher-cache-listing", daemon=True)
-            self._ahead.start()
+        if self.one_by_one or self._ahead:
+            return
+        lock = threading.Lock()
+        prefixes = [f"{i:02x}" for i in range(256)]
+        self._ahead = [threading.Thread(target=self._list_prefixes, args=(prefixes[k::threads], lock),
+                                        name=f"batcher-cache-listing-{k}", daemon=True) for k in range(threads)]
+        for thread in self._ahead:
+            thread.start()
 
-    def _list_every_prefix(self) -> None:
-        for i in range(256):
+    def _list_prefixes(self, prefixes: list[str], lock) -> None:
+        for prefix in prefixes:
             if self.listed >= MAX_LISTED_HASHES:
                 return
-            prefix = f"{i:02x}"
-            hashes = self.dirs[prefix] = self._hashes_in(prefix)
-            self.listed += len(hashes)
+            hashes = self._hashes_in(prefix)
+            with lock:
+                if self.listed >= MAX_LISTED_HASHES:
+                    return
+                self.dirs[prefix] = hashes
+                self.listed += len(hashes)
 
     def has(self, h: str) -> bool:
         hashes = self._listing(h[:2])
@@ -256,9 +265,8 @@ class StoreLookup:
 
     def _listing(self, prefix: str) -> set[str] | None:
         """The hashes with an image under `prefix` (listed on first use), or None: ask the store one by one."""
-        if self._ahead is not None:
-            self._ahead.join()
-            self._ahead = None
+        while self._ahead:
+            self._ahead.pop().join()
         hashes = self.dirs.get(prefix)
         if hashes is None and not self.one_by_one and self.listed < MAX_LISTED_HASHES:
             hashes = self.dirs[prefix] = self._hashes_in(prefix)
