@@ -445,6 +445,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     hit = [h for i, h in enumerate(hashes) if i % 100 != 0]  # 99 %
     t0 = time.time()
     populate_cache(d / "cacheB", hit)
+    os.sync()  # a real cache was written nights ago: its writeback must not land on the measured re-plan
     print(f"  cache pre-populated with {len(hit):,} images in {time.time() - t0:.1f} s", flush=True)
     replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER, "submit", str(manifest), "--dry-run", "-v",
                                                                  "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")], env,
