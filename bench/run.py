@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 PY = sys.executable
 BATCHER = [PY, "-m", "batcher.cli"]
+# batcher, printing its own peak RSS (VmHWM) at exit: /usr/bin/time reports the largest peak among a process and the
+# children it waited for (wait4), so for a command with helper processes it cannot tell the command's own peak.
+BATCHER_OWN_RSS = [PY, "-c", "import atexit, sys; from batcher.children import peak_rss_kb; "
+                   "atexit.register(lambda: print(f'bench: own peak RSS {peak_rss_kb()} kB', file=sys.stderr)); "
+                   "from batcher.cli import main; main(sys.argv[1:], prog_name='batcher')"]
 TIME = shutil.which("time") or "/usr/bin/time"
 IMAGE_BYTES = 1_500_000
 API_KEY = "x"
@@ -74,8 +79,10 @@ def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | No
     note = ""
     if helpers_rss is not None:
         helpers = helpers_rss(p.stderr)
-        res["main_peak_rss_mb"], res["helpers_peak_rss_mb"] = res["peak_rss_mb"], helpers
-        res["peak_rss_mb"] = round(res["peak_rss_mb"] + sum(helpers), 1)
+        own = re.findall(r"bench: own peak RSS ([0-9]+) kB", p.stderr)  # BATCHER_OWN_RSS; else time's figure
+        res["main_peak_rss_mb"] = round(int(own[-1]) / 1024, 1) if own else res["peak_rss_mb"]
+        res["helpers_peak_rss_mb"] = helpers
+        res["peak_rss_mb"] = round(res["main_peak_rss_mb"] + sum(helpers), 1)
         note = f"  (sum: main {res['main_peak_rss_mb']:.0f} + helpers {' + '.join(f'{h:.0f}' for h in helpers) or 'none'})"
     print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  rc={p.returncode}{note}", flush=True)
     return res
@@ -329,7 +336,7 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
                                           worker("naive", emu.url, file_name, str(d / "naive"))))
             shutil.rmtree(d / "naive", ignore_errors=True)
             # -v: collect logs its decoder processes' peak RSS (summed with its own; /usr/bin/time sees one process)
-            runs["collect"].append(measured("batcher collect" + tag, [*BATCHER, "collect", *common[i], "-v",
+            runs["collect"].append(measured("batcher collect" + tag, [*BATCHER_OWN_RSS, "collect", *common[i], "-v",
                                                                       "--out", str(d / f"dataset{i}")], env,
                                             helpers_rss=decoders_rss))
             images = sum(1 for _ in (d / f"cache{i}").rglob("*.png"))
@@ -430,7 +437,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     write_manifest_parquet(manifest, rows)
     print(f"  manifest built in {time.time() - t0:.1f} s ({manifest.stat().st_size / 1e6:.1f} MB)", flush=True)
     env = {"GEMINI_API_KEY": API_KEY}
-    first = measured("submit --dry-run (empty cache)", [*BATCHER, "submit", str(manifest), "--dry-run", "-v",
+    first = measured("submit --dry-run (empty cache)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v",
                                                          "--workdir", str(d / "wd1"), "--cache-dir", str(d / "cacheA")], env,
                      helpers_rss=prepare_rss)
     floor = measured("ledger floor: plan_manifest on prepared rows", worker("ledger_floor", str(d / "floor"), str(rows)))
@@ -447,7 +454,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     populate_cache(d / "cacheB", hit)
     os.sync()  # a real cache was written nights ago: its writeback must not land on the measured re-plan
     print(f"  cache pre-populated with {len(hit):,} images in {time.time() - t0:.1f} s", flush=True)
-    replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER, "submit", str(manifest), "--dry-run", "-v",
+    replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v",
                                                                  "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")], env,
                       helpers_rss=prepare_rss)
     con = sqlite3.connect(d / "wd2" / "ledger.sqlite")
