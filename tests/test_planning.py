@@ -305,3 +305,25 @@ def test_rows_that_share_their_settings_are_prepared_a_column_at_a_time_as_a_row
         assert by_column == by_row, manifest
         assert [c for b in by_row for c in b.cached] == [h in hits for b in by_row for h in b.hashes] and len(hits) == 2
         assert sum(len(b.problems) for b in by_row) == (0 if manifest == bare else 1)  # the empty prompt
+
+
+@pytest.mark.parametrize("bound", [None, 3])
+def test_a_plan_into_a_ledger_that_holds_requests_counts_its_distinct_requests(tmp_path, monkeypatch, bound):
+    """A run's distinct requests are counted as its rows load (past the bound, in SQL): the same figure as
+    COUNT(DISTINCT) over its rows, with rows sharing requests, a request of another run, and a duplicate id."""
+    from batcher import planner
+
+    if bound is not None:
+        monkeypatch.setattr(planner, "INLINE_MAX_REQUESTS", bound)
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, None, write_csv(tmp_path / "a.csv", ["id", "prompt"], [["x", "shared"], ["y", "only a"]]),
+                  ManifestOptions())
+    rows = [[f"r{i}", "shared" if i % 5 == 0 else f"prompt {i % 7}"] for i in range(30)]
+    rows[9][0] = "r2"  # a duplicate id: its batch goes a row at a time
+    result = plan_manifest(ledger, None, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions(),
+                           skip_invalid=True)
+    c = ledger.conn
+    distinct = c.execute("SELECT COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?", (result.run_id,)).fetchone()[0]
+    assert result.requests == distinct == 8 and result.rejected == 1
+    assert c.execute("SELECT request_count FROM runs WHERE id=?", (result.run_id,)).fetchone()[0] == distinct
