@@ -245,7 +245,10 @@ class StoreLookup:
         for prefix in prefixes:
             if self.listed >= MAX_LISTED_HASHES:
                 return
-            hashes = self._hashes_in(prefix)
+            try:
+                hashes = self._hashes_in(prefix)
+            except OSError:  # left unlisted: listed again if a request asks for it, which reports the error there
+                continue
             with lock:
                 if self.listed >= MAX_LISTED_HASHES:
                     return

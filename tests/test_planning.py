@@ -327,3 +327,70 @@ def test_a_plan_into_a_ledger_that_holds_requests_counts_its_distinct_requests(t
     distinct = c.execute("SELECT COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?", (result.run_id,)).fetchone()[0]
     assert result.requests == distinct == 8 and result.rejected == 1
     assert c.execute("SELECT request_count FROM runs WHERE id=?", (result.run_id,)).fetchone()[0] == distinct
+
+
+def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_and_never_queued(tmp_path, monkeypatch):
+    """Asked one hash at a time (a cache past its listing limit), an image pruned while the plan runs makes a
+    request a hit in its first batch and a miss in a later one: it stays the first batch's cache hit, in no
+    job, and every job holds exactly the requests it counts (its JSONL can be written)."""
+    from batcher import planner, store as store_mod
+    from batcher.jobs import write_jsonl
+
+    monkeypatch.setattr(store_mod, "MAX_LISTED_HASHES", 0)
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 5)
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
+    prompts = ["shared"] + [f"p{i}" for i in range(1, 12)] + ["shared"]  # rows 1 and 13: batches 1 and 3
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", p] for i, p in enumerate(prompts)])
+    store = ImageStore(tmp_path / "cache")
+    shared = next(prepare.prepared_batches(m, ManifestOptions(), prepare.References(), 100)).hashes[0]
+    image = store.put(shared, png_bytes())
+    real_batches = planner.batches
+
+    def pruned_after_the_first(*args, **kwargs):
+        for k, b in enumerate(real_batches(*args, **kwargs)):
+            yield b
+            if k == 0:
+                image.unlink()
+
+    monkeypatch.setattr(planner, "batches", pruned_after_the_first)
+    ledger = Ledger(tmp_path / "wd")
+    result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=ShardLimits(max_requests=100))
+    c = ledger.conn
+    assert [tuple(r) for r in c.execute("SELECT state, cached, job_id FROM requests WHERE hash=?", (shared,))] == \
+        [("succeeded", 1, None)]
+    assert result.jobs and result.cache_hits == 1
+    for job_id in result.jobs:
+        job = ledger.job(job_id)
+        queued = c.execute("SELECT COUNT(*) FROM requests WHERE job_id=? AND state='queued'", (job_id,)).fetchone()[0]
+        members = c.execute("SELECT COUNT(*) FROM job_requests WHERE job_id=?", (job_id,)).fetchone()[0]
+        assert job["request_count"] == queued == members == 11
+        write_jsonl(ledger, job_id, {})
+
+
+def test_requests_keep_manifest_order_with_cache_hits_among_them(tmp_path, monkeypatch):
+    """Requests go into the ledger in manifest order, cache hits among the rest: re-planned later (--refresh),
+    `shard` packs them by rowid, so each job's JSONL still follows the manifest."""
+    import json
+
+    from batcher import planner
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 7)
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"p{i}"] for i in range(30)])
+    store = ImageStore(tmp_path / "cache")
+    probe = Ledger(tmp_path / "probe")
+    plan_manifest(probe, None, m, ManifestOptions())
+    for (h,) in probe.conn.execute("SELECT hash FROM requests ORDER BY rowid").fetchall()[::3]:
+        store.put(h, png_bytes())  # every third request is a cache hit
+    for sharded in (False, True):
+        ledger = Ledger(tmp_path / f"wd-{sharded}")
+        limits = {"shard_limits": ShardLimits(max_requests=10)} if sharded else {}
+        assert plan_manifest(ledger, store, m, ManifestOptions(), **limits).cache_hits == 10
+        prompts = [json.loads(b)["contents"][0]["parts"][0]["text"]
+                   for (b,) in ledger.conn.execute("SELECT body_json FROM requests ORDER BY rowid")]
+        assert prompts == [f"p{i}" for i in range(30)]
+        plan_manifest(ledger, store, m, ManifestOptions(), refresh=True)
+        jobs = shard(ledger, ShardLimits(max_requests=10))
+        first = [json.loads(b)["contents"][0]["parts"][0]["text"] for (b,) in ledger.conn.execute(
+            "SELECT body_json FROM requests WHERE job_id=? ORDER BY rowid", (jobs[0],))]
+        # Sharded as it loaded, the misses are in that plan's jobs: the re-planned hits make the new one.
+        assert first == ([f"p{i}" for i in range(0, 30, 3)] if sharded else [f"p{i}" for i in range(10)])
