@@ -154,8 +154,13 @@ class _BulkPlanner:
             return seq, 0
         c = self.c
         rows, ids, prompts, extras = b.rows, b.ids, b.prompts, b.extras
-        params = [(run_id, seq + i, rows[o], ids[o], v, h, prompts[o], extras[o])
-                  for i, (o, v, h) in enumerate(zip(b.owners, b.request_variants, b.hashes))]
+        n = len(b.hashes)
+        if n == len(rows):  # a request per row (no variants): the columns line up, zipped in C
+            params = list(zip(itertools.repeat(run_id, n), range(seq, seq + n), rows, ids, b.request_variants,
+                              b.hashes, prompts, extras))
+        else:
+            params = [(run_id, seq + i, rows[o], ids[o], v, h, prompts[o], extras[o])
+                      for i, (o, v, h) in enumerate(zip(b.owners, b.request_variants, b.hashes))]
         c.execute("SAVEPOINT plan_batch")
         try:
             c.executemany(_INSERT_ROW, params)
@@ -211,14 +216,19 @@ class _BulkPlanner:
             self.c.executemany(_INSERT_NEW, [(h, model, body, variant, now, hit) for h, model, body, variant, hit
                                              in zip(hashes, models, bodies, variants, cached)])
             return
-        new = []
-        for h, model, body, variant, hit, size, m in zip(hashes, models, bodies, variants, cached, sizes,
-                                                         measures or itertools.repeat(None)):
-            if h in seen:  # loaded by an earlier batch or row: already recorded (and in its job)
-                continue
-            seen.add(h)  # a hit too: a later copy of it is never queued, even if its image has gone meanwhile
-            job_id = None if hit else inline.assign(model, m or measure_body(model, body, size))
-            new.append((h, model, body, variant, now, job_id))
+        columns = zip(hashes, models, bodies, variants, cached, sizes, measures or itertools.repeat(None))
+        assign = inline.assign
+        if len(set(hashes)) == len(hashes) and seen.isdisjoint(hashes):  # the usual batch: every request new
+            seen.update(hashes)
+            new = [(h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size)))
+                   for h, model, body, variant, hit, size, m in columns]
+        else:
+            new = []
+            for h, model, body, variant, hit, size, m in columns:
+                if h in seen:  # loaded by an earlier batch or row: already recorded (and in its job)
+                    continue
+                seen.add(h)  # a hit too: a later copy of it is never queued, even if its image has gone meanwhile
+                new.append((h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size))))
         self.c.executemany(_INSERT_SHARDED, new)
         if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory
             self.stop_sharding()
