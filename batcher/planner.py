@@ -170,7 +170,8 @@ class _BulkPlanner:
             return self._flush_one_at_a_time(run_id, seq, b, positions, problems, manifest, options)
         c.execute("RELEASE plan_batch")
         if self.fresh:
-            self._record_new(b.models, b.request_variants, b.hashes, b.bodies, b.sizes, b.cached, b.measures)
+            self._record_new(b.models, b.request_variants, b.hashes, b.bodies, b.sizes, b.cached, b.measures,
+                             b.hits_listed)
         else:
             self._record(b.requests())
         return seq + len(params), 0
@@ -197,37 +198,46 @@ class _BulkPlanner:
         for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
             problems.insert(pos, problem)
         if self.fresh:
-            self._record_new(*(list(column) for column in zip(*recorded)) if recorded else [[]] * 6, measures=[])
+            self._record_new(*(list(column) for column in zip(*recorded)) if recorded else [[]] * 6, measures=[],
+                             hits_listed=b.hits_listed)
         else:
             self._record(recorded)
         return s, len(dups)
 
     def _record_new(self, models: list[str], variants: list[int], hashes: list[str], bodies: list[str],
-                    sizes: list[str | None], cached: list[bool | None], measures: list[tuple | None]) -> None:
+                    sizes: list[str | None], cached: list[bool | None], measures: list[tuple | None],
+                    hits_listed: bool) -> None:
         """Record a batch's requests (its columns) in a ledger that held no requests before this plan (every fresh
         workdir): each is new, or an earlier batch's. With `inline`, the ones to generate go into jobs as they load,
-        measured where the rows were prepared (`measures`) or here."""
+        measured where the rows were prepared (`measures`) or here. `hits_listed`: the cache hits came from
+        listings (PreparedBatch.hits_listed), so each is a hit in every batch it is in."""
         if self.refresh:  # --refresh: no cache hits
             cached = [False] * len(hashes)
         elif not cached or cached[0] is None:  # not looked up where the rows were prepared
             cached = self.lookup.has_all(hashes) if self.lookup is not None else [False] * len(hashes)
+            hits_listed = self.lookup is None or self.lookup.from_listings
         now, inline, seen = self.now, self.inline, self.seen
         if inline is None:
             self.c.executemany(_INSERT_NEW, [(h, model, body, variant, now, hit) for h, model, body, variant, hit
                                              in zip(hashes, models, bodies, variants, cached)])
             return
+        # `seen`: the requests recorded so far, so that one is queued in one job once. A cache hit needs to be in it
+        # only if it could be a miss in a later batch (its image pruned meanwhile, asked of the store one by one):
+        # a hit from a listing is a hit every time, and copies of it are left to Ledger.bulk_load (it keeps one).
+        tracked = hashes if not hits_listed else [h for h, hit in zip(hashes, cached) if not hit]
         columns = zip(hashes, models, bodies, variants, cached, sizes, measures or itertools.repeat(None))
         assign = inline.assign
-        if len(set(hashes)) == len(hashes) and seen.isdisjoint(hashes):  # the usual batch: every request new
-            seen.update(hashes)
+        if len(set(tracked)) == len(tracked) and seen.isdisjoint(tracked):  # the usual batch: every request new
+            seen.update(tracked)
             new = [(h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size)))
                    for h, model, body, variant, hit, size, m in columns]
         else:
             new = []
             for h, model, body, variant, hit, size, m in columns:
-                if h in seen:  # loaded by an earlier batch or row: already recorded (and in its job)
+                if h in seen:  # recorded by an earlier batch or row (and in its job)
                     continue
-                seen.add(h)  # a hit too: a later copy of it is never queued, even if its image has gone meanwhile
+                if not (hit and hits_listed):
+                    seen.add(h)
                 new.append((h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size))))
         self.c.executemany(_INSERT_SHARDED, new)
         if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory

@@ -225,6 +225,9 @@ class StoreLookup:
         self.dirs: dict[str, set[str]] = {}
         self.listed = 0
         self._ahead: list = []  # threads listing every prefix dir (list_ahead)
+        # Every answer so far came from a listing: a hash's answer then never changes during this lookup's life
+        # (one asked of the store can, if the cache changes meanwhile).
+        self.from_listings = True
 
     def list_ahead(self, threads: int = 2) -> None:
         """Start listing every prefix dir, in `threads` threads (os.listdir lets other threads run; two list ~1.5x
@@ -274,6 +277,8 @@ class StoreLookup:
         if hashes is None and not self.one_by_one and self.listed < MAX_LISTED_HASHES:
             hashes = self.dirs[prefix] = self._hashes_in(prefix)
             self.listed += len(hashes)
+        if hashes is None:
+            self.from_listings = False
         return hashes
 
     def _hashes_in(self, prefix: str) -> set[str]:
