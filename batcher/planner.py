@@ -60,7 +60,7 @@ INLINE_MAX_REQUESTS = 2_000_000
 
 _INSERT_ROW = "INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)"
 # New requests, in manifest order: (hash, model, body JSON, variant, now, is a cache hit). The state and `cached`
-# come from one bound flag (~0.4 s less per million requests than binding both). OR IGNORE: a request of an
+# come from one bound flag (~0.2 s less per million requests than binding both). OR IGNORE: a request of an
 # earlier batch of this run is left as it is; in a bulk load there is no index to ignore by, and
 # Ledger.bulk_load keeps the first copy.
 _INSERT_NEW = ("INSERT OR IGNORE INTO requests(hash, model, body_json, variant, updated_at, cached, state) "

@@ -252,7 +252,7 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
                      list_cache_ahead: bool = False) -> Iterator[PreparedBatch]:
     """The manifest's rows, prepared, `batch_rows` valid rows at a time (problems in between ride along).
     With `cache_root` (a plain local cache), whether each request's image is in it, too; `list_cache_ahead`:
-    list the whole cache from the start, in a thread, while the first rows are read (a large manifest's
+    list the whole cache from the start, in threads, while the first rows are read (a large manifest's
     requests touch every prefix dir anyway). `measure`: what each request that is not a cache hit counts
     against a job's limits (for a plan that shards as it loads).
 
