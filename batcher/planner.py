@@ -116,6 +116,7 @@ class _BulkPlanner:
         # The run's distinct requests, counted as they load into a ledger that held requests (a fresh ledger's are
         # all of its requests): COUNT(DISTINCT) over a million rows afterwards takes ~4 s. None: past the bound.
         self.run_hashes: set[str] | None = set()
+        self.bulk = False  # loading into an empty ledger without its indexes (Ledger.bulk_load)
 
     def stop_sharding(self) -> None:
         """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
@@ -170,11 +171,20 @@ class _BulkPlanner:
             return self._flush_one_at_a_time(run_id, seq, b, positions, problems, manifest, options)
         c.execute("RELEASE plan_batch")
         if self.fresh:
-            self._record_new(b.models, b.request_variants, b.hashes, b.bodies, b.sizes, b.cached, b.measures,
-                             b.hits_listed)
+            self._record_new(*self._without_repeats(b), b.hits_listed)
         else:
             self._record(b.requests())
         return seq + len(params), 0
+
+    def _without_repeats(self, b: PreparedBatch) -> tuple[list, ...]:
+        """The batch's request columns for _record_new: in a bulk load, without the requests that repeat an
+        earlier one of the plan (PreparedBatch.repeated), whose first copy is in already. Only there: a bulk load
+        keeps every row it is given (a duplicate id ends it), elsewhere the row of a first copy can be rejected."""
+        columns = (b.models, b.request_variants, b.hashes, b.bodies, b.sizes, b.cached, b.measures)
+        if not (self.bulk and b.repeated):
+            return columns
+        skip = set(b.repeated)
+        return tuple([v for i, v in enumerate(column) if i not in skip] if column else column for column in columns)
 
     def _flush_one_at_a_time(self, run_id: int, seq: int, b: PreparedBatch, positions: list[int],
                              problems: list[RowProblem], manifest: Path | str, options: ManifestOptions) -> tuple[int, int]:
@@ -339,6 +349,7 @@ def plan_manifest(
                 planner.inline = _InlineJobs(ledger, shard_limits, token_cap_for, now)
             try:
                 with ledger.bulk_load(c):
+                    planner.bulk = True
                     seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
                     planner.stop_sharding()
                     result.jobs = planner.inline_jobs
@@ -348,6 +359,7 @@ def plan_manifest(
                 c.execute("ROLLBACK TO plan_rows")
                 problems.clear()
                 planner.inline, planner.seen, planner.inline_jobs, result.jobs = None, set(), [], []
+                planner.bulk = False
                 seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
         else:
             seq, result.rows = planner.load(run_id, manifest, options, refs, problems)

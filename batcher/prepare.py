@@ -238,6 +238,7 @@ class PreparedBatch:
     cached: list[bool] = field(default_factory=list)  # per request, when asked: is its image in the cache
     measures: list[tuple | None] = field(default_factory=list)  # when asked: packing.measure_body, None for a cache hit
     hits_listed: bool = True  # `cached` came from listings only (StoreLookup.from_listings): stable for the plan
+    repeated: list[int] = field(default_factory=list)  # requests (indexes) that repeat an earlier one of the plan
     problems: list[tuple[int, RowProblem]] = field(default_factory=list)
 
     def requests(self, start: int = 0, stop: int | None = None) -> list[tuple]:
@@ -287,6 +288,7 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
 
 COLUMNS_AT_A_TIME = True  # False: every block a row at a time (tests compare the two)
 MANIFEST_BLOCK_ROWS = 65536  # rows per block read from the manifest
+MAX_MARKED_REQUESTS = 2_000_000  # requests remembered to mark repeats (~140 bytes each)
 
 
 def _shared_shapes(block: RowBlock, templates: _Templates) -> list[tuple] | None:
@@ -318,6 +320,9 @@ class _Batches:
 
     def __init__(self, batch_rows: int, lookup: StoreLookup | None, measure: bool):
         self.batch_rows, self.lookup, self.measure = batch_rows, lookup, measure
+        # The requests so far (while they fit in MAX_MARKED_REQUESTS): one seen before is marked in
+        # PreparedBatch.repeated, so a bulk load need not write it twice and remove the copy afterwards.
+        self.requests_seen: set[str] | None = set()
         self.rows: list[tuple] = []
         self.reqs: list[tuple] = []
         self.problems: list[tuple[int, RowProblem]] = []
@@ -376,8 +381,27 @@ class _Batches:
             if self.measure:
                 b.measures = [None if hit else measure_body(model, body, size) for model, body, size, hit
                               in zip(b.models, b.bodies, b.sizes, b.cached or itertools.repeat(False))]
+            b.repeated = self._repeated(b.hashes)
         self.rows, self.reqs, self.problems = [], [], []
         return b
+
+    def _repeated(self, hashes: list[str]) -> list[int]:
+        seen = self.requests_seen
+        if seen is None:
+            return []
+        if len(set(hashes)) == len(hashes) and seen.isdisjoint(hashes):  # the usual batch: every request new
+            seen.update(hashes)
+            repeated = []
+        else:
+            repeated = []
+            for i, h in enumerate(hashes):
+                if h in seen:
+                    repeated.append(i)
+                else:
+                    seen.add(h)
+        if len(seen) > MAX_MARKED_REQUESTS:  # bounded memory: later repeats go in, and the bulk load removes them
+            self.requests_seen = None
+        return repeated
 
 
 def batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,

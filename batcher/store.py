@@ -225,6 +225,7 @@ class StoreLookup:
         self.dirs: dict[str, set[str]] = {}
         self.listed = 0
         self._ahead: list = []  # threads listing every prefix dir (list_ahead)
+        self._listing_ahead = False
         # Every answer so far came from a listing: a hash's answer then never changes during this lookup's life
         # (one asked of the store can, if the cache changes meanwhile).
         self.from_listings = True
@@ -235,8 +236,9 @@ class StoreLookup:
         asked for (and fails there)."""
         import threading  # here: the decoder processes import this module, and need no threads
 
-        if self.one_by_one or self._ahead:
-            return
+        if self.one_by_one or self._listing_ahead:
+            return  # once: a prefix listed is never listed again (its answers must not change: from_listings)
+        self._listing_ahead = True
         lock = threading.Lock()
         prefixes = [f"{i:02x}" for i in range(256)]
         self._ahead = [threading.Thread(target=self._list_prefixes, args=(prefixes[k::threads], lock),

@@ -394,3 +394,42 @@ def test_requests_keep_manifest_order_with_cache_hits_among_them(tmp_path, monke
             "SELECT body_json FROM requests WHERE job_id=? ORDER BY rowid", (jobs[0],))]
         # Sharded as it loaded, the misses are in that plan's jobs: the re-planned hits make the new one.
         assert first == ([f"p{i}" for i in range(0, 30, 3)] if sharded else [f"p{i}" for i in range(10)])
+
+
+@pytest.mark.parametrize("child", [False, True])
+@pytest.mark.parametrize("marked", [None, 5])
+def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_afterwards(tmp_path, monkeypatch, child, marked):
+    """Rows that share a request (cache hits and not, within a batch and across batches) have it written once
+    in a bulk load: the preparer marks repeats (PreparedBatch.repeated), so Ledger.bulk_load has no copies to
+    remove (~2 s per million requests). Past the marking bound copies go in and are removed: same ledger."""
+    from batcher import planner
+
+    if marked is not None:
+        monkeypatch.setattr(prepare, "MAX_MARKED_REQUESTS", marked)  # in-process only: the child keeps its own
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 8)
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "colour"], [[f"r{i}", f"p{i % 17}", f"c{i % 3}"] for i in range(90)])
+    store = ImageStore(tmp_path / "cache")
+    probe = Ledger(tmp_path / "probe")
+    plan_manifest(probe, None, m, ManifestOptions())
+    for (h,) in probe.conn.execute("SELECT hash FROM requests ORDER BY rowid").fetchall()[::4]:
+        store.put(h, png_bytes())  # 5 of the 17 requests are cache hits
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1" if child else "0")
+    outcomes = []
+    for limits in (None, ShardLimits(max_requests=7)):
+        ledger = Ledger(tmp_path / f"wd-{limits is not None}")
+        statements: list[str] = []
+        ledger.conn.set_trace_callback(statements.append)
+        result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=limits)
+        ledger.conn.set_trace_callback(None)
+        removed = any(s.startswith("DELETE FROM requests WHERE rowid NOT IN") for s in statements)
+        assert removed == (marked is not None and not child), statements[-5:]
+        assert result.duplicates == 90 - 17 and result.cache_hits == 5
+        outcomes.append((states_of(ledger), rows_of(ledger), jobs_of(ledger)))
+        if limits is not None:
+            for job_id in result.jobs:
+                queued = ledger.conn.execute("SELECT COUNT(*) FROM requests WHERE job_id=? AND state='queued'",
+                                             (job_id,)).fetchone()[0]
+                assert ledger.job(job_id)["request_count"] == queued
+    plain, sharded = outcomes
+    assert plain[1] == sharded[1]  # the same rows
+    assert [r[:3] for r in plain[0]] == [r[:3] for r in sharded[0]]  # the same requests, in the same order
