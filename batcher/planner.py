@@ -53,8 +53,8 @@ def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
 
 SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
-# Sharding as a plan loads keeps the hashes it has seen (~140 bytes each): past this many, `shard` does the rest
-# (and a plan into a ledger that holds requests counts the run's distinct requests in SQL instead).
+# Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger that
+# holds requests counts the run's distinct requests in SQL instead of a set of their hashes (~140 bytes each).
 INLINE_MAX_REQUESTS = 2_000_000
 
 
@@ -111,7 +111,6 @@ class _BulkPlanner:
         self.store = store
         self.lookup = StoreLookup(store) if store is not None else None
         self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
-        self.seen: set[str] = set()  # with `inline`: the hashes loaded so far (a request joins one job once)
         self.inline_jobs: list[int] = []
         # The run's distinct requests, counted as they load into a ledger that held requests (a fresh ledger's are
         # all of its requests): COUNT(DISTINCT) over a million rows afterwards takes ~4 s. None: past the bound.
@@ -120,10 +119,10 @@ class _BulkPlanner:
 
     def stop_sharding(self) -> None:
         """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
-        `shard`), and the set of hashes seen is let go."""
+        `shard`)."""
         if self.inline is not None:
             self.inline_jobs = self.inline.close_all()
-            self.inline, self.seen = None, set()
+            self.inline = None
 
     def in_cache(self, h: str, known: bool | None) -> bool:
         """Whether the image of `h` is in the cache: as its batch found (`known`), or asked now."""
@@ -171,7 +170,9 @@ class _BulkPlanner:
             return self._flush_one_at_a_time(run_id, seq, b, positions, problems, manifest, options)
         c.execute("RELEASE plan_batch")
         if self.fresh:
-            self._record_new(*self._without_repeats(b), b.hits_listed)
+            if self.inline is not None and not b.repeats_marked:
+                self.stop_sharding()  # a later copy of a request could not be told from a new one
+            self._record_new(*self._without_repeats(b))
         else:
             self._record(b.requests())
         return seq + len(params), 0
@@ -208,49 +209,32 @@ class _BulkPlanner:
         for pos, problem in reversed(dups):  # where the one-at-a-time loop would have reported them
             problems.insert(pos, problem)
         if self.fresh:
-            self._record_new(*(list(column) for column in zip(*recorded)) if recorded else [[]] * 6, measures=[],
-                             hits_listed=b.hits_listed)
+            self._record_new(*(list(column) for column in zip(*recorded)) if recorded else [[]] * 6, measures=[])
         else:
             self._record(recorded)
         return s, len(dups)
 
     def _record_new(self, models: list[str], variants: list[int], hashes: list[str], bodies: list[str],
-                    sizes: list[str | None], cached: list[bool | None], measures: list[tuple | None],
-                    hits_listed: bool) -> None:
+                    sizes: list[str | None], cached: list[bool | None], measures: list[tuple | None]) -> None:
         """Record a batch's requests (its columns) in a ledger that held no requests before this plan (every fresh
-        workdir): each is new, or an earlier batch's. With `inline`, the ones to generate go into jobs as they load,
-        measured where the rows were prepared (`measures`) or here. `hits_listed`: the cache hits came from
-        listings (PreparedBatch.hits_listed), so each is a hit in every batch it is in."""
+        workdir): each is new, or an earlier batch's. With `inline` (a bulk load, whose batches come without the
+        requests that repeat an earlier one: _without_repeats), the ones to generate go into jobs as they load,
+        measured where the rows were prepared (`measures`) or here."""
         if self.refresh:  # --refresh: no cache hits
             cached = [False] * len(hashes)
         elif not cached or cached[0] is None:  # not looked up where the rows were prepared
             cached = self.lookup.has_all(hashes) if self.lookup is not None else [False] * len(hashes)
-            hits_listed = self.lookup is None or self.lookup.from_listings
-        now, inline, seen = self.now, self.inline, self.seen
+        now, inline = self.now, self.inline
         if inline is None:
             self.c.executemany(_INSERT_NEW, [(h, model, body, variant, now, hit) for h, model, body, variant, hit
                                              in zip(hashes, models, bodies, variants, cached)])
             return
-        # `seen`: the requests recorded so far, so that one is queued in one job once. A cache hit needs to be in it
-        # only if it could be a miss in a later batch (its image pruned meanwhile, asked of the store one by one):
-        # a hit from a listing is a hit every time, and copies of it are left to Ledger.bulk_load (it keeps one).
-        tracked = hashes if not hits_listed else [h for h, hit in zip(hashes, cached) if not hit]
-        columns = zip(hashes, models, bodies, variants, cached, sizes, measures or itertools.repeat(None))
         assign = inline.assign
-        if len(set(tracked)) == len(tracked) and seen.isdisjoint(tracked):  # the usual batch: every request new
-            seen.update(tracked)
-            new = [(h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size)))
-                   for h, model, body, variant, hit, size, m in columns]
-        else:
-            new = []
-            for h, model, body, variant, hit, size, m in columns:
-                if h in seen:  # recorded by an earlier batch or row (and in its job)
-                    continue
-                if not (hit and hits_listed):
-                    seen.add(h)
-                new.append((h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size))))
-        self.c.executemany(_INSERT_SHARDED, new)
-        if len(seen) >= INLINE_MAX_REQUESTS:  # the set of hashes would grow with the manifest: bounded memory
+        self.c.executemany(_INSERT_SHARDED, [
+            (h, model, body, variant, now, None if hit else assign(model, m or measure_body(model, body, size)))
+            for h, model, body, variant, hit, size, m
+            in zip(hashes, models, bodies, variants, cached, sizes, measures or itertools.repeat(None))])
+        if inline.assigned >= INLINE_MAX_REQUESTS:
             self.stop_sharding()
 
     def _record(self, reqs: list[tuple]) -> None:
@@ -358,7 +342,7 @@ def plan_manifest(
                 # it is and report it with the row it repeats (its requests are left for `shard`).
                 c.execute("ROLLBACK TO plan_rows")
                 problems.clear()
-                planner.inline, planner.seen, planner.inline_jobs, result.jobs = None, set(), [], []
+                planner.inline, planner.inline_jobs, result.jobs = None, [], []
                 planner.bulk = False
                 seq, result.rows = planner.load(run_id, manifest, options, refs, problems)
         else:
@@ -506,6 +490,7 @@ class _InlineJobs:
         self.fillers: dict[str, JobFiller] = {}
         self.open: dict[str, int] = {}  # model -> its open job
         self.created: list[int] = []
+        self.assigned = 0  # requests put in a job
 
     def assign(self, model: str, m: tuple[int, int, int]) -> int:
         """The job of a new request of `model` with measure `m` (packing.measure_body)."""
@@ -519,6 +504,7 @@ class _InlineJobs:
             job_id = self.open[model] = _insert_job(self.ledger, model, 0, 0, 0, self.now)
             self.created.append(job_id)
         filler.add(m)
+        self.assigned += 1
         return job_id
 
     def close_all(self) -> list[int]:

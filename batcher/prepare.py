@@ -237,8 +237,8 @@ class PreparedBatch:
     sizes: list[str | None] = field(default_factory=list)  # per request: its image size (None: the model's default)
     cached: list[bool] = field(default_factory=list)  # per request, when asked: is its image in the cache
     measures: list[tuple | None] = field(default_factory=list)  # when asked: packing.measure_body, None for a cache hit
-    hits_listed: bool = True  # `cached` came from listings only (StoreLookup.from_listings): stable for the plan
     repeated: list[int] = field(default_factory=list)  # requests (indexes) that repeat an earlier one of the plan
+    repeats_marked: bool = True  # `repeated` holds every repeat (the preparer still remembers every request)
     problems: list[tuple[int, RowProblem]] = field(default_factory=list)
 
     def requests(self, start: int = 0, stop: int | None = None) -> list[tuple]:
@@ -377,10 +377,10 @@ class _Batches:
             b.owners, b.models, b.request_variants, b.hashes, b.bodies, b.sizes = map(list, zip(*self.reqs))
             if self.lookup is not None:
                 b.cached = self.lookup.has_all(b.hashes)
-                b.hits_listed = self.lookup.from_listings
             if self.measure:
                 b.measures = [None if hit else measure_body(model, body, size) for model, body, size, hit
                               in zip(b.models, b.bodies, b.sizes, b.cached or itertools.repeat(False))]
+            b.repeats_marked = self.requests_seen is not None
             b.repeated = self._repeated(b.hashes)
         self.rows, self.reqs, self.problems = [], [], []
         return b

@@ -226,9 +226,6 @@ class StoreLookup:
         self.listed = 0
         self._ahead: list = []  # threads listing every prefix dir (list_ahead)
         self._listing_ahead = False
-        # Every answer so far came from a listing: a hash's answer then never changes during this lookup's life
-        # (one asked of the store can, if the cache changes meanwhile).
-        self.from_listings = True
 
     def list_ahead(self, threads: int = 2) -> None:
         """Start listing every prefix dir, in `threads` threads (os.listdir lets other threads run; two list ~1.5x
@@ -237,7 +234,7 @@ class StoreLookup:
         import threading  # here: the decoder processes import this module, and need no threads
 
         if self.one_by_one or self._listing_ahead:
-            return  # once: a prefix listed is never listed again (its answers must not change: from_listings)
+            return  # once: a prefix listed is never listed again
         self._listing_ahead = True
         lock = threading.Lock()
         prefixes = [f"{i:02x}" for i in range(256)]
@@ -279,8 +276,6 @@ class StoreLookup:
         if hashes is None and not self.one_by_one and self.listed < MAX_LISTED_HASHES:
             hashes = self.dirs[prefix] = self._hashes_in(prefix)
             self.listed += len(hashes)
-        if hashes is None:
-            self.from_listings = False
         return hashes
 
     def _hashes_in(self, prefix: str) -> set[str]:
