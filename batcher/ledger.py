@@ -425,6 +425,10 @@ class Ledger:
     def job(self, job_id: int) -> sqlite3.Row:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
 
+    def count_in_state(self, state: str) -> int:
+        """How many requests of the ledger are in `state` (a range of the state index)."""
+        return self.conn.execute("SELECT COUNT(*) FROM requests WHERE state=?", (state,)).fetchone()[0]
+
     def request_counts(self, run_id: int | None = None) -> dict[str, int]:
         return self.counts_by("state", run_id)
 

@@ -279,6 +279,19 @@ def run_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
     return {s: counts.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
 
 
+def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_jobs: list[int]) -> dict[str, int]:
+    """The run's counts after `shard` made `new_jobs` right after the plan `p`. When the plan counted its requests'
+    states (p.states) and the ledger's `planned_before` planned requests were all the run's, shard moved only the
+    run's requests, from planned to queued: no need to count the run again in SQL (~3 s at 1M rows)."""
+    if p.states is None or planned_before != p.states[PLANNED]:
+        return run_counts(ledger, p.run_id)
+    moved = sum(ledger.job(j)["request_count"] for j in new_jobs)
+    counts = {s: p.states.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
+    counts[PLANNED] -= moved
+    counts[QUEUED] += moved
+    return counts
+
+
 def exit_code_for(counts: dict[str, int]) -> int:
     if counts.get(PLANNED, 0) or counts.get(QUEUED, 0):
         return EXIT_PENDING
@@ -318,16 +331,18 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
         p = plan(ws, manifest)
         if dry_run:
             with ws.ledger.big_page_cache():  # bulk ledger work: sharding, then every job's requests
+                planned_before = ws.ledger.count_in_state(PLANNED)
                 new = shard_planned(ws)
                 for job in ws.ledger.jobs((J_PLANNED,)):
                     dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
                     jobs_mod.write_jsonl(ws.ledger, job["id"], dummy)
-            counts = run_counts(ws.ledger, p.run_id)
+            counts = counts_after_shard(ws.ledger, p, planned_before, new)
             return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
                            f"{counts[QUEUED]} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
                            + budget_note(ws),
                            plan=p, counts=counts)
-        created = send_pending(ws) if run_counts(ws.ledger, p.run_id)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
+        planned = p.states[PLANNED] if p.states is not None else run_counts(ws.ledger, p.run_id)[PLANNED]
+        created = send_pending(ws) if planned or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
         publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
         if not counts[PLANNED] and not counts[QUEUED]:

@@ -7,6 +7,7 @@ one transaction, and on any problem the transaction is rolled back, so an invali
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import hashlib
@@ -45,6 +46,7 @@ class PlanResult:
     rejected: int = 0
     new_run: bool = True
     jobs: list[int] = field(default_factory=list)  # jobs the plan sharded as it loaded (see _InlineJobs)
+    states: dict[str, int] | None = None  # how many of its requests are in each state, when the plan knows
 
 
 def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
@@ -56,6 +58,25 @@ PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
 # Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger that
 # holds requests counts the run's distinct requests in SQL instead of a set of their hashes (~140 bytes each).
 INLINE_MAX_REQUESTS = 2_000_000
+# A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
+# and looks each request up there; past it, in SQL a batch at a time (~5 us per request: a probe of the 64-hex
+# hash index, then of the table).
+KNOWN_MAX_REQUESTS = 2_000_000
+
+# A request's state and `cached` flag as one small int, state index * 2 + cached, plus _IN_RUN once the plan has
+# seen it: small ints are shared objects, so a million of them cost nothing of their own, where a million state
+# strings read from SQLite would.
+_STATES = (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)
+_CODE_SQL = "(CASE state " + " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(_STATES)) + " END) * 2 + cached"
+_IN_RUN = 16
+
+
+def _code(state: str, cached: bool | int) -> int:
+    return _STATES.index(state) * 2 + bool(cached)
+
+
+def _state_of(code: int) -> str:
+    return _STATES[(code & ~_IN_RUN) >> 1]
 
 
 _INSERT_ROW = "INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) VALUES (?,?,?,?,?,?,?,?)"
@@ -116,6 +137,9 @@ class _BulkPlanner:
         # all of its requests): COUNT(DISTINCT) over a million rows afterwards takes ~4 s. None: past the bound.
         self.run_hashes: set[str] | None = set()
         self.bulk = False  # loading into an empty ledger without its indexes (Ledger.bulk_load)
+        # The ledger's requests (hash -> state code, _CODE_SQL) as they were before the plan plus what it did to
+        # them, when it is small enough to hold (a ledger that held requests; see KNOWN_MAX_REQUESTS).
+        self.known: dict[str, int] | None = None
 
     def stop_sharding(self) -> None:
         """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
@@ -136,8 +160,11 @@ class _BulkPlanner:
         # A large manifest is read, validated and hashed by a child process on another core, while this one writes.
         # A plain local cache is looked up where the rows are prepared (with them, in the child process).
         cache_root = self.lookup.root if self.lookup is not None and not self.refresh else None
-        with _cyclic_gc_paused():
-            for b in batches(manifest, options, refs, PLAN_BATCH_ROWS, cache_root, measure=self.inline is not None):
+        source = batches(manifest, options, refs, PLAN_BATCH_ROWS, cache_root, measure=self.inline is not None)
+        with contextlib.closing(source), _cyclic_gc_paused():
+            if not self.fresh:  # while a child (if any) starts and reads its first rows
+                self.known = _known_requests(self.c)
+            for b in source:
                 positions = _merge_problems(b, problems)
                 for references, variants in zip(b.references, b.variants):
                     for ref in references if variants else ():
@@ -240,35 +267,73 @@ class _BulkPlanner:
     def _record(self, reqs: list[tuple]) -> None:
         """Record a batch's requests in a ledger that held requests before this plan: each is looked up, and one
         that exists gets the transition its state calls for. (Never sharded as it loads: that needs an empty ledger.)"""
-        c, now = self.c, self.now
+        c, now, refresh = self.c, self.now, self.refresh
         batch: dict[str, tuple] = {}
         for req in reqs:
             batch.setdefault(req[2], req)
-        existing = dict(c.execute("SELECT hash, state FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
-                                  (json.dumps(list(batch)),)).fetchall())
-        if self.run_hashes is not None:
-            self.run_hashes.update(batch)
-            if len(self.run_hashes) > INLINE_MAX_REQUESTS:  # bounded memory: counted in SQL at the end instead
-                self.run_hashes = None
+        known = self.known
+        if known is None:  # too many to hold: this batch's, from SQL, and the run's hashes in a set while bounded
+            known = dict(c.execute(f"SELECT hash, {_CODE_SQL} FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
+                                   (json.dumps(list(batch)),)))
+            if self.run_hashes is not None:
+                self.run_hashes.update(batch)
+                if len(self.run_hashes) > INLINE_MAX_REQUESTS:  # bounded memory: counted in SQL at the end instead
+                    self.run_hashes = None
+        done = _code(SUCCEEDED, False), _code(SUCCEEDED, True)
         new = []
         for h, (model, variant, _h, body_json, size, in_cache) in batch.items():
-            state = existing.get(h)
-            if state is None:
-                if not self.refresh and self.in_cache(h, in_cache):  # --refresh: no cache hits
-                    new.append((h, model, body_json, variant, now, True))
-                else:
-                    new.append((h, model, body_json, variant, now, False))
-            elif state == QUEUED:
+            code = known.get(h)
+            if code is None:
+                hit = not refresh and self.in_cache(h, in_cache)  # --refresh: no cache hits
+                new.append((h, model, body_json, variant, now, hit))
+                known[h] = _code(SUCCEEDED if hit else PLANNED, hit) | _IN_RUN
+                continue
+            if code & _IN_RUN:
+                continue  # an earlier batch of this plan had it: what it called for is done
+            known[h] = code | _IN_RUN
+            if code in done and not refresh and (in_cache or self.lookup is None):
+                continue  # done, and its image is where it belongs: the usual nightly request (checked first)
+            state = _STATES[code >> 1]
+            if state == QUEUED:
                 continue  # in a job already: it will be collected
-            elif self.refresh and state in (SUCCEEDED, FAILED, BLOCKED):
+            if refresh and state in (SUCCEEDED, FAILED, BLOCKED):
                 c.execute(f"UPDATE requests SET {REPLANNED}, error=NULL, finish_reason=NULL, cached=0 WHERE hash=?", (now, h))
+                known[h] = _code(PLANNED, False) | _IN_RUN
             elif state == SUCCEEDED and self.lookup is not None and not self.in_cache(h, in_cache):
                 # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
                 c.execute(f"UPDATE requests SET {REPLANNED}, cached=0 WHERE hash=?", (now, h))
+                known[h] = _code(PLANNED, False) | _IN_RUN
             elif state == FAILED or (state == BLOCKED and self.retry_blocked):
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
+                known[h] = _code(PLANNED, code & 1) | _IN_RUN
         c.executemany(_INSERT_NEW, new)
+
+    def run_tally(self) -> tuple[int, int, dict[str, int]] | None:
+        """The run's distinct requests, how many are cache hits, and how many are in each state, if this plan
+        knows every request of the ledger (`known`); else None. One pass over the codes, in C."""
+        if self.known is None:
+            return None
+        requests = hits = 0
+        states = dict.fromkeys(_STATES, 0)
+        for code, n in collections.Counter(self.known.values()).items():
+            if code & _IN_RUN:
+                requests += n
+                hits += n if code & 1 else 0
+                states[_state_of(code)] += n
+        return requests, hits, states
+
+
+def _known_requests(c: sqlite3.Connection) -> dict[str, int] | None:
+    """Every request of the ledger, hash -> state code (_CODE_SQL), if there are at most KNOWN_MAX_REQUESTS:
+    one scan of the table instead of a probe of its index per request (1.3 s against ~5 s at 1M requests)."""
+    if c.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0] > KNOWN_MAX_REQUESTS:
+        return None  # requests are never deleted: the largest rowid bounds their number
+    known: dict[str, int] = {}
+    cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")
+    while rows := cursor.fetchmany(50_000):
+        known.update(rows)
+    return known
 
 
 def plan_manifest(
@@ -359,8 +424,11 @@ def plan_manifest(
         if result.rows == 0:
             raise ManifestError(f"{manifest}: no valid rows to submit")
         c.execute("UPDATE runs SET row_count=? WHERE id=?", (result.rows, run_id))
+        tally = planner.run_tally()
         if fresh:  # the ledger held no requests before this run: every request in it is this run's
             c.execute("UPDATE runs SET request_count=(SELECT COUNT(*) FROM requests) WHERE id=?", (run_id,))
+        elif tally is not None:  # what the plan knows of every request it saw
+            c.execute("UPDATE runs SET request_count=? WHERE id=?", (tally[0], run_id))
         elif planner.run_hashes is not None:  # the hashes of every row this plan wrote
             c.execute("UPDATE runs SET request_count=? WHERE id=?", (len(planner.run_hashes), run_id))
         else:
@@ -368,14 +436,17 @@ def plan_manifest(
     maybe_crash("plan")  # test hook: see batcher/faults.py
     if problems and rejects_path is not None:
         write_rejects(rejects_path, problems)
-    summary = _summary(ledger, run_id, new_run=True, planned_rows=seq)
+    summary = _summary(ledger, run_id, new_run=True, planned_rows=seq, cache_hits=tally[1] if tally else None)
+    summary.states = tally[2] if tally else None
     summary.rejected = len(problems)
     summary.jobs = result.jobs
     return summary
 
 
-def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None) -> PlanResult:
-    """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, if known."""
+def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None,
+             cache_hits: int | None = None) -> PlanResult:
+    """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, and `cache_hits`:
+    how many of its requests are cache hits, if known (counting them joins the run's rows with `requests`)."""
     c = ledger.conn
     run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
     if planned_rows is None:
@@ -385,7 +456,7 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
             ledger.set_run_request_count(tx, run_id)
         run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
     distinct = run["request_count"]
-    hits = ledger.counts_by("cached", run_id).get(1, 0)
+    hits = cache_hits if cache_hits is not None else ledger.counts_by("cached", run_id).get(1, 0)
     return PlanResult(run_id=run_id, rows=run["row_count"], requests=distinct, cache_hits=hits,
                       duplicates=planned_rows - distinct, new_run=new_run)
 

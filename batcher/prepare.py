@@ -406,9 +406,10 @@ class _Batches:
 
 def batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
             cache_root: str | None = None, measure: bool = False) -> Iterator[PreparedBatch]:
-    """prepared_batches, from a child process when that is faster (see module doc)."""
+    """prepared_batches, from a child process when that is faster (see module doc). A child starts at once, so
+    the caller can work while it reads its first rows; close() the iterator if it is not read to its end."""
     if use_child(manifest):
-        return batches_from_child(manifest, options, batch_rows, cache_root, measure)
+        return ChildBatches(manifest, options, batch_rows, cache_root, measure)
     return prepared_batches(manifest, options, refs, batch_rows, cache_root, measure)
 
 
@@ -442,28 +443,45 @@ def estimated_rows(manifest: os.PathLike) -> int:
         return 0
 
 
-def batches_from_child(manifest: Path | str, options: ManifestOptions, batch_rows: int,
-                       cache_root: str | None = None, measure: bool = False) -> Iterator[PreparedBatch]:
-    proc = subprocess.Popen(module_command("prepare"), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=child_env(), close_fds=True)
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        pickle.dump((manifest, options, batch_rows, cache_root, measure), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        proc.stdin.close()
-        while True:
-            try:
-                message = pickle.load(proc.stdout)
-            except (EOFError, pickle.UnpicklingError):  # it died between frames, or in the middle of one
-                raise BatcherError(f"preparing {manifest} in a child process failed (exit status {proc.wait()}); "
-                                   f"its error is above. Set {ENV_PLAN_PROCESS}=0 to prepare in-process") from None
-            if message[0] == "batch":
-                yield message[1]
-            elif message[0] == "manifest-error":
-                raise ManifestError(message[1], problems=message[2])
-            else:
-                log.info("prepared %s in a child process (peak RSS %.0f MB)", manifest, message[1] / 1024)
-                return
-    finally:
+class ChildBatches:
+    """The batches of a child process (python -P -m batcher.prepare), which starts when this is made."""
+
+    def __init__(self, manifest: Path | str, options: ManifestOptions, batch_rows: int,
+                 cache_root: str | None = None, measure: bool = False):
+        self.manifest = manifest
+        self.proc = subprocess.Popen(module_command("prepare"), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=child_env(), close_fds=True)
+        try:
+            assert self.proc.stdin is not None
+            pickle.dump((manifest, options, batch_rows, cache_root, measure), self.proc.stdin,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.close()
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[PreparedBatch]:
+        proc, manifest = self.proc, self.manifest
+        assert proc.stdout is not None
+        try:
+            while True:
+                try:
+                    message = pickle.load(proc.stdout)
+                except (EOFError, pickle.UnpicklingError):  # it died between frames, or in the middle of one
+                    raise BatcherError(f"preparing {manifest} in a child process failed (exit status {proc.wait()}); "
+                                       f"its error is above. Set {ENV_PLAN_PROCESS}=0 to prepare in-process") from None
+                if message[0] == "batch":
+                    yield message[1]
+                elif message[0] == "manifest-error":
+                    raise ManifestError(message[1], problems=message[2])
+                else:
+                    log.info("prepared %s in a child process (peak RSS %.0f MB)", manifest, message[1] / 1024)
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        proc = self.proc
         if proc.poll() is None:
             proc.kill()
         proc.wait()

@@ -433,3 +433,86 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
     plain, sharded = outcomes
     assert plain[1] == sharded[1]  # the same rows
     assert [r[:3] for r in plain[0]] == [r[:3] for r in sharded[0]]  # the same requests, in the same order
+
+
+def _last_nights_workdir(tmp_path) -> tuple[Ledger, ImageStore, list[str]]:
+    """A ledger whose 12 requests (p0..p11) ended last night in every state a request can be in: two done with
+    their images in the cache, one done but its image pruned, queued, failed, blocked and left planned."""
+    store = ImageStore(tmp_path / "cache")
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, store, write_csv(tmp_path / "a.csv", ["id", "prompt"], [[f"a{i}", f"p{i}"] for i in range(12)]),
+                  ManifestOptions())
+    hashes = [h for (h,) in ledger.conn.execute("SELECT hash FROM requests ORDER BY rowid")]
+    states = ["succeeded", "succeeded", "succeeded", "queued", "failed", "blocked", "planned",
+              "succeeded", "failed", "blocked", "queued", "planned"]
+    with ledger.transaction() as c:
+        for h, state in zip(hashes, states):
+            c.execute("UPDATE requests SET state=?, attempts=2, cached=? WHERE hash=?", (state, int(h == hashes[1]), h))
+    for i in (0, 1, 7):
+        store.put(hashes[i], png_bytes())  # hashes[2]: done, but its image is gone
+    return ledger, store, hashes
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+@pytest.mark.parametrize("retry_blocked", [False, True])
+def test_a_plan_into_last_nights_ledger_looks_requests_up_in_a_map_as_in_sql(tmp_path, monkeypatch, refresh, retry_blocked):
+    """Tonight's manifest (last night's requests in every state, new ones, repeats within a batch and across
+    batches, a duplicate id) gives the same ledger, summary and counts whether the plan looks the ledger's
+    requests up in a dict read once (KNOWN_MAX_REQUESTS) or in SQL a batch at a time; and the plan's own
+    counts of its requests' states are those SQL counts."""
+    import shutil
+
+    from batcher import pipeline, planner
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
+    _last_nights_workdir(tmp_path / "night1")
+    prompts = [f"p{i % 12}" for i in range(0, 24, 2)] + [f"p{i}" for i in range(12)] + ["new 1", "new 2", "new 1", "p3"]
+    rows = [[f"r{i}", p] for i, p in enumerate(prompts)]
+    rows[26][0] = "r5"  # a duplicate id: its batch goes a row at a time
+    tonight = write_csv(tmp_path / "b.csv", ["id", "prompt"], rows)
+    outcomes = []
+    for bound in (planner.KNOWN_MAX_REQUESTS, 0):
+        monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", bound)
+        night = tmp_path / f"night2-{bound}"
+        shutil.copytree(tmp_path / "night1", night)
+        ledger, store = Ledger(night / "wd"), ImageStore(night / "cache")
+        result = plan_manifest(ledger, store, tonight, ManifestOptions(), refresh=refresh, retry_blocked=retry_blocked,
+                               skip_invalid=True)
+        counts = pipeline.run_counts(ledger, result.run_id)
+        assert (result.states is not None) == (bound > 0)
+        if result.states is not None:
+            assert result.states == counts
+        outcomes.append((states_of(ledger), rows_of(ledger), result.requests, result.cache_hits, result.duplicates,
+                         result.rejected, counts))
+    in_map, in_sql = outcomes
+    assert in_map == in_sql
+    counts = in_map[-1]
+    assert in_map[2] == 14 and in_map[5] == 1 and sum(counts.values()) == 14
+    # What each of last night's states called for (queued ones stay in their jobs whatever the options).
+    assert counts["queued"] == 2 and counts["blocked"] == (0 if retry_blocked or refresh else 2)
+    assert counts["succeeded"] == (0 if refresh else 3) and in_map[3] == (0 if refresh else 1)
+
+
+@pytest.mark.parametrize("leftover", [False, True])
+def test_a_dry_runs_counts_after_sharding_are_the_runs_counts(tmp_path, monkeypatch, leftover):
+    """The counts a dry run prints come from the plan's own when every planned request is the run's, and from
+    SQL when another run left planned requests that shard may take first: the same as counting the run."""
+    from batcher import pipeline, planner
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
+    ledger, store, hashes = _last_nights_workdir(tmp_path)
+    if not leftover:  # last night's planned requests went into jobs
+        ledger.conn.execute("UPDATE requests SET state='queued' WHERE state='planned'")
+        ledger.conn.commit()
+    # Tonight: done, pruned and failed requests (planned again), a queued one and three new ones.
+    rows = [[f"r{i}", p] for i, p in enumerate(["p0", "p2", "p4", "p10", "new 1", "new 2", "new 3"])]
+    result = plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions())
+    planned_before = ledger.count_in_state("planned")
+    assert (planned_before == result.states["planned"]) == (not leftover)
+    new = shard(ledger, ShardLimits(max_requests=2), limit_requests=3)  # in rowid order: a leftover (p6) among them
+    assert new
+    counts = pipeline.counts_after_shard(ledger, result, planned_before, new)
+    assert counts == pipeline.run_counts(ledger, result.run_id)
+    assert counts["queued"] == (1 + 3 if not leftover else 1 + 2) and sum(counts.values()) == 7
