@@ -62,6 +62,10 @@ INLINE_MAX_REQUESTS = 2_000_000
 # and looks each request up there; past it, in SQL a batch at a time (~5 us per request: a probe of the 64-hex
 # hash index, then of the table).
 KNOWN_MAX_REQUESTS = 2_000_000
+# A plan into a ledger that holds requests takes the big page cache (Ledger.big_page_cache) for random-order
+# inserts into its hash index once it has made this many new requests, or from the start if it probes that index
+# per request. Before that it would hold only the rows it appends (~250 MB at 1M rows) and gain nothing.
+NEW_REQUESTS_FOR_BIG_CACHE = 50_000
 
 # A request's state and `cached` flag as one small int, state index * 2 + cached, plus _IN_RUN once the plan has
 # seen it: small ints are shared objects, so a million of them cost nothing of their own, where a million state
@@ -127,8 +131,11 @@ class _BulkPlanner:
     """Writes batches of planned rows and their requests into the ledger (inside plan_manifest's transaction)
     with the same outcome as inserting each row and recording each request one at a time."""
 
-    def __init__(self, c: sqlite3.Connection, store, refresh: bool, now: float, retry_blocked: bool, fresh: bool):
+    def __init__(self, c: sqlite3.Connection, store, refresh: bool, now: float, retry_blocked: bool, fresh: bool,
+                 big_page_cache: Callable[[], object] = lambda: None):
         self.c, self.refresh, self.now, self.retry_blocked, self.fresh = c, refresh, now, retry_blocked, fresh
+        self.big_page_cache: Callable[[], object] | None = big_page_cache  # takes it until the plan ends; once
+        self.new_requests = 0  # made by _record
         self.store = store
         self.lookup = StoreLookup(store) if store is not None else None
         self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
@@ -164,6 +171,8 @@ class _BulkPlanner:
         with contextlib.closing(source), _cyclic_gc_paused():
             if not self.fresh:  # while a child (if any) starts and reads its first rows
                 self.known = _known_requests(self.c)
+                if self.known is None:
+                    self._take_big_page_cache()
             for b in source:
                 positions = _merge_problems(b, problems)
                 for references, variants in zip(b.references, b.variants):
@@ -307,7 +316,15 @@ class _BulkPlanner:
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
                 known[h] = _code(PLANNED, code & 1) | _IN_RUN
+        self.new_requests += len(new)
+        if self.new_requests >= NEW_REQUESTS_FOR_BIG_CACHE:
+            self._take_big_page_cache()
         c.executemany(_INSERT_NEW, new)
+
+    def _take_big_page_cache(self) -> None:
+        if self.big_page_cache is not None:
+            self.big_page_cache()
+            self.big_page_cache = None
 
     def run_tally(self) -> tuple[int, int, dict[str, int]] | None:
         """The run's distinct requests, how many are cache hits, and how many are in each state, if this plan
@@ -330,9 +347,14 @@ def _known_requests(c: sqlite3.Connection) -> dict[str, int] | None:
     if c.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0] > KNOWN_MAX_REQUESTS:
         return None  # requests are never deleted: the largest rowid bounds their number
     known: dict[str, int] = {}
-    cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")
-    while rows := cursor.fetchmany(50_000):
-        known.update(rows)
+    cache_size = c.execute("PRAGMA cache_size").fetchone()[0]
+    c.execute("PRAGMA cache_size=-2000")  # SQLite's default: a scan reads each page once, keeping them costs ~250 MB
+    try:
+        cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")
+        while rows := cursor.fetchmany(50_000):
+            known.update(rows)
+    finally:
+        c.execute(f"PRAGMA cache_size={int(cache_size)}")
     return known
 
 
@@ -376,8 +398,10 @@ def plan_manifest(
         read_manifest(manifest, options)  # a file the reader rejects: raise its ManifestError (file, problem)
         raise
     bulk = existing is None and ledger.is_empty()  # nothing else writes: the workdir is locked
-    # The big page cache is for random-order inserts into existing indexes; a bulk load appends.
-    with (ledger.journal_for_new_pages() if bulk else ledger.big_page_cache()), ledger.transaction() as c:
+    # A bulk load appends; a plan into a ledger that holds requests takes the big page cache when it needs it
+    # (_BulkPlanner.big_page_cache), until after its commit.
+    with contextlib.ExitStack() as page_cache, \
+            (ledger.journal_for_new_pages() if bulk else contextlib.nullcontext()), ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             c.execute("DELETE FROM rows WHERE run_id=?", (existing["id"],))
             c.execute("DELETE FROM runs WHERE id=?", (existing["id"],))
@@ -391,7 +415,8 @@ def plan_manifest(
         # that already exist are looked up per batch (skipped entirely when the ledger had none). An empty
         # ledger is loaded without its indexes, which are then built once (Ledger.bulk_load).
         fresh = bulk or c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None
-        planner = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh)
+        planner = _BulkPlanner(c, store, refresh, now, retry_blocked, fresh,
+                               big_page_cache=lambda: page_cache.enter_context(ledger.big_page_cache()))
         c.execute("SAVEPOINT plan_rows")
         if bulk:
             if shard_limits is not None:

@@ -516,3 +516,27 @@ def test_a_dry_runs_counts_after_sharding_are_the_runs_counts(tmp_path, monkeypa
     counts = pipeline.counts_after_shard(ledger, result, planned_before, new)
     assert counts == pipeline.run_counts(ledger, result.run_id)
     assert counts["queued"] == (1 + 3 if not leftover else 1 + 2) and sum(counts.values()) == 7
+
+
+@pytest.mark.parametrize("new_for_big_cache, known_max, takes_it", [(100, 10**6, False), (3, 10**6, True), (100, 0, True)])
+def test_a_plan_into_last_nights_ledger_takes_the_big_page_cache_only_when_it_needs_it(
+        tmp_path, monkeypatch, new_for_big_cache, known_max, takes_it):
+    """Looking requests up in a dict, a plan that makes few new requests keeps SQLite's small page cache (the
+    big one would only hold the rows it appends); many new ones, or probing the hash index per request, take
+    it. Either way the ledger's own setting is back afterwards."""
+    from batcher import planner
+    from batcher.ledger import BULK_CACHE_KIB
+
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    monkeypatch.setattr(planner, "NEW_REQUESTS_FOR_BIG_CACHE", new_for_big_cache)
+    monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
+    ledger, store, _ = _last_nights_workdir(tmp_path)
+    before = ledger.conn.execute("PRAGMA cache_size").fetchone()[0]
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    rows = [[f"r{i}", f"p{i % 12}" if i < 12 else f"new {i}"] for i in range(18)]
+    plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions())
+    ledger.conn.set_trace_callback(None)
+    assert (f"PRAGMA cache_size=-{BULK_CACHE_KIB}" in statements) == takes_it
+    assert ledger.conn.execute("PRAGMA cache_size").fetchone()[0] == before
