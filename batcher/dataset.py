@@ -103,12 +103,63 @@ def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: s
     return summary
 
 
+class _Linker:
+    """Places a plain local cache's images into a local dataset: a hard link per new image, one system call
+    each, the common extension first (a missing one, or another extension, goes through ImageStore.find).
+    A link is atomic, so no temp file is needed; a copy (another filesystem) still goes through one."""
+
+    def __init__(self, store: ImageStore, out: Path):
+        self.store, self.out = store, out
+        self.cache = os.fspath(store.root)
+        self.images = os.path.join(os.fspath(out), "images")
+        self.made_dirs: set[str] = set()
+        self.links = True  # until the filesystem says no (another device, or no hard links)
+
+    def place(self, h: str) -> str | None:
+        """The image's file name in the dataset (placed), or None when the cache has no image for `h`."""
+        prefix = h[:2]
+        if prefix not in self.made_dirs:
+            os.makedirs(os.path.join(self.images, prefix), exist_ok=True)
+            self.made_dirs.add(prefix)
+        src = f"{self.cache}/{prefix}/{h}.png"
+        dest = f"{self.images}/{prefix}/{h}.png"
+        if self.links:
+            try:
+                os.link(src, dest)
+                return f"images/{prefix}/{h}.png"
+            except FileExistsError:  # placed by an earlier write (same hash, same bytes): the cache must still have it
+                if os.path.exists(src):  # (Linux looks the source up first: ENOENT; POSIX does not say which comes first)
+                    return f"images/{prefix}/{h}.png"
+            except FileNotFoundError:
+                pass  # no PNG in the cache: another extension, or none
+            except OSError:
+                self.links = False  # e.g. the cache is on another filesystem: copies from now on
+        found = self.store.find(h)
+        if found is None:
+            return None
+        file_name = f"images/{prefix}/{found.name}"
+        _place_image(found, self.out / file_name)
+        return file_name
+
+
 def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None) -> DatasetSummary:
     """Write metadata.parquet into `out`; each image is placed by `place(src, file_name)` (default: linked or
     copied into `out`)."""
     out = Path(out)
-    place = place or (lambda src, file_name: _place_image(src, out / file_name))
     out.mkdir(parents=True, exist_ok=True)
+    linker = _Linker(store, out) if place is None and type(store) is ImageStore else None
+
+    def placed(h: str) -> str | None:
+        """The image's file name in the dataset, placed there; None when the cache lost it."""
+        if linker is not None:
+            return linker.place(h)
+        src = store.find(h)
+        if src is None:
+            return None
+        file_name = f"images/{h[:2]}/{h}{os.path.splitext(str(src))[1]}"
+        (place or (lambda s, name: _place_image(s, out / name)))(src, file_name)  # a no-op when it is there
+        return file_name
+
     run = ledger.conn.execute("SELECT extra_schema, created_at FROM runs WHERE id=?", (run_id,)).fetchone()
     run_started = run["created_at"] if run else 0.0
     extra = pa.ipc.read_schema(pa.py_buffer(run["extra_schema"])) if run and run["extra_schema"] else pa.schema([])
@@ -117,7 +168,9 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     schema = pa.schema(BASE_FIELDS + extra_fields)
     summary = DatasetSummary(path=out)
     tmp = out / ".metadata.parquet.tmp"
-    query = ledger.conn.execute(
+    query = ledger.conn.cursor()
+    query.row_factory = None  # plain tuples: columns by position, a million rows
+    query.execute(
         """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
                   r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
                   r.cost_usd, r.updated_at, j.display_name AS job
@@ -126,49 +179,52 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
         (run_id,),
     )
     seen_cost: set[str] = set()  # rows sharing a request share its cost: count it once
+    counts = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
     with pq.ParquetWriter(tmp, schema) as writer:
         while batch := query.fetchmany(BATCH_ROWS):
-            cols: dict[str, list] = {f.name: [] for f in schema}
-            for r in batch:
-                status = STATUS.get(r["state"], "pending")
+            (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
+             prompt_tokens, output_tokens, cost_usd, updated_at, job) = zip(*batch)
+            statuses, file_names, errors, costs, cached_out = [], [], [], [], []
+            for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
+                status = STATUS.get(st, "pending")
                 file_name = None
                 if status == "ok":
-                    src = store.find(r["request_hash"])
-                    if src is None:
+                    file_name = placed(h)
+                    if file_name is None:
                         status = "pending"  # the cache lost it: the next submit generates it again
-                    else:
-                        file_name = f"images/{r['request_hash'][:2]}/{r['request_hash']}{os.path.splitext(str(src))[1]}"
-                        place(src, file_name)  # a no-op when it is there (rows sharing a request share it)
-                summary.rows += 1
-                setattr(summary, status, getattr(summary, status) + 1)
+                counts[status] += 1
                 # A request that ended before this run began was paid for by an earlier run in this workdir: to
                 # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,
                 # so the column sums to this run's spend.
-                earlier = r["updated_at"] < run_started and r["state"] in (SUCCEEDED, BLOCKED)
-                cost = r["cost_usd"] if not r["cached"] and not earlier and r["request_hash"] not in seen_cost else 0.0
+                earlier = at < run_started and st in (SUCCEEDED, BLOCKED)
+                cost = paid if not was_cached and not earlier and h not in seen_cost else 0.0
                 if cost:
-                    seen_cost.add(r["request_hash"])
+                    seen_cost.add(h)
                     summary.cost_usd += cost
-                values = {
-                    "file_name": file_name, "id": r["id"], "row": r["row"], "variant": r["variant"], "prompt": r["prompt"],
-                    "request_hash": r["request_hash"], "status": status, "error": r["error"] if status != "ok" else None,
-                    "finish_reason": r["finish_reason"], "model": r["model"], "job": r["job"], "attempts": r["attempts"],
-                    "cached": bool(r["cached"]) or (earlier and status == "ok"), "prompt_tokens": r["prompt_tokens"], "output_tokens": r["output_tokens"],
-                    "cost_usd": cost,
-                }
-                extras = json.loads(r["extra_json"]) if r["extra_json"] else {}
+                statuses.append(status)
+                file_names.append(file_name)
+                errors.append(err if status != "ok" else None)
+                costs.append(cost)
+                cached_out.append(bool(was_cached) or (earlier and status == "ok"))
+            columns = {"file_name": file_names, "id": ids, "row": row, "variant": variant, "prompt": prompt,
+                       "request_hash": hashes, "status": statuses, "error": errors, "finish_reason": finish_reason,
+                       "model": model, "job": job, "attempts": attempts, "cached": cached_out,
+                       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "cost_usd": costs}
+            if extra_fields:
+                extras = [json.loads(x) if x else {} for x in extra_json]
                 for f in extra_fields:
-                    values[f.name] = extras.get(f.name)
-                for name in cols:
-                    cols[name].append(values.get(name))
+                    columns[f.name] = [e.get(f.name) for e in extras]
             arrays = []
             for f in schema:
+                values = columns[f.name]
                 try:
-                    arrays.append(pa.array(cols[f.name], type=f.type))
+                    arrays.append(pa.array(values, type=f.type))
                 except (pa.ArrowInvalid, pa.ArrowTypeError):
-                    arrays.append(pa.array([None if v is None else str(v) for v in cols[f.name]], type=pa.string()).cast(f.type, safe=False))
+                    arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(f.type, safe=False))
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             maybe_crash("dataset")  # test hook: see batcher/faults.py
+    summary.rows = sum(counts.values())
+    summary.ok, summary.blocked, summary.failed, summary.pending = (counts[k] for k in ("ok", "blocked", "failed", "pending"))
     maybe_crash("dataset-replace")
     os.replace(tmp, out / "metadata.parquet")
     return summary
