@@ -444,6 +444,26 @@ class Ledger:
             rows = self.conn.execute(f"SELECT {column}, COUNT(*) FROM requests WHERE {where} GROUP BY {column}", params)
         return {value: n for value, n in rows}
 
+    def run_summary(self, run_id: int, paid_since: float) -> tuple[dict[str, int], int, float]:
+        """The run's requests in one pass: how many are in each state, how many are cache hits (`cached`), and
+        what those that finished ok or blocked since `paid_since`, not from the cache, cost (estimate.run_spend_usd)."""
+        paid = (f"SUM(CASE WHEN r.cached=0 AND r.state IN ('{SUCCEEDED}','{BLOCKED}') AND r.updated_at >= ? "
+                "THEN r.cost_usd ELSE 0 END)")
+        where, params = self.in_run(run_id)
+        if where != "1" and self._run_rows_have_distinct_requests(run_id):  # see counts_by
+            rows = self.conn.execute(f"SELECT r.state, SUM(r.cached), {paid}, COUNT(*) FROM rows w "
+                                     "JOIN requests r ON r.hash = w.request_hash WHERE w.run_id=? GROUP BY r.state",
+                                     (paid_since, run_id))
+        else:
+            rows = self.conn.execute(f"SELECT r.state, SUM(r.cached), {paid}, COUNT(*) FROM requests r WHERE {where} "
+                                     "GROUP BY r.state", (paid_since, *params))
+        counts, hits, spent = {}, 0, 0.0
+        for state, cached, cost, n in rows:
+            counts[state] = n
+            hits += cached or 0
+            spent += cost or 0.0
+        return counts, hits, spent
+
     def _run_rows_have_distinct_requests(self, run_id: int) -> bool:
         run = self.conn.execute("SELECT request_count FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None or run[0] is None:

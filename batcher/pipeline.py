@@ -558,10 +558,10 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
                 "pending": stats.get("pendingRequestCount", max(n - succeeded - failed, 0)) if active or j["state"] == J_UPLOADED else 0,
                 "error": j["error"], "warnings": warnings,
             })
-        counts = run_counts(ws.ledger, run["id"]) if run else {}
-        where, params = ws.ledger.in_run(run["id"]) if run else ("0", ())
-        cost = run_spend_usd(ws.ledger, run)  # as the budget counts it: not an earlier run's in this workdir
-        hits = ws.ledger.conn.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0]
+        counts, hits, cost = {}, 0, 0.0
+        if run:  # the cost as the budget counts it (estimate.run_spend_usd): not an earlier run's in this workdir
+            by_state, hits, cost = ws.ledger.run_summary(run["id"], paid_since=run["created_at"])
+            counts = {s: by_state.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
             "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),

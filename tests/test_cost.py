@@ -236,3 +236,34 @@ def test_jobs_a_dry_run_left_are_sharded_again_under_a_later_budget(tmp_path, em
     assert result.counts["queued"] == 2 and result.counts["planned"] == 8, result.summary
     assert "8 requests held back" in result.summary
     assert emulator.stats()["batches_created"] == 1
+
+
+@pytest.mark.parametrize("shape", ["only run", "distinct rows", "shared rows"])
+def test_a_runs_summary_in_one_pass_is_its_counts_hits_and_spend(tmp_path, shape):
+    """Ledger.run_summary (what `status` and the morning report show) equals the separate counts, cache hits and
+    spend, whichever way the run's requests are found: every request of the ledger, a join of rows that each
+    have their own request, or the set of their hashes when rows share requests."""
+    import time
+
+    from batcher.estimate import run_spend_usd
+    from batcher.ledger import Ledger
+    from batcher.planner import plan_manifest
+
+    ledger = Ledger(tmp_path / "wd")
+    if shape != "only run":  # last night's run, with requests tonight's run shares and one it does not
+        plan_manifest(ledger, None, write_csv(tmp_path / "a.csv", ["id", "prompt"], [["x", "p1"], ["y", "old"]]),
+                      ManifestOptions())
+    prompts = [f"p{i}" for i in range(10)] + (["p1", "p2"] if shape == "shared rows" else [])
+    run = plan_manifest(ledger, None, write_csv(tmp_path / "b.csv", ["id", "prompt"], [[f"r{i}", p] for i, p in enumerate(prompts)]),
+                        ManifestOptions())
+    started = ledger.conn.execute("SELECT created_at FROM runs WHERE id=?", (run.run_id,)).fetchone()[0]
+    states = ["succeeded", "succeeded", "blocked", "failed", "queued", "planned", "succeeded", "succeeded", "blocked", "succeeded"]
+    with ledger.transaction() as c:
+        for i, (h,) in enumerate(c.execute("SELECT hash FROM requests ORDER BY rowid").fetchall()):
+            c.execute("UPDATE requests SET state=?, cached=?, cost_usd=?, updated_at=? WHERE hash=?",
+                      (states[i % 10], int(i % 4 == 0), 0.01 * (i + 1), started - 5 if i == 7 else time.time(), h))
+    counts, hits, spent = ledger.run_summary(run.run_id, paid_since=started)
+    where, params = ledger.in_run(run.run_id)
+    assert counts == {k: v for k, v in pipeline.run_counts(ledger, run.run_id).items() if v}
+    assert hits == ledger.conn.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0] > 0
+    assert spent == pytest.approx(run_spend_usd(ledger, ledger.run(run.run_id))) and spent > 0
