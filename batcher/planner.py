@@ -297,12 +297,16 @@ class _BulkPlanner:
                 new.append((h, model, body_json, variant, now, hit))
                 known[h] = _code(SUCCEEDED if hit else PLANNED, hit) | _IN_RUN
                 continue
-            if code & _IN_RUN:
-                continue  # an earlier batch of this plan had it: what it called for is done
-            known[h] = code | _IN_RUN
-            if code in done and not refresh and (in_cache or self.lookup is None):
-                continue  # done, and its image is where it belongs: the usual nightly request (checked first)
-            state = _STATES[code >> 1]
+            if code & _IN_RUN:  # an earlier batch of this plan had it: what it called for is done...
+                state = _state_of(code)
+                if state != SUCCEEDED or refresh or self.lookup is None or self.in_cache(h, in_cache):
+                    continue
+                # ...but its image has gone from the cache since (SQL mode, which reads its state again, sees that too)
+            else:
+                known[h] = code | _IN_RUN
+                if code in done and not refresh and (in_cache or self.lookup is None):
+                    continue  # done, and its image is where it belongs: the usual nightly request (checked first)
+                state = _STATES[code >> 1]
             if state == QUEUED:
                 continue  # in a job already: it will be collected
             if refresh and state in (SUCCEEDED, FAILED, BLOCKED):

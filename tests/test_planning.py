@@ -540,3 +540,35 @@ def test_a_plan_into_last_nights_ledger_takes_the_big_page_cache_only_when_it_ne
     ledger.conn.set_trace_callback(None)
     assert (f"PRAGMA cache_size=-{BULK_CACHE_KIB}" in statements) == takes_it
     assert ledger.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+
+
+@pytest.mark.parametrize("known_max", [10**6, 0])
+def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_again_is_planned(tmp_path, monkeypatch, known_max):
+    """In a ledger that holds requests, a done request seen in one batch and again in a later one, after its image
+    was pruned from a cache asked one hash at a time, is planned again: whether the plan looks requests up in
+    its dict or in SQL (which reads the state again), as before the dict."""
+    from batcher import pipeline, planner
+
+    monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
+    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 1)
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
+    ledger, store, hashes = _last_nights_workdir(tmp_path)  # p0: done, its image in the cache
+    real_batches = planner.batches
+
+    def pruned_after_the_first(*args, **kwargs):
+        for k, b in enumerate(real_batches(*args, **kwargs)):
+            yield b
+            if k == 0:
+                store.find(hashes[0]).unlink()
+
+    class AskedOneByOne(ImageStore):  # past its listing limit, or a gs:// cache without list_dir
+        def has(self, h):
+            return super().has(h)
+
+    monkeypatch.setattr(planner, "batches", pruned_after_the_first)
+    result = plan_manifest(ledger, AskedOneByOne(tmp_path / "cache"),
+                           write_csv(tmp_path / "b.csv", ["id", "prompt"], [["r0", "p0"], ["r1", "p0"]]), ManifestOptions())
+    assert tuple(ledger.conn.execute("SELECT state, cached FROM requests WHERE hash=?", (hashes[0],)).fetchone()) == ("planned", 0)
+    assert pipeline.run_counts(ledger, result.run_id)["planned"] == 1 and result.cache_hits == 0
+    if result.states is not None:
+        assert result.states["planned"] == 1
