@@ -490,3 +490,20 @@ def test_status_shows_planned_vs_in_flight_vs_capacity(tmp_path, emulator_env):
     doc = json.loads(CliRunner().invoke(cli_main, ["status", "--json", "--workdir", str(tmp_path / "w"), "--no-refresh"]).output)
     cap = doc["capacity"]["gemini-2.5-flash-image"]
     assert cap["in_flight_tokens"] > 0 and cap["jobs_waiting"] >= 1  # one job created, the rest wait for capacity
+
+
+def test_an_image_gone_from_the_cache_after_a_run_is_generated_again_by_the_next_run(tmp_path, emulator, backend_factory):
+    """The same manifest run again after the cache lost one of its images (cleaned, moved) generates that image,
+    and only it, instead of reporting the run done with a dataset row pending for good."""
+    s = settings(tmp_path)
+    m = manifest(tmp_path)
+    first = pipeline.run(m, s, backend_factory=backend_factory)
+    assert first.exit_code == 0
+    lost = metadata(s)[4]["request_hash"]  # p4
+    image = next((tmp_path / "cache" / lost[:2]).glob(f"{lost}.*"))
+    image.unlink()
+    again = pipeline.run(m, s, backend_factory=backend_factory)  # the same file: the same run, resumed
+    assert not again.plan.new_run and again.exit_code == 0 and again.jobs_created == 1, again.summary
+    assert image.exists() and {r["status"] for r in metadata(s)} == {"ok"}
+    stats = emulator.stats()
+    assert stats["batches_created"] == 2 and stats["lines_processed"] == 5 + 1
