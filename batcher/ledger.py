@@ -15,7 +15,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import LedgerError
 
@@ -302,6 +302,28 @@ class Ledger:
             raise
         else:
             self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def change_counter(self) -> Iterator[Callable[[], int]]:
+        """Yields a function that tells how many changes to `requests` and `rows` this connection has committed
+        since: temporary triggers count them (nothing is written to the ledger file; a rolled-back change is not
+        counted). Figures about a run still hold while it returns the same number (the workdir lock keeps other
+        writers out), so they need not be computed again (~3 s at 1M rows)."""
+        c = self.conn
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS batcher_changes(n INTEGER NOT NULL)")
+        c.execute("DELETE FROM temp.batcher_changes")
+        c.execute("INSERT INTO temp.batcher_changes VALUES (0)")
+        triggers = [(f"batcher_{table}_{event.lower()}", table, event)
+                    for table in ("requests", "rows") for event in ("INSERT", "UPDATE", "DELETE")]
+        for name, table, event in triggers:
+            c.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} AFTER {event} ON main.{table} "
+                      "BEGIN UPDATE batcher_changes SET n = n + 1; END")
+        try:
+            yield lambda: c.execute("SELECT n FROM temp.batcher_changes").fetchone()[0]
+        finally:
+            for name, _, _ in triggers:
+                c.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
+            c.execute("DROP TABLE IF EXISTS temp.batcher_changes")
 
     @contextlib.contextmanager
     def big_page_cache(self) -> Iterator[None]:

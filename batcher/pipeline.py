@@ -387,7 +387,8 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         created = 0
         deadline_passed = stopped_at_deadline = False
         counts = counts_after_plan(ws.ledger, p)  # then kept current at the end of each round (nothing else writes)
-        with ws.progress.count("requests", total) as bar:
+        with ws.progress.count("requests", total) as bar, ws.ledger.change_counter() as changes:
+            counted_at = changes()
             while True:
                 if not deadline_passed and settings.deadline is not None and time.time() >= settings.deadline \
                         and (counts[PLANNED] or counts[QUEUED]):
@@ -403,7 +404,9 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                 collect_finished(ws)
                 if settings.fallback_model:
                     plan_fallbacks(ws.ledger, ws.store, p.run_id, settings.fallback_model)
-                counts = run_counts(ws.ledger, p.run_id)
+                if changes() != counted_at:  # a round that changed no request (a job still running) keeps them
+                    counts = run_counts(ws.ledger, p.run_id)
+                    counted_at = changes()
                 bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
                 if not counts[PLANNED] and not counts[QUEUED]:
                     break

@@ -507,3 +507,43 @@ def test_an_image_gone_from_the_cache_after_a_run_is_generated_again_by_the_next
     assert image.exists() and {r["status"] for r in metadata(s)} == {"ok"}
     stats = emulator.stats()
     assert stats["batches_created"] == 2 and stats["lines_processed"] == 5 + 1
+
+
+def test_run_counts_its_requests_again_only_after_a_round_that_changed_them(tmp_path, emulator, backend_factory, monkeypatch):
+    """While a job runs, a round that changes no request keeps the run's counts instead of counting a million
+    rows again (Ledger.change_counter); the rounds that send and collect still count, and the run ends done."""
+    import time
+
+    emulator.configure(running_seconds=1.0)
+    counted = []
+    real_run_counts = pipeline.run_counts
+    monkeypatch.setattr(pipeline, "run_counts", lambda *a: counted.append(1) or real_run_counts(*a))
+    rounds = []
+    result = pipeline.run(manifest(tmp_path), settings(tmp_path, poll_interval=0.05), backend_factory=backend_factory,
+                          sleep=lambda s: rounds.append(s) or time.sleep(s))
+    assert result.exit_code == 0 and {r["status"] for r in metadata(settings(tmp_path))} == {"ok"}
+    assert len(rounds) >= 5 and 1 <= len(counted) <= 3, (len(rounds), len(counted))
+
+
+def test_the_change_counter_counts_committed_changes_to_requests_and_rows(tmp_path):
+    from batcher.ledger import Ledger
+    from batcher.manifest import ManifestOptions
+    from batcher.planner import plan_manifest
+
+    ledger = Ledger(tmp_path / "wd")
+    with ledger.change_counter() as changes:
+        assert changes() == 0
+        plan_manifest(ledger, None, manifest(tmp_path), ManifestOptions())
+        after_plan = changes()
+        assert after_plan > 0
+        with ledger.transaction() as c:
+            c.execute("UPDATE jobs SET updated_at=1")  # not a request, not a row
+        assert changes() == after_plan
+        with pytest.raises(RuntimeError), ledger.transaction() as c:
+            c.execute("UPDATE requests SET attempts=7")
+            raise RuntimeError("rolled back")
+        assert changes() == after_plan
+        with ledger.transaction() as c:
+            c.execute("UPDATE rows SET prompt='x' WHERE seq=0")
+        assert changes() == after_plan + 1
+    assert ledger.conn.execute("SELECT COUNT(*) FROM sqlite_temp_master").fetchone()[0] == 0  # gone afterwards
