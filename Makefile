@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m batcher.demo
 
 test: $(STAMP)
+	$(BIN)/python -m pyflakes batcher tests bench
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -23,7 +23,7 @@ from .faults import maybe_crash
 from .pricing import cost_usd
 from .decoder import DecoderPool, default_processes
 from .errors import CollectError
-from .results import BLOCK_FINISH_REASONS, Outcome, classify, loads_line, read_line  # noqa: F401 (classify: a public name here)
+from .results import Outcome, read_line
 from .store import ImageStore, InvalidImage
 
 log = logging.getLogger("batcher.collect")

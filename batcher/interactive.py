@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import jobs as jobs_mod
 from .backend import GeminiBackend
-from .collect import classify
+from .results import classify
 from .errors import ApiError
 from .ledger import BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
 from .pricing import cost_usd, expected_output_tokens

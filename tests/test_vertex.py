@@ -289,7 +289,7 @@ def test_download_normalises_lines_without_keys_in_any_order(tmp_path, vx, gcs):
            {"status": 'Bad Request: {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}',
             "request": req[1]},
            {"status": "", "request": json.loads(json.dumps(req[0], sort_keys=True)), "response": {"candidates": []}}]
-    d = f"stage/outputs/batcher-x-job1/prediction-model-2026-01-01T00:00:00.000000Z/"
+    d = "stage/outputs/batcher-x-job1/prediction-model-2026-01-01T00:00:00.000000Z/"
     bucket.blob(d + "predictions.jsonl").upload_from_string("".join(json.dumps(x) + "\n" for x in out))
     backend._local_inputs.clear()  # as after a restart: the key map comes from the staged input
     dest = tmp_path / "res.jsonl"
