@@ -142,13 +142,13 @@ class _BulkPlanner:
         self.lookup = StoreLookup(store) if store is not None else None
         self.inline: _InlineJobs | None = None  # set: new requests are sharded into jobs as they load
         self.inline_jobs: list[int] = []
-        # The run's distinct requests, counted as they load into a ledger that held requests (a fresh ledger's are
-        # all of its requests): COUNT(DISTINCT) over a million rows afterwards takes ~4 s. None: past the bound.
-        self.run_hashes: set[str] | None = set()
         self.bulk = False  # loading into an empty ledger without its indexes (Ledger.bulk_load)
-        # The ledger's requests (hash -> state code, _CODE_SQL) as they were before the plan plus what it did to
-        # them, when it is small enough to hold (a ledger that held requests; see KNOWN_MAX_REQUESTS).
+        # In a ledger that held requests: requests by hash -> state code (_CODE_SQL), with what the plan did to them.
+        # Every request of the ledger, read once (`knows_ledger`; see KNOWN_MAX_REQUESTS), or else the run's, as
+        # SQL told them a batch at a time, while there are at most INLINE_MAX_REQUESTS (then None: bounded memory).
+        # The run's counts come from it (run_tally); past the bound, from SQL at the end.
         self.known: dict[str, int] | None = None
+        self.knows_ledger = False
 
     def stop_sharding(self) -> None:
         """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
@@ -173,7 +173,9 @@ class _BulkPlanner:
         with contextlib.closing(source), _cyclic_gc_paused():
             if not self.fresh:  # while a child (if any) starts and reads its first rows
                 self.known = _known_requests(self.c)
-                if self.known is None:
+                self.knows_ledger = self.known is not None
+                if not self.knows_ledger:
+                    self.known = {}
                     self._take_big_page_cache()
             for b in source:
                 positions = _merge_problems(b, problems)
@@ -282,14 +284,12 @@ class _BulkPlanner:
         batch: dict[str, tuple] = {}
         for req in reqs:
             batch.setdefault(req[2], req)
-        known = self.known
-        if known is None:  # too many to hold: this batch's, from SQL, and the run's hashes in a set while bounded
-            known = dict(c.execute(f"SELECT hash, {_CODE_SQL} FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
-                                   (json.dumps(list(batch)),)))
-            if self.run_hashes is not None:
-                self.run_hashes.update(batch)
-                if len(self.run_hashes) > INLINE_MAX_REQUESTS:  # bounded memory: counted in SQL at the end instead
-                    self.run_hashes = None
+        known = self.known if self.known is not None else {}
+        if not self.knows_ledger:  # the ones the plan has not seen yet, from SQL
+            asked = [h for h in batch if h not in known]
+            if asked:
+                known.update(c.execute(f"SELECT hash, {_CODE_SQL} FROM requests WHERE hash IN (SELECT value FROM json_each(?))",
+                                       (json.dumps(asked),)))
         done = _code(SUCCEEDED, False), _code(SUCCEEDED, True)
         new = []
         for h, (model, variant, _h, body_json, size, in_cache) in batch.items():
@@ -322,6 +322,8 @@ class _BulkPlanner:
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
                 known[h] = _code(PLANNED, code & 1) | _IN_RUN
+        if not self.knows_ledger and self.known is not None and len(self.known) > INLINE_MAX_REQUESTS:
+            self.known = None  # bounded memory: each batch's requests are asked afresh, and the run counted in SQL
         self.new_requests += len(new)
         if self.new_requests >= NEW_REQUESTS_FOR_BIG_CACHE:
             self._take_big_page_cache()
@@ -334,7 +336,7 @@ class _BulkPlanner:
 
     def run_tally(self) -> tuple[int, int, dict[str, int]] | None:
         """The run's distinct requests, how many are cache hits, and how many are in each state, if this plan
-        knows every request of the ledger (`known`); else None. One pass over the codes, in C."""
+        still holds every request it saw (`known`); else None. One pass over the codes, in C."""
         if self.known is None:
             return None
         requests = hits = 0
@@ -462,8 +464,6 @@ def plan_manifest(
             c.execute("UPDATE runs SET request_count=(SELECT COUNT(*) FROM requests) WHERE id=?", (run_id,))
         elif tally is not None:  # what the plan knows of every request it saw
             c.execute("UPDATE runs SET request_count=? WHERE id=?", (tally[0], run_id))
-        elif planner.run_hashes is not None:  # the hashes of every row this plan wrote
-            c.execute("UPDATE runs SET request_count=? WHERE id=?", (len(planner.run_hashes), run_id))
         else:
             ledger.set_run_request_count(c, run_id)
     maybe_crash("plan")  # test hook: see batcher/faults.py
