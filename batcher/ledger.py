@@ -28,6 +28,9 @@ J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED = "planned", "upload
 J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED, J_COLLECTED = "succeeded", "failed", "expired", "cancelled", "collected"
 JOB_TERMINAL_API = (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)
 BUSY_TIMEOUT_MS = 30_000
+# Ledger.change_counter's temporary triggers: (name, table, event).
+_CHANGE_TRIGGERS = [(f"batcher_{table}_{event.lower()}", table, event)
+                    for table in ("requests", "rows") for event in ("INSERT", "UPDATE", "DELETE")]
 BULK_CACHE_KIB = 256 * 1024  # see Ledger.big_page_cache: 1M requests' hash index stays in memory
 
 MIGRATIONS: list[str] = [
@@ -288,6 +291,7 @@ class Ledger:
         self.conn = connect(self.path)
         migrate(self.conn)
         self.ledger_id = self._ensure_ledger_id()
+        self._counting = 0  # change_counter uses open
 
     def close(self) -> None:
         self.conn.close()
@@ -306,24 +310,31 @@ class Ledger:
     @contextlib.contextmanager
     def change_counter(self) -> Iterator[Callable[[], int]]:
         """Yields a function that tells how many changes to `requests` and `rows` this connection has committed
-        since: temporary triggers count them (nothing is written to the ledger file; a rolled-back change is not
-        counted). Figures about a run still hold while it returns the same number (the workdir lock keeps other
-        writers out), so they need not be computed again (~3 s at 1M rows)."""
+        (a number that only grows): temporary triggers count them (nothing is written to the ledger file; a
+        rolled-back change is not counted). Figures about a run still hold while it returns the same number
+        (the workdir lock keeps other writers out), so they need not be computed again (~3 s at 1M rows).
+        Nested uses share the triggers; the outermost removes them."""
         c = self.conn
-        c.execute("CREATE TEMP TABLE IF NOT EXISTS batcher_changes(n INTEGER NOT NULL)")
-        c.execute("DELETE FROM temp.batcher_changes")
-        c.execute("INSERT INTO temp.batcher_changes VALUES (0)")
-        triggers = [(f"batcher_{table}_{event.lower()}", table, event)
-                    for table in ("requests", "rows") for event in ("INSERT", "UPDATE", "DELETE")]
-        for name, table, event in triggers:
-            c.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} AFTER {event} ON main.{table} "
-                      "BEGIN UPDATE batcher_changes SET n = n + 1; END")
+        outermost = self._counting == 0
+        if outermost:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS batcher_changes(n INTEGER NOT NULL)")
+            c.execute("INSERT INTO batcher_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM batcher_changes)")
+            for name, table, event in _CHANGE_TRIGGERS:
+                c.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS {name} AFTER {event} ON main.{table} "
+                          "BEGIN UPDATE batcher_changes SET n = n + 1; END")
+        self._counting += 1
         try:
             yield lambda: c.execute("SELECT n FROM temp.batcher_changes").fetchone()[0]
         finally:
-            for name, _, _ in triggers:
-                c.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
-            c.execute("DROP TABLE IF EXISTS temp.batcher_changes")
+            self._counting -= 1
+            if outermost:
+                # The table stays (a few bytes, gone with the connection): SQLite refuses to drop a table while a
+                # statement is still open, and an error here would hide the one that is unwinding (Ctrl-C, ...).
+                try:
+                    for name, _, _ in _CHANGE_TRIGGERS:
+                        c.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
+                except sqlite3.OperationalError as exc:  # left in place: they only count, into the table kept
+                    log.debug("change counter triggers left until the connection closes: %s", exc)
 
     @contextlib.contextmanager
     def big_page_cache(self) -> Iterator[None]:

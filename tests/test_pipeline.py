@@ -546,4 +546,28 @@ def test_the_change_counter_counts_committed_changes_to_requests_and_rows(tmp_pa
         with ledger.transaction() as c:
             c.execute("UPDATE rows SET prompt='x' WHERE seq=0")
         assert changes() == after_plan + 1
-    assert ledger.conn.execute("SELECT COUNT(*) FROM sqlite_temp_master").fetchone()[0] == 0  # gone afterwards
+    assert ledger.conn.execute("SELECT COUNT(*) FROM sqlite_temp_master WHERE type='trigger'").fetchone()[0] == 0
+
+
+def test_the_change_counter_nests_and_never_hides_the_error_that_unwinds_it(tmp_path):
+    """Nested uses share one count (the inner one leaves the outer counting); an exception raised while a read
+    is still open (Ctrl-C in the middle of writing a job's JSONL) comes out as itself."""
+    from batcher.ledger import Ledger
+    from batcher.manifest import ManifestOptions
+    from batcher.planner import plan_manifest
+
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, None, manifest(tmp_path), ManifestOptions())
+    with ledger.change_counter() as outer:
+        with ledger.change_counter() as inner:
+            start = outer()
+            assert inner() == start
+        with ledger.transaction() as c:
+            c.execute("UPDATE requests SET attempts=1")
+        assert outer() > start
+    with pytest.raises(KeyboardInterrupt):
+        with ledger.change_counter():
+            rows = ledger.conn.execute("SELECT hash FROM requests")
+            next(rows)
+            raise KeyboardInterrupt  # the read is still open as the counter unwinds
+    ledger.conn.execute("UPDATE requests SET attempts=2")  # no trigger left without its table
