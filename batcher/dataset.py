@@ -118,17 +118,15 @@ class _Linker:
     def place(self, h: str) -> str | None:
         """The image's file name in the dataset (placed), or None when the cache has no image for `h`."""
         prefix = h[:2]
-        if prefix not in self.made_dirs:
-            os.makedirs(os.path.join(self.images, prefix), exist_ok=True)
-            self.made_dirs.add(prefix)
         src = f"{self.cache}/{prefix}/{h}.png"
         dest = f"{self.images}/{prefix}/{h}.png"
         if self.links:
             try:
-                os.link(src, dest)
+                self._link(prefix, src, dest)
                 return f"images/{prefix}/{h}.png"
-            except FileExistsError:  # placed by an earlier write (same hash, same bytes): the cache must still have it
-                if os.path.exists(src):  # (Linux looks the source up first: ENOENT; POSIX does not say which comes first)
+            except FileExistsError:  # placed by an earlier write (same hash, same bytes), if it is still a file...
+                # ...and the cache must still have it (Linux looks the source up first; POSIX does not say)
+                if os.path.exists(dest) and os.path.exists(src):
                     return f"images/{prefix}/{h}.png"
             except FileNotFoundError:
                 pass  # no PNG in the cache: another extension, or none
@@ -138,8 +136,18 @@ class _Linker:
         if found is None:
             return None
         file_name = f"images/{prefix}/{found.name}"
-        _place_image(found, self.out / file_name)
+        _place_image(found, self.out / file_name)  # a copy, another extension, or an entry in the way (replaced)
         return file_name
+
+    def _link(self, prefix: str, src: str, dest: str) -> None:
+        try:
+            os.link(src, dest)
+        except FileNotFoundError:
+            if prefix in self.made_dirs or not os.path.exists(src):
+                raise
+            os.makedirs(os.path.join(self.images, prefix), exist_ok=True)  # the first image of this prefix
+            self.made_dirs.add(prefix)
+            os.link(src, dest)
 
 
 def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None) -> DatasetSummary:

@@ -90,3 +90,18 @@ def test_a_cache_on_another_filesystem_is_copied_into_the_dataset(tmp_path, monk
     png = tmp_path / "out" / "images" / hashes[0][:2] / f"{hashes[0]}.png"
     assert png.read_bytes() == store.find(hashes[0]).read_bytes() and png.stat().st_nlink == 1
     assert not [f for f in dataset_files(tmp_path / "out") if ".tmp-" in f]
+
+
+def test_an_entry_in_the_way_is_replaced_and_a_lost_image_makes_no_directory(tmp_path):
+    """An entry already at an image's place that is not a file (a dangling link left from elsewhere) is replaced
+    by the image, as placing it through find did; a request whose image the cache lost leaves no empty
+    directory behind."""
+    ledger, store, run_id, hashes = finished_run(tmp_path)
+    out = tmp_path / "out"
+    dest = out / "images" / hashes[0][:2] / f"{hashes[0]}.png"
+    dest.parent.mkdir(parents=True)
+    dest.symlink_to(tmp_path / "nowhere.png")
+    summary = dataset.write_dataset(ledger, store, run_id, out)
+    assert summary.ok == 5 and not dest.is_symlink() and dest.read_bytes() == store.find(hashes[0]).read_bytes()
+    placed = {p.name for p in (out / "images").iterdir()}
+    assert placed == {h[:2] for h in (hashes[0], hashes[1], hashes[2], hashes[4])}
