@@ -18,7 +18,7 @@ import queue
 import threading
 
 from .backend import GeminiBackend
-from .ledger import BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .ledger import ADD_PAYMENT, BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .faults import maybe_crash
 from .pricing import cost_usd
 from .decoder import DecoderPool, default_processes
@@ -228,8 +228,9 @@ def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts
                 cost = cost_usd(model, o.prompt_tokens, o.output_tokens)
                 state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
                 cur = c.execute(
-                    "UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
-                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, now, h, QUEUED))
+                    f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, {ADD_PAYMENT}, "
+                    "updated_at=? WHERE hash=? AND state=?",
+                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, cost, now, h, QUEUED))
                 if kind == "image":
                     stats.succeeded += cur.rowcount
                 else:

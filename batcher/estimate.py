@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
-from .ledger import BLOCKED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .ledger import PLANNED, QUEUED, Ledger
 from .manifest import ManifestOptions, RowProblem, read_manifest
 from .planner import MAX_PROBLEMS_SHOWN
 from .prepare import References, image_requests
@@ -208,13 +208,14 @@ class BudgetCheck:
 
 
 def run_spend_usd(ledger: Ledger, run) -> float:
-    """What the run has paid: its requests finished (ok or blocked) since it began and not served from the cache.
-    An earlier run's requests in the same workdir were paid by that run; they are not counted again."""
+    """What the run has paid: the payments for its requests since it began, not served from the cache, whatever
+    state they are in now (one planned again within the run keeps what it cost: planner.REPLANNED_IN_RUN). An
+    earlier run's requests in the same workdir were paid by that run; they are not counted again."""
     if run is None:
         return 0.0
     where, params = ledger.in_run(run["id"])
     return ledger.conn.execute(
-        f"SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 AND state IN ('{SUCCEEDED}','{BLOCKED}') "
+        "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 "
         f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]
 
 

@@ -16,7 +16,7 @@ from . import jobs as jobs_mod
 from .backend import GeminiBackend
 from .results import classify
 from .errors import ApiError
-from .ledger import BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
+from .ledger import ADD_PAYMENT, BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
 from .pricing import cost_usd, expected_output_tokens
 from .requests import REF_SCHEME, referenced_hashes, resolve_references
 from .store import ImageStore, InvalidImage
@@ -99,8 +99,9 @@ def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, 
         state, error = (FAILED if attempts >= max_attempts else PLANNED), outcome.reason
     with ledger.transaction() as c:
         cur = c.execute(
-            "UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, cost_usd=?, updated_at=? WHERE hash=? AND state=?",
-            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens, cost, now, h, PLANNED))
+            f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, {ADD_PAYMENT}, "
+            "updated_at=? WHERE hash=? AND state=?",
+            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens, cost, cost, now, h, PLANNED))
     if cur.rowcount:
         stats.spent_usd += cost or 0.0
         stats.succeeded += state == SUCCEEDED

@@ -28,6 +28,9 @@ J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING, J_SUBMITTED = "planned", "upload
 J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED, J_COLLECTED = "succeeded", "failed", "expired", "cancelled", "collected"
 JOB_TERMINAL_API = (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)
 BUSY_TIMEOUT_MS = 30_000
+# A payment for a request, added to what its run paid for it before (planner.REPLANNED_IN_RUN keeps that; every
+# other re-plan clears it). Parameters: (payment, payment); a payment of None leaves what was there.
+ADD_PAYMENT = "cost_usd=COALESCE(cost_usd + ?, ?, cost_usd)"
 # Ledger.change_counter's temporary triggers: (name, table, event).
 _CHANGE_TRIGGERS = [(f"batcher_{table}_{event.lower()}", table, event)
                     for table in ("requests", "rows") for event in ("INSERT", "UPDATE", "DELETE")]
@@ -479,9 +482,8 @@ class Ledger:
 
     def run_summary(self, run_id: int, paid_since: float) -> tuple[dict[str, int], int, float]:
         """The run's requests in one pass: how many are in each state, how many are cache hits (`cached`), and
-        what those that finished ok or blocked since `paid_since`, not from the cache, cost (estimate.run_spend_usd)."""
-        paid = (f"SUM(CASE WHEN r.cached=0 AND r.state IN ('{SUCCEEDED}','{BLOCKED}') AND r.updated_at >= ? "
-                "THEN r.cost_usd ELSE 0 END)")
+        what was paid for them since `paid_since`, not from the cache (estimate.run_spend_usd)."""
+        paid = "SUM(CASE WHEN r.cached=0 AND r.updated_at >= ? THEN r.cost_usd ELSE 0 END)"
         where, params = self.in_run(run_id)
         if where != "1" and self._run_rows_have_distinct_requests(run_id):  # see counts_by
             rows = self.conn.execute(f"SELECT r.state, SUM(r.cached), {paid}, COUNT(*) FROM rows w "

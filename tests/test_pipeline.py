@@ -571,3 +571,27 @@ def test_the_change_counter_nests_and_never_hides_the_error_that_unwinds_it(tmp_
             next(rows)
             raise KeyboardInterrupt  # the read is still open as the counter unwinds
     ledger.conn.execute("UPDATE requests SET attempts=2")  # no trigger left without its table
+
+
+@pytest.mark.parametrize("budget", [None, 0.10])
+def test_a_lost_image_generated_again_is_paid_for_twice_and_the_budget_counts_both(tmp_path, emulator, backend_factory, budget):
+    """Within one run, the images lost from the cache and generated again cost a second payment: the run's spend
+    (status, the dataset's cost_usd) counts both, and a budget the first payments used up sends nothing more."""
+    import shutil
+
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"prompt number {i}"] for i in range(10)])
+    s = settings(tmp_path, budget_usd=budget)
+    pipeline.run(m, s, backend_factory=backend_factory)
+    first = pipeline.status(s, refresh=False)["cost_usd"]
+    generated = emulator.stats()["lines_processed"]
+    assert first > 0 and generated == (10 if budget is None else 5)
+    shutil.rmtree(tmp_path / "cache")  # the cache is cleaned
+    again = pipeline.run(m, s, backend_factory=backend_factory)
+    spent = pipeline.status(s, refresh=False)["cost_usd"]
+    if budget is None:
+        assert emulator.stats()["lines_processed"] == 20 and again.exit_code == 0
+        assert spent == pytest.approx(2 * first)
+        assert sum(r["cost_usd"] for r in metadata(s)) == pytest.approx(2 * first)
+    else:
+        assert emulator.stats()["lines_processed"] == 5 and again.jobs_created == 0, again.summary
+        assert spent == pytest.approx(first) and spent <= budget
