@@ -275,7 +275,11 @@ def collect_finished(ws: Workspace) -> CollectStats:
 
 
 def run_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
-    counts = ledger.request_counts(run_id)
+    return every_state(ledger.request_counts(run_id))
+
+
+def every_state(counts: dict[str, int]) -> dict[str, int]:
+    """Counts by request state, with every state (0 where there are none), in the order commands print them."""
     return {s: counts.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
 
 
@@ -284,7 +288,7 @@ def counts_after_plan(ledger: Ledger, p: PlanResult) -> dict[str, int]:
     (a join of the run's rows with `requests`: ~3 s at 1M rows)."""
     if p.states is None:
         return run_counts(ledger, p.run_id)
-    return {s: p.states.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
+    return every_state(p.states)
 
 
 def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_jobs: list[int]) -> dict[str, int]:
@@ -564,7 +568,7 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
         counts, hits, cost = {}, 0, 0.0
         if run:  # the cost as the budget counts it (estimate.run_spend_usd): not an earlier run's in this workdir
             by_state, hits, cost = ws.ledger.run_summary(run["id"], paid_since=run["created_at"])
-            counts = {s: by_state.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
+            counts = every_state(by_state)
         return {
             "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
             "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),
