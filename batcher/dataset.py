@@ -52,6 +52,7 @@ class DatasetSummary:
     blocked: int = 0
     failed: int = 0
     pending: int = 0
+    lost: int = 0  # of the pending rows: done in the ledger, but the cache no longer has their image
     cost_usd: float = 0.0
 
 
@@ -200,6 +201,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                     file_name = placed(h)
                     if file_name is None:
                         status = "pending"  # the cache lost it: the next submit generates it again
+                        summary.lost += 1
                 counts[status] += 1
                 # A request that ended before this run began was paid for by an earlier run in this workdir: to
                 # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,

@@ -304,6 +304,14 @@ def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_j
     return counts
 
 
+def lost_images(ds: DatasetSummary) -> str:
+    """What to say of dataset rows whose image the cache has lost since their request was done (else "")."""
+    if not ds.lost:
+        return ""
+    return (f"; {ds.lost} row(s) pending: their images are gone from the cache; run `batcher submit` or "
+            "`batcher run` with the same manifest to generate them again")
+
+
 def exit_code_for(counts: dict[str, int]) -> int:
     if counts.get(PLANNED, 0) or counts.get(QUEUED, 0):
         return EXIT_PENDING
@@ -377,7 +385,8 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         extra = f"; dataset {ds.path} (${ds.cost_usd:.4f})"
         if counts[PLANNED]:
             extra += f"; {counts[PLANNED]} requests to send again: run `batcher submit` or `batcher run`"
-        return Outcome(exit_code_for(counts), "collected: " + _line(counts, extra), dataset=ds, counts=counts, collect=stats)
+        code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # a row without its image is not finished
+        return Outcome(code, "collected: " + _line(counts, extra + lost_images(ds)), dataset=ds, counts=counts, collect=stats)
 
 
 def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
@@ -420,12 +429,13 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                     break
                 sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
         ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)  # reads the ledger only: counts still hold
-        code = exit_code_for(counts)
+        code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # an image lost while the run ran: run again
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
-                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet") + budget_note(ws),
+                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
+                          + lost_images(ds) + budget_note(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .report import write_report

@@ -502,6 +502,9 @@ def test_an_image_gone_from_the_cache_after_a_run_is_generated_again_by_the_next
     lost = metadata(s)[4]["request_hash"]  # p4
     image = next((tmp_path / "cache" / lost[:2]).glob(f"{lost}.*"))
     image.unlink()
+    collected = pipeline.collect(s, backend_factory=backend_factory)  # collect alone: says so, and is not done
+    assert collected.exit_code == pipeline.EXIT_PENDING and collected.dataset.lost == 1, collected.summary
+    assert "gone from the cache" in collected.summary and "pending" in {r["status"] for r in metadata(s)}
     again = pipeline.run(m, s, backend_factory=backend_factory)  # the same file: the same run, resumed
     assert not again.plan.new_run and again.exit_code == 0 and again.jobs_created == 1, again.summary
     assert image.exists() and {r["status"] for r in metadata(s)} == {"ok"}
