@@ -133,12 +133,8 @@ class _Linker:
                 pass  # no PNG in the cache: another extension, or none
             except OSError:
                 self.links = False  # e.g. the cache is on another filesystem: copies from now on
-        found = self.store.find(h)
-        if found is None:
-            return None
-        file_name = f"images/{prefix}/{found.name}"
-        _place_image(found, self.out / file_name)  # a copy, another extension, or an entry in the way (replaced)
-        return file_name
+        # A copy, another extension, or an entry in the way (replaced):
+        return _find_and_place(self.store, h, lambda src, file_name: _place_image(src, self.out / file_name))
 
     def _link(self, prefix: str, src: str, dest: str) -> None:
         try:
@@ -151,23 +147,27 @@ class _Linker:
             os.link(src, dest)
 
 
+def _find_and_place(store: ImageStore, h: str, place) -> str | None:
+    """The image of `h` placed by `place(src, file_name)` as its file name in the dataset, which this returns; None
+    when the cache has no image for it."""
+    src = store.find(h)
+    if src is None:
+        return None
+    file_name = f"images/{h[:2]}/{h}{os.path.splitext(str(src))[1]}"
+    place(src, file_name)  # a no-op when it is there
+    return file_name
+
+
 def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None) -> DatasetSummary:
     """Write metadata.parquet into `out`; each image is placed by `place(src, file_name)` (default: linked or
     copied into `out`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    linker = _Linker(store, out) if place is None and type(store) is ImageStore else None
-
-    def placed(h: str) -> str | None:
-        """The image's file name in the dataset, placed there; None when the cache lost it."""
-        if linker is not None:
-            return linker.place(h)
-        src = store.find(h)
-        if src is None:
-            return None
-        file_name = f"images/{h[:2]}/{h}{os.path.splitext(str(src))[1]}"
-        (place or (lambda s, name: _place_image(s, out / name)))(src, file_name)  # a no-op when it is there
-        return file_name
+    if place is None and type(store) is ImageStore:
+        placed = _Linker(store, out).place
+    else:
+        place = place or (lambda src, file_name: _place_image(src, out / file_name))
+        placed = lambda h: _find_and_place(store, h, place)  # noqa: E731
 
     run = ledger.conn.execute("SELECT extra_schema, created_at FROM runs WHERE id=?", (run_id,)).fetchone()
     run_started = run["created_at"] if run else 0.0

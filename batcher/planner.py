@@ -57,8 +57,8 @@ def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
 
 SHARD_PAGE = 20_000  # requests read at a time while sharding
 PLAN_BATCH_ROWS = 5_000  # manifest rows per bulk insert into the ledger
-# Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger that
-# holds requests counts the run's distinct requests in SQL instead of a set of their hashes (~140 bytes each).
+# Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger too
+# big to read whole (KNOWN_MAX_REQUESTS) stops keeping its run's requests (~140 bytes each) and counts them in SQL.
 INLINE_MAX_REQUESTS = 2_000_000
 # A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
 # and looks each request up there; past it, in SQL a batch at a time (~5 us per request: a probe of the 64-hex
@@ -360,14 +360,9 @@ def _known_requests(c: sqlite3.Connection) -> dict[str, int] | None:
     if c.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0] > KNOWN_MAX_REQUESTS:
         return None  # requests are never deleted: the largest rowid bounds their number
     known: dict[str, int] = {}
-    cache_size = c.execute("PRAGMA cache_size").fetchone()[0]
-    c.execute("PRAGMA cache_size=-2000")  # SQLite's default: a scan reads each page once, keeping them costs ~250 MB
-    try:
-        cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")
-        while rows := cursor.fetchmany(50_000):
-            known.update(rows)
-    finally:
-        c.execute(f"PRAGMA cache_size={int(cache_size)}")
+    cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")  # before the big page cache, if the plan takes it
+    while rows := cursor.fetchmany(50_000):
+        known.update(rows)
     return known
 
 
@@ -475,8 +470,7 @@ def plan_manifest(
     maybe_crash("plan")  # test hook: see batcher/faults.py
     if problems and rejects_path is not None:
         write_rejects(rejects_path, problems)
-    summary = _summary(ledger, run_id, new_run=True, planned_rows=seq, cache_hits=tally[1] if tally else None)
-    summary.states = tally[2] if tally else None
+    summary = _summary(ledger, run_id, new_run=True, planned_rows=seq, tally=tally)
     summary.rejected = len(problems)
     summary.jobs = result.jobs
     return summary
@@ -511,9 +505,10 @@ def replan_lost_images(ledger: Ledger, store: ImageStore, run_id: int) -> int:
 
 
 def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None,
-             cache_hits: int | None = None) -> PlanResult:
-    """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, and `cache_hits`:
-    how many of its requests are cache hits, if known (counting them joins the run's rows with `requests`)."""
+             tally: tuple[int, int, dict[str, int]] | None = None) -> PlanResult:
+    """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, and `tally`: what
+    the plan counted of its requests (_BulkPlanner.run_tally), if it did (else counting its cache hits joins the
+    run's rows with `requests`)."""
     c = ledger.conn
     run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
     if planned_rows is None:
@@ -523,9 +518,9 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
             ledger.set_run_request_count(tx, run_id)
         run = c.execute("SELECT row_count, request_count FROM runs WHERE id=?", (run_id,)).fetchone()
     distinct = run["request_count"]
-    hits = cache_hits if cache_hits is not None else ledger.counts_by("cached", run_id).get(1, 0)
+    hits = tally[1] if tally is not None else ledger.counts_by("cached", run_id).get(1, 0)
     return PlanResult(run_id=run_id, rows=run["row_count"], requests=distinct, cache_hits=hits,
-                      duplicates=planned_rows - distinct, new_run=new_run)
+                      duplicates=planned_rows - distinct, new_run=new_run, states=tally[2] if tally is not None else None)
 
 
 def write_rejects(path: Path, problems: list[RowProblem]) -> None:

@@ -389,11 +389,10 @@ class _Batches:
         seen = self.requests_seen
         if seen is None:
             return []
+        repeated = []
         if len(set(hashes)) == len(hashes) and seen.isdisjoint(hashes):  # the usual batch: every request new
             seen.update(hashes)
-            repeated = []
         else:
-            repeated = []
             for i, h in enumerate(hashes):
                 if h in seen:
                     repeated.append(i)
