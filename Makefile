@@ -22,12 +22,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .batcher build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) .batcher build *.egg-info
 
 # Long campaigns, not part of `make test`.
-.PHONY: reliability bench
+.PHONY: reliability bench test-oldest-sdk
 reliability: $(STAMP)
 	$(BIN)/python -m tests.crash_campaign
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The suite against the oldest google-genai that pyproject.toml allows, in a venv of its own (not part of `make test`).
+OLDEST_VENV := .venv-oldest-sdk
+OLDEST_GENAI = $(shell $(PYTHON) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(next(re.search(r'>=([0-9.]+)', d).group(1) for d in deps if d.startswith('google-genai')))")
+test-oldest-sdk:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet -e '.[test]' 'google-genai==$(OLDEST_GENAI)'
+	$(OLDEST_VENV)/bin/python -c "import google.genai as g; print('google-genai', g.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from .errors import ApiError, NotFoundError, QuotaError, SpendLimitError, TransientApiError, UsageError
 from .faults import maybe_crash
 from .retry import RetryPolicy
 
@@ -103,6 +103,28 @@ class BatchInfo:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API says of a model (models.get / models.list)."""
+
+    name: str  # without "models/"
+    display_name: str | None = None
+    methods: tuple[str, ...] = ()  # supportedGenerationMethods (the SDK's supported_actions)
+    thinking: bool | None = None
+    input_token_limit: int | None = None
+    output_token_limit: int | None = None
+
+    @property
+    def batch_capable(self) -> bool:
+        return "batchGenerateContent" in self.methods
+
+
+def model_info(m) -> ModelInfo:
+    return ModelInfo(name=(m.name or "").removeprefix("models/"), display_name=m.display_name,
+                     methods=tuple(m.supported_actions or ()), thinking=m.thinking, input_token_limit=m.input_token_limit,
+                     output_token_limit=m.output_token_limit)
+
+
 def normalize_state(state: str | None) -> str:
     """BATCH_STATE_X and JOB_STATE_X (both seen in the wild) -> X."""
     if not state:
@@ -135,6 +157,43 @@ def _retry_after(details) -> float | None:
     return None
 
 
+# What a 429's description says of its cause (api-2026-12.md §3: every 429 now says which limit it met). Checked
+# against the message, the QuotaFailure violations (quotaId, quotaMetric) and ErrorInfo reasons, lower-cased.
+SPEND_CAP_WORDS = ("spend cap", "spending cap", "spend_cap", "spendcap", "monthly spend", "spending limit")
+SPEND_RATE_WORDS = ("spend rate", "spend-based rate", "spend_rate", "spendrate", "spend per", "spend in the last")
+CAPACITY_WORDS = ("enqueued", "concurrent batch", "batch_concurrent", "storage quota", "file storage")
+STOP_ADVICE = {
+    "spend_cap": "a monthly spend cap stops every request until the cap is raised (AI Studio > Billing: the project "
+                 "spend cap, or a higher usage tier) or the month turns; nothing is lost: run the same command again then",
+    "prepay": "the prepay balance is used up: add credit in AI Studio > Billing; nothing is lost: run the same command "
+              "again then",
+}
+
+
+def _error_words(message: str, details) -> str:
+    words = [message or ""]
+    try:
+        for d in (details or {}).get("error", {}).get("details", []) or []:
+            words += [str(d.get("reason", "")), *(str(v.get(k, "")) for v in d.get("violations", []) or []
+                                                   for k in ("quotaId", "quotaMetric", "description", "subject"))]
+    except (AttributeError, TypeError):
+        pass
+    return " ".join(words).lower()
+
+
+def limit_error(text: str, code: int, status: str | None, message: str, details) -> ApiError:
+    """A 429 or 402 by its cause: a limit that clears by waiting (QuotaError: rate, spend rate, capacity) or a money
+    limit that stops the run (SpendLimitError: monthly spend cap, prepay balance)."""
+    words = _error_words(message, details)
+    if code == 402 or "prepay" in words or "prepaid" in words:
+        return SpendLimitError(f"{text} ({STOP_ADVICE['prepay']})", code, status, limit="prepay")
+    if any(w in words for w in SPEND_CAP_WORDS):
+        return SpendLimitError(f"{text} ({STOP_ADVICE['spend_cap']})", code, status, limit="spend_cap")
+    cause = ("spend_rate" if any(w in words for w in SPEND_RATE_WORDS)
+             else "capacity" if any(w in words for w in CAPACITY_WORDS) else "rate")
+    return QuotaError(text, code, status, retry_after=_retry_after(details), cause=cause)
+
+
 def map_error(exc: Exception, what: str) -> ApiError:
     """Map an SDK or transport error into batcher's hierarchy. Never includes request headers (the key)."""
     if isinstance(exc, ApiError):
@@ -144,8 +203,8 @@ def map_error(exc: Exception, what: str) -> ApiError:
         text = f"{what}: HTTP {code} {status}: {message}"
         if code == 404:
             return NotFoundError(text, code, status)
-        if code == 429:
-            return QuotaError(text, code, status, retry_after=_retry_after(exc.details))
+        if code in (402, 429):
+            return limit_error(text, code, status, message, exc.details)
         if code in TRANSIENT_CODES or (code and code >= 500):
             return TransientApiError(text, code, status)
         return ApiError(text, code, status)
@@ -254,8 +313,8 @@ class GeminiBackend:
         text = f"{what}: HTTP {resp.status} {status}: {message}"
         if resp.status == 404:
             raise NotFoundError(text, resp.status, status)
-        if resp.status == 429:
-            raise QuotaError(text, resp.status, status, retry_after=_retry_after(details))
+        if resp.status in (402, 429):
+            raise limit_error(text, resp.status, status, message, details)
         if resp.status >= 500 or resp.status == 408:
             raise TransientApiError(text, resp.status, status)
         raise ApiError(text, resp.status, status)
@@ -300,6 +359,17 @@ class GeminiBackend:
     def file_size(self, name: str) -> int:
         f = self._call(f"get {name}", lambda: self.client.files.get(name=name))
         return int(f.size_bytes or 0)
+
+    # ---- models -----------------------------------------------------------------------------------
+    def get_model(self, name: str) -> ModelInfo:
+        """models.get: raises NotFoundError when the API does not serve `name`."""
+        name = name.removeprefix("models/")
+        return model_info(self._call(f"get model {name}", lambda: self.client.models.get(model=name)))
+
+    def list_models(self) -> Iterator[ModelInfo]:
+        pager = self._call("list models", lambda: self.client.models.list(config={"page_size": 100}))
+        for m in pager:
+            yield model_info(m)
 
     # ---- batches ----------------------------------------------------------------------------------
     def create_batch(self, model: str, file_name: str, display_name: str, webhook: dict | None = None) -> BatchInfo:

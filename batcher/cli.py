@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import gcs, pipeline
-from .catalog import DEFAULT_MODEL, MODELS
+from .catalog import DEFAULT_MODEL
 from .errors import BatcherError, ManifestError, UsageError
 from .manifest import ManifestOptions
 from .planner import ShardLimits
@@ -107,13 +107,14 @@ def manifest_options(fn):
                      help="Manifest format (default: by extension)."),
         click.option("--prompt-column", default="prompt", show_default=True),
         click.option("--id-column", default="id", show_default=True),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, type=click.Choice(sorted(MODELS)),
-                     help="Default model (a `model` column overrides it per row)."),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL",
+                     help="Default model (a `model` column overrides it per row); `batcher models` lists them. A model "
+                          "batcher does not know is asked about (models.get) before anything is sent."),
         click.option("--aspect-ratio", default=None, help="Default aspect ratio, e.g. 16:9."),
-        click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on 3.1 Flash Image)."),
+        click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on gemini-3.1-flash-image)."),
         click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
         click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
-        click.option("--fallback-model", type=click.Choice(sorted(MODELS)), default=None,
+        click.option("--fallback-model", default=None, metavar="MODEL",
                      help="Model for requests that fail --max-attempts times on theirs (the row records which model made it)."),
         click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
         click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
@@ -284,7 +285,7 @@ def estimate(ctx, manifest, as_json, **kw):
     kw.setdefault("workdir", Path(".batcher"))
     table = default_table().with_overrides(kw.get("prices") or {})
     e = estimate_mod.estimate(manifest, _settings(kw).manifest, cache_dir=kw.get("cache_dir"), refresh=kw.get("refresh", False),
-                              skip_invalid=kw.get("skip_invalid", False), table=table)
+                              skip_invalid=kw.get("skip_invalid", False), table=table, tier=kw.get("tier"))
     click.echo(json.dumps(e.to_dict(), indent=2) if as_json else estimate_mod.render(e))
 
 
@@ -372,6 +373,35 @@ def report(workdir, out, quiet, verbose):
     r = write_report(pipeline.Settings(workdir=workdir, out=out, quiet=quiet))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
     click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@click.option("--all", "include_shut_down", is_flag=True, help="Include the models that were shut down.")
+@click.option("--offline", is_flag=True, help="Do not ask the API for its list (even with an API key).")
+@click.option("--backend", type=click.Choice(["gemini", "emulator"]), default="gemini", show_default=True,
+              help="Whose list to show beside batcher's: the API's (with GEMINI_API_KEY) or an in-process emulator's.")
+@click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
+@handle_errors
+def models(as_json, include_shut_down, offline, backend, verbose):
+    """The image models batcher knows: sizes, ratios, tokens and $ per image, shutdown dates and sources; with an
+    API key, also the image models the API lists for batch jobs (marking those batcher has no price for)."""
+    from . import models as models_mod
+    from .backend import Connection, GeminiBackend
+
+    _setup_logging(verbose, False)
+    with _backend_factory(backend) as factory:
+        api = None
+        if not offline:
+            if factory is not None:
+                api = factory()
+            else:
+                try:
+                    api = GeminiBackend(Connection.from_env())
+                except UsageError:
+                    api = None  # no key: batcher's own list only
+        doc = models_mod.describe(backend=api, include_shut_down=include_shut_down)
+    click.echo(json.dumps(doc, indent=2) if as_json else models_mod.render(doc))
 
 
 class _LazyEmulatorCommand(click.Command):

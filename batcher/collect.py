@@ -23,7 +23,7 @@ from .faults import maybe_crash
 from .pricing import cost_usd
 from .decoder import DecoderPool, default_processes
 from .errors import CollectError
-from .results import Outcome, read_line
+from .results import Outcome, image_meta, read_line
 from .store import ImageStore, InvalidImage
 
 log = logging.getLogger("batcher.collect")
@@ -225,12 +225,13 @@ def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts
     with ledger.transaction() as c:
         for kind, h, attempts, o in items:
             if kind in ("image", "blocked"):
-                cost = cost_usd(model, o.prompt_tokens, o.output_tokens)
+                cost = cost_usd(model, *o.usage)
                 state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
                 cur = c.execute(
-                    f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, {ADD_PAYMENT}, "
-                    "updated_at=? WHERE hash=? AND state=?",
-                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, cost, cost, now, h, QUEUED))
+                    f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, "
+                    f"thoughts_tokens=?, {ADD_PAYMENT}, updated_at=? WHERE hash=? AND state=?",
+                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, o.thoughts_tokens, cost, cost,
+                     now, h, QUEUED))
                 if kind == "image":
                     stats.succeeded += cur.rowcount
                 else:
@@ -316,11 +317,10 @@ def _parse_in_decoders(ledger: Ledger, backend: GeminiBackend, store: ImageStore
             if status != "outcome":
                 rec.line(lineno, status, msg[2] if status == "unwanted" else None, None)
                 continue
-            _, _, key, kind, reason, finish, prompt_tokens, output_tokens, was_image = msg
+            _, _, key, kind, reason, finish, usage, was_image = msg
             if was_image:
                 rec.image_written()
-            rec.line(lineno, status, key, Outcome(kind, reason=reason, finish_reason=finish,
-                                                  prompt_tokens=prompt_tokens, output_tokens=output_tokens))
+            rec.line(lineno, status, key, Outcome(kind, None, reason, finish, *usage))
         rec.flush()
     finally:
         pool.close()
@@ -364,8 +364,7 @@ def _parse_results(ledger: Ledger, store: ImageStore, job, path: Path | Iterable
 
     def write_image(key: str, o: Outcome) -> None:
         try:
-            store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
-                                    "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
+            store.put(key, o.data, image_meta(model, o))
         finally:
             o.data = None  # written (or rejected): don't hold megabytes until the batch is committed
             slots.release()

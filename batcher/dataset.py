@@ -39,6 +39,7 @@ BASE_FIELDS = [
     pa.field("cached", pa.bool_()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("output_tokens", pa.int64()),
+    pa.field("thoughts_tokens", pa.int64()),
     pa.field("cost_usd", pa.float64()),
 ]
 BATCH_ROWS = 10_000
@@ -182,7 +183,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     query.execute(
         """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
                   r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
-                  r.cost_usd, r.updated_at, j.display_name AS job
+                  r.thoughts_tokens, r.cost_usd, r.updated_at, j.display_name AS job
            FROM rows w JOIN requests r ON r.hash = w.request_hash LEFT JOIN jobs j ON j.id = r.job_id
            WHERE w.run_id=? ORDER BY w.seq""",
         (run_id,),
@@ -192,7 +193,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     with pq.ParquetWriter(tmp, schema) as writer:
         while batch := query.fetchmany(BATCH_ROWS):
             (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
-             prompt_tokens, output_tokens, cost_usd, updated_at, job) = zip(*batch)
+             prompt_tokens, output_tokens, thoughts_tokens, cost_usd, updated_at, job) = zip(*batch)
             statuses, file_names, errors, costs, cached_out = [], [], [], [], []
             for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
                 status = STATUS.get(st, "pending")
@@ -219,7 +220,8 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
             columns = {"file_name": file_names, "id": ids, "row": row, "variant": variant, "prompt": prompt,
                        "request_hash": hashes, "status": statuses, "error": errors, "finish_reason": finish_reason,
                        "model": model, "job": job, "attempts": attempts, "cached": cached_out,
-                       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "cost_usd": costs}
+                       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "thoughts_tokens": thoughts_tokens,
+                       "cost_usd": costs}
             if extra_fields:
                 extras = [json.loads(x) if x else {} for x in extra_json]
                 for f in extra_fields:

@@ -10,7 +10,7 @@ Protocol: one JSON array per line on the decoder's stdin and stdout.
     -> ["line", lineno, start, end]                                  (bytes [start, end) of the file)
     <- [lineno, "blank" | "bad-json"]
     <- [lineno, "unwanted", key]
-    <- [lineno, "outcome", key, kind, reason, finish_reason, prompt_tokens, output_tokens, was_image]
+    <- [lineno, "outcome", key, kind, reason, finish_reason, usage, was_image]     (usage: results.Outcome.usage)
     <- [lineno, "fatal", errno, strerror, filename, message]          (an environment error: disk full, ...)
     <- ["exit", peak_rss_kb]                                         (last, when its stdin has closed)
 A decoder exits when its stdin closes (the collector finished, or died: then it finishes the line in hand).
@@ -187,7 +187,7 @@ class DecoderPool:
 # ---- the decoder process ----------------------------------------------------------------------------
 
 def _serve() -> None:
-    from .results import read_line
+    from .results import image_meta, read_line
     from .store import ImageStore, InvalidImage
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's to handle; we stop when it does
@@ -217,11 +217,10 @@ def _serve() -> None:
             lineno, key, o, store, model = item
             try:
                 try:
-                    store.put(key, o.data, {"model": model, "prompt_tokens": o.prompt_tokens,
-                                            "output_tokens": o.output_tokens, "finish_reason": o.finish_reason})
-                    msg = [lineno, "outcome", key, "image", None, o.finish_reason, o.prompt_tokens, o.output_tokens, True]
+                    store.put(key, o.data, image_meta(model, o))
+                    msg = [lineno, "outcome", key, "image", None, o.finish_reason, o.usage, True]
                 except InvalidImage as exc:
-                    msg = [lineno, "outcome", key, "error", f"returned image is invalid: {exc}", None, 0, 0, True]
+                    msg = [lineno, "outcome", key, "error", f"returned image is invalid: {exc}", None, [0, 0, 0, 0], True]
                 o.data = None
                 reply(msg)
             except Exception as exc:
@@ -254,7 +253,7 @@ def _serve() -> None:
                 elif o.kind == "image":
                     writes.put((lineno, key, o, store, model))
                 else:
-                    reply([lineno, "outcome", key, o.kind, o.reason, o.finish_reason, o.prompt_tokens, o.output_tokens, False])
+                    reply([lineno, "outcome", key, o.kind, o.reason, o.finish_reason, o.usage, False])
                 del o
             except Exception as exc:
                 fatal(lineno, exc)

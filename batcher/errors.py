@@ -5,7 +5,8 @@
     │   └── ManifestError (exit 2)      invalid manifest rows (nothing was submitted)
     ├── ApiError (exit 1)               the API refused or failed; SDK errors are mapped into it
     │   ├── NotFoundError
-    │   ├── QuotaError                  429 RESOURCE_EXHAUSTED (wait for capacity)
+    │   ├── QuotaError                  429 that clears by waiting: rate, spend rate, enqueued tokens, concurrent jobs
+    │   ├── SpendLimitError (exit 4)    429 monthly spend cap (tier or project), 402 prepay balance: stop, run again later
     │   └── TransientApiError           5xx, timeouts, dropped connections
     ├── LedgerError (exit 1)            the ledger is locked, corrupt, or a state transition was refused
     └── CollectError (exit 1)           a results file could not be read
@@ -42,9 +43,26 @@ class NotFoundError(ApiError):
 
 
 class QuotaError(ApiError):
-    def __init__(self, message: str, code: int | None = 429, status: str | None = None, retry_after: float | None = None):
+    """A limit that clears by waiting. `cause`: "rate", "spend_rate", "capacity" (enqueued tokens, concurrent jobs,
+    storage); `retry_after`: the API's RetryInfo hint in seconds, if any."""
+
+    def __init__(self, message: str, code: int | None = 429, status: str | None = None, retry_after: float | None = None,
+                 cause: str = "rate"):
         super().__init__(message, code, status)
         self.retry_after = retry_after
+        self.cause = cause
+
+
+class SpendLimitError(ApiError):
+    """A money limit that waiting tonight will not clear: the billing account's monthly spend cap (its usage tier's,
+    or a project spend cap set in AI Studio) or a depleted prepay balance (402). Never retried: the run stops with
+    nothing lost (exit 4) and says which limit it met and what to do."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, code: int | None = 429, status: str | None = None, limit: str = "spend_cap"):
+        super().__init__(message, code, status)
+        self.limit = limit  # "spend_cap" | "prepay"
 
 
 class TransientApiError(ApiError):

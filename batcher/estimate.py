@@ -1,8 +1,10 @@
 """`batcher estimate` and the budget: what a manifest (or the rest of a run) is expected to cost.
 
 The estimate reads and validates the manifest exactly as planning does, hashes its requests and asks the cache,
-but writes no ledger and needs no API key. Tokens: a prompt is ~len(text)/4 tokens plus 258 per reference
-image; an image's output tokens and price come from the price table (batcher.pricing, overridable).
+but writes no ledger and needs no API key. Tokens: a prompt is ~len(text)/4 tokens plus the model's
+input_image_tokens per reference image; an image's output tokens and price come from the price table
+(batcher.pricing, overridable), and a thinking model's expected thoughts are priced on a line of their own. A model
+with no price is refused, with how to add one.
 
 The budget (`--budget-usd`, `limits.budget_usd`): the spend of a run is the realized cost of its finished
 requests + the estimated cost of requests in jobs + the estimated cost of what is about to be sent;
@@ -16,7 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
+from .catalog import TIERS, model_spec, warning as model_warning
+from .errors import ManifestError, UsageError
 from .ledger import PLANNED, QUEUED, Ledger
 from .manifest import ManifestOptions, RowProblem, read_manifest
 from .planner import MAX_PROBLEMS_SHOWN
@@ -28,8 +31,8 @@ from .store import ImageStore
 TOKENS_PER_REFERENCE_IMAGE = 258
 
 
-def prompt_tokens(text_chars: int, references: int) -> int:
-    return math.ceil(text_chars / 4) + TOKENS_PER_REFERENCE_IMAGE * references
+def prompt_tokens(text_chars: int, references: int, per_image: int = TOKENS_PER_REFERENCE_IMAGE) -> int:
+    return math.ceil(text_chars / 4) + per_image * references
 
 
 @dataclass
@@ -45,14 +48,17 @@ class ModelEstimate:
     images_interactive_usd: float = 0.0
     input_batch_usd: float = 0.0
     input_interactive_usd: float = 0.0
+    thoughts_tokens: int = 0  # the expected thinking allowance of the requests to generate
+    thinking_batch_usd: float = 0.0
+    thinking_interactive_usd: float = 0.0
 
     @property
     def batch_usd(self) -> float:
-        return self.images_batch_usd + self.input_batch_usd
+        return self.images_batch_usd + self.input_batch_usd + self.thinking_batch_usd
 
     @property
     def interactive_usd(self) -> float:
-        return self.images_interactive_usd + self.input_interactive_usd
+        return self.images_interactive_usd + self.input_interactive_usd + self.thinking_interactive_usd
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,23 +73,72 @@ class Estimate:
     rows: int = 0
     rejected: int = 0
     models: dict[str, ModelEstimate] = field(default_factory=dict)
+    tier: str | None = None  # the usage tier whose monthly spend cap the estimate is held against
+    warnings: list[str] = field(default_factory=list)
 
     def total(self) -> ModelEstimate:
         t = ModelEstimate(model="total")
         for m in self.models.values():
             for k in ("requests", "distinct", "cache_hits", "to_generate", "prompt_tokens", "output_tokens", "images_batch_usd",
-                      "images_interactive_usd", "input_batch_usd", "input_interactive_usd"):
+                      "images_interactive_usd", "input_batch_usd", "input_interactive_usd", "thoughts_tokens",
+                      "thinking_batch_usd", "thinking_interactive_usd"):
                 setattr(t, k, getattr(t, k) + getattr(m, k))
         return t
 
+    def tier_cap_note(self) -> str:
+        return tier_cap_note(self.total().batch_usd, self.tier)
+
     def to_dict(self) -> dict:
+        cap = TIERS.get(self.tier) if self.tier else None
         return {"manifest": self.manifest, "rows": self.rows, "rejected": self.rejected,
-                "models": {k: m.to_dict() for k, m in self.models.items()}, "total": self.total().to_dict()}
+                "models": {k: m.to_dict() for k, m in self.models.items()}, "total": self.total().to_dict(),
+                "tier": self.tier, "tier_monthly_spend_cap_usd": cap.monthly_spend_cap_usd if cap else None,
+                "over_tier_cap": bool(self.tier_cap_note()), "warnings": list(self.warnings)}
+
+
+def tier_cap_note(batch_usd: float, tier: str | None) -> str:
+    """What to say when a batch estimate is over the usage tier's monthly spend cap (else "")."""
+    cap = TIERS.get(tier) if tier else None
+    if cap is None or batch_usd <= cap.monthly_spend_cap_usd:
+        return ""
+    return (f"the batch estimate ({usd(batch_usd)}) is over Tier {tier}'s monthly spend cap of "
+            f"{usd(cap.monthly_spend_cap_usd)} (the billing account's, whatever else it spends this month): the API will "
+            f"stop answering past it. Send less (--budget-usd), or move to a higher tier and say so with --tier")
+
+
+def planned_batch_usd(ledger: Ledger, table: PriceTable | None = None, over: float | None = None) -> float:
+    """The batch estimate of the ledger's planned requests: image at its size, thinking allowance (prompts left
+    out: a fraction of a cent). With `over`, the bodies are read only when counts alone cannot tell whether the
+    estimate is over it (then a bound is returned)."""
+    table = table or current_table()
+    counts = ledger.planned_by_model()
+    prices = {m: table.get(m) for m in counts}
+    if any(p is None for p in prices.values()):
+        return 0.0  # priced when sent (the budget refuses a model without a price); nothing to hold against a cap
+    low = sum(n * (min(p.image_usd(s) for s in p.tokens_per_image) + p.thinking_usd()) for m, n in counts.items() if (p := prices[m]))
+    high = sum(n * (max(p.image_usd(s) for s in p.tokens_per_image) + p.thinking_usd()) for m, n in counts.items() if (p := prices[m]))
+    if over is not None and (low > over or high <= over):
+        return low if low > over else high
+    total = 0.0
+    for model, price in prices.items():
+        for size, n in ledger.planned_by_size(model, price.tokens_per_image).items():
+            total += n * (price.image_usd(size) + price.thinking_usd())
+    return total
+
+
+def missing_price(model: str) -> UsageError:
+    return UsageError(
+        f"no price for model {model!r}: batcher's catalog does not know it, and estimates and budgets need its rates. "
+        f"Add them to a job spec (every key is needed for a new model):\n"
+        f"  [prices.\"{model}\"]\n  input_usd_per_mtok = ...\n  output_usd_per_mtok = ...\n"
+        f"  text_output_usd_per_mtok = ...\n  batch_discount = 0.5\n  tokens_per_image = {{ \"1K\" = ... }}\n"
+        f"then run `batcher estimate JOB.toml` (see `batcher models` for the models batcher knows)")
 
 
 def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(), *, cache_dir: str | Path | None = None,
-             refresh: bool = False, skip_invalid: bool = False, table: PriceTable | None = None) -> Estimate:
-    """Count rows, requests, distinct requests and cache hits of a manifest, and price what is left to generate."""
+             refresh: bool = False, skip_invalid: bool = False, table: PriceTable | None = None, tier: str | None = None) -> Estimate:
+    """Count rows, requests, distinct requests and cache hits of a manifest, and price what is left to generate.
+    `tier`: hold the batch estimate against that usage tier's monthly spend cap."""
     table = table or current_table()
     manifest = Path(manifest)
     if not manifest.exists():
@@ -91,7 +146,7 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     if manifest.is_dir():
         raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
     store = None if refresh else ImageStore(cache_dir)
-    result = Estimate(manifest=str(manifest))
+    result = Estimate(manifest=str(manifest), tier=tier)
     problems: list[RowProblem] = []
     refs = References()
     seen: set[str] = set()
@@ -119,15 +174,18 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
                 m.cache_hits += 1
                 continue
             m.to_generate += 1
-            pt = prompt_tokens(chars, len(req.references))
-            m.prompt_tokens += pt
             if price is None:
-                continue  # (the manifest reader rejects unknown models; kept safe)
+                raise missing_price(item.model)
+            pt = prompt_tokens(chars, len(req.references), price.input_image_tokens)
+            m.prompt_tokens += pt
             m.output_tokens += price.image_tokens(req.image_size)
+            m.thoughts_tokens += price.expected_thoughts_tokens
             m.images_batch_usd += price.image_usd(req.image_size, batch=True)
             m.images_interactive_usd += price.image_usd(req.image_size, batch=False)
             m.input_batch_usd += price.input_usd(pt, batch=True)
             m.input_interactive_usd += price.input_usd(pt, batch=False)
+            m.thinking_batch_usd += price.thinking_usd(batch=True)
+            m.thinking_interactive_usd += price.thinking_usd(batch=False)
     if problems and not skip_invalid:
         shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
         more = len(problems) - len(shown)
@@ -136,6 +194,12 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     result.rejected = len(problems)
     if result.rows == 0:
         raise ManifestError(f"{manifest}: no valid rows to estimate")
+    for model in result.models:
+        if model_spec(model) is None:
+            result.warnings.append(f"{model} is not in batcher's catalog: priced from [prices], and not checked against "
+                                   "the API here (submit and run ask models.get before they send)")
+        elif note := model_warning(model):
+            result.warnings.append(note)
     return result
 
 
@@ -159,19 +223,27 @@ def render(e: Estimate) -> str:
     pct = f", {saved / t.images_interactive_usd:.0%}" if t.images_interactive_usd else ""
     lines += ["",
               f"images: {usd(t.images_batch_usd)} batch vs {usd(t.images_interactive_usd)} interactive (save {usd(saved)}{pct})",
-              f"input tokens (~{t.prompt_tokens:,}): {usd(t.input_batch_usd)} batch vs {usd(t.input_interactive_usd)} interactive",
-              f"total: {usd(t.batch_usd)} batch vs {usd(t.interactive_usd)} interactive",
-              "(estimate: published per-image prices where Google quotes one, else tokens x rate; prompts ~4 characters a token)"]
+              f"input, estimated (~{t.prompt_tokens:,} tokens): {usd(t.input_batch_usd)} batch vs {usd(t.input_interactive_usd)} interactive"]
+    if t.thoughts_tokens:
+        lines.append(f"thinking, estimated (~{t.thoughts_tokens:,} tokens): {usd(t.thinking_batch_usd)} batch vs "
+                     f"{usd(t.thinking_interactive_usd)} interactive")
+    lines += [f"total, estimated: {usd(t.batch_usd)} batch vs {usd(t.interactive_usd)} interactive",
+              "(images: tokens per image x Google's rate; prompts ~4 characters a token; thinking: an allowance per image "
+              "that the catalog states as an assumption; realized cost comes from each response's usage)"]
+    if note := e.tier_cap_note():
+        lines += ["", f"warning: {note}"]
+    lines += [f"warning: {w}" for w in e.warnings]
     return "\n".join(lines)
 
 
 # ---- the budget -------------------------------------------------------------------------------------------
 
 def request_estimate_usd(model: str, body_json: str, table: PriceTable | None = None, batch: bool = True) -> float:
-    """The estimated cost of one request of the ledger, from its GenerateContentRequest body."""
+    """The estimated cost of one request of the ledger, from its GenerateContentRequest body: its image at its
+    size, its prompt and the thinking allowance. The one estimator of a request's price (budget, interactive)."""
     price = (table or current_table()).get(model)
     if price is None:
-        return 0.0
+        raise missing_price(model)
     body = json.loads(body_json)
     chars = refs = 0
     for content in body.get("contents", []) + [body.get("systemInstruction") or {}]:
@@ -181,7 +253,7 @@ def request_estimate_usd(model: str, body_json: str, table: PriceTable | None = 
             elif "fileData" in part or "inlineData" in part:
                 refs += 1
     size = body.get("generationConfig", {}).get("imageConfig", {}).get("imageSize")
-    return price.image_usd(size, batch) + price.input_usd(prompt_tokens(chars, refs), batch)
+    return price.request_usd(size, prompt_tokens(chars, refs, price.input_image_tokens), batch)
 
 
 @dataclass

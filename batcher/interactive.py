@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from . import jobs as jobs_mod
 from .backend import GeminiBackend
-from .results import classify
-from .errors import ApiError
+from .results import classify, image_meta
+from .errors import ApiError, SpendLimitError
 from .ledger import ADD_PAYMENT, BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
-from .pricing import cost_usd, expected_output_tokens
+from .pricing import cost_usd
 from .requests import REF_SCHEME, referenced_hashes, resolve_references
 from .store import ImageStore, InvalidImage
 
@@ -34,7 +34,10 @@ class InteractiveStats:
 
 
 def estimated_cost(model: str, body_json: str) -> float:
-    return cost_usd(model, len(body_json) // 4, expected_output_tokens(model, None), batch=False) or 0.0
+    """The full-price estimate of one request (image at its size, prompt, thinking): the budget's estimator."""
+    from .estimate import request_estimate_usd
+
+    return request_estimate_usd(model, body_json, batch=False)
 
 
 def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: int, *, concurrency: int = 4,
@@ -65,11 +68,21 @@ def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: 
             body = resolve_references(body, uris)
         return backend.generate_content(r["model"], body)
 
+    stopped: SpendLimitError | None = None
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = {pool.submit(call, r): r for r in chosen}
         for fut in as_completed(futures):
             r = futures[fut]
+            if fut.cancelled():
+                continue
+            if isinstance(fut.exception(), SpendLimitError):  # a money limit: no attempt is spent, nothing more sent
+                stopped = stopped or fut.exception()
+                for other in futures:
+                    other.cancel()
+                continue
             _record(ledger, store, r, fut, stats, max_attempts)
+    if stopped is not None:
+        raise stopped
     return stats
 
 
@@ -85,12 +98,11 @@ def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, 
                       (state, attempts, f"interactive call failed: {exc}", now, h, PLANNED))
         stats.failed += 1
         return
-    cost = cost_usd(model, outcome.prompt_tokens, outcome.output_tokens, batch=False)
+    cost = cost_usd(model, *outcome.usage, batch=False)
     state, error = SUCCEEDED, None
     if outcome.kind == "image":
         try:
-            store.put(h, outcome.data, {"model": model, "prompt_tokens": outcome.prompt_tokens,
-                                        "output_tokens": outcome.output_tokens, "interactive": True})
+            store.put(h, outcome.data, image_meta(model, outcome, interactive=True))
         except InvalidImage as exc:
             state, error = (FAILED if attempts >= max_attempts else PLANNED), f"returned image is invalid: {exc}"
     elif outcome.kind == "blocked":
@@ -99,9 +111,10 @@ def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, 
         state, error = (FAILED if attempts >= max_attempts else PLANNED), outcome.reason
     with ledger.transaction() as c:
         cur = c.execute(
-            f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, {ADD_PAYMENT}, "
-            "updated_at=? WHERE hash=? AND state=?",
-            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens, cost, cost, now, h, PLANNED))
+            f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, "
+            f"thoughts_tokens=?, {ADD_PAYMENT}, updated_at=? WHERE hash=? AND state=?",
+            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens,
+             outcome.thoughts_tokens, cost, cost, now, h, PLANNED))
     if cur.rowcount:
         stats.spent_usd += cost or 0.0
         stats.succeeded += state == SUCCEEDED

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from . import catalog
 from .backend import BatchInfo, GeminiBackend
 from .errors import ApiError, LedgerError, NotFoundError, QuotaError, TransientApiError
 from .faults import maybe_crash
@@ -147,6 +148,11 @@ def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris
         reconcile(ledger, backend)
         return ledger.job(job_id)["state"] == J_SUBMITTED
     except NotFoundError as exc:
+        if _names_model(exc, job["model"]):
+            # The model is gone (shut down, or not served to this project): no upload will fix that.
+            with ledger.transaction() as c:
+                ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
+            raise ApiError(f"{exc}; {catalog.gone_hint(job['model'])}", exc.code, exc.status) from None
         # The input file is gone (expired or deleted): upload it again.
         log.warning("%s: %s; uploading its input again", job["display_name"], exc)
         with ledger.transaction() as c:
@@ -159,6 +165,13 @@ def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris
     maybe_crash("created")
     _mark_submitted(ledger, job_id, info)
     return True
+
+
+def _names_model(exc: NotFoundError, model: str) -> bool:
+    """Is a 404 on create about the model (rather than the input file)? The API says "models/X is not found ..."
+    or "This model models/X is no longer available ..."."""
+    text = str(exc)
+    return f"models/{model.removeprefix('models/')}" in text or ("model" in text.lower() and "file" not in text.lower())
 
 
 def _mark_submitted(ledger: Ledger, job_id: int, info: BatchInfo) -> None:

@@ -15,7 +15,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import LedgerError
 
@@ -193,6 +193,10 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX requests_by_job;
     CREATE INDEX requests_by_job ON requests(job_id) WHERE job_id IS NOT NULL
+    """,
+    # 9: thinking models (the Gemini 3 image models) bill their thoughts: usageMetadata.thoughtsTokenCount
+    """
+    ALTER TABLE requests ADD COLUMN thoughts_tokens INTEGER
     """,
 ]
 
@@ -460,6 +464,27 @@ class Ledger:
 
     def job(self, job_id: int) -> sqlite3.Row:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+
+    def models_to_send(self) -> set[str]:
+        """The models of the requests not yet in a job and of the jobs not yet created (the state index answers)."""
+        models = {m for (m,) in self.conn.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))}
+        models.update(m for (m,) in self.conn.execute("SELECT DISTINCT model FROM jobs WHERE state IN (?,?,?)",
+                                                       (J_PLANNED, J_UPLOADING, J_UPLOADED)))
+        return models
+
+    def planned_by_model(self) -> dict[str, int]:
+        """How many requests of each model are planned (not yet in a job)."""
+        return dict(self.conn.execute("SELECT model, COUNT(*) FROM requests WHERE state=? GROUP BY model", (PLANNED,)).fetchall())
+
+    def planned_by_size(self, model: str, sizes: Iterable[str]) -> dict[str | None, int]:
+        """How many planned requests of `model` ask for each image size (None: no size, the model's default)."""
+        sizes = list(sizes)
+        cases = ", ".join(f"SUM(body_json LIKE '%\"imageSize\":\"{s}\"%')" for s in sizes)
+        row = self.conn.execute(f"SELECT COUNT(*){', ' + cases if sizes else ''} FROM requests WHERE state=? AND model=?",
+                                (PLANNED, model)).fetchone()
+        counts = dict(zip(sizes, (n or 0 for n in row[1:])))
+        counts[None] = row[0] - sum(counts.values())
+        return counts
 
     def count_in_state(self, state: str) -> int:
         """How many requests of the ledger are in `state` (a range of the state index)."""

@@ -221,10 +221,15 @@ def _conv_variants(raw: Any) -> int:
 
 
 def _conv_model(raw: Any) -> str:
-    spec = catalog.model_spec(raw.strip()) if isinstance(raw, str) else None
-    if spec is None:
-        raise _Bad(f"unknown model; use one of {', '.join(catalog.MODELS)}")
-    return spec.name
+    """A model name as the API takes it ("models/" dropped). A model the catalog does not know is accepted here
+    (the API is asked about it before anything is sent); one that is shut down is refused, naming its successor."""
+    if not isinstance(raw, str):
+        raise _Bad("model must be text")
+    name = raw.strip().removeprefix("models/")
+    problem = catalog.model_name_problem(name) or catalog.refusal(name)
+    if problem:
+        raise _Bad(problem)
+    return name
 
 
 def _conv_text(name: str) -> Callable[[Any], str]:
@@ -767,10 +772,12 @@ def _open(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) ->
 # Options
 
 
-def _check_options(options: ManifestOptions) -> catalog.ModelSpec:
-    spec = catalog.model_spec(options.model or "")
-    if spec is None:
-        raise ManifestError(f"Unknown model {options.model!r} (--model); use one of {', '.join(catalog.MODELS)}.")
+def _check_options(options: ManifestOptions) -> str:
+    """Check the job defaults; returns the default model's name (the catalog may not know it)."""
+    try:
+        default_model = _conv_model(options.model or "")
+    except _Bad as bad:
+        raise ManifestError(f"Invalid default model {options.model!r} (--model): {bad}.") from None
     checks: list[tuple[str, Callable[[Any], Any], Any]] = [
         ("temperature", _conv_temperature, options.temperature),
         ("top_p", _conv_top_p, options.top_p),
@@ -784,7 +791,7 @@ def _check_options(options: ManifestOptions) -> catalog.ModelSpec:
             conv(value)
         except _Bad as bad:
             raise ManifestError(f"Invalid default --{name.replace('_', '-')} {value!r}: {bad}.") from None
-    return spec
+    return default_model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -801,8 +808,8 @@ def read_manifest(
     File-level problems raise ManifestError here, before the first row (the file is opened and its header and
     first block read eagerly); a problem found later in the file (a corrupt block) raises while iterating.
     """
-    source, default_spec = _opened(path, options, batch_rows)
-    return _rows(source, options, default_spec)
+    source, default_model = _opened(path, options, batch_rows)
+    return _rows(source, options, default_model)
 
 
 def read_manifest_blocks(
@@ -811,15 +818,16 @@ def read_manifest_blocks(
     batch_rows: int = 65536,
 ) -> Iterator[RowBlock]:
     """read_manifest, a block of rows at a time, as columns (RowBlock.items() gives its rows and problems)."""
-    source, default_spec = _opened(path, options, batch_rows)
-    return _blocks(source, options, default_spec)
+    source, default_model = _opened(path, options, batch_rows)
+    return _blocks(source, options, default_model)
 
 
-def _opened(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) -> tuple[_Source, catalog.ModelSpec]:
+def _opened(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) -> tuple[_Source, str]:
     """The manifest opened, with the checks of the whole file made (see read_manifest)."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
-    default_spec = _check_options(options)
+    default_model = _check_options(options)
+    default_spec = catalog.model_spec(default_model)
     source = _open(path, options, batch_rows)
     names = source.names
 
@@ -843,7 +851,7 @@ def _opened(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) 
             f"{source.display}: no id column {options.id_column!r}; the columns are "
             f"{', '.join(map(repr, names))}. Name the id column with --id-column, or leave it out to number rows."
         )
-    if "model" not in names or (options.prompt_column == "model" or options.id_column == "model"):
+    if default_spec is not None and ("model" not in names or options.prompt_column == "model" or options.id_column == "model"):
         # Every row uses the default model: check the default aspect ratio and size once, up front.
         for name, value, check in (
             ("aspect-ratio", options.aspect_ratio, _aspect_ratio_problem),
@@ -851,7 +859,7 @@ def _opened(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) 
         ):
             if value is not None and (message := check(default_spec, value)):
                 raise ManifestError(f"Invalid default --{name} {value!r}: {message}.")
-    return source, default_spec
+    return source, default_model
 
 
 _BAD = object()  # a cell that failed validation (its row is reported, never yielded)
@@ -1039,14 +1047,17 @@ class _Batch:
             names = set(values)
             names.discard(None)
             canonical: dict[Any, Any] = {}
+            problems: dict[Any, str] = {}
             for name in names:
-                spec = catalog.model_spec(name)
-                canonical[name] = spec.name if spec else _BAD
+                try:
+                    canonical[name] = _conv_model(name)
+                except _Bad as bad:
+                    canonical[name], problems[name] = _BAD, str(bad)
             if any(canonical[n] != n for n in names):
                 raws = self.raws(col)
                 for j, value in enumerate(values):
                     if value is not None and canonical[value] is _BAD:
-                        self.add(j, col, raws[j], f"unknown model; use one of {', '.join(catalog.MODELS)}")
+                        self.add(j, col, raws[j], problems[value])
                 values = [None if v is None else canonical[v] for v in values]
         return values
 
@@ -1068,7 +1079,8 @@ class _Batch:
         if filled is None:
             filled = [default] * self.n
         pairs = set(zip(models, filled)) if models is not None else {(default_model, v) for v in set(filled)}
-        bad = {(m, v) for m, v in pairs if m is not _BAD and v is not None and v is not _BAD and v not in valid[m]}
+        # A model the catalog does not know takes its settings as written: the API is the judge.
+        bad = {(m, v) for m, v in pairs if m in valid and v is not None and v is not _BAD and v not in valid[m]}
         if not bad:
             return filled
         model_of = models if models is not None else [default_model] * self.n
@@ -1120,7 +1132,7 @@ class _Batch:
             for item, message in item_problems:
                 self.add(j, "reference_images", item, message)
             model = default_model if models is None or models[j] is None else models[j]
-            if model is not _BAD and len(paths) > _MAX_REFERENCES[model]:
+            if model in _MAX_REFERENCES and len(paths) > _MAX_REFERENCES[model]:
                 shown = raw if isinstance(raw, str) else "|".join(str(x) for x in raw if x is not None)
                 self.add(
                     j,
@@ -1199,13 +1211,13 @@ class RowBlock:
 _ROW_SETTINGS = ("model", "aspect_ratio", "image_size", "temperature", "top_p", "seed", "variants", "system_instruction")
 
 
-def _rows(source: _Source, options: ManifestOptions, default_spec: catalog.ModelSpec) -> Iterator[ManifestRow | RowProblem]:
-    with contextlib.closing(_blocks(source, options, default_spec)) as blocks:  # closed with us: the file too
+def _rows(source: _Source, options: ManifestOptions, default_model: str) -> Iterator[ManifestRow | RowProblem]:
+    with contextlib.closing(_blocks(source, options, default_model)) as blocks:  # closed with us: the file too
         for block in blocks:
             yield from block.items()
 
 
-def _blocks(source: _Source, options: ManifestOptions, default_spec: catalog.ModelSpec) -> Iterator[RowBlock]:
+def _blocks(source: _Source, options: ManifestOptions, default_model: str) -> Iterator[RowBlock]:
     names = source.names
     index = {name: i for i, name in enumerate(names)}
     prompt_col = options.prompt_column
@@ -1218,7 +1230,6 @@ def _blocks(source: _Source, options: ManifestOptions, default_spec: catalog.Mod
         plain = {n: _plain_type(t) for n, t in zip(names, source.types)}
 
     images = _ImageChecker(os.path.dirname(source.path))
-    default_model = default_spec.name
     defaults = {
         "model": default_model,
         "aspect_ratio": options.aspect_ratio,

@@ -22,9 +22,16 @@ class ShardLimits:
     max_output_bytes: int = 2_000_000_000  # expected base64 results, so a job's results stay retrievable
 
 
+# PNG bytes assumed for an image of a size no catalog model gives (or of a model batcher does not know): the
+# largest any model of the catalog gives for that size, else 2 MB.
+_LARGEST_PNG = {size: max(spec.typical_png_bytes.get(size, 0) for spec in catalog.MODELS.values())
+                for size in {s for spec in catalog.MODELS.values() for s in spec.typical_png_bytes}}
+
+
 def expected_output_bytes(model: str, size: str | None) -> int:
     spec = catalog.model_spec(model)
-    png = (spec.typical_png_bytes.get(size or "1K") if spec else None) or 2_000_000
+    size = size or (spec.default_image_size if spec else "1K")
+    png = (spec.typical_png_bytes.get(size) if spec else None) or _LARGEST_PNG.get(size) or 2_000_000
     return png * 4 // 3 + 2_000  # base64 plus the JSON around it
 
 

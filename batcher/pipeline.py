@@ -18,22 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import gcs
+from . import catalog, gcs
 from . import jobs as jobs_mod
 from .backend import Connection, GeminiBackend
-from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS
+from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, TIERS
 from .collect import CollectStats, collect_job
 from .dataset import DatasetSummary, write_dataset
 from .deadline import check_policy
-from .errors import ApiError, BatcherError, UsageError
+from .errors import ApiError, BatcherError, SpendLimitError, UsageError
 from .faults import maybe_crash
 from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
 )
 from .manifest import ManifestOptions
+from .models import check_models, warn
 from .planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
-from .estimate import budget_allowance, budget_exhausted, budget_note, check_budget, run_spend_usd
+from .estimate import (
+    budget_allowance, budget_exhausted, budget_note, check_budget, planned_batch_usd, run_spend_usd, tier_cap_note,
+)
 from .pricing import use_workdir_prices
 from .progress import Progress
 from .quota import Quota, capacity, why_not_now
@@ -79,6 +82,10 @@ class Settings:
         self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
         if self.max_attempts < 1:
             raise UsageError("--max-attempts must be at least 1")
+        if self.fallback_model:
+            problem = catalog.model_name_problem(self.fallback_model) or catalog.refusal(self.fallback_model)
+            if problem:
+                raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
         check_policy(self.deadline_policy)
 
 
@@ -146,6 +153,7 @@ class Workspace:
         self._backend: GeminiBackend | None = None
         self.progress = Progress(quiet=settings.quiet)
         self.published: set[str] = set()  # jobs this process announced to the share (--share)
+        self.models_checked = False  # the models of the run were checked (batcher.models) by this process
 
     @property
     def backend(self) -> GeminiBackend:
@@ -194,7 +202,22 @@ def send_pending(ws: Workspace) -> int:
         return _send_pending(ws, ledger, backend, quota)
 
 
+def check_run_models(ws: Workspace, offline: bool = False) -> None:
+    """Before anything is uploaded: the models about to be sent exist and take batch jobs (batcher.models)."""
+    if ws.models_checked:
+        return
+    models = ws.ledger.models_to_send() | ({ws.settings.fallback_model} if ws.settings.fallback_model else set())
+    warnings = check_models(models, None if offline else ws.backend)
+    cap = TIERS.get(ws.settings.quota.tier)
+    if cap is not None and (note := tier_cap_note(planned_batch_usd(ws.ledger, over=cap.monthly_spend_cap_usd),
+                                                   ws.settings.quota.tier)):
+        warnings.append(note)
+    warn(warnings)
+    ws.models_checked = not offline
+
+
 def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
+    check_run_models(ws)
     jobs_mod.reconcile(ledger, backend)
     budget, check = ws.settings.budget_usd, None
     if budget is not None and ledger.jobs((J_PLANNED,)):
@@ -304,6 +327,13 @@ def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_j
     return counts
 
 
+def spend_limit_note(limit: SpendLimitError | None) -> str:
+    """What to say when the API refused to spend more (batcher.errors.SpendLimitError): which limit, what to do."""
+    if limit is None:
+        return ""
+    return f"; the API refused to spend more: {limit}"
+
+
 def lost_images(ds: DatasetSummary) -> str:
     """What to say of dataset rows whose image the cache has lost since their request was done (else "")."""
     if not ds.lost:
@@ -350,6 +380,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         if dry_run:
+            check_run_models(ws, offline=True)
             with ws.ledger.big_page_cache():  # bulk ledger work: sharding, then every job's requests
                 planned_before = ws.ledger.count_in_state(PLANNED)
                 new = shard_planned(ws)
@@ -361,13 +392,22 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
                            f"{counts[QUEUED]} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
                            + budget_note(ws),
                            plan=p, counts=counts)
-        created = send_pending(ws) if counts_after_plan(ws.ledger, p)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)) else 0
+        limit: SpendLimitError | None = None
+        created = 0
+        try:
+            if counts_after_plan(ws.ledger, p)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
+                created = send_pending(ws)
+        except SpendLimitError as exc:
+            limit = exc
         publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
         if not counts[PLANNED] and not counts[QUEUED]:
             write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
-        return Outcome(exit_code_for(counts), f"submitted: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
-                       f"{created} job(s) created; " + _line(counts) + budget_note(ws), plan=p, counts=counts, jobs_created=created)
+        code = EXIT_PENDING if limit is not None else exit_code_for(counts)
+        return Outcome(code, ("stopped at a spend limit: " if limit else "submitted: ")
+                       + f"{p.rows} rows, {p.requests} requests, {p.cache_hits} cached, {created} job(s) created; "
+                       + _line(counts) + budget_note(ws) + spend_limit_note(limit),
+                       plan=p, counts=counts, jobs_created=created)
 
 
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
@@ -400,6 +440,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         created = 0
         deadline_passed = stopped_at_deadline = False
         counts = counts_after_plan(ws.ledger, p)  # then kept current at the end of each round (nothing else writes)
+        limit: SpendLimitError | None = None
         with ws.progress.count("requests", total) as bar, ws.ledger.change_counter() as changes:
             counted_at = changes()
             while True:
@@ -409,10 +450,13 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                     if on_deadline(ws, counts) == "stop":
                         stopped_at_deadline = True
                         break
-                if deadline_passed and settings.deadline_policy == "interactive":
-                    generate_interactively(ws, p.run_id)  # past the deadline, no new batch jobs
-                elif counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
-                    created += send_pending(ws)
+                try:
+                    if deadline_passed and settings.deadline_policy == "interactive":
+                        generate_interactively(ws, p.run_id)  # past the deadline, no new batch jobs
+                    elif counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
+                        created += send_pending(ws)
+                except SpendLimitError as exc:  # nothing more can be sent this month: stop now, keep what is done
+                    limit = exc
                 refresh_jobs(ws)
                 collect_finished(ws)
                 if settings.fallback_model:
@@ -422,6 +466,8 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                     counted_at = changes()
                 bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
                 if not counts[PLANNED] and not counts[QUEUED]:
+                    break
+                if limit is not None:
                     break
                 if budget_exhausted(ws, counts):
                     break  # nothing in jobs and nothing more fits the budget
@@ -433,9 +479,11 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
+        if limit is not None:
+            code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
                           + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
-                          + lost_images(ds) + budget_note(ws),
+                          + lost_images(ds) + budget_note(ws) + spend_limit_note(limit),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .report import write_report

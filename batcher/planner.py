@@ -98,7 +98,7 @@ _INSERT_SHARDED = ("INSERT INTO requests(hash, model, body_json, variant, update
 
 # A request planned again starts over: no attempts, and no payment yet (an earlier one belongs to an earlier run;
 # kept, it would be counted as this run's spend, or stay on a request that then fails).
-REPLANNED = f"state='{PLANNED}', attempts=0, cost_usd=NULL, prompt_tokens=NULL, output_tokens=NULL, updated_at=?"
+REPLANNED = f"state='{PLANNED}', attempts=0, cost_usd=NULL, prompt_tokens=NULL, output_tokens=NULL, thoughts_tokens=NULL, updated_at=?"
 # A request of a run planned again within that run (an image lost from the cache, --retry-blocked): what this run
 # paid for it stays (money spent, counted by the budget; collect adds the next payment to it), what an earlier
 # run paid does not. Parameters: (the run's start, now). SQLite reads cached and updated_at before the update.
@@ -660,9 +660,10 @@ def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallba
     """Requests of the run that failed for good on their model get a request to `fallback_model` (same
     prompt and settings; its own hash, so its image is cached under it), and the run's rows point to it.
     Requests the fallback model can't take (an aspect ratio or size it lacks) stay failed. Returns how many."""
-    spec = catalog.model_spec(fallback_model)
-    if spec is None:
-        raise ManifestError(f"fallback model {fallback_model!r} is not known; use one of {', '.join(catalog.MODELS)}")
+    problem = catalog.model_name_problem(fallback_model) or catalog.refusal(fallback_model)
+    if problem:
+        raise ManifestError(f"fallback model {fallback_model!r} (--fallback-model): {problem}")
+    spec = catalog.model_spec(fallback_model)  # None: a model batcher does not know takes any setting (the API judges)
     now = time.time()
     created = 0
     where, params = ledger.in_run(run_id)
@@ -672,8 +673,8 @@ def plan_fallbacks(ledger: Ledger, store: ImageStore | None, run_id: int, fallba
         for r in failed:
             body = json.loads(r["body_json"])
             image_config = body.get("generationConfig", {}).get("imageConfig", {})
-            if image_config.get("aspectRatio", "1:1") not in spec.aspect_ratios or \
-                    image_config.get("imageSize", spec.default_image_size) not in spec.image_sizes:
+            if spec is not None and (image_config.get("aspectRatio", "1:1") not in spec.aspect_ratios
+                                     or image_config.get("imageSize", spec.default_image_size) not in spec.image_sizes):
                 continue
             h = identity_hash(fallback_model, body, r["variant"])
             if c.execute("SELECT 1 FROM requests WHERE hash=?", (h,)).fetchone() is None:

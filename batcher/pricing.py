@@ -1,17 +1,19 @@
-"""Prices as data: one table per model (token prices, tokens and published prices per image, batch discount),
-built from the defaults in batcher.catalog and overridable from a job spec:
+"""Prices as data: one table per model (token prices, tokens per image, thinking allowance, batch discount),
+built from the catalog (batcher/catalog.toml, where each rate names its source) and overridable from a job spec:
 
-    [prices."gemini-2.5-flash-image"]
-    input_usd_per_mtok = 0.30        # interactive $ per 1M input tokens
-    output_usd_per_mtok = 30.0       # interactive $ per 1M image output tokens
-    batch_discount = 0.5             # batch bills this fraction of interactive
-    tokens_per_image = { "1K" = 1290 }
-    usd_per_image = { "1K" = 0.039 } # optional: the published interactive price of one image
+    [prices."gemini-3.1-flash-image"]
+    input_usd_per_mtok = 0.50         # interactive $ per 1M input tokens
+    output_usd_per_mtok = 60.0        # interactive $ per 1M image output tokens
+    text_output_usd_per_mtok = 3.0    # interactive $ per 1M text and thinking output tokens (default: the image rate)
+    batch_discount = 0.5              # batch bills this fraction of interactive
+    tokens_per_image = { "1K" = 1120 }
+    expected_thoughts_tokens = 250    # thinking tokens per image, for estimates (default 0)
+    usd_per_image = { "1K" = 0.067 }  # optional: a price per image that estimates use instead of tokens x rate
 
-Realized cost (collect) is tokens x rate from the response's usageMetadata. Estimates use the published price
-per image where there is one (Google quotes $0.039 for a 1290-token Flash image, $0.134 for a 1120-token Pro
-image: tokens x rate is $0.0387 and $0.1344), else tokens per image x rate. Overriding a model's output price
-or tokens per image drops its published per-image prices unless usd_per_image is given too.
+Realized cost (collect) is the response's usageMetadata: prompt tokens at the input rate, image tokens at the image
+rate, text and thinking tokens (thoughtsTokenCount; text by candidatesTokensDetails) at the text rate. Estimates
+price an image as its tokens x the image rate (Google's "equivalent to $0.067 per image" figures are those, rounded)
+and, on their own lines, the prompt and an expected thinking allowance.
 
 The table in force is a context variable (`use_prices`), so the collector and the status total use the
 overrides of the run; a workdir remembers the overrides of its last submit/run in WORKDIR/prices.json.
@@ -30,15 +32,10 @@ from typing import Any, Iterator
 from .catalog import BATCH_DISCOUNT, MODELS
 from .errors import UsageError
 
-# Published interactive prices per image (../shared/docs/pricing.md); sizes not listed: tokens x rate.
-PUBLISHED_USD_PER_IMAGE: dict[str, dict[str, float]] = {
-    "gemini-2.5-flash-image": {"1K": 0.039},
-    "gemini-3-pro-image-preview": {"1K": 0.134, "2K": 0.134, "4K": 0.24},
-}
-
 PRICES_FILE = "prices.json"
 REQUIRED_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "batch_discount", "tokens_per_image")
-OVERRIDE_KEYS = REQUIRED_KEYS + ("usd_per_image",)
+OVERRIDE_KEYS = REQUIRED_KEYS + ("text_output_usd_per_mtok", "expected_thoughts_tokens", "usd_per_image")
+RATE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "text_output_usd_per_mtok")
 
 
 @dataclass(frozen=True)
@@ -48,8 +45,15 @@ class ModelPrice:
     output_usd_per_mtok: float  # interactive, image output tokens
     tokens_per_image: dict[str, int]  # by image size
     batch_discount: float = BATCH_DISCOUNT
-    usd_per_image: dict[str, float] = field(default_factory=dict)  # published interactive price, by size
+    text_output_usd_per_mtok: float | None = None  # interactive, text and thinking tokens; None: the image rate
+    expected_thoughts_tokens: int = 0  # per image, for estimates
+    input_image_tokens: int = 258  # prompt tokens of one reference image, for estimates
+    usd_per_image: dict[str, float] = field(default_factory=dict)  # an interactive price per image that overrides tokens x rate
     default_image_size: str = "1K"
+
+    @property
+    def text_rate(self) -> float:
+        return self.output_usd_per_mtok if self.text_output_usd_per_mtok is None else self.text_output_usd_per_mtok
 
     def size(self, image_size: str | None) -> str:
         return image_size or self.default_image_size
@@ -62,7 +66,7 @@ class ModelPrice:
         return self.batch_discount if batch else 1.0
 
     def image_usd(self, image_size: str | None, batch: bool = True) -> float:
-        """The estimated price of one image's output (published per-image price where there is one)."""
+        """The estimated price of one image's output: its tokens x the image rate (or a given price per image)."""
         size = self.size(image_size)
         interactive = self.usd_per_image.get(size)
         if interactive is None:
@@ -72,9 +76,22 @@ class ModelPrice:
     def input_usd(self, prompt_tokens: float, batch: bool = True) -> float:
         return prompt_tokens * self.input_usd_per_mtok / 1e6 * self.factor(batch)
 
-    def tokens_usd(self, prompt_tokens: int, output_tokens: int, batch: bool = True) -> float:
-        """Realized cost from token counts."""
-        return (prompt_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok) / 1e6 * self.factor(batch)
+    def thinking_usd(self, batch: bool = True) -> float:
+        """The expected thinking allowance of one image (an estimate: see catalog.toml, expected_thoughts_tokens)."""
+        return self.expected_thoughts_tokens * self.text_rate / 1e6 * self.factor(batch)
+
+    def request_usd(self, image_size: str | None, prompt_tokens: float, batch: bool = True) -> float:
+        """The estimated price of one request: its image, its prompt and the thinking allowance."""
+        return self.image_usd(image_size, batch) + self.input_usd(prompt_tokens, batch) + self.thinking_usd(batch)
+
+    def tokens_usd(self, prompt_tokens: int, output_tokens: int, thoughts_tokens: int = 0, text_tokens: int = 0,
+                   batch: bool = True) -> float:
+        """Realized cost from a response's token counts (results.Outcome.usage): `text_tokens` of the output and
+        the thoughts at the text rate, the rest of the output at the image rate."""
+        text_tokens = min(text_tokens, output_tokens)
+        usd = (prompt_tokens * self.input_usd_per_mtok + (output_tokens - text_tokens) * self.output_usd_per_mtok
+               + (text_tokens + thoughts_tokens) * self.text_rate)
+        return usd / 1e6 * self.factor(batch)
 
 
 class PriceTable:
@@ -93,21 +110,20 @@ class PriceTable:
                 models[name] = ModelPrice(
                     model=name, input_usd_per_mtok=o["input_usd_per_mtok"], output_usd_per_mtok=o["output_usd_per_mtok"],
                     tokens_per_image=dict(o["tokens_per_image"]), batch_discount=o["batch_discount"],
+                    text_output_usd_per_mtok=o.get("text_output_usd_per_mtok"),
+                    expected_thoughts_tokens=int(o.get("expected_thoughts_tokens", 0)),
                     usd_per_image=dict(o.get("usd_per_image", {})),
                     default_image_size="1K" if "1K" in o["tokens_per_image"] else next(iter(o["tokens_per_image"])),
                 )
                 continue
-            tokens = {**base.tokens_per_image, **o.get("tokens_per_image", {})}
-            output = o.get("output_usd_per_mtok", base.output_usd_per_mtok)
-            per_image = dict(base.usd_per_image)
-            # A published per-image price is only valid for the token count and rate it was quoted for.
-            for size in list(per_image):
-                if output != base.output_usd_per_mtok or tokens.get(size) != base.tokens_per_image.get(size):
-                    del per_image[size]
-            per_image.update(o.get("usd_per_image", {}))
-            models[name] = replace(base, input_usd_per_mtok=o.get("input_usd_per_mtok", base.input_usd_per_mtok),
-                                   output_usd_per_mtok=output, tokens_per_image=tokens,
-                                   batch_discount=o.get("batch_discount", base.batch_discount), usd_per_image=per_image)
+            models[name] = replace(
+                base, input_usd_per_mtok=o.get("input_usd_per_mtok", base.input_usd_per_mtok),
+                output_usd_per_mtok=o.get("output_usd_per_mtok", base.output_usd_per_mtok),
+                text_output_usd_per_mtok=o.get("text_output_usd_per_mtok", base.text_output_usd_per_mtok),
+                tokens_per_image={**base.tokens_per_image, **o.get("tokens_per_image", {})},
+                expected_thoughts_tokens=int(o.get("expected_thoughts_tokens", base.expected_thoughts_tokens)),
+                batch_discount=o.get("batch_discount", base.batch_discount),
+                usd_per_image={**base.usd_per_image, **o.get("usd_per_image", {})})
         return PriceTable(models, {**self.overrides, **overrides})
 
 
@@ -115,7 +131,9 @@ def default_table() -> PriceTable:
     return PriceTable({
         name: ModelPrice(model=name, input_usd_per_mtok=spec.input_usd_per_mtok, output_usd_per_mtok=spec.output_usd_per_mtok,
                          tokens_per_image=dict(spec.tokens_per_image), batch_discount=BATCH_DISCOUNT,
-                         usd_per_image=dict(PUBLISHED_USD_PER_IMAGE.get(name, {})), default_image_size=spec.default_image_size)
+                         text_output_usd_per_mtok=spec.text_output_usd_per_mtok,
+                         expected_thoughts_tokens=spec.expected_thoughts_tokens, input_image_tokens=spec.input_image_tokens,
+                         default_image_size=spec.default_image_size)
         for name, spec in MODELS.items()
     })
 
@@ -148,6 +166,11 @@ def parse_overrides(data: Any, path: str | Path) -> dict[str, dict[str, Any]]:
                     sizes[str(size)] = int(v) if integral else float(v)
                 o[key] = sizes
                 continue
+            if key == "expected_thoughts_tokens":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise UsageError(f"{path}: '{where}.{key}' must be a whole number >= 0, not {value!r}")
+                o[key] = value
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise UsageError(f"{path}: '{where}.{key}' must be a number >= 0, not {value!r}")
             if key == "batch_discount" and not 0 < value <= 1:
@@ -156,7 +179,7 @@ def parse_overrides(data: Any, path: str | Path) -> dict[str, dict[str, Any]]:
         if name not in MODELS:
             missing = [k for k in REQUIRED_KEYS if k not in o]
             if missing:
-                raise UsageError(f"{path}: '{where}' is not a model batcher knows ({', '.join(MODELS)}); "
+                raise UsageError(f"{path}: '{where}' is not a model batcher knows (see `batcher models`); "
                                  f"a new model needs every price key: missing {', '.join(f'{where}.{k}' for k in missing)}")
         out[name] = o
     return out
@@ -208,15 +231,23 @@ def use_workdir_prices(workdir: str | Path, overrides: dict | None = None) -> It
 
 # ---- the functions the rest of batcher calls ----------------------------------------------------------
 
-def cost_usd(model: str, prompt_tokens: int, output_tokens: int, batch: bool = True, table: PriceTable | None = None) -> float | None:
+def cost_usd(model: str, prompt_tokens: int, output_tokens: int, thoughts_tokens: int = 0, text_tokens: int = 0, *,
+             batch: bool = True, table: PriceTable | None = None) -> float | None:
+    """Realized cost of one response (None: no price is known for the model)."""
     price = (table or current_table()).get(model)
     if price is None:
         return None
-    return price.tokens_usd(prompt_tokens or 0, output_tokens or 0, batch)
+    return price.tokens_usd(prompt_tokens or 0, output_tokens or 0, thoughts_tokens or 0, text_tokens or 0, batch)
+
+
+# Output tokens assumed for an image of a model with no price table (quota waves and job sizing only): the
+# largest 1K image of the catalog's models, so a wave is never larger than the API's cap.
+UNKNOWN_MODEL_IMAGE_TOKENS = max(spec.tokens_per_image.get("1K", 0) for spec in MODELS.values())
 
 
 def expected_output_tokens(model: str, image_size: str | None, table: PriceTable | None = None) -> int:
+    """The output tokens of one image, thoughts included (they count against enqueued-token caps too)."""
     price = (table or current_table()).get(model)
     if price is None:
-        return 1290
-    return price.image_tokens(image_size)
+        return UNKNOWN_MODEL_IMAGE_TOKENS
+    return price.image_tokens(image_size) + price.expected_thoughts_tokens

@@ -19,16 +19,23 @@ class Outcome:
     """A line's outcome. A plain class, not a dataclass: `dataclasses` imports `inspect`, ~1.5 MB in every
     decoder process."""
 
-    __slots__ = ("kind", "data", "reason", "finish_reason", "prompt_tokens", "output_tokens")
+    __slots__ = ("kind", "data", "reason", "finish_reason", "prompt_tokens", "output_tokens", "thoughts_tokens", "text_tokens")
 
     def __init__(self, kind: str, data: bytes | None = None, reason: str | None = None, finish_reason: str | None = None,
-                 prompt_tokens: int = 0, output_tokens: int = 0):
+                 prompt_tokens: int = 0, output_tokens: int = 0, thoughts_tokens: int = 0, text_tokens: int = 0):
         self.kind = kind  # "image" | "blocked" | "error"
         self.data = data
         self.reason = reason
         self.finish_reason = finish_reason
         self.prompt_tokens = prompt_tokens
-        self.output_tokens = output_tokens
+        self.output_tokens = output_tokens  # candidatesTokenCount: the image's tokens, and any text the model wrote
+        self.thoughts_tokens = thoughts_tokens  # thoughtsTokenCount: billed, at the text output rate
+        self.text_tokens = text_tokens  # of output_tokens, those candidatesTokensDetails counts as TEXT (text rate)
+
+    @property
+    def usage(self) -> list[int]:
+        """The token counts as collect passes them on (decoder replies, pricing.cost_usd)."""
+        return [self.prompt_tokens, self.output_tokens, self.thoughts_tokens, self.text_tokens]
 
     def _fields(self) -> tuple:
         return tuple(getattr(self, f) for f in self.__slots__)
@@ -39,7 +46,7 @@ class Outcome:
     def __repr__(self) -> str:
         data = None if self.data is None else f"<{len(self.data)} bytes>"
         return (f"Outcome(kind={self.kind!r}, data={data}, reason={self.reason!r}, finish_reason={self.finish_reason!r}, "
-                f"prompt_tokens={self.prompt_tokens}, output_tokens={self.output_tokens})")
+                f"usage={self.usage})")
 
 
 def _get(d: dict, camel: str, snake: str):
@@ -47,18 +54,37 @@ def _get(d: dict, camel: str, snake: str):
     return d.get(snake) if v is None else v
 
 
+def image_meta(model: str, o: Outcome, **extra) -> dict:
+    """What the cache records beside an image: the model and what the image cost in tokens."""
+    return {"model": model, "prompt_tokens": o.prompt_tokens, "output_tokens": o.output_tokens,
+            "thoughts_tokens": o.thoughts_tokens, "finish_reason": o.finish_reason, **extra}
+
+
+def usage_of(response: dict) -> dict:
+    """The billed token counts of a response: prompt, output (candidates), thoughts, and the text part of the output
+    (candidatesTokensDetails by modality; without details, every output token counts as image)."""
+    usage = _get(response, "usageMetadata", "usage_metadata") or {}
+    output = int(_get(usage, "candidatesTokenCount", "candidates_token_count") or 0)
+    text = 0
+    for d in _get(usage, "candidatesTokensDetails", "candidates_tokens_details") or ():
+        if isinstance(d, dict) and str(d.get("modality", "")).rsplit(".", 1)[-1] == "TEXT":
+            text += int(_get(d, "tokenCount", "token_count") or 0)
+    return {"prompt_tokens": int(_get(usage, "promptTokenCount", "prompt_token_count") or 0), "output_tokens": output,
+            "thoughts_tokens": int(_get(usage, "thoughtsTokenCount", "thoughts_token_count") or 0),
+            "text_tokens": min(text, output)}
+
+
 def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
     """Turn one GenerateContentResponse into an image, a block (final) or an error (retried).
-    `blobs`: the base64 strings that `loads_line` cut out of the results line (the response holds placeholders)."""
-    usage = _get(response, "usageMetadata", "usage_metadata") or {}
-    prompt_tokens = int(_get(usage, "promptTokenCount", "prompt_token_count") or 0)
-    output_tokens = int(_get(usage, "candidatesTokenCount", "candidates_token_count") or 0)
+    `blobs`: the base64 strings that `loads_line` cut out of the results line (the response holds placeholders).
+    Parts marked `thought: true` (a thinking model's interim images and text) are never the result."""
+    usage = usage_of(response)
     feedback = _get(response, "promptFeedback", "prompt_feedback") or {}
     block = _get(feedback, "blockReason", "block_reason")
     candidates = response.get("candidates") or []
     if block or not candidates:
         return Outcome("blocked", reason=f"prompt blocked: {block or 'no candidates'}", finish_reason=block or "NO_CANDIDATES",
-                       prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                       **usage)
     cand = candidates[0]
     finish = _get(cand, "finishReason", "finish_reason")
     parts = ((cand.get("content") or {}).get("parts")) or []
@@ -70,16 +96,16 @@ def classify(response: dict, blobs: "_Blobs | None" = None) -> Outcome:
         else:
             reason = "no image: the model replied with text only"
             finish = finish if finish and finish != "STOP" else "NO_IMAGE"
-        return Outcome("blocked", reason=reason, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+        return Outcome("blocked", reason=reason, finish_reason=finish, **usage)
     inline = _get(images[-1], "inlineData", "inline_data")  # the last image is the final one (earlier ones may be drafts)
     if isinstance(inline.get("data"), bytes):  # an interactive response, decoded by the SDK already
-        return Outcome("image", data=inline["data"], finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+        return Outcome("image", data=inline["data"], finish_reason=finish, **usage)
     try:
         data = inline.get("data") or ""
         data = blobs.decode(data) if blobs is not None and blobs.holds(data) else binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         return Outcome("error", reason=f"corrupt base64 image data ({exc})", finish_reason=finish)
-    return Outcome("image", data=data, finish_reason=finish, prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    return Outcome("image", data=data, finish_reason=finish, **usage)
 
 
 _PLACEHOLDER = "\x00batcher-b64:"

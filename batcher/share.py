@@ -94,12 +94,12 @@ def export_records(ledger, job_id: int) -> list[dict]:
     from .ledger import BLOCKED, SUCCEEDED
 
     rows = ledger.conn.execute(
-        "SELECT r.hash, r.state, r.error, r.finish_reason, r.prompt_tokens, r.output_tokens FROM job_requests jr "
+        "SELECT r.hash, r.state, r.error, r.finish_reason, r.prompt_tokens, r.output_tokens, r.thoughts_tokens FROM job_requests jr "
         "JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=?", (job_id,))
     kinds = {SUCCEEDED: "image", BLOCKED: "blocked"}
     return [{"hash": h, "kind": kinds.get(state, "error"), "reason": error or ("missing from the job's results" if state not in kinds else None),
-             "finish_reason": finish, "prompt_tokens": pt or 0, "output_tokens": ot or 0}
-            for h, state, error, finish, pt, ot in rows]
+             "finish_reason": finish, "prompt_tokens": pt or 0, "output_tokens": ot or 0, "thoughts_tokens": tt or 0}
+            for h, state, error, finish, pt, ot, tt in rows]
 
 
 def import_records(ledger, backend, store, job, records: list[dict], max_attempts: int, stats) -> None:
@@ -115,7 +115,8 @@ def import_records(ledger, backend, store, job, records: list[dict], max_attempt
         if h not in attempts:
             continue
         o = Outcome(r["kind"], reason=r.get("reason"), finish_reason=r.get("finish_reason"),
-                    prompt_tokens=int(r.get("prompt_tokens") or 0), output_tokens=int(r.get("output_tokens") or 0))
+                    prompt_tokens=int(r.get("prompt_tokens") or 0), output_tokens=int(r.get("output_tokens") or 0),
+                    thoughts_tokens=int(r.get("thoughts_tokens") or 0))
         if o.kind == "image" and not store.has(h):
             o = Outcome("error", reason="the collector's image is missing from the shared cache")
         items.append((o.kind, h, attempts[h], o))

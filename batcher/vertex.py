@@ -112,17 +112,19 @@ def split_gs(uri: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def _camelize(obj: Any) -> Any:
+def _canonical(obj: Any) -> Any:
+    """camelCase keys, null fields dropped: Google's own sample echoes a request with `"file_data": null` beside
+    the text of a part (and snake_case keys beside camelCase ones)."""
     if isinstance(obj, dict):
-        return {re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), k): _camelize(v) for k, v in obj.items()}
+        return {re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), k): _canonical(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, list):
-        return [_camelize(v) for v in obj]
+        return [_canonical(v) for v in obj]
     return obj
 
 
 def request_fingerprint(request: Any) -> str:
-    """The identity of a request as sent and as echoed: canonical JSON (sorted keys, camelCase) hashed."""
-    text = json.dumps(_camelize(request), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The identity of a request as sent and as echoed: canonical JSON (sorted keys, camelCase, no nulls) hashed."""
+    text = json.dumps(_canonical(request), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -231,6 +233,15 @@ class VertexBackend:
 
     def server_now(self) -> float:
         return time.time() + (self.clock_offset_s or 0.0)
+
+    # ---- models -----------------------------------------------------------------------------------
+    def get_model(self, name: str) -> None:
+        """Vertex AI's publisher models are not listed with their batch support per project: a model batcher does
+        not know is not checked before sending here (None); a wrong name fails at job creation."""
+        return None
+
+    def list_models(self) -> Iterator:
+        return iter(())
 
     # ---- files ------------------------------------------------------------------------------------
     def upload_jsonl(self, path: Path, display_name: str) -> UploadedFile:

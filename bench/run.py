@@ -39,6 +39,9 @@ BATCHER_OWN_RSS = [PY, "-c", "import atexit, sys; from batcher.children import p
                    "from batcher.cli import main; main(sys.argv[1:], prog_name='batcher')"]
 TIME = shutil.which("time") or "/usr/bin/time"
 IMAGE_BYTES = 1_500_000
+# A nightly team of this size is on usage tier 3 (enqueued-token caps of 750M+ tokens per model): one job per
+# workdir, as the figures before gemini-3.1-flash-image (1M tokens at tier 1) were measured.
+TIER = "3"
 API_KEY = "x"
 
 SUBJECTS = ["a red fox", "a lighthouse", "a bowl of ramen", "a vintage bicycle", "an astronaut", "a glass teapot",
@@ -93,7 +96,8 @@ class EmulatorProc:
         self.data_dir = tempfile.mkdtemp(prefix="bench-emu-", dir=OUT)
         self.p = subprocess.Popen(
             [PY, "-m", "batcher.emulator", "--port", "0", "--image-bytes", str(image_bytes), "--pending-seconds", "0",
-             "--running-seconds", "0.1", "--data-dir", self.data_dir],
+             "--running-seconds", "0.1", "--data-dir", self.data_dir, "--tier", TIER,
+             "--config-json", '{"spend_limits": false}'],  # the bench measures speed, not the account's money limits
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.url = self.p.stdout.readline().strip()
         if not self.url.startswith("http"):
@@ -228,7 +232,7 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
     left of a dry run without preparing rows (and without writing JSONL)."""
     import hashlib
 
-    from batcher import planner
+    from batcher import catalog, planner
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
     from batcher.packing import ShardLimits
@@ -242,7 +246,7 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
         made.append(PreparedBatch(
             rows=[i + 1 for i in idx], ids=[f"r{i:07d}" for i in idx], prompts=prompts,
             extras=['{"category": "x"}'] * len(idx), references=[()] * len(idx), variants=[1] * len(idx),
-            owners=list(range(len(idx))), models=["gemini-2.5-flash-image"] * len(idx), request_variants=[0] * len(idx),
+            owners=list(range(len(idx))), models=[catalog.DEFAULT_MODEL] * len(idx), request_variants=[0] * len(idx),
             hashes=[hashlib.sha256(p.encode()).hexdigest() for p in prompts],
             bodies=['{"contents":[{"parts":[{"text":' + json.dumps(p, ensure_ascii=False) + '}],"role":"user"}],'
                     '"generationConfig":{"responseModalities":["IMAGE"]}}' for p in prompts],
@@ -315,7 +319,7 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
     try:
         env = emu.env()
         common = [[f"--workdir={d / f'wd{i}'}", f"--cache-dir={d / f'cache{i}'}"] for i in range(repeats)]
-        subs = [measured(f"batcher submit #{i + 1}", [*BATCHER, "submit", str(manifest), *common[i], "--quiet",
+        subs = [measured(f"batcher submit #{i + 1}", [*BATCHER, "submit", str(manifest), *common[i], "--quiet", "--tier", TIER,
                                                       "--max-requests-per-job", str(max(n, 1000))], env)
                 for i in range(repeats)]
         t0 = time.time()
@@ -438,7 +442,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     write_manifest_parquet(manifest, rows)
     print(f"  manifest built in {time.time() - t0:.1f} s ({manifest.stat().st_size / 1e6:.1f} MB)", flush=True)
     env = {"GEMINI_API_KEY": API_KEY}
-    first = measured("submit --dry-run (empty cache)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v",
+    first = measured("submit --dry-run (empty cache)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v", "--tier", TIER,
                                                          "--workdir", str(d / "wd1"), "--cache-dir", str(d / "cacheA")], env,
                      helpers_rss=prepare_rss)
     floor = measured("ledger floor: plan_manifest on prepared rows", worker("ledger_floor", str(d / "floor"), str(rows)))
@@ -455,7 +459,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     populate_cache(d / "cacheB", hit)
     os.sync()  # a real cache was written nights ago: its writeback must not land on the measured re-plan
     print(f"  cache pre-populated with {len(hit):,} images in {time.time() - t0:.1f} s", flush=True)
-    replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v",
+    replan = measured("re-plan, 99% cache hits (fresh workdir)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v", "--tier", TIER,
                                                                  "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")], env,
                       helpers_rss=prepare_rss)
     con = sqlite3.connect(d / "wd2" / "ledger.sqlite")
@@ -472,7 +476,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     tonight = base / f"manifest-{rows}-tonight.parquet"
     write_tonights_manifest(manifest, tonight)
     os.sync()
-    nightly = measured("tonight's plan in last night's workdir", [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run",
+    nightly = measured("tonight's plan in last night's workdir", [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run", "--tier", TIER,
                                                                   "-v", "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")],
                        env, helpers_rss=prepare_rss)
     print(f"  {'':<44} {nightly['stdout_tail'].splitlines()[-1][:110]}", flush=True)

@@ -7,6 +7,8 @@ import pytest
 from batcher.backend import Connection, GeminiBackend
 from batcher.retry import RetryPolicy
 
+pytest_plugins = ["tests.emulator_support"]  # the emulator tests' fixtures: emu, c
+
 
 @pytest.fixture(autouse=True)
 def hermetic_env(tmp_path, monkeypatch):

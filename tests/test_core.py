@@ -307,7 +307,7 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
              ["", "a.png", "a.png|b.png"][i % 3]] for i in range(30)]
     m = write_csv(tmp_path / "m.csv", ["id", "prompt", "image_size", "reference_images"], rows)
     ledger = Ledger(tmp_path / "wd")
-    plan_manifest(ledger, None, m, ManifestOptions(model="gemini-3-pro-image-preview"))
+    plan_manifest(ledger, None, m, ManifestOptions(model="gemini-3-pro-image"))
     jobs = shard(ledger, ShardLimits(max_requests=7))
     assert len(jobs) == 5
     for job_id in jobs:
@@ -319,7 +319,7 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
         assert job["input_bytes"] == sum(len(b.encode()) + 120 for b in bodies)
         assert job["est_tokens"] == sum(request_tokens(job["model"], b, image_size_of(b)) for b in bodies)
     assert any('"fileData"' in b for (b,) in ledger.conn.execute("SELECT body_json FROM requests"))
-    assert expected_output_bytes("gemini-3-pro-image-preview", "2K") != expected_output_bytes("gemini-3-pro-image-preview", "1K")
+    assert expected_output_bytes("gemini-3-pro-image", "2K") != expected_output_bytes("gemini-3-pro-image", "1K")
 
 
 def test_a_job_whose_requests_changed_under_it_writes_no_jsonl(tmp_path):

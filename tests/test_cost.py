@@ -19,7 +19,7 @@ from batcher.requests import request_hash
 from batcher.spec import load_spec
 from tests.helpers import write_csv
 
-FLASH, PRO = "gemini-2.5-flash-image", "gemini-3-pro-image-preview"
+FLASH, PRO, FLASH31 = "gemini-2.5-flash-image", "gemini-3-pro-image", "gemini-3.1-flash-image"
 
 
 def prompts_csv(path: Path, n: int, start: int = 0) -> Path:
@@ -38,35 +38,65 @@ def fill_cache(cache: Path, manifest: Path, options: ManifestOptions, n: int) ->
             (cache / h[:2] / f"{h}.png").write_bytes(b"x")
 
 
-# ---- the examples of pricing.md -------------------------------------------------------------------------
+# ---- the examples of the issue and pricing notes (tokens per image x Google's rate) -----------------------
 
-def test_1000_flash_images_cost_19_50_in_batch_and_39_interactive(tmp_path):
+def test_1000_images_of_the_default_model_cost_33_60_in_batch_and_67_20_interactive(tmp_path):
     m = prompts_csv(tmp_path / "m.csv", 1000)
-    e = estimate(m, ManifestOptions(model=FLASH), cache_dir=tmp_path / "cache").total()
+    e = estimate(m, ManifestOptions(), cache_dir=tmp_path / "cache").total()  # gemini-3.1-flash-image at 1K
     assert (e.requests, e.distinct, e.cache_hits, e.to_generate) == (1000, 1000, 0, 1000)
-    assert e.output_tokens == 1000 * 1290
-    assert e.images_batch_usd == pytest.approx(19.50)
-    assert e.images_interactive_usd == pytest.approx(39.00)
-    assert 0 < e.input_batch_usd < 0.01  # a separate line, so the headline is the published one
+    assert e.output_tokens == 1000 * 1120
+    assert e.images_batch_usd == pytest.approx(33.60)
+    assert e.images_interactive_usd == pytest.approx(67.20)
+    assert 0 < e.input_batch_usd < 0.01  # a separate line, so the headline is the images'
+    assert e.thoughts_tokens == 1000 * 250  # the catalog's stated allowance, at the $3 per 1M text rate
+    assert e.thinking_batch_usd == pytest.approx(0.375) and e.thinking_interactive_usd == pytest.approx(0.75)
     r = CliRunner().invoke(main, ["estimate", str(m), "--cache-dir", str(tmp_path / "cache")])
     assert r.exit_code == 0, r.output
-    assert "images: $19.50 batch vs $39.00 interactive (save $19.50, 50%)" in r.output
-    assert "input tokens" in r.output
+    assert "images: $33.60 batch vs $67.20 interactive (save $33.60, 50%)" in r.output
+    assert "input, estimated (~" in r.output
+    assert "thinking, estimated (~250,000 tokens): $0.3750 batch vs $0.75 interactive" in r.output
 
 
-def test_10000_pro_images_at_2k_cost_1340_interactive_670_batch_and_67_with_90pct_cache_hits(tmp_path):
+def test_1000_pro_images_at_4k_cost_120_in_batch_and_240_interactive(tmp_path):
+    m = prompts_csv(tmp_path / "m.csv", 1000)
+    r = CliRunner().invoke(main, ["estimate", str(m), "--model", PRO, "--image-size", "4K", "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "images: $120.00 batch vs $240.00 interactive" in r.output
+
+
+def test_1000_flash_25_images_are_priced_by_their_tokens(tmp_path):
+    # Google's "equivalent to $0.039 per image" is 1290 tokens x $30 per 1M, rounded: the estimate uses the tokens.
+    m = prompts_csv(tmp_path / "m.csv", 1000)
+    e = estimate(m, ManifestOptions(model=FLASH), cache_dir=tmp_path / "cache")
+    t = e.total()
+    assert t.output_tokens == 1000 * 1290 and t.thoughts_tokens == 0  # it does not think
+    assert t.images_batch_usd == pytest.approx(19.35) and t.images_interactive_usd == pytest.approx(38.70)
+    assert any("earliest shutdown" in w for w in e.warnings)
+
+
+def test_10000_pro_images_at_2k_and_with_90pct_cache_hits(tmp_path):
     m = prompts_csv(tmp_path / "m.csv", 10_000)
     cache = tmp_path / "cache"
     args = ["estimate", str(m), "--cache-dir", str(cache), "--model", PRO, "--image-size", "2K", "--json"]
     doc = json.loads(CliRunner().invoke(main, args).output)["total"]
     assert doc["to_generate"] == 10_000 and doc["output_tokens"] == 10_000 * 1120
-    assert doc["images_interactive_usd"] == pytest.approx(1340.0)
-    assert doc["images_batch_usd"] == pytest.approx(670.0)
+    assert doc["images_interactive_usd"] == pytest.approx(1344.0)
+    assert doc["images_batch_usd"] == pytest.approx(672.0)
     fill_cache(cache, m, ManifestOptions(model=PRO, image_size="2K"), 9_000)
     r = CliRunner().invoke(main, args[:-1])
     assert r.exit_code == 0, r.output
     assert "9,000 cache hits, 1,000 to generate" in r.output
-    assert "images: $67.00 batch vs $134.00 interactive" in r.output
+    assert "images: $67.20 batch vs $134.40 interactive" in r.output
+
+
+def test_an_estimate_over_the_tiers_monthly_spend_cap_says_so(tmp_path):
+    m = prompts_csv(tmp_path / "m.csv", 10_000)  # $336 in batch: over Tier 1's $250 a month, under Tier 2's $2,000
+    r = CliRunner().invoke(main, ["estimate", str(m), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "is over Tier 1's monthly spend cap of $250.00" in r.output
+    r = CliRunner().invoke(main, ["estimate", str(m), "--cache-dir", str(tmp_path / "c"), "--tier", "2", "--json"])
+    doc = json.loads(r.output)
+    assert doc["tier"] == "2" and doc["tier_monthly_spend_cap_usd"] == 2000 and doc["over_tier_cap"] is False
 
 
 def test_estimate_counts_variants_duplicates_and_references(tmp_path):
@@ -78,7 +108,9 @@ def test_estimate_counts_variants_duplicates_and_references(tmp_path):
     e = estimate(m, ManifestOptions(model=FLASH), cache_dir=tmp_path / "cache").total()
     assert (e.requests, e.distinct, e.to_generate) == (5, 4, 4)  # b is a's variant 0
     assert e.prompt_tokens == 4 * 10 + 258
-    assert e.images_batch_usd == pytest.approx(4 * 0.0195)
+    assert e.images_batch_usd == pytest.approx(4 * 0.01935)
+    e = estimate(m, ManifestOptions(model=PRO), cache_dir=tmp_path / "cache").total()
+    assert e.prompt_tokens == 4 * 10 + 560  # a reference image is 560 prompt tokens on 3 Pro Image
 
 
 def test_estimate_writes_no_ledger_and_needs_no_key(tmp_path, monkeypatch):
@@ -101,19 +133,28 @@ def test_estimate_of_an_invalid_manifest_exits_2(tmp_path):
 
 def test_default_table_matches_the_catalog():
     t = default_table()
-    assert t.get("models/" + FLASH).image_usd("1K") == pytest.approx(0.0195)
+    assert t.get("models/" + FLASH).image_usd("1K") == pytest.approx(1290 * 30 / 1e6 / 2)
     assert t.get(PRO).image_usd("4K", batch=False) == pytest.approx(0.24)
-    assert t.get("gemini-3.1-flash-image-preview").image_usd("1K") == pytest.approx(1120 * 60 / 1e6 / 2)  # no published price
+    assert t.get(FLASH31).image_usd("512") == pytest.approx(747 * 60 / 1e6 / 2)
+    assert t.get(FLASH31).image_usd("4K", batch=False) == pytest.approx(2520 * 60 / 1e6)
     assert t.get(FLASH).tokens_usd(1000, 1290) == pytest.approx((1000 * 0.3 + 1290 * 30) / 1e6 / 2)
 
 
-def test_overriding_a_rate_drops_the_published_per_image_price():
+def test_realized_cost_bills_thoughts_and_text_at_the_text_rate():
+    t = default_table()
+    # gemini-3.1-flash-image: $0.50 in, $60 image out, $3 text and thinking out (per 1M, interactive); batch half.
+    assert t.get(FLASH31).tokens_usd(100, 1120, thoughts_tokens=232) == pytest.approx((100 * 0.5 + 1120 * 60 + 232 * 3) / 1e6 / 2)
+    # 1,223 candidate tokens of which 103 are text (candidatesTokensDetails): 1120 at the image rate, 103 + 106 at the text rate
+    assert t.get(PRO).tokens_usd(10, 1223, 106, 103, batch=False) == pytest.approx((10 * 2 + 1120 * 120 + 209 * 12) / 1e6)
+
+
+def test_overriding_a_rate_changes_the_price_per_image():
     t = default_table().with_overrides({FLASH: {"output_usd_per_mtok": 60.0}})
     assert t.get(FLASH).image_usd("1K", batch=False) == pytest.approx(1290 * 60 / 1e6)
-    same = default_table().with_overrides({FLASH: {"output_usd_per_mtok": 30.0, "tokens_per_image": {"1K": 1290}}})
-    assert same.get(FLASH).image_usd("1K", batch=False) == pytest.approx(0.039)
     t = default_table().with_overrides({FLASH: {"batch_discount": 1.0, "usd_per_image": {"1K": 0.05}}})
     assert t.get(FLASH).image_usd("1K") == pytest.approx(0.05)
+    t = default_table().with_overrides({FLASH31: {"text_output_usd_per_mtok": 0.0, "expected_thoughts_tokens": 0}})
+    assert t.get(FLASH31).thinking_usd() == 0 and t.get(FLASH31).tokens_usd(0, 1120, 300) == pytest.approx(1120 * 60 / 1e6 / 2)
 
 
 def spec(tmp_path: Path, body: str) -> Path:
@@ -124,11 +165,11 @@ def spec(tmp_path: Path, body: str) -> Path:
 
 
 def test_job_spec_prices_override_the_estimate(tmp_path):
-    p = spec(tmp_path, '[prices."gemini-2.5-flash-image"]\ninput_usd_per_mtok = 0.30\noutput_usd_per_mtok = 60\n'
+    p = spec(tmp_path, '[prices."gemini-3.1-flash-image"]\ninput_usd_per_mtok = 0.30\noutput_usd_per_mtok = 120\n'
                        'batch_discount = 0.5\ntokens_per_image = { "1K" = 1290 }\n')
-    assert load_spec(p).values["prices"][FLASH]["output_usd_per_mtok"] == 60.0
+    assert load_spec(p).values["prices"][FLASH31]["output_usd_per_mtok"] == 120.0
     doc = json.loads(CliRunner().invoke(main, ["estimate", str(p), "--json"]).output)
-    assert doc["total"]["images_batch_usd"] == pytest.approx(10 * 1290 * 60 / 1e6 / 2)
+    assert doc["total"]["images_batch_usd"] == pytest.approx(10 * 1290 * 120 / 1e6 / 2)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -164,13 +205,13 @@ def settings(tmp_path: Path, **kw) -> pipeline.Settings:
 
 def test_a_budget_holds_back_what_it_cannot_pay_for_then_a_higher_one_finishes(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 10)
-    # A Flash image is estimated at $0.0195 in batch: $0.10 pays for 5 of the 10.
-    result = pipeline.run(m, settings(tmp_path, budget_usd=0.10), backend_factory=backend_factory)
+    # A request is estimated at ~$0.0340 in batch (image $0.0336, thinking $0.0004, prompt): $0.17 pays for 5 of the 10.
+    result = pipeline.run(m, settings(tmp_path, budget_usd=0.17), backend_factory=backend_factory)
     assert result.exit_code == 4, result.summary
     assert emulator.stats()["lines_processed"] == 5
     assert result.counts["succeeded"] == 5 and result.counts["planned"] == 5
     assert "stopped at the budget" in result.summary
-    assert "budget $0.10: 5 requests held back (est. $0.0" in result.summary and "raise --budget-usd" in result.summary
+    assert "budget $0.17: 5 requests held back (est. $0.1" in result.summary and "raise --budget-usd" in result.summary
     result = pipeline.run(m, settings(tmp_path, budget_usd=1.0), backend_factory=backend_factory)
     assert result.exit_code == 0, result.summary
     assert emulator.stats()["lines_processed"] == 10
@@ -179,7 +220,7 @@ def test_a_budget_holds_back_what_it_cannot_pay_for_then_a_higher_one_finishes(t
 
 def test_submit_with_a_budget_sends_what_fits_and_exits_4(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 10)
-    result = pipeline.submit(m, settings(tmp_path, budget_usd=0.05), backend_factory=backend_factory)
+    result = pipeline.submit(m, settings(tmp_path, budget_usd=0.07), backend_factory=backend_factory)
     assert result.exit_code == 4
     assert result.counts["queued"] == 2 and result.counts["planned"] == 8
     assert "8 requests held back" in result.summary
@@ -191,11 +232,11 @@ def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_pat
     from batcher.quota import Quota
 
     m = prompts_csv(tmp_path / "m.csv", 10)
-    s = settings(tmp_path, budget_usd=0.10, quota=Quota(token_cap=2 * 1400))
+    s = settings(tmp_path, budget_usd=0.17, quota=Quota(token_cap=2 * 1450))  # a request: ~1,410 tokens with thoughts
     result = pipeline.submit(m, s, dry_run=True, backend_factory=backend_factory)
     assert result.counts["queued"] == 5 and result.counts["planned"] == 5, result.summary
     assert "5 to send in 3 new job(s)" in result.summary  # 2 + 2 + 1 under the cap
-    assert "budget $0.10: 5 requests held back" in result.summary
+    assert "budget $0.17: 5 requests held back" in result.summary
     assert emulator.stats()["files_uploaded"] == 0
     result = pipeline.submit(m, s, backend_factory=backend_factory)
     assert emulator.stats()["batches_created"] == 1  # one job fills the cap; the others wait for it
@@ -205,7 +246,7 @@ def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_pat
 
 
 def test_budget_from_the_job_spec_and_the_command_line(tmp_path, emulator_env):
-    p = spec(tmp_path, '[limits]\nbudget_usd = 0.10\n[poll]\ninterval_seconds = 0.05\ntimeout_seconds = 60\n')
+    p = spec(tmp_path, '[limits]\nbudget_usd = 0.17\n[poll]\ninterval_seconds = 0.05\ntimeout_seconds = 60\n')
     r = CliRunner().invoke(main, ["run", str(p), "-q"])
     assert r.exit_code == 4, r.output
     assert "5 requests held back" in r.output
@@ -217,10 +258,10 @@ def test_budget_from_the_job_spec_and_the_command_line(tmp_path, emulator_env):
 
 def test_realized_cost_and_status_use_the_overridden_prices(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 4)
-    prices = {FLASH: {"output_usd_per_mtok": 60.0, "input_usd_per_mtok": 0.0}}
+    prices = {FLASH31: {"output_usd_per_mtok": 120.0, "input_usd_per_mtok": 0.0, "text_output_usd_per_mtok": 0.0}}
     result = pipeline.run(m, settings(tmp_path, prices=prices), backend_factory=backend_factory)
     assert result.exit_code == 0, result.summary
-    expected = 4 * 1290 * 60 / 1e6 / 2
+    expected = 4 * 1120 * 120 / 1e6 / 2
     assert result.dataset.cost_usd == pytest.approx(expected)
     assert f"${expected:.4f}" in result.summary
     # status (no prices given) uses the prices the workdir's run was made with
@@ -232,7 +273,7 @@ def test_jobs_a_dry_run_left_are_sharded_again_under_a_later_budget(tmp_path, em
     """A dry run without a budget shards everything; a submit with a budget must not send all of it."""
     m = prompts_csv(tmp_path / "m.csv", 10)
     pipeline.submit(m, settings(tmp_path), dry_run=True, backend_factory=backend_factory)
-    result = pipeline.submit(m, settings(tmp_path, budget_usd=0.05), backend_factory=backend_factory)
+    result = pipeline.submit(m, settings(tmp_path, budget_usd=0.07), backend_factory=backend_factory)
     assert result.counts["queued"] == 2 and result.counts["planned"] == 8, result.summary
     assert "8 requests held back" in result.summary
     assert emulator.stats()["batches_created"] == 1

@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,79 +21,7 @@ from PIL import Image
 
 from batcher.emulator import Emulator, EmulatorConfig
 
-FLASH = "gemini-2.5-flash-image"
-PRO = "gemini-3-pro-image-preview"
-FLASH31 = "gemini-3.1-flash-image-preview"
-ROOT = Path(__file__).resolve().parents[1]
-
-BASE = dict(pending_seconds=0.05, running_seconds=0.1, image_bytes=3_000, seed=0, time_scale=1.0)
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with Emulator(EmulatorConfig(**BASE)) as e:
-        baseline = {k: v for k, v in e.config.to_dict().items() if k not in ("host", "port")}
-        yield e
-        e.configure(**baseline)
-
-
-@pytest.fixture(autouse=True)
-def _fresh(request):
-    if "emu" not in request.fixturenames:
-        yield
-        return
-    e = request.getfixturevalue("emu")
-    baseline = {k: v for k, v in e.config.to_dict().items() if k not in ("host", "port")}
-    e.reset()
-    yield
-    e.configure(**baseline)
-    e.reset()
-
-
-def client(emu: Emulator, key: str = "test-key", **http: Any) -> genai.Client:
-    opts = dict(base_url=emu.url, api_version="v1beta", timeout=30000)
-    opts.update(http)
-    return genai.Client(api_key=key, http_options=types.HttpOptions(**opts))
-
-
-@pytest.fixture
-def c(emu):
-    return client(emu)
-
-
-def line(key: str, prompt: str, aspect: str = "1:1", size: str | None = None, snake: bool = True) -> str:
-    ic: dict[str, Any] = {"aspect_ratio" if snake else "aspectRatio": aspect}
-    if size:
-        ic["image_size" if snake else "imageSize"] = size
-    if snake:
-        gen = {"response_modalities": ["IMAGE"], "image_config": ic}
-        req = {"contents": [{"parts": [{"text": prompt}]}], "generation_config": gen}
-    else:
-        gen = {"responseModalities": ["IMAGE"], "imageConfig": ic}
-        req = {"contents": [{"parts": [{"text": prompt}]}], "generationConfig": gen}
-    return json.dumps({"key": key, "request": req})
-
-
-def upload_lines(c: genai.Client, lines: list[str], mime: str = "jsonl") -> types.File:
-    data = ("\n".join(lines) + "\n").encode()
-    return c.files.upload(file=io.BytesIO(data), config={"mime_type": mime, "display_name": "requests"})
-
-
-def wait(c: genai.Client, name: str, timeout: float = 15.0) -> types.BatchJob:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = c.batches.get(name=name)
-        if job.done:
-            return job
-        assert time.monotonic() < deadline, f"{name} still {job.state}"
-        time.sleep(0.03)
-
-
-def run_file_job(c: genai.Client, lines: list[str], model: str = FLASH) -> list[dict[str, Any]]:
-    f = upload_lines(c, lines)
-    job = wait(c, c.batches.create(model=model, src=f.name).name)
-    assert job.state == types.JobState.JOB_STATE_SUCCEEDED
-    return [json.loads(x) for x in c.files.download(file=job.dest.file_name).decode().splitlines()]
+from tests.emulator_support import BASE, FLASH, FLASH31, PRO, ROOT, client, line, raw, run_file_job, upload_lines, wait
 
 
 def png_of(resp: dict[str, Any]) -> Image.Image:
@@ -103,20 +30,6 @@ def png_of(resp: dict[str, Any]) -> Image.Image:
     im.load()
     return im
 
-
-def raw(emu: Emulator, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-        key: str | None = "test-key") -> tuple[int, dict[str, str], bytes]:
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    h = dict(headers or {})
-    if key:
-        h["x-goog-api-key"] = key
-    url = path if path.startswith("http") else emu.url + path
-    req = urllib.request.Request(url, data=data, method=method, headers=h)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +256,7 @@ def test_inline_batch_and_raw_operation_shape(emu, c):
     r0, r1 = job.dest.inlined_responses
     parts = r0.response.candidates[0].content.parts
     assert parts[0].text and parts[1].inline_data.mime_type == "image/png"
-    assert Image.open(io.BytesIO(parts[1].inline_data.data)).size == (2368, 1728)
+    assert Image.open(io.BytesIO(parts[1].inline_data.data)).size == (2400, 1792)
     assert r0.metadata == {"key": "m1"}
     assert r1.error is not None and r1.error.code == 3 and "1k" in r1.error.message
     code, _, body = raw(emu, "GET", f"/v1beta/{job.name}")
@@ -503,14 +416,20 @@ def test_per_line_validation(emu, c):
     assert "key" not in out[5]
 
 
+# Pixel sizes and tokens as the image-generation guide's tables give them (typed here from the guide, not read
+# from batcher/catalog.toml, so a wrong number in the table fails this test).
 @pytest.mark.parametrize("model,aspect,size,dims,tokens", [
-    (PRO, "16:9", "1K", (1344, 768), 1120),
+    (PRO, "16:9", "1K", (1376, 768), 1120),
     (PRO, "1:1", "2K", (2048, 2048), 1120),
-    (PRO, "9:16", "4K", (3072, 5376), 2000),
-    (FLASH31, "5:4", "512", (576, 448), 1120),
+    (PRO, "9:16", "4K", (3072, 5504), 2000),
+    (PRO, "21:9", "2K", (3168, 1344), 1120),
+    (FLASH31, "5:4", "512", (576, 464), 747),
     (FLASH31, "1:4", "1K", (512, 2048), 1120),
-    (FLASH31, "8:1", "2K", (6144, 768), 1120),
+    (FLASH31, "8:1", "2K", (6144, 768), 1680),
+    (FLASH31, "1:8", "4K", (1536, 12288), 2520),
+    (FLASH31, "3:2", None, (1264, 848), 1120),
     (FLASH, "4:5", None, (896, 1152), 1290),
+    (FLASH, "16:9", None, (1344, 768), 1290),
 ])
 def test_sizes_and_aspect_ratios_interactive(emu, c, model, aspect, size, dims, tokens):
     ic = {"aspect_ratio": aspect, **({"image_size": size} if size else {})}
@@ -523,7 +442,9 @@ def test_sizes_and_aspect_ratios_interactive(emu, c, model, aspect, size, dims, 
     assert r.candidates[0].finish_reason == types.FinishReason.STOP
     u = r.usage_metadata
     assert u.candidates_token_count == tokens and u.prompt_token_count == 3
-    assert u.total_token_count == tokens + 3
+    thinks = model != FLASH  # the Gemini 3 image models think, and bill it
+    assert (u.thoughts_token_count or 0) > 0 if thinks else u.thoughts_token_count is None
+    assert u.total_token_count == tokens + 3 + (u.thoughts_token_count or 0)
     assert u.candidates_tokens_details[0].modality == types.MediaModality.IMAGE
     assert r.model_version == model and r.response_id
 
@@ -734,7 +655,7 @@ def test_auth(emu):
 
 
 def test_unknown_routes_are_loud(emu):
-    for method, path in [("GET", "/v1beta/models"), ("GET", "/v2/batches"), ("PATCH", "/v1beta/batches/x"),
+    for method, path in [("GET", "/v1beta/tunedModels"), ("GET", "/v2/batches"), ("PATCH", "/v1beta/batches/x"),
                          ("GET", "/nothing"), ("GET", "/_emulator/nope")]:
         code, _, body = raw(emu, method, path)
         assert code == 404, path

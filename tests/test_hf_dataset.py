@@ -23,6 +23,6 @@ def test_the_dataset_loads_with_hugging_face_imagefolder(tmp_path, emulator, bac
     rows = list(ds)
     assert [(r["id"], r["variant"], r["status"], r["sku"]) for r in rows] == [
         ("a", 0, "ok", "S1"), ("a", 1, "ok", "S1"), ("b", 0, "blocked", "S2"), ("c", 0, "ok", "S3")]
-    assert rows[0]["image"].size == (1344, 768)  # 16:9 at 1K
+    assert rows[0]["image"].size == (1376, 768)  # 16:9 at 1K on gemini-3.1-flash-image
     assert rows[2]["image"] is None  # a blocked row has no image, and says why
     assert rows[2]["finish_reason"] == "IMAGE_SAFETY"

@@ -223,12 +223,12 @@ def _(t): return [str(csv_file(t, "id,prompt,aspect_ratio\na,hi,7:3\n"))]
 def _(t): return [str(csv_file(t, "id,prompt,image_size\na,hi,8K\n"))]
 
 
-@case("image-size-not-for-this-model", "row 2", "image_size", "4K")
-def _(t): return [str(csv_file(t, "id,prompt,image_size\na,hi,4K\n"))]
+@case("image-size-not-for-this-model", "row 2", "image_size", "8K")
+def _(t): return [str(csv_file(t, "id,prompt,image_size\na,hi,8K\n"))]
 
 
-@case("unknown-model-in-column", "row 2", "model", "dall-e-3")
-def _(t): return [str(csv_file(t, "id,prompt,model\na,hi,dall-e-3\n"))]
+@case("shut-down-model-in-column", "row 2", "model", "gemini-3-pro-image-preview", "use gemini-3-pro-image")
+def _(t): return [str(csv_file(t, "id,prompt,model\na,hi,gemini-3-pro-image-preview\n"))]
 
 
 @case("duplicate-ids", "row 3", "duplicate id")
@@ -247,9 +247,9 @@ def _(t): return [str(csv_file(t, "id,prompt,temperature,colour,weird col!\na,hi
 def _(t): return [str(csv_file(t, "id,prompt,reference_images\na,hi,nope.png\n"))]
 
 
-@case("too-many-references", "row 2", "reference_images", "3")
+@case("too-many-references", "row 2", "reference_images", "14")
 def _(t):
-    refs = "|".join(png(t / f"r{i}.png").name for i in range(5))
+    refs = "|".join(png(t / f"r{i}.png").name for i in range(15))
     return [str(csv_file(t, f"id,prompt,reference_images\na,hi,{refs}\n"))]
 
 
@@ -299,8 +299,8 @@ def _(t): return [ok_manifest(t), "--deadline", "garbage"]
 def _(t): return [ok_manifest(t), "--deadline-policy", "pray"]
 
 
-@case("unknown-model-option", "--model", "gpt-4", where=False)
-def _(t): return [ok_manifest(t), "--model", "gpt-4"]
+@case("shut-down-model-option", "--model", "gemini-3.1-flash-image-preview", "use gemini-3.1-flash-image", where=False)
+def _(t): return [ok_manifest(t), "--model", "gemini-3.1-flash-image-preview"]
 
 
 @case("format-xyz", "--format", "xyz", where=False)
@@ -311,8 +311,8 @@ def _(t): return [ok_manifest(t), "--format", "xyz"]
 def _(t): return [ok_manifest(t), "--aspect-ratio", "banana"]
 
 
-@case("default-image-size-bad-for-model", "--image-size", "4K", where=False)
-def _(t): return [ok_manifest(t), "--image-size", "4K"]
+@case("default-image-size-bad-for-model", "--image-size", "8K", where=False)
+def _(t): return [ok_manifest(t), "--image-size", "8K"]
 
 
 @case("max-requests-per-job-zero", "--max-requests-per-job", where=False)
@@ -388,8 +388,8 @@ def _(t): return [spec(t, 'manifest = "gone.csv"\n')]
 def _(t): return [spec(t, 'manifest = "m.csv"\ndefaults = 3\n')]
 
 
-@case("spec-unknown-model", "gpt-4", where=False)
-def _(t): return [spec(t, 'manifest = "m.csv"\n[defaults]\nmodel = "gpt-4"\n')]
+@case("spec-shut-down-model", "gemini-3-pro-image-preview", "use gemini-3-pro-image", where=False)
+def _(t): return [spec(t, 'manifest = "m.csv"\n[defaults]\nmodel = "gemini-3-pro-image-preview"\n')]
 
 
 @case("spec-bad-aspect-ratio", "7:3", where=False)

@@ -330,12 +330,15 @@ def test_unclosed_quote(tmp_path):
 
 def test_invalid_default_options_raise(tmp_path):
     path = write(tmp_path, "m.csv", "prompt\na\n")
-    assert "--model" in file_error(path, model="gemini-9")
+    message = file_error(path, model="gemini-3-pro-image-preview")  # shut down: refused, naming its successor
+    assert "--model" in message and "shut down on 2026-06-25; use gemini-3-pro-image" in message
+    assert "not a model name" in file_error(path, model="gemini 9")
     assert "--temperature" in file_error(path, temperature=5.0)
     assert "--variants" in file_error(path, variants=0)
-    message = file_error(path, image_size="2K")  # no model column: every row uses the default model
+    message = file_error(path, image_size="8K")  # no model column: every row uses the default model
     assert "--image-size" in message and "1K" in message
-    assert "--aspect-ratio" in file_error(path, aspect_ratio="1:8")
+    assert "--aspect-ratio" in file_error(path, aspect_ratio="7:3")
+    assert "--aspect-ratio" in file_error(path, aspect_ratio="1:8", model="gemini-2.5-flash-image")
 
 
 # ------------------------------------------------------------------------------------------------ row-level problems
@@ -373,23 +376,29 @@ def test_duplicate_ids_are_not_checked_here(tmp_path):
     assert problems == [] and [r.id for r in rows] == ["same", "same"]
 
 
-def test_unknown_model_and_models_prefix(tmp_path):
-    text = "prompt,model\na,gemini-3-pro-image-preview\nb,models/gemini-3.1-flash-image-preview\nc,dall-e-3\nd,\n"
+def test_unknown_models_pass_and_shut_down_ones_are_refused(tmp_path):
+    # A model batcher does not know goes on (the API is asked before anything is sent); its settings are not checked.
+    text = ("prompt,model,aspect_ratio\na,gemini-3-pro-image,\nb,models/gemini-3.1-flash-image,\nc,gemini-nano-banana-2.1,7:3\n"
+            "d,,\ne,gemini-3-pro-image-preview,\nf,gemini-3.1-flash-image-preview,\ng,not a model,\n")
     rows, problems = read(write(tmp_path, "m.csv", text))
     assert [(r.row, r.model) for r in rows] == [
-        (2, "gemini-3-pro-image-preview"),
-        (3, "gemini-3.1-flash-image-preview"),
+        (2, "gemini-3-pro-image"),
+        (3, "gemini-3.1-flash-image"),
+        (4, "gemini-nano-banana-2.1"),
         (5, catalog.DEFAULT_MODEL),
     ]
-    assert where(problems) == [(4, "model", "dall-e-3")]
-    for name in catalog.MODELS:
-        assert name in problems[0].message
+    assert rows[2].aspect_ratio == "7:3"  # as written: the API judges a model batcher does not know
+    assert where(problems) == [(6, "model", "gemini-3-pro-image-preview"), (7, "model", "gemini-3.1-flash-image-preview"),
+                               (8, "model", "not a model")]
+    assert problems[0].message == "gemini-3-pro-image-preview was shut down on 2026-06-25; use gemini-3-pro-image"
+    assert problems[1].message.endswith("use gemini-3.1-flash-image")
+    assert "not a model name" in problems[2].message
 
 
 def test_aspect_ratio_depends_on_model(tmp_path):
     text = (
         "prompt,model,aspect_ratio\n"
-        "a,gemini-3.1-flash-image-preview,1:8\n"
+        "a,gemini-3.1-flash-image,1:8\n"
         "b,gemini-2.5-flash-image,1:8\n"
         "c,,7:3\n"
         "d,, 16:9 \n"
@@ -399,14 +408,14 @@ def test_aspect_ratio_depends_on_model(tmp_path):
     assert [(r.row, r.aspect_ratio) for r in rows] == [(2, "1:8"), (5, "16:9")]
     assert where(problems) == [(3, "aspect_ratio", "1:8"), (4, "aspect_ratio", "7:3")]
     assert str(problems[1]) == (
-        f"{path}, row 4, column 'aspect_ratio' = '7:3': not a valid aspect ratio for gemini-2.5-flash-image; "
-        "use one of 1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9"
+        f"{path}, row 4, column 'aspect_ratio' = '7:3': not a valid aspect ratio for gemini-3.1-flash-image; "
+        "use one of 1:1, 1:4, 1:8, 2:3, 3:2, 3:4, 4:1, 4:3, 4:5, 5:4, 8:1, 9:16, 16:9, 21:9"
     )
 
 
 def test_image_size_is_case_sensitive_and_model_dependent(tmp_path):
-    text = "prompt,model,image_size\na,gemini-3-pro-image-preview,2K\nb,,1k\nc,,2K\nd,,1K\n"
-    rows, problems = read(write(tmp_path, "s.csv", text))
+    text = "prompt,model,image_size\na,gemini-3-pro-image,2K\nb,,1k\nc,,2K\nd,,1K\n"
+    rows, problems = read(write(tmp_path, "s.csv", text), model="gemini-2.5-flash-image")
     assert [(r.row, r.image_size) for r in rows] == [(2, "2K"), (5, "1K")]
     assert where(problems) == [(3, "image_size", "1k"), (4, "image_size", "2K")]
     assert "did you mean '1K'" in problems[0].message
@@ -414,8 +423,8 @@ def test_image_size_is_case_sensitive_and_model_dependent(tmp_path):
 
 
 def test_job_default_invalid_for_row_model_override(tmp_path):
-    text = "prompt,model\na,gemini-3-pro-image-preview\nb,gemini-2.5-flash-image\n"
-    rows, problems = read(write(tmp_path, "d.csv", text), image_size="4K", model="gemini-3-pro-image-preview")
+    text = "prompt,model\na,gemini-3-pro-image\nb,gemini-2.5-flash-image\n"
+    rows, problems = read(write(tmp_path, "d.csv", text), image_size="4K", model="gemini-3-pro-image")
     assert [(r.row, r.image_size) for r in rows] == [(2, "4K")]
     assert where(problems) == [(3, "image_size", "4K")]
     assert "job default" in problems[0].message and "--image-size" in problems[0].message
@@ -540,7 +549,7 @@ def test_reference_image_problems(tmp_path, monkeypatch):
         "f,ok.png|ok.png|ok.png|ok.png\n"
         "g,ok.png\n"
     )
-    rows, problems = read(write(tmp_path, "r.csv", text))
+    rows, problems = read(write(tmp_path, "r.csv", text), model="gemini-2.5-flash-image")  # at most 3 references
     assert [r.row for r in rows] == [8]
     assert where(problems) == [
         (2, "reference_images", "missing.png"),
@@ -562,8 +571,8 @@ def test_reference_image_problems(tmp_path, monkeypatch):
 def test_reference_image_limit_follows_row_model(tmp_path):
     make_image(tmp_path / "ok.png")
     refs = "|".join(["ok.png"] * 5)
-    text = f"prompt,model,reference_images\na,gemini-3-pro-image-preview,{refs}\nb,,{refs}\n"
-    rows, problems = read(write(tmp_path, "r.csv", text))
+    text = f"prompt,model,reference_images\na,gemini-3-pro-image,{refs}\nb,,{refs}\n"
+    rows, problems = read(write(tmp_path, "r.csv", text), model="gemini-2.5-flash-image")
     assert [r.row for r in rows] == [2] and len(rows[0].reference_images) == 5
     assert where(problems) == [(3, "reference_images", refs)]
 
@@ -585,10 +594,10 @@ def test_per_row_overrides_and_defaults(tmp_path):
     text = (
         "id,prompt,model,aspect_ratio,image_size,temperature,top_p,seed,variants,system_instruction\n"
         "1,a,,,,,,,,\n"
-        "2,b,gemini-3-pro-image-preview,21:9,4K,0.2,0.5,11,3,Be bold.\n"
+        "2,b,gemini-3-pro-image,21:9,4K,0.2,0.5,11,3,Be bold.\n"
     )
     options = dict(
-        model="gemini-3-pro-image-preview",
+        model="gemini-3-pro-image",
         aspect_ratio="4:3",
         image_size="2K",
         temperature=1.0,
@@ -601,7 +610,7 @@ def test_per_row_overrides_and_defaults(tmp_path):
     assert problems == []
     first, second = rows
     assert (first.model, first.aspect_ratio, first.image_size, first.temperature, first.top_p, first.seed) == (
-        "gemini-3-pro-image-preview",
+        "gemini-3-pro-image",
         "4:3",
         "2K",
         1.0,

@@ -17,7 +17,7 @@ from batcher.store import ImageStore
 from .helpers import write_csv
 from .test_core import png_bytes
 
-MODELS = ("gemini-2.5-flash-image", "gemini-3-pro-image-preview")
+MODELS = ("gemini-2.5-flash-image", "gemini-3-pro-image")
 
 
 def mixed_manifest(tmp_path, n: int = 60):

@@ -301,6 +301,33 @@ def test_download_normalises_lines_without_keys_in_any_order(tmp_path, vx, gcs):
     assert line_error({"response": {}}) is None and request_fingerprint({"a_b": 1}) == request_fingerprint({"aB": 1})
 
 
+def test_an_output_line_as_googles_own_sample_writes_it_is_read(tmp_path, vx, gcs):
+    """The layout of Google's sample (generative-ai, gemini/batch-prediction/intro_batch_prediction.ipynb): `status`
+    "", `processed_time`, the request echoed with snake_case keys and null fields, the response; no key."""
+    _, bucket = gcs
+    backend = factory(vx, bucket)()
+    sent = {"contents": [{"role": "user", "parts": [{"fileData": {"fileUri": "gs://b/ref.jpeg", "mimeType": "image/jpeg"}},
+                                                    {"text": "List objects in this image."}]}],
+            "generationConfig": {"temperature": 0.4}}
+    inp = tmp_path / "batcher-x-job2.jsonl"
+    inp.write_text(json.dumps({"key": "k0", "request": sent}) + "\n")
+    backend.upload_jsonl(inp, "batcher-x-job2")
+    echoed = {"contents": [{"parts": [{"file_data": {"file_uri": "gs://b/ref.jpeg", "mime_type": "image/jpeg"}, "text": None},
+                                      {"file_data": None, "text": "List objects in this image."}], "role": "user"}],
+              "generationConfig": {"temperature": 0.4}}
+    sample = {"status": "", "processed_time": "2024-11-13T14:04:28.376+00:00", "request": echoed,
+              "response": {"candidates": [{"avgLogprobs": -0.1, "content": {"parts": [{"text": "a rake"}], "role": "model"},
+                                           "finishReason": "STOP"}], "modelVersion": "gemini-3-flash-preview@default",
+                           "usageMetadata": {"candidatesTokenCount": 110, "promptTokenCount": 264, "totalTokenCount": 374}}}
+    d = "stage/outputs/batcher-x-job2/prediction-model-2024-11-13T14:04:28.376Z/"
+    bucket.blob(d + "predictions.jsonl").upload_from_string(json.dumps(sample) + "\n")
+    backend._local_inputs.clear()
+    dest = tmp_path / "res.jsonl"
+    backend.download(f"gs://{bucket.name}/{d}", dest)
+    (got,) = map(json.loads, dest.read_text().splitlines())
+    assert got == {"key": "k0", "response": sample["response"]}
+
+
 def test_interactive_generate_content_on_vertex(vx, gcs):
     _, bucket = gcs
     backend = factory(vx, bucket)()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATE_STYLES = ("BATCH_STATE", "JOB_STATE")
+THOUGHT_PARTS = ("requested", "always", "never")
 JOB_OUTCOMES = ("SUCCEEDED", "FAILED", "EXPIRED", "CANCELLED", "STUCK")
 LINE_ERROR_STYLES = ("grpc", "http")
 
@@ -74,6 +75,23 @@ class EmulatorConfig:
     state_style: str = "BATCH_STATE"
     finalize_error_mime_types: list[str] = field(default_factory=list)
     omit_optional_fields: bool = False
+    # Models (batcher/emulator/models.py): batcher/catalog.toml's table, changed as the real service may differ
+    shutdown_models: list[str] | None = None  # answer 404 for these; None: those shut down by the emulated date
+    extra_models: dict[str, dict] = field(default_factory=dict)  # {"name": {"like": "gemini-3.1-flash-image", ...}}
+    # Thinking models: every response bills thoughtsTokenCount; interim images and text marked `thought: true` come
+    # before the final image when the request asks for them (thinkingConfig.includeThoughts), or always, or never
+    thought_parts: str = "requested"
+    # Strictness where the real behaviour is not documented (docs/EMULATOR.md, "Decisions")
+    strict_upload_length: bool = False  # refuse an upload start without X-Goog-Upload-Header-Content-Length
+    strict_line_keys: bool = False  # answer a JSONL line without "key" with a line error instead of a keyless result
+    # Money (usage tiers): spend is billed as lines and calls are answered, at batcher/catalog.toml's prices
+    spend_limits: bool = True  # enforce the monthly spend caps and the spend-based rate limit
+    monthly_spend_cap_usd: float | None = None  # the billing account's cap; None: the tier's
+    project_spend_cap_usd: float | None = None  # a project spend cap set in AI Studio; None: none
+    spend_rate_usd_per_10min: float | None = None  # None: the tier's
+    spent_this_month_usd: float = 0.0  # what the billing account spent this month before the emulator started
+    prepay_balance_usd: float | None = None  # prepaid credits; None: a postpaid account
+    prepay_status: int = 402  # the answer once they are used up (429 before mid-2026)
     # Vertex AI batch prediction (batcher/emulator/vertex.py)
     gcs_endpoint: str | None = None  # GCS (emulator) URL for job input/output; None: STORAGE_EMULATOR_HOST or real GCS
     vertex_token: str | None = None  # accept only this bearer token (None: any non-empty one)
@@ -87,6 +105,15 @@ class EmulatorConfig:
     webhook_retry_seconds: float = 0.2  # real seconds before the first retry; doubles each time
 
     def validate(self) -> None:
+        if self.thought_parts not in THOUGHT_PARTS:
+            raise ValueError(f"thought_parts must be one of {THOUGHT_PARTS}, not {self.thought_parts!r}")
+        if self.prepay_status not in (402, 429):
+            raise ValueError("prepay_status must be 402 or 429")
+        if not isinstance(self.extra_models, dict):
+            raise ValueError("extra_models must be an object: {name: {\"like\": model, ...}}")
+        from .models import extra_model
+        for name, fields in self.extra_models.items():
+            extra_model(name, fields)
         if self.state_style not in STATE_STYLES:
             raise ValueError(f"state_style must be one of {STATE_STYLES}, not {self.state_style!r}")
         if self.line_error_style not in LINE_ERROR_STYLES:

@@ -12,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+from .errors import ApiError
 from .faults import route_matches
-from .generate import LineError
-from .models import MODELS
-from .state import ApiError, Service
+from .generate import LineError, billed_usd
+from .schema import BadPayload, check_fields, loads
+from .state import Service
 
 VERSION_RE = re.compile(r"^v1[a-z0-9]*$")
 STREAM_CHUNK = 1024 * 1024
@@ -131,9 +132,9 @@ class Handler(BaseHTTPRequestHandler):
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, "INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
+            return loads(raw)  # Google's lenient syntax (single-quoted strings) too
+        except BadPayload as bad:
+            raise ApiError(400, "INVALID_ARGUMENT", bad.message) from None
 
     def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None,
               content_type: str = "application/json; charset=UTF-8") -> None:
@@ -192,6 +193,10 @@ class Handler(BaseHTTPRequestHandler):
             if method == "DELETE":
                 return Route("DELETE /{v}/files/{id}", self.h_delete_file, (rest[1],))
             return None
+        if rest == ["models"] and method == "GET":
+            return Route("GET /{v}/models", self.h_list_models)
+        if len(rest) == 2 and rest[0] == "models" and method == "GET" and ":" not in rest[1]:
+            return Route("GET /{v}/models/{model}", self.h_get_model, (rest[1],))
         if len(rest) == 2 and rest[0] == "models" and method == "POST" and ":" in rest[1]:
             model, _, verb = rest[1].partition(":")
             if verb == "batchGenerateContent":
@@ -485,9 +490,25 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
+    # ----- models ----------------------------------------------------------------------------------
+    def h_list_models(self) -> None:
+        models = sorted(self.svc.models().values(), key=lambda m: m.name)
+        self._list(models, 1000, "models", lambda m: m.resource())
+
+    def h_get_model(self, model: str) -> None:
+        m = self.svc.models().get(model)
+        if m is None:
+            raise ApiError(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is not supported "
+                           "for getModel. Call ListModels to see the list of available models and their supported methods.")
+        self._json(m.resource())
+
     # ----- batches ---------------------------------------------------------------------------------
     def h_create_batch(self, model: str) -> None:
         body = self._read_json()
+        try:
+            check_fields(body, "BatchGenerateContentRequest")
+        except BadPayload as bad:
+            raise ApiError(400, "INVALID_ARGUMENT", bad.message, bad.details()) from None
         if not isinstance(body, dict) or not isinstance(body.get("batch"), dict):
             raise ApiError(400, "INVALID_ARGUMENT", "* BatchGenerateContentRequest.batch: batch is required.\n")
         b = self.svc.create_batch(model, body["batch"])
@@ -519,12 +540,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def h_generate(self, model: str) -> None:
         body = self._read_json()
-        if model not in MODELS:
-            raise ApiError(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is not "
-                           "supported for generateContent. Call ListModels to see the list of available models "
-                           "and their supported methods.")
+        m = self.svc.model(model, "generateContent")
+        self.svc.billing.check()
         self.svc.count("generate_content_calls")
-        resp, produced = self.svc.generator.generate(model, body, os.urandom(8).hex())
+        resp, produced = self.svc.generator.generate(m, body, os.urandom(8).hex())
+        self.svc.billing.charge(billed_usd(m, resp, batch=False))
         if produced:
             self.svc.count("images_generated")
         self._json(resp)
@@ -534,6 +554,6 @@ class _Handled(Exception):
     """Raised after a response was already sent (fault injection)."""
 
 
-def _http_of(e: LineError) -> tuple[int, str, str]:
+def _http_of(e: LineError) -> tuple[int, str, str, list | None]:
     from .generate import HTTP_CODES
-    return HTTP_CODES[e.status], e.status, e.message
+    return HTTP_CODES[e.status], e.status, e.message, e.details

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from .billing import Billing
+from .errors import ApiError
 from .faults import EmulatorConfig, FaultInjector
-from .generate import Generator, LineError, estimate_tokens
-from .models import MODELS
+from .generate import Generator, LineError, billed_usd, camelize, estimate_tokens
+from .models import DEFAULT_CAPS, ImageModel, not_found, served
+from .schema import BadPayload, check_fields, loads
 from .webhooks import WebhookSender, parse_webhook_config
 
 FILE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -26,22 +29,6 @@ BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateCo
 BATCH_OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 ACTIVE_STATES = ("PENDING", "RUNNING")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
-
-
-class ApiError(Exception):
-    """An error answered in Google's envelope: ``{"error": {"code", "message", "status", "details"?}}``."""
-
-    def __init__(self, code: int, status: str, message: str, details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.status, self.message, self.details = code, status, message, details
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        e: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
-        if self.details:
-            e["details"] = self.details
-        return {"error": e}
 
 
 def rfc3339(t: float) -> str:
@@ -102,7 +89,7 @@ class UploadSession:
     file_id: str
     display_name: str | None
     mime_type: str
-    declared: int
+    declared: int | None  # None: the client did not say (the size is what arrives by finalize)
     path: str
     received: int = 0
     sha: Any = field(default_factory=hashlib.sha256)
@@ -124,6 +111,7 @@ class Batch:
     inline_requests: list[dict[str, Any]] | None = None
     input_path: str | None = None
     webhook: dict[str, Any] | None = None  # webhookConfig: listeners told of the job's end
+    spec: Any = None  # the ImageModel it runs on (kept: a model shut down later still finishes the jobs it took)
     state: str = "PENDING"
     update_time: float = 0.0
     end_time: float | None = None
@@ -157,6 +145,7 @@ class Service:
         self.clock = Clock(config.time_scale)
         self.injector = FaultInjector(config.seed)
         self.generator = Generator(lambda: self.config, self.injector, self._file_uri_ok, self._count_fault)
+        self.billing = Billing(lambda: self.config, self.clock.now)
         self.base_url = ""
         self._kick = threading.Event()
         self._stop = threading.Event()
@@ -209,6 +198,7 @@ class Service:
                 self._close_cursor(b)
             self._reset_state()
             self.webhooks.clear()
+            self.billing.reset()
             self.injector.reseed(self.config.seed)
             if getattr(self, "vertex", None) is not None:  # Vertex jobs (batcher/emulator/vertex.py)
                 self.vertex.reset()
@@ -272,6 +262,7 @@ class Service:
                 "storage_bytes": sum(f.size for f in self.files.values()),
                 "emulated_time": rfc3339(self.clock.now()),
                 "webhook_deliveries": self.webhooks.deliveries(),  # one per attempt: uri, type, id, status, attempt
+                **self.billing.stats(),
                 **(self.vertex.stats() if getattr(self, "vertex", None) is not None else {}),
             }
 
@@ -328,11 +319,11 @@ class Service:
         if declared is None:
             size = meta.get("sizeBytes", meta.get("size_bytes"))
             declared = int(size) if size is not None else None
-        if declared is None:
+        if declared is None and cfg.strict_upload_length:
             raise ApiError(400, "INVALID_ARGUMENT", "Missing X-Goog-Upload-Header-Content-Length.")
         if not mime:
             raise ApiError(400, "INVALID_ARGUMENT", "Missing MIME type: set file.mimeType or X-Goog-Upload-Header-Content-Type.")
-        if declared > cfg.max_file_bytes:
+        if (declared or 0) > cfg.max_file_bytes:
             raise ApiError(400, "INVALID_ARGUMENT",
                            f"File size {declared} exceeds the maximum of {cfg.max_file_bytes} bytes per file.")
         if display is not None and len(display) > 512:
@@ -350,8 +341,8 @@ class Service:
             else:
                 file_id = new_id(12)
             used = sum(f.size for f in self.files.values() if f.source == "UPLOADED") + sum(
-                u.declared for u in self.uploads.values())
-            if used + declared > cfg.max_storage_bytes:
+                u.declared or u.received for u in self.uploads.values())
+            if used + (declared or 0) > cfg.max_storage_bytes:
                 raise ApiError(429, "RESOURCE_EXHAUSTED",
                                f"Project file storage quota of {cfg.max_storage_bytes} bytes exceeded.")
             uid = new_id(24)
@@ -373,9 +364,11 @@ class Service:
         if offset != s.received:
             raise ApiError(400, "INVALID_ARGUMENT",
                            f"Invalid X-Goog-Upload-Offset {offset}: {s.received} bytes have been received so far.")
-        if s.received + length > s.declared:
+        limit = s.declared if s.declared is not None else self.config.max_file_bytes
+        if s.received + length > limit:
             raise ApiError(400, "INVALID_ARGUMENT",
-                           f"Upload exceeds the declared size of {s.declared} bytes.")
+                           f"Upload exceeds the declared size of {s.declared} bytes." if s.declared is not None else
+                           f"File size exceeds the maximum of {limit} bytes per file.")
         with open(s.path, "ab") as fh:
             for chunk in stream:
                 fh.write(chunk)
@@ -387,7 +380,7 @@ class Service:
     def finalize_upload(self, s: UploadSession) -> FileRecord:
         with self.lock:
             self.uploads.pop(s.upload_id, None)
-        if s.received != s.declared:
+        if s.declared is not None and s.received != s.declared:
             os.unlink(s.path)
             raise ApiError(400, "INVALID_ARGUMENT",
                            f"Upload finalized with {s.received} bytes, but {s.declared} were declared.")
@@ -432,6 +425,20 @@ class Service:
                 d.pop(k, None)
         return d
 
+    # ----- models ----------------------------------------------------------------------------------
+    def models(self) -> dict[str, ImageModel]:
+        """The models served on the emulated date (batcher/emulator/models.py)."""
+        today = datetime.fromtimestamp(self.clock.now(), timezone.utc).date()
+        cfg = self.config
+        return served(cfg.shutdown_models, cfg.extra_models, today)
+
+    def model(self, name: str, method: str) -> ImageModel:
+        """A served model that supports `method`, or the API's 404."""
+        m = self.models().get(name)
+        if m is None or method not in m.methods:
+            raise ApiError(*not_found(name, method))
+        return m
+
     # ----- batches ---------------------------------------------------------------------------------
     def _quota_error(self, message: str, metric: str, quota_id: str, model: str, value: int) -> ApiError:
         return ApiError(429, "RESOURCE_EXHAUSTED", message, [
@@ -446,12 +453,7 @@ class Service:
 
     def create_batch(self, model: str, batch: dict[str, Any]) -> Batch:
         cfg = self.config
-        if model not in MODELS:
-            raise ApiError(404, "NOT_FOUND",
-                           f"models/{model} is not found for API version v1beta, or is not supported for "
-                           "batchGenerateContent. Call ListModels to see the list of available models and "
-                           "their supported methods.")
-        m = MODELS[model]
+        m = self.model(model, "batchGenerateContent")
         if not isinstance(batch, dict):
             raise ApiError(400, "INVALID_ARGUMENT", "Invalid JSON payload: 'batch' must be an object.")
         ic = batch.get("inputConfig", batch.get("input_config"))
@@ -500,7 +502,8 @@ class Service:
             if count == 0:
                 raise ApiError(400, "INVALID_ARGUMENT", f"Input file {file_name} contains no requests.")
             input_path = f.path
-            input_config = {"fileName": file_name}
+            input_config = {"fileName": file_name}  # (sent as fileName or file_name)
+        self.billing.check()  # a spend cap or a used-up prepay balance refuses new work
         with self.lock:
             active = [b for b in self.batches.values() if b.state in ACTIVE_STATES]
             if len(active) >= cfg.max_concurrent_jobs:
@@ -509,7 +512,7 @@ class Service:
                     "Please wait for some jobs to finish and try again.",
                     "generativelanguage.googleapis.com/batch_concurrent_requests",
                     "BatchConcurrentRequestsPerProject", model, cfg.max_concurrent_jobs)
-            cap = cfg.enqueued_token_cap if cfg.enqueued_token_cap is not None else m.enqueued_token_caps[cfg.tier]
+            cap = cfg.enqueued_token_cap if cfg.enqueued_token_cap is not None else m.enqueued_token_caps.get(cfg.tier, DEFAULT_CAPS[cfg.tier])
             enq = sum(b.enqueued_tokens for b in active if b.model == model)
             if enq + tokens > cap:
                 raise self._quota_error(
@@ -522,7 +525,7 @@ class Service:
             run_at = now + cfg.pending_seconds
             done_at = None if outcome == "STUCK" else run_at + cfg.running_seconds
             b = Batch(new_id(36), model, display, input_config, now, run_at, done_at, outcome, count, tokens,
-                      inline_requests=inline, input_path=input_path, update_time=now, webhook=webhook)
+                      inline_requests=inline, input_path=input_path, update_time=now, webhook=webhook, spec=m)
             # A file input is copied by reference: keep our own hard link so deleting the file later
             # does not break the job (the real service snapshots its input).
             if input_path:
@@ -613,8 +616,12 @@ class Service:
         md: dict[str, Any] = {"@type": BATCH_TYPE, "model": f"models/{b.model}"}
         if b.display_name is not None and not omit:
             md["displayName"] = b.display_name
-        ic = b.input_config if "fileName" in b.input_config else {"requests": {"requests": b.inline_requests}}
-        md["inputConfig"] = ic
+        if "fileName" in b.input_config:
+            md["inputConfig"] = {"fileName": b.input_config["fileName"]}
+        else:  # the API writes camelCase whatever case it was sent; metadata is the caller's own (a Struct): as sent
+            md["inputConfig"] = {"requests": {"requests": [
+                {camelize(k): (v if k == "metadata" else camelize(v)) for k, v in item.items()} if isinstance(item, dict) else item
+                for item in b.inline_requests or []]}}
         md["createTime"] = rfc3339(b.create_time)
         if not omit:
             md["updateTime"] = rfc3339(b.update_time)
@@ -731,9 +738,10 @@ class Service:
             out: dict[str, Any] = {}
             try:
                 resp, produced = self.generator.generate(
-                    b.model, (item or {}).get("request"), f"{b.id}:{idx}",
+                    b.spec, (item or {}).get("request"), f"{b.id}:{idx}",
                     key=item.get("metadata") if isinstance(item, dict) else None)
                 out["response"] = resp
+                self.billing.charge(billed_usd(b.spec, resp, batch=True))
                 ok = True
             except LineError as e:
                 out["error"] = e.status_json(style)
@@ -760,15 +768,19 @@ class Service:
         rec: dict[str, Any]
         try:
             try:
-                obj = json.loads(line)
+                obj = loads(line)
                 if not isinstance(obj, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise LineError("INVALID_ARGUMENT", f"Invalid JSON in input line {idx + 1}: {exc}") from None
-            key = obj.get("key")
+                    raise BadPayload(f"Invalid JSON payload received. Input line {idx + 1} is not an object.", [])
+                key = obj.get("key")
+                check_fields(obj, "InputLine")
+            except BadPayload as bad:
+                raise LineError("INVALID_ARGUMENT", bad.message, bad.details() if bad.violations else None) from None
             if "request" not in obj:
                 raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'request'.")
-            resp, produced = self.generator.generate(b.model, obj["request"], f"{b.id}:{idx}", key=key)
+            if key is None and self.config.strict_line_keys:
+                raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'key'.")
+            resp, produced = self.generator.generate(b.spec, obj["request"], f"{b.id}:{idx}", key=key)
+            self.billing.charge(billed_usd(b.spec, resp, batch=True))
             rec = {"key": key, "response": resp} if key is not None else {"response": resp}
             ok = True
         except LineError as e:

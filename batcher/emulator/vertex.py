@@ -35,7 +35,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .generate import Generator, LineError
-from .models import MODELS
 from .state import ApiError, rfc3339
 
 API_VERSIONS = ("v1", "v1beta1")
@@ -81,6 +80,7 @@ class VertexJob:
     output_dir: str | None = None
     error: dict[str, Any] | None = None
     processing: bool = False
+    spec: Any = None  # the ImageModel it runs on
 
     @property
     def name(self) -> str:
@@ -179,7 +179,8 @@ class VertexService:
             raise ApiError(400, "INVALID_ARGUMENT", "BatchPredictionJob.display_name is required.")
         model_path = str(body.get("model") or "")
         model = model_path.rsplit("/", 1)[-1]
-        if not model_path or model not in MODELS:
+        spec = self.svc.models().get(model)
+        if not model_path or spec is None:
             raise ApiError(404, "NOT_FOUND", f"Publisher Model `{model_path}` was not found or your project does not "
                            "have access to it.")
         ic, oc = body.get("inputConfig") or {}, body.get("outputConfig") or {}
@@ -217,7 +218,7 @@ class VertexService:
                           {"instancesFormat": "jsonl", "gcsSource": {"uris": list(uris)}},
                           {"predictionsFormat": "jsonl", "gcsDestination": {"outputUriPrefix": prefix}},
                           now, run_at, None if outcome == "STUCK" else run_at + cfg.running_seconds, outcome, count,
-                          update_time=now)
+                          update_time=now, spec=spec)
             self.jobs[job_id] = j
             self.svc.counters["batches_created"] += 1
             self.svc.count("vertex_jobs_created")
@@ -384,7 +385,7 @@ class VertexService:
             obj = json.loads(raw)
             if not isinstance(obj, dict) or "request" not in obj:
                 raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'request'.")
-            resp, produced = self.generator.generate(j.model, obj["request"], f"{j.id}:{idx}", key=obj.get("key"))
+            resp, produced = self.generator.generate(j.spec, obj["request"], f"{j.id}:{idx}", key=obj.get("key"))
             rec: dict[str, Any] = {"status": "", "processed_time": rfc3339(self.svc.clock.now()),
                                    "request": obj["request"], "response": resp}
             ok = True
@@ -483,12 +484,13 @@ def route(handler: Any, method: str, version: str, rest: list[str]):
         if verb == "generateContent":
             def h_generate() -> None:
                 body = handler._read_json()
-                if model not in MODELS:
+                spec = handler.svc.models().get(model)
+                if spec is None:
                     raise ApiError(404, "NOT_FOUND", f"Publisher Model `projects/{project}/locations/{location}/"
                                    f"publishers/google/models/{model}` was not found or your project does not have "
                                    "access to it.")
                 handler.svc.count("generate_content_calls")
-                resp, produced = vs.generator.generate(model, body, os.urandom(8).hex())
+                resp, produced = vs.generator.generate(spec, body, os.urandom(8).hex())
                 if produced:
                     handler.svc.count("images_generated")
                 handler._json(resp)
