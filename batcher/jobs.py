@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import catalog
 from .backend import BatchInfo, GeminiBackend
@@ -127,10 +128,12 @@ def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: d
         ledger.job_transition(c, job_id, (J_UPLOADING,), J_UPLOADED, input_file=uploaded.name)
 
 
-def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris: tuple[str, ...] = ()) -> bool:
-    """uploaded -> creating -> submitted. Returns False when the API has no capacity now (429): the job stays
-    `uploaded` and is created later. Raises on other errors, leaving the job reconcilable. With webhook_uris the
-    API also POSTs the job's end to those listeners (batcher.webhooks)."""
+def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris: tuple[str, ...] = (),
+               on_wait: Callable[[QuotaError], None] | None = None) -> bool:
+    """uploaded -> creating -> submitted. Returns False when the API has no capacity now (a 429 that clears by
+    waiting: `on_wait` gets it, with its retry hint): the job stays `uploaded` and is created later. Raises on other
+    errors (a spend limit among them), leaving the job reconcilable. With webhook_uris the API also POSTs the job's
+    end to those listeners (batcher.webhooks)."""
     job = ledger.job(job_id)
     with ledger.transaction() as c:
         ledger.job_transition(c, job_id, (J_UPLOADED,), J_CREATING)
@@ -142,6 +145,8 @@ def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris
         log.info("no capacity for %s now (%s); will retry", job["display_name"], exc)
         with ledger.transaction() as c:
             ledger.job_transition(c, job_id, (J_CREATING,), J_UPLOADED)
+        if on_wait:
+            on_wait(exc)
         return False
     except TransientApiError:
         # The job may or may not exist now: find out from the API's list before anything else.

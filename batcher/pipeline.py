@@ -154,6 +154,8 @@ class Workspace:
         self.progress = Progress(quiet=settings.quiet)
         self.published: set[str] = set()  # jobs this process announced to the share (--share)
         self.models_checked = False  # the models of the run were checked (batcher.models) by this process
+        self.notes: list[str] = []  # what the command's summary says besides its counts (a tier's spend cap, ...)
+        self.create_not_before = 0.0  # monotonic time: a 429 on create said to wait this long (its RetryInfo)
 
     @property
     def backend(self) -> GeminiBackend:
@@ -212,6 +214,7 @@ def check_run_models(ws: Workspace, offline: bool = False) -> None:
     if cap is not None and (note := tier_cap_note(planned_batch_usd(ws.ledger, over=cap.monthly_spend_cap_usd),
                                                    ws.settings.quota.tier)):
         warnings.append(note)
+        ws.notes.append(note)
     warn(warnings)
     ws.models_checked = not offline
 
@@ -239,12 +242,23 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
         if job["state"] in (J_PLANNED, J_UPLOADING):
             with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
                 jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
-        if not jobs_mod.create_job(ledger, backend, job["id"], webhook_uris=ws.settings.webhook_uris):
+        if time.monotonic() < ws.create_not_before:
+            continue  # uploaded; created once the API's retry hint has passed
+        if not jobs_mod.create_job(ledger, backend, job["id"], webhook_uris=ws.settings.webhook_uris,
+                                   on_wait=lambda exc: wait_for_capacity(ws, exc)):
             if ledger.job(job["id"])["state"] == J_UPLOADED:
                 break  # no capacity now (429): later, as earlier jobs finish
             continue
         created += 1
     return created
+
+
+def wait_for_capacity(ws: Workspace, exc) -> None:
+    """A 429 on create that clears by waiting: after a rate or spend-rate limit no create is tried again before its
+    RetryInfo hint; a full queue (enqueued tokens, concurrent jobs) frees as earlier jobs finish: the next round."""
+    if exc.retry_after and exc.cause in ("rate", "spend_rate"):
+        ws.create_not_before = time.monotonic() + exc.retry_after
+        log.info("the API asks to wait %.0f s before creating more jobs (%s)", exc.retry_after, exc.cause)
 
 
 def refresh_jobs(ws: Workspace) -> None:
@@ -327,6 +341,10 @@ def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_j
     return counts
 
 
+def notes(ws: Workspace) -> str:
+    return "".join(f"; {n}" for n in ws.notes)
+
+
 def spend_limit_note(limit: SpendLimitError | None) -> str:
     """What to say when the API refused to spend more (batcher.errors.SpendLimitError): which limit, what to do."""
     if limit is None:
@@ -390,7 +408,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
             counts = counts_after_shard(ws.ledger, p, planned_before, new)
             return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
                            f"{counts[QUEUED]} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
-                           + budget_note(ws),
+                           + budget_note(ws) + notes(ws),
                            plan=p, counts=counts)
         limit: SpendLimitError | None = None
         created = 0
@@ -406,7 +424,7 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
         code = EXIT_PENDING if limit is not None else exit_code_for(counts)
         return Outcome(code, ("stopped at a spend limit: " if limit else "submitted: ")
                        + f"{p.rows} rows, {p.requests} requests, {p.cache_hits} cached, {created} job(s) created; "
-                       + _line(counts) + budget_note(ws) + spend_limit_note(limit),
+                       + _line(counts) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                        plan=p, counts=counts, jobs_created=created)
 
 
@@ -483,7 +501,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
             code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
                           + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
-                          + lost_images(ds) + budget_note(ws) + spend_limit_note(limit),
+                          + lost_images(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .report import write_report

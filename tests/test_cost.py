@@ -308,3 +308,17 @@ def test_a_runs_summary_in_one_pass_is_its_counts_hits_and_spend(tmp_path, shape
     assert counts == {k: v for k, v in pipeline.run_counts(ledger, run.run_id).items() if v}
     assert hits == ledger.conn.execute(f"SELECT COUNT(*) FROM requests WHERE cached=1 AND {where}", params).fetchone()[0] > 0
     assert spent == pytest.approx(run_spend_usd(ledger, ledger.run(run.run_id))) and spent > 0
+
+
+def test_the_interactive_fallback_prices_a_request_at_its_image_size():
+    """One estimator for a request (budget and interactive fallback): a 4K 3 Pro Image request is $0.24 of image at
+    full price, not the 1K price (it was $0.1345 when the interactive path ignored the size)."""
+    from batcher.estimate import request_estimate_usd
+    from batcher.interactive import estimated_cost
+    from batcher.requests import ImageRequest, dump_body, request_body
+
+    body = dump_body(request_body(ImageRequest(model=PRO, prompt="a lighthouse", image_size="4K")))
+    full = estimated_cost(PRO, body)
+    assert full == pytest.approx(request_estimate_usd(PRO, body, batch=False))
+    assert full == pytest.approx(0.24 + 3 * 2 / 1e6 + 250 * 12 / 1e6)  # image, prompt, thinking allowance
+    assert request_estimate_usd(PRO, body) == pytest.approx(full / 2)

@@ -199,3 +199,40 @@ def test_a_new_month_lifts_the_monthly_caps(emu):
     days_left = 32 - now.tm_mday  # past the first of next month
     emu.advance(days_left * 86400)
     assert raw(emu, "POST", GEN, body())[0] == 200
+
+
+# ---- a client that follows the documentation, not the SDK ----------------------------------------------------
+
+def test_the_batch_guides_rest_example_works_step_by_step(emu):
+    """The REST (curl) path of ai.google.dev/gemini-api/docs/batch-api, as written there: bare GenerateContentRequest
+    lines, `{'file': {'display_name': ...}}` with single quotes, `upload, finalize` in one chunk, a single-quoted
+    snake_case create body, polling the batch, and the `/download/` URL of its results."""
+    lines = (b'{"contents": [{"parts": [{"text": "Describe the process of photosynthesis."}]}], "generationConfig": '
+             b'{"temperature": 0.7}}\n{"contents": [{"parts": [{"text": "What are the main ingredients in a Margherita pizza?"}]}]}\n')
+    code, headers, _ = raw(emu, "POST", "/upload/v1beta/files", b"{'file': {'display_name': 'BatchInput'}}", headers={
+        "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+        "X-Goog-Upload-Header-Content-Length": str(len(lines)), "X-Goog-Upload-Header-Content-Type": "application/json",
+        "Content-Type": "application/jsonl"})
+    assert code == 200
+    upload_url = {k.lower(): v for k, v in headers.items()}["x-goog-upload-url"]
+    code, _, file_info = raw(emu, "POST", upload_url, lines, key=None, headers={
+        "Content-Length": str(len(lines)), "X-Goog-Upload-Offset": "0", "X-Goog-Upload-Command": "upload, finalize"})
+    assert code == 200
+    file_name = json.loads(file_info)["file"]["name"]
+    create = ("{'batch': {'display_name': 'my-batch-requests', 'input_config': {'file_name': '%s'}}}" % file_name).encode()
+    code, _, op = raw(emu, "POST", f"/v1beta/models/{FLASH31}:batchGenerateContent", create,
+                      headers={"Content-Type": "application/json"})
+    assert code == 200, op
+    name = json.loads(op)["name"]
+    deadline = time.monotonic() + 15
+    while True:
+        batch = json.loads(raw(emu, "GET", f"/v1beta/{name}")[2])
+        if batch["metadata"]["state"] in ("BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED"):
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert batch["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
+    responses_file = batch["response"]["responsesFile"]
+    code, _, results = raw(emu, "GET", f"/download/v1beta/{responses_file}:download?alt=media")
+    out = [json.loads(x) for x in results.decode().splitlines()]
+    assert code == 200 and len(out) == 2 and all("response" in o and "key" not in o for o in out)

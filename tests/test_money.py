@@ -104,6 +104,8 @@ def test_a_spend_rate_limit_waits_and_the_run_finishes(tmp_path, emulator, backe
     assert result.exit_code == 0, result.summary
     stats = emulator.stats()
     assert stats["batches_created"] == 3 and stats["http_errors"] >= 1  # refused (429) then created once the window moved
+    # Each refusal's RetryInfo (~3 s here) was honoured: a few creates, not one every 0.05 s poll.
+    assert stats["requests"]["POST /{v}/models/{model}:batchGenerateContent"] <= 3 + 2 * stats["http_errors"] <= 9
 
 
 def test_the_interactive_fallback_stops_at_a_spend_limit(tmp_path, emulator, backend_factory):

@@ -102,6 +102,8 @@ class Billing:
                     wait = t + WINDOW_S - now
                     if left < rate:
                         break
+                if cfg.time_scale > 0:  # the client waits in real seconds: emulated time may run faster
+                    wait /= cfg.time_scale
                 raise ApiError(429, "RESOURCE_EXHAUSTED",
                                "You exceeded your spend-based rate limit. Your spending rate has exceeded the allowed limit "
                                "for your account's billing history and tier.",

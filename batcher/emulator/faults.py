@@ -83,7 +83,7 @@ class EmulatorConfig:
     thought_parts: str = "requested"
     # Strictness where the real behaviour is not documented (docs/EMULATOR.md, "Decisions")
     strict_upload_length: bool = False  # refuse an upload start without X-Goog-Upload-Header-Content-Length
-    strict_line_keys: bool = False  # answer a JSONL line without "key" with a line error instead of a keyless result
+    strict_line_keys: bool = False  # a JSONL line without "key" (or without the "request" wrapper) is a line error
     # Money (usage tiers): spend is billed as lines and calls are answered, at batcher/catalog.toml's prices
     spend_limits: bool = True  # enforce the monthly spend caps and the spend-based rate limit
     monthly_spend_cap_usd: float | None = None  # the billing account's cap; None: the tier's

@@ -153,7 +153,7 @@ def estimate_tokens(model: ImageModel, line: bytes) -> int:
     """Enqueued tokens for one JSONL input line (prompt + output image); 0 for unparseable lines."""
     try:
         obj = loads(line)
-        p = parse_request(model, obj.get("request"))
+        p = parse_request(model, obj.get("request", obj))  # a bare request line is its own request
     except Exception:
         return 0
     return p.prompt_tokens + p.output_tokens

@@ -772,14 +772,19 @@ class Service:
                 if not isinstance(obj, dict):
                     raise BadPayload(f"Invalid JSON payload received. Input line {idx + 1} is not an object.", [])
                 key = obj.get("key")
-                check_fields(obj, "InputLine")
+                if "request" in obj or self.config.strict_line_keys:
+                    check_fields(obj, "InputLine")
             except BadPayload as bad:
                 raise LineError("INVALID_ARGUMENT", bad.message, bad.details() if bad.violations else None) from None
-            if "request" not in obj:
+            if "request" in obj:
+                request = obj["request"]
+            elif self.config.strict_line_keys:
                 raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'request'.")
+            else:  # the batch guide's REST example writes bare GenerateContentRequest lines
+                request, key = obj, None
             if key is None and self.config.strict_line_keys:
                 raise LineError("INVALID_ARGUMENT", f"Input line {idx + 1} has no 'key'.")
-            resp, produced = self.generator.generate(b.spec, obj["request"], f"{b.id}:{idx}", key=key)
+            resp, produced = self.generator.generate(b.spec, request, f"{b.id}:{idx}", key=key)
             self.billing.charge(billed_usd(b.spec, resp, batch=True))
             rec = {"key": key, "response": resp} if key is not None else {"response": resp}
             ok = True
