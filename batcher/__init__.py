@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .errors import ApiError, BatcherError, LedgerError, ManifestError, UsageError
     from .manifest import ManifestOptions
     from .pipeline import Outcome, Settings, cancel, collect, run, status, submit
-    from .planner import ShardLimits
+    from .planning.planner import ShardLimits
 
 
 def __getattr__(name: str) -> Any:

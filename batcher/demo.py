@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import pipeline
-from .backend import Connection, GeminiBackend
+from .backends.gemini import Connection, GeminiBackend
 from .emulator import Emulator, EmulatorConfig
 
 ROOT = Path(__file__).resolve().parent.parent

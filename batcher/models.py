@@ -15,7 +15,7 @@ from typing import Iterable
 
 from . import catalog
 from .errors import ApiError, NotFoundError, UsageError
-from .pricing import PriceTable, current_table
+from .cost.pricing import PriceTable, current_table
 
 log = logging.getLogger("batcher")
 
@@ -104,7 +104,7 @@ def _looks_like_image_model(name: str) -> bool:
 
 def render(doc: dict) -> str:
     """`batcher models` for a terminal (80 columns)."""
-    from .estimate import usd
+    from .cost.estimate import usd
 
     lines: list[str] = []
     for m in doc["models"]:

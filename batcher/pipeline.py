@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import catalog, gcs
-from . import jobs as jobs_mod
-from .backend import Connection, GeminiBackend
+from . import catalog
+from .storage import gcs
+from .jobs import lifecycle as jobs_mod
+from .backends.gemini import Connection, GeminiBackend
 from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, TIERS
-from .collect import CollectStats, collect_job
-from .dataset import DatasetSummary, write_dataset
-from .deadline import check_policy
+from .results.collect import CollectStats, collect_job
+from .output.dataset import DatasetSummary, write_dataset
+from .jobs.deadline import check_policy
 from .errors import ApiError, BatcherError, SpendLimitError, UsageError
 from .faults import maybe_crash
 from .ledger import (
@@ -33,16 +34,16 @@ from .ledger import (
 )
 from .manifest import ManifestOptions
 from .models import check_models, warn
-from .planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
-from .estimate import (
+from .planning.planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
+from .cost.estimate import (
     budget_allowance, budget_exhausted, budget_note, check_budget, planned_batch_usd, run_spend_usd, tier_cap_note,
 )
-from .pricing import use_workdir_prices
+from .cost.pricing import use_workdir_prices
 from .progress import Progress
-from .quota import Quota, capacity, why_not_now
-from .share import Share, export_records, import_records
-from .store import open_store
-from .webhooks import check_uris
+from .jobs.quota import Quota, capacity, why_not_now
+from .results.share import Share, export_records, import_records
+from .storage.store import open_store
+from .jobs.webhooks import check_uris
 
 log = logging.getLogger("batcher")
 
@@ -504,7 +505,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
                           + lost_images(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
-        from .report import write_report
+        from .output.report import write_report
         write_report(settings)
     except Exception as exc:  # noqa: BLE001
         log.warning("report not written: %s", exc)
@@ -548,7 +549,7 @@ def release_unsent_jobs(ws: Workspace, states: tuple[str, ...] = (J_PLANNED, J_U
 
 
 def generate_interactively(ws: Workspace, run_id: int) -> None:
-    from . import interactive
+    from .jobs import interactive
 
     s = ws.settings
     budget_left = None
@@ -570,7 +571,7 @@ def collect_as_worker(settings: Settings, *, backend_factory=None, sleep: Callab
         raise UsageError("--worker needs --share gs://... (where the run's owner publishes its jobs)")
     if not gcs.is_gcs(settings.cache_dir or ""):
         raise UsageError("--worker needs --cache-dir gs://... : the image cache the run's owner uses, shared by every collector")
-    from . import share as share_mod
+    from .results import share as share_mod
 
     check_dir(settings.workdir, "workdir (--workdir)")
     factory = backend_factory or (lambda: GeminiBackend(Connection.from_env()))
@@ -596,7 +597,7 @@ def cancel(settings: Settings, names: list[str] | None = None, *, backend_factor
 
 
 def _hours_left(created_at: str | None, hours: float, now: float) -> float | None:
-    from .backend import parse_time
+    from .backends.gemini import parse_time
 
     t = parse_time(created_at)
     return None if t is None else (t + hours * 3600 - now) / 3600
@@ -606,7 +607,7 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
     """Jobs, counts and windows as a JSON-ready document (refreshed from the API unless refresh=False)."""
     import json
 
-    from .backend import parse_time
+    from .backends.gemini import parse_time
 
     with open_workspace(settings, backend_factory) as ws:
         if refresh and ws.ledger.jobs((J_SUBMITTED,)):

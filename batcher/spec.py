@@ -100,7 +100,7 @@ def load_spec(path: str | Path) -> JobSpec:
     prices = data.pop("prices", None)  # [prices."MODEL"]: model names are keys, checked by batcher.pricing
     _check(data, SCHEMA, "", path, values)
     if prices is not None:
-        from .pricing import parse_overrides
+        from .cost.pricing import parse_overrides
 
         values["prices"] = parse_overrides(prices, path)
     uris = values.get("notify.webhook_uris", [])

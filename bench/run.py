@@ -179,7 +179,7 @@ def worker_upload_batcher(url: str, path: str) -> None:
     """upload_s: the upload_jsonl call (resumable start + 8 MiB chunks through the SDK), after imports and client
     set-up, which a run pays once per process, not per file (setup_s)."""
     t0 = time.perf_counter()
-    from batcher.backend import Connection, GeminiBackend
+    from batcher.backends.gemini import Connection, GeminiBackend
 
     backend = GeminiBackend(Connection(api_key=API_KEY, base_url=url))
     backend.client  # the SDK is imported and its client made on first use (~0.45 s): set-up, paid once per process
@@ -232,11 +232,12 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
     left of a dry run without preparing rows (and without writing JSONL)."""
     import hashlib
 
-    from batcher import catalog, planner
+    from batcher import catalog
+    from batcher.planning import planner
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
-    from batcher.packing import ShardLimits
-    from batcher.prepare import PreparedBatch
+    from batcher.planning.packing import ShardLimits
+    from batcher.planning.prepare import PreparedBatch
 
     n = int(rows)
     made = []
@@ -413,7 +414,7 @@ def tiny_png() -> bytes:
 
 def populate_cache(cache: Path, hashes: list[str]) -> None:
     """What ImageStore(root).put(h, png) leaves on disk (<root>/<h[:2]>/<h>.png), without its per-file fsync."""
-    from batcher.store import ImageStore
+    from batcher.storage.store import ImageStore
 
     png = tiny_png()
     store = ImageStore(cache)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batcher.backend import Connection, GeminiBackend
-from batcher.retry import RetryPolicy
+from batcher.backends.gemini import Connection, GeminiBackend
+from batcher.backends.retry import RetryPolicy
 
 pytest_plugins = ["tests.emulator_support"]  # the emulator tests' fixtures: emu, c
 

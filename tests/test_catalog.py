@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from batcher import catalog
-from batcher.pricing import default_table
+from batcher.cost.pricing import default_table
 
 # The one entry of Google's tables whose shape does not match its label: 21:9 at 512 is printed as 792x168.
 PUBLISHED_ODDITIES = {("gemini-3.1-flash-image", "512", "21:9"), ("gemini-3.1-flash-image-preview", "512", "21:9")}

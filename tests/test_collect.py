@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import batcher.pipeline as pipeline
-from batcher.collect import _spans
-from batcher.decoder import DecoderPool, default_processes
+from batcher.results.collect import _spans
+from batcher.results.decoder import DecoderPool, default_processes
 from batcher.errors import CollectError
-from batcher.store import ImageStore
+from batcher.storage.store import ImageStore
 from tests.helpers import write_csv
 
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from batcher.errors import LedgerError
 from batcher.ledger import MIGRATIONS, Ledger, connect, migrate, schema_version
-from batcher.requests import ImageRequest, ReferenceImage, request_body, request_hash, resolve_references
-from batcher.store import ImageStore, InvalidImage
+from batcher.planning.requests import ImageRequest, ReferenceImage, request_body, request_hash, resolve_references
+from batcher.storage.store import ImageStore, InvalidImage
 
 # Pinned: these values must never change without bumping HASH_SCHEMA_VERSION (every cache would go cold).
 GOLDEN = [
@@ -182,9 +182,9 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
     """An empty ledger is loaded without its indexes (Ledger.bulk_load). Rows sharing a request across batches,
     variants, cache hits, extra columns and a duplicate id must end exactly as on the indexed path (a ledger that
     already holds a request), problems included; and every index is back afterwards."""
-    from batcher import planner
+    from batcher.planning import planner
     from batcher.manifest import ManifestOptions
-    from batcher.planner import plan_manifest
+    from batcher.planning.planner import plan_manifest
 
     from .helpers import write_csv
 
@@ -246,7 +246,7 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
 def test_reference_placeholders_are_spliced_only_as_whole_values():
     import json
 
-    from batcher.jobs import splice_references
+    from batcher.jobs.lifecycle import splice_references
 
     sha = "a" * 64
     req = ImageRequest(model="m", prompt=f'see "batcher-ref:sha256:{sha}" here',
@@ -264,7 +264,7 @@ def test_run_counts_are_the_runs_own_whether_or_not_the_ledger_holds_other_runs(
     requests, each run still counts only its own (and both ways agree with the join over the run's rows)."""
     from batcher.ledger import PLANNED, SUCCEEDED
     from batcher.manifest import ManifestOptions
-    from batcher.planner import plan_manifest
+    from batcher.planning.planner import plan_manifest
 
     from .helpers import write_csv
 
@@ -294,10 +294,10 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
     equal the Python formulas applied to each stored body."""
     from batcher.ledger import QUEUED
     from batcher.manifest import ManifestOptions
-    from batcher.packing import ShardLimits, expected_output_bytes
-    from batcher.planner import plan_manifest, shard
-    from batcher.quota import request_tokens
-    from batcher.requests import image_size_of
+    from batcher.planning.packing import ShardLimits, expected_output_bytes
+    from batcher.planning.planner import plan_manifest, shard
+    from batcher.jobs.quota import request_tokens
+    from batcher.planning.requests import image_size_of
 
     from .helpers import write_csv
 
@@ -325,10 +325,10 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
 def test_a_job_whose_requests_changed_under_it_writes_no_jsonl(tmp_path):
     """write_jsonl takes a job's requests by job id; if that ever disagrees with the job's size, it is loud
     and leaves no file, rather than sending a job short of requests."""
-    from batcher.jobs import jsonl_path, write_jsonl
+    from batcher.jobs.lifecycle import jsonl_path, write_jsonl
     from batcher.ledger import PLANNED
     from batcher.manifest import ManifestOptions
-    from batcher.planner import ShardLimits, plan_manifest, shard
+    from batcher.planning.planner import ShardLimits, plan_manifest, shard
 
     from .helpers import write_csv
 
@@ -349,7 +349,7 @@ def test_a_job_whose_requests_changed_under_it_writes_no_jsonl(tmp_path):
 def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     """The planner lists each cache prefix dir once instead of asking the store per request; both must agree
     for every image extension, temp files and a prefix that does not exist."""
-    from batcher.store import StoreLookup as _StoreLookup
+    from batcher.storage.store import StoreLookup as _StoreLookup
 
     store = ImageStore(tmp_path / "cache")
     png_hash, jpg_hash, temp_hash, absent = "ab" + "1" * 62, "ab" + "2" * 62, "ab" + "3" * 62, "cd" + "4" * 62
@@ -370,7 +370,7 @@ def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
 
 def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeypatch):
     """Past MAX_LISTED_HASHES listed, prefixes not listed yet are asked one hash at a time: same answers."""
-    from batcher import store as store_mod
+    from batcher.storage import store as store_mod
 
     store = ImageStore(tmp_path / "cache")
     hashes = [f"{p:02x}" + str(i) * 62 for p in range(4) for i in range(3)]

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 import batcher.pipeline as pipeline
 from batcher.cli import main
 from batcher.errors import UsageError
-from batcher.estimate import estimate
+from batcher.cost.estimate import estimate
 from batcher.manifest import ManifestOptions, read_manifest
-from batcher.prepare import References, image_requests
-from batcher.pricing import default_table, parse_overrides
-from batcher.requests import request_hash
+from batcher.planning.prepare import References, image_requests
+from batcher.cost.pricing import default_table, parse_overrides
+from batcher.planning.requests import request_hash
 from batcher.spec import load_spec
 from tests.helpers import write_csv
 
@@ -229,7 +229,7 @@ def test_submit_with_a_budget_sends_what_fits_and_exits_4(tmp_path, emulator, ba
 def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_path, emulator, backend_factory):
     """A dry run leaves the jobs a later submit sends, so it honours the budget and each model's token cap,
     and says what the budget holds back; then the real submit sends exactly those jobs."""
-    from batcher.quota import Quota
+    from batcher.jobs.quota import Quota
 
     m = prompts_csv(tmp_path / "m.csv", 10)
     s = settings(tmp_path, budget_usd=0.17, quota=Quota(token_cap=2 * 1450))  # a request: ~1,410 tokens with thoughts
@@ -286,9 +286,9 @@ def test_a_runs_summary_in_one_pass_is_its_counts_hits_and_spend(tmp_path, shape
     have their own request, or the set of their hashes when rows share requests."""
     import time
 
-    from batcher.estimate import run_spend_usd
+    from batcher.cost.estimate import run_spend_usd
     from batcher.ledger import Ledger
-    from batcher.planner import plan_manifest
+    from batcher.planning.planner import plan_manifest
 
     ledger = Ledger(tmp_path / "wd")
     if shape != "only run":  # last night's run, with requests tonight's run shares and one it does not
@@ -313,9 +313,9 @@ def test_a_runs_summary_in_one_pass_is_its_counts_hits_and_spend(tmp_path, shape
 def test_the_interactive_fallback_prices_a_request_at_its_image_size():
     """One estimator for a request (budget and interactive fallback): a 4K 3 Pro Image request is $0.24 of image at
     full price, not the 1K price (it was $0.1345 when the interactive path ignored the size)."""
-    from batcher.estimate import request_estimate_usd
-    from batcher.interactive import estimated_cost
-    from batcher.requests import ImageRequest, dump_body, request_body
+    from batcher.cost.estimate import request_estimate_usd
+    from batcher.jobs.interactive import estimated_cost
+    from batcher.planning.requests import ImageRequest, dump_body, request_body
 
     body = dump_body(request_body(ImageRequest(model=PRO, prompt="a lighthouse", image_size="4K")))
     full = estimated_cost(PRO, body)

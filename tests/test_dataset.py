@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batcher import dataset
+from batcher.output import dataset
 from batcher.ledger import Ledger
 from batcher.manifest import ManifestOptions
-from batcher.planner import plan_manifest
-from batcher.store import ImageStore
+from batcher.planning.planner import plan_manifest
+from batcher.storage.store import ImageStore
 
 from .helpers import write_csv
 from .test_core import png_bytes

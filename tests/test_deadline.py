@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batcher.pipeline as pipeline
-from batcher.deadline import parse_deadline
+from batcher.jobs.deadline import parse_deadline
 from batcher.errors import UsageError
 from tests.helpers import write_csv
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batcher.pipeline as pipeline
-from batcher.planner import ShardLimits
+from batcher.planning.planner import ShardLimits
 from tests.helpers import write_csv
 
 HEADER = ["id", "prompt", "category"]
@@ -69,7 +69,7 @@ class _Spy:
     def __init__(self, monkeypatch):
         import importlib
 
-        collect = importlib.import_module("batcher.collect")
+        collect = importlib.import_module("batcher.results.collect")
 
         self.reasons: list[str] = []
         real = collect._fail
@@ -143,7 +143,7 @@ def test_finalize_error_for_jsonl_mime_falls_back(tmp_path, emulator, backend_fa
 
 
 def test_finalize_error_for_every_mime_is_a_clear_api_error(tmp_path, emulator, backend_factory):
-    from batcher.backend import JSONL_MIME_TYPES
+    from batcher.backends.gemini import JSONL_MIME_TYPES
     from batcher.errors import ApiError
 
     emulator.configure(finalize_error_mime_types=list(JSONL_MIME_TYPES))
@@ -180,7 +180,7 @@ def test_500_at_30_percent_creates_no_duplicate_jobs(tmp_path, emulator, backend
 # ---- job lifecycle faults -----------------------------------------------------------------------
 
 def test_input_file_expired_before_create_is_uploaded_again(tmp_path, emulator, backend_factory):
-    from batcher import jobs as jobs_mod
+    from batcher.jobs import lifecycle as jobs_mod
 
     s = settings(tmp_path)
     m = manifest(tmp_path)

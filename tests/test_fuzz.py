@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from batcher import catalog
 from batcher.errors import ManifestError
 from batcher.manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
-from batcher.requests import (ImageRequest, ReferenceImage, canonical_json, referenced_hashes, request_body,
+from batcher.planning.requests import (ImageRequest, ReferenceImage, canonical_json, referenced_hashes, request_body,
                               request_hash, resolve_references)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batcher import gcs
+from batcher.storage import gcs
 from batcher.errors import UsageError
 from tests.gcs_support import gcs_emulator
 
@@ -151,7 +151,7 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
     from PIL import Image
 
     import batcher.pipeline as pipeline
-    from batcher.report import write_report
+    from batcher.output.report import write_report
 
     m = tmp_path / "m.csv"
     m.write_text("id,prompt\na,a red kite\nb,a blue kite\nc,a kite [emulator:image_safety]\n", encoding="utf-8")
@@ -181,7 +181,7 @@ def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_fa
     import pyarrow.parquet as pq
 
     import batcher.pipeline as pipeline
-    from batcher.planner import ShardLimits
+    from batcher.planning.planner import ShardLimits
 
     m = tmp_path / "m.csv"
     m.write_text("id,prompt\n" + "".join(f"r{i},shared run prompt {i}\n" for i in range(12)), encoding="utf-8")
@@ -215,7 +215,7 @@ def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_fa
 
 
 def test_a_dead_collectors_claim_is_taken_over_after_its_lease(bucket):
-    from batcher.share import Share
+    from batcher.results.share import Share
 
     share = Share(gcs.join(bucket, "runs/x"), lease_s=600)
     assert share.claim("job1", now=1000.0)

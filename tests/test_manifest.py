@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from batcher import catalog, manifest
+from batcher import catalog
+from batcher import manifest
 from batcher.errors import ManifestError
 from batcher.manifest import ManifestOptions, ManifestRow, RowProblem, read_manifest
 

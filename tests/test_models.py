@@ -167,7 +167,7 @@ def test_batcher_models_lists_both_ga_models_and_what_the_api_serves(tmp_path, e
 
 
 def test_identical_requests_to_a_retired_and_a_current_model_are_different_requests():
-    from batcher.requests import ImageRequest, request_hash
+    from batcher.planning.requests import ImageRequest, request_hash
 
     old = request_hash(ImageRequest(model="gemini-3-pro-image-preview", prompt="a red fox in snow"))
     new = request_hash(ImageRequest(model="gemini-3-pro-image", prompt="a red fox in snow"))

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import batcher.pipeline as pipeline
-from batcher.backend import limit_error
+from batcher.backends.gemini import limit_error
 from batcher.cli import main
 from batcher.errors import QuotaError, SpendLimitError
-from batcher.planner import ShardLimits
-from batcher.quota import Quota
+from batcher.planning.planner import ShardLimits
+from batcher.jobs.quota import Quota
 from tests.helpers import write_csv
 
 # The descriptions Google's 429s and 402 carry (public captures; api-2026-12.md §3).

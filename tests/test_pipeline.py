@@ -14,7 +14,7 @@ from PIL import Image
 
 import batcher.pipeline as pipeline
 from batcher.cli import main
-from batcher.planner import ShardLimits
+from batcher.planning.planner import ShardLimits
 from tests.helpers import write_csv
 
 PROMPTS = [
@@ -281,7 +281,7 @@ def test_a_crash_inside_create_never_creates_a_job_twice(tmp_path, emulator, bac
     s = settings(tmp_path)
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
-        from batcher import jobs as jobs_mod
+        from batcher.jobs import lifecycle as jobs_mod
 
         (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         jobs_mod.upload_job(ws.ledger, ws.backend, job_id, {})
@@ -390,7 +390,7 @@ def test_an_upload_orphaned_by_a_crash_is_deleted(tmp_path, emulator, backend_fa
     s = settings(tmp_path)
     m = manifest(tmp_path)
     with pipeline.open_workspace(s, backend_factory) as ws:
-        from batcher import jobs as jobs_mod
+        from batcher.jobs import lifecycle as jobs_mod
 
         (job_id,) = pipeline.plan(ws, m).jobs  # a plan into an empty workdir shards as it loads
         with ws.ledger.transaction() as c:
@@ -418,7 +418,7 @@ def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkey
 
 def test_a_run_under_a_token_cap_goes_out_in_waves(tmp_path, emulator, backend_factory):
     """The emulator enforces the same cap: a create over it would be a 429. None happens; jobs go in waves."""
-    from batcher.quota import Quota
+    from batcher.jobs.quota import Quota
 
     cap = 2 * 1400  # two flash images' worth of enqueued tokens
     emulator.configure(enqueued_token_cap=cap, running_seconds=0.3)
@@ -459,7 +459,7 @@ def test_a_fallback_model_takes_requests_that_keep_failing(tmp_path, emulator, b
 
 
 def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backend_factory):
-    from batcher.requests import ImageRequest, request_hash
+    from batcher.planning.requests import ImageRequest, request_hash
 
     rows = [["r", "a red bicycle [emulator:line_error]", "", "", "x"]]
     s = settings(tmp_path, max_attempts=1, fallback_model="gemini-3-pro-image")
@@ -534,7 +534,7 @@ def test_run_counts_its_requests_again_only_after_a_round_that_changed_them(tmp_
 def test_the_change_counter_counts_committed_changes_to_requests_and_rows(tmp_path):
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
-    from batcher.planner import plan_manifest
+    from batcher.planning.planner import plan_manifest
 
     ledger = Ledger(tmp_path / "wd")
     with ledger.change_counter() as changes:
@@ -560,7 +560,7 @@ def test_the_change_counter_nests_and_never_hides_the_error_that_unwinds_it(tmp_
     is still open (Ctrl-C in the middle of writing a job's JSONL) comes out as itself."""
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
-    from batcher.planner import plan_manifest
+    from batcher.planning.planner import plan_manifest
 
     ledger = Ledger(tmp_path / "wd")
     plan_manifest(ledger, None, manifest(tmp_path), ManifestOptions())

@@ -7,12 +7,12 @@ import sqlite3
 
 import pytest
 
-from batcher import prepare
+from batcher.planning import prepare
 from batcher.errors import BatcherError, ManifestError
 from batcher.ledger import Ledger
 from batcher.manifest import ManifestOptions
-from batcher.planner import ShardLimits, plan_manifest, shard
-from batcher.store import ImageStore
+from batcher.planning.planner import ShardLimits, plan_manifest, shard
+from batcher.storage.store import ImageStore
 
 from .helpers import write_csv
 from .test_core import png_bytes
@@ -103,7 +103,7 @@ def plan_with(monkeypatch, tmp_path, name: str, manifest, child: bool, **kw):
 @pytest.mark.parametrize("shard_limits", [None, ShardLimits(max_requests=5)])
 def test_rows_prepared_in_a_child_process_are_the_rows_prepared_in_process(tmp_path, monkeypatch, shard_limits):
     m = mixed_manifest(tmp_path, n=120)
-    monkeypatch.setattr("batcher.planner.PLAN_BATCH_ROWS", 16)  # several batches through the pipe
+    monkeypatch.setattr("batcher.planning.planner.PLAN_BATCH_ROWS", 16)  # several batches through the pipe
     rejects = {}
     outcomes = []
     for child in (False, True):
@@ -232,7 +232,7 @@ def test_the_child_imports_this_batcher_not_one_in_the_current_directory(tmp_pat
 def test_past_its_limit_a_plan_stops_sharding_and_shard_does_the_rest(tmp_path, monkeypatch):
     """Sharding as it loads keeps every hash seen; past INLINE_MAX_REQUESTS it stops (bounded memory): its jobs
     so far are closed, later requests stay planned for `shard`, and each request still ends in one job."""
-    from batcher import planner
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 8)
     monkeypatch.setattr(planner, "INLINE_MAX_REQUESTS", 20)
@@ -312,7 +312,7 @@ def test_a_plan_into_a_ledger_that_holds_requests_counts_its_distinct_requests(t
     """A run's distinct requests are counted as its rows load, whether the plan reads the ledger's requests once
     or asks SQL a batch at a time (and past the bound on what it keeps, in SQL at the end): the same figure as
     COUNT(DISTINCT) over its rows, with rows sharing requests, a request of another run, and a duplicate id."""
-    from batcher import planner
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
     if bound is not None:
@@ -335,8 +335,9 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
     """Asked one hash at a time (a cache past its listing limit), an image pruned while the plan runs makes a
     request a hit in its first batch and a miss in a later one: it stays the first batch's cache hit, in no
     job, and every job holds exactly the requests it counts (its JSONL can be written)."""
-    from batcher import planner, store as store_mod
-    from batcher.jobs import write_jsonl
+    from batcher.planning import planner
+    from batcher.storage import store as store_mod
+    from batcher.jobs.lifecycle import write_jsonl
 
     monkeypatch.setattr(store_mod, "MAX_LISTED_HASHES", 0)
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 5)
@@ -374,7 +375,7 @@ def test_requests_keep_manifest_order_with_cache_hits_among_them(tmp_path, monke
     `shard` packs them by rowid, so each job's JSONL still follows the manifest."""
     import json
 
-    from batcher import planner
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 7)
     m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"p{i}"] for i in range(30)])
@@ -404,7 +405,7 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
     """Rows that share a request (cache hits and not, within a batch and across batches) have it written once
     in a bulk load: the preparer marks repeats (PreparedBatch.repeated), so Ledger.bulk_load has no copies to
     remove (~2 s per million requests). Past the marking bound copies go in and are removed: same ledger."""
-    from batcher import planner
+    from batcher.planning import planner
 
     if marked is not None:
         monkeypatch.setattr(prepare, "MAX_MARKED_REQUESTS", marked)  # in-process only: the child keeps its own
@@ -464,7 +465,8 @@ def test_a_plan_into_last_nights_ledger_looks_requests_up_in_a_map_as_in_sql(tmp
     counts of its requests' states are those SQL counts."""
     import shutil
 
-    from batcher import pipeline, planner
+    from batcher import pipeline
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
@@ -498,7 +500,8 @@ def test_a_plan_into_last_nights_ledger_looks_requests_up_in_a_map_as_in_sql(tmp
 def test_a_dry_runs_counts_after_sharding_are_the_runs_counts(tmp_path, monkeypatch, leftover):
     """The counts a dry run prints come from the plan's own when every planned request is the run's, and from
     SQL when another run left planned requests that shard may take first: the same as counting the run."""
-    from batcher import pipeline, planner
+    from batcher import pipeline
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
@@ -524,7 +527,7 @@ def test_a_plan_into_last_nights_ledger_takes_the_big_page_cache_only_when_it_ne
     """Looking requests up in a dict, a plan that makes few new requests keeps SQLite's small page cache (the
     big one would only hold the rows it appends); many new ones, or probing the hash index per request, take
     it. Either way the ledger's own setting is back afterwards."""
-    from batcher import planner
+    from batcher.planning import planner
     from batcher.ledger import BULK_CACHE_KIB
 
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
@@ -547,7 +550,8 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
     """In a ledger that holds requests, a done request seen in one batch and again in a later one, after its image
     was pruned from a cache asked one hash at a time, is planned again: whether the plan looks requests up in
     its dict or in SQL (which reads the state again), as before the dict."""
-    from batcher import pipeline, planner
+    from batcher import pipeline
+    from batcher.planning import planner
 
     monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
     monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 1)

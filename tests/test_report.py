@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import batcher.pipeline as pipeline
-import batcher.report as report
+import batcher.output.report as report
 from batcher.cli import main
 from tests.helpers import write_csv
 

@@ -73,7 +73,7 @@ def sdk(emu, token="fake"):
 def factory(emu, bucket, **kw):
     from google.oauth2.credentials import Credentials
 
-    from batcher.vertex import VertexBackend, VertexConnection
+    from batcher.backends.vertex import VertexBackend, VertexConnection
 
     conn = VertexConnection(project=PROJECT, location=LOCATION, staging=f"gs://{bucket.name}/stage", base_url=emu.url,
                             timeout_s=30, credentials=Credentials(token="fake"))
@@ -277,7 +277,7 @@ def test_cli_backend_vertex_and_job_spec(tmp_path, vx, gcs, monkeypatch):
 
 def test_download_normalises_lines_without_keys_in_any_order(tmp_path, vx, gcs):
     """Unit-level: the output layout variants download() accepts (status string, status object, key echo)."""
-    from batcher.vertex import line_error, request_fingerprint
+    from batcher.backends.vertex import line_error, request_fingerprint
 
     _, bucket = gcs
     backend = factory(vx, bucket)()
@@ -341,7 +341,7 @@ def test_interactive_generate_content_on_vertex(vx, gcs):
 
 def test_a_vertex_run_with_manifest_cache_and_dataset_on_gcs(tmp_path, vx, gcs):
     """Issue 7's done-when on the Vertex backend: everything on gs://, same cache guarantee as Gemini."""
-    from batcher import gcs as gcs_mod
+    from batcher.storage import gcs as gcs_mod
 
     gcs_mod.client.cache_clear()  # STORAGE_EMULATOR_HOST was just set for this test
     _, bucket = gcs

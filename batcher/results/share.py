@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gcs
-from .errors import UsageError
+from ..storage import gcs
+from ..errors import UsageError
 
-log = logging.getLogger("batcher.share")
+log = logging.getLogger("batcher.results.share")
 
 DEFAULT_LEASE_S = 3600.0
 
@@ -91,7 +91,7 @@ def scratch_dir(workdir: Path, name: str) -> Path:
 
 def export_records(ledger, job_id: int) -> list[dict]:
     """The outcome of each request of a collected job, from a ledger (a collector's scratch one, or the owner's)."""
-    from .ledger import BLOCKED, SUCCEEDED
+    from ..ledger import BLOCKED, SUCCEEDED
 
     rows = ledger.conn.execute(
         "SELECT r.hash, r.state, r.error, r.finish_reason, r.prompt_tokens, r.output_tokens, r.thoughts_tokens FROM job_requests jr "
@@ -105,7 +105,7 @@ def export_records(ledger, job_id: int) -> list[dict]:
 def import_records(ledger, backend, store, job, records: list[dict], max_attempts: int, stats) -> None:
     """Record a collector's outcomes in the owner's ledger, then finish the job like a local collect."""
     from .collect import Outcome, finish_job, record_outcomes
-    from .ledger import QUEUED
+    from ..ledger import QUEUED
 
     attempts = {h: a for h, a in ledger.conn.execute(
         "SELECT hash, attempts FROM requests WHERE job_id=? AND state=?", (job["id"], QUEUED))}
@@ -139,7 +139,7 @@ def collect_one(share: Share, doc: dict, output_file: str, backend, store, workd
     import shutil
 
     from .collect import CollectStats, collect_job
-    from .ledger import J_SUCCEEDED, QUEUED, Ledger
+    from ..ledger import J_SUCCEEDED, QUEUED, Ledger
 
     scratch = scratch_dir(workdir, f"{doc['display_name']}-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)

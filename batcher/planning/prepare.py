@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .children import child_env, module_command, peak_rss_kb
-from .errors import BatcherError, ManifestError
-from .faults import maybe_crash
-from .manifest import ManifestOptions, ManifestRow, RowBlock, RowProblem, read_manifest_blocks
+from ..children import child_env, module_command, peak_rss_kb
+from ..errors import BatcherError, ManifestError
+from ..faults import maybe_crash
+from ..manifest import ManifestOptions, ManifestRow, RowBlock, RowProblem, read_manifest_blocks
 from .packing import measure_body
 from .requests import (
     HASH_SCHEMA_VERSION, ImageRequest, ReferenceImage, canonical_json, dump_body, file_sha256, image_mime_type,
     request_body, request_hash,
 )
-from .store import ImageStore, StoreLookup
+from ..storage.store import ImageStore, StoreLookup
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class ChildBatches:
     def __init__(self, manifest: Path | str, options: ManifestOptions, batch_rows: int,
                  cache_root: str | None = None, measure: bool = False):
         self.manifest = manifest
-        self.proc = subprocess.Popen(module_command("prepare"), stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(module_command("planning.prepare"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=child_env(), close_fds=True)
         try:
             assert self.proc.stdin is not None
@@ -545,7 +545,7 @@ def _child_main() -> None:
 
 
 if __name__ == "__main__":
-    from batcher.prepare import _child_main as main  # the module itself, not __main__: pickles name its classes
+    from batcher.planning.prepare import _child_main as main  # the module itself, not __main__: pickles name its classes
 
     try:
         main()

@@ -8,9 +8,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from . import catalog
-from .pricing import expected_output_tokens
-from .quota import prompt_tokens_estimate
+from .. import catalog
+from ..cost.pricing import expected_output_tokens
+from ..jobs.quota import prompt_tokens_estimate
 
 LINE_OVERHEAD = 120  # a JSONL line's key and wrapper around the body; references grow by their URIs
 

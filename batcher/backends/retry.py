@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .errors import QuotaError, TransientApiError
+from ..errors import QuotaError, TransientApiError
 
 T = TypeVar("T")
-log = logging.getLogger("batcher.retry")
+log = logging.getLogger("batcher.backends.retry")
 
 
 @dataclass(frozen=True)

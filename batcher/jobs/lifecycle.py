@@ -14,17 +14,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import catalog
-from .backend import BatchInfo, GeminiBackend
-from .errors import ApiError, LedgerError, NotFoundError, QuotaError, TransientApiError
-from .faults import maybe_crash
-from .ledger import (
+from .. import catalog
+from ..backends.gemini import BatchInfo, GeminiBackend
+from ..errors import ApiError, LedgerError, NotFoundError, QuotaError, TransientApiError
+from ..faults import maybe_crash
+from ..ledger import (
     J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, QUEUED, Ledger,
 )
-from .requests import REF_SCHEME, referenced_hashes
+from ..planning.requests import REF_SCHEME, referenced_hashes
 from .webhooks import webhook_config
 
-log = logging.getLogger("batcher.jobs")
+log = logging.getLogger("batcher.jobs.lifecycle")
 
 # Re-upload a reference image when less than this is left of its 48 h: the job may run for 24 h or more.
 REFERENCE_MIN_REMAINING_S = 36 * 3600
@@ -98,7 +98,7 @@ def ensure_references(ledger: Ledger, backend: GeminiBackend, hashes: set[str], 
         path = paths.get(sha)
         if path is None:
             raise ApiError(f"reference image {sha[:12]} is needed but its file is unknown; run submit with the manifest again")
-        from .requests import image_mime_type
+        from ..planning.requests import image_mime_type
 
         mime = image_mime_type(path)
         uploaded = backend.upload_image(Path(path), mime, display_name=f"batcher-ref-{sha[:16]}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import catalog
-from .ledger import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING, Ledger
-from .pricing import expected_output_tokens
+from .. import catalog
+from ..ledger import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING, Ledger
+from ..cost.pricing import expected_output_tokens
 
 IN_FLIGHT = (J_CREATING, J_SUBMITTED)
 HOLDING_FILES = (J_UPLOADED, J_CREATING, J_SUBMITTED)

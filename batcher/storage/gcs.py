@@ -15,7 +15,7 @@ import os
 from functools import lru_cache
 from typing import Iterator
 
-from .errors import BatcherError, UsageError
+from ..errors import BatcherError, UsageError
 
 SCHEME = "gs://"
 

@@ -26,8 +26,8 @@ import sys
 import threading
 from typing import Iterable, Iterator
 
-from .children import child_env, module_command, peak_rss_kb
-from .errors import CollectError
+from ..children import child_env, module_command, peak_rss_kb
+from ..errors import CollectError
 
 DEPTH = 2  # lines handed to one decoder ahead of its replies: one in work, one waiting
 MAX_PROCESSES = 8
@@ -66,7 +66,7 @@ class DecoderPool:
         self.peak_rss_kb: list[int] = []
         try:
             for i in range(processes):
-                p = subprocess.Popen(module_command("decoder"), stdin=subprocess.PIPE,
+                p = subprocess.Popen(module_command("results.decoder"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, close_fds=True)
                 self.procs.append(p)
                 t = threading.Thread(target=self._read, args=(i, p), name=f"batcher-decoder-{i}", daemon=True)
@@ -187,8 +187,8 @@ class DecoderPool:
 # ---- the decoder process ----------------------------------------------------------------------------
 
 def _serve() -> None:
-    from .results import image_meta, read_line
-    from .store import ImageStore, InvalidImage
+    from .lines import image_meta, read_line
+    from ..storage.store import ImageStore, InvalidImage
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's to handle; we stop when it does
     out = os.fdopen(os.dup(1), "wb")

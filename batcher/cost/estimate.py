@@ -18,15 +18,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .catalog import TIERS, model_spec, warning as model_warning
-from .errors import ManifestError, UsageError
-from .ledger import PLANNED, QUEUED, Ledger
-from .manifest import ManifestOptions, RowProblem, read_manifest
-from .planner import MAX_PROBLEMS_SHOWN
-from .prepare import References, image_requests
+from ..catalog import TIERS, model_spec, warning as model_warning
+from ..errors import ManifestError, UsageError
+from ..ledger import PLANNED, QUEUED, Ledger
+from ..manifest import ManifestOptions, RowProblem, read_manifest
+from ..planning.planner import MAX_PROBLEMS_SHOWN
+from ..planning.prepare import References, image_requests
 from .pricing import PriceTable, current_table
-from .requests import request_hash
-from .store import ImageStore
+from ..planning.requests import request_hash
+from ..storage.store import ImageStore
 
 TOKENS_PER_REFERENCE_IMAGE = 258
 

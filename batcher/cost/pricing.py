@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .catalog import BATCH_DISCOUNT, MODELS
-from .errors import UsageError
+from ..catalog import BATCH_DISCOUNT, MODELS
+from ..errors import UsageError
 
 PRICES_FILE = "prices.json"
 REQUIRED_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "batch_discount", "tokens_per_image")

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import ApiError, NotFoundError, QuotaError, SpendLimitError, TransientApiError, UsageError
-from .faults import maybe_crash
+from ..errors import ApiError, NotFoundError, QuotaError, SpendLimitError, TransientApiError, UsageError
+from ..faults import maybe_crash
 from .retry import RetryPolicy
 
 
@@ -52,7 +52,7 @@ else:
     genai_errors = _LazyModule("google.genai.errors")
     types = _LazyModule("google.genai.types")
 
-log = logging.getLogger("batcher.backend")
+log = logging.getLogger("batcher.backends.gemini")
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 # The docs and the discovery document show batch and file methods under v1beta only (protocol doc §11).

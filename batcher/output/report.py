@@ -24,9 +24,9 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from . import gcs
-from .catalog import BATCH_DISCOUNT
-from .errors import BatcherError, UsageError
+from ..storage import gcs
+from ..catalog import BATCH_DISCOUNT
+from ..errors import BatcherError, UsageError
 
 log = logging.getLogger("batcher")
 
@@ -445,7 +445,7 @@ def write_report(settings, *, status: dict | None = None, now: dt.datetime | Non
 
     `status` is `pipeline.status(settings, refresh=False)`'s document; it is read here when not given
     (if the workdir is busy, the page says so and the rest is still written)."""
-    from . import pipeline
+    from .. import pipeline
 
     if gcs.is_gcs(settings.out):
         return _write_gcs_report(settings, status=status, now=now)

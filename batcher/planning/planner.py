@@ -24,15 +24,16 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from . import catalog, gcs
-from .errors import LedgerError, ManifestError
-from .faults import maybe_crash
-from .ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from .. import catalog
+from ..storage import gcs
+from ..errors import LedgerError, ManifestError
+from ..faults import maybe_crash
+from ..ledger import BLOCKED, FAILED, J_PLANNED, PLANNED, QUEUED, SUCCEEDED, Ledger
 from .packing import JobFiller, ShardLimits, measure, measure_body
 from .prepare import PreparedBatch, References, batches
-from .manifest import ManifestOptions, RowProblem, carried_schema, manifest_fingerprint, read_manifest
+from ..manifest import ManifestOptions, RowProblem, carried_schema, manifest_fingerprint, read_manifest
 from .requests import canonical_json, identity_hash
-from .store import ImageStore, StoreLookup
+from ..storage.store import ImageStore, StoreLookup
 
 MAX_PROBLEMS_SHOWN = 20
 log = logging.getLogger(__name__)

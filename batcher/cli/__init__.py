@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 
-from . import gcs, pipeline
-from .catalog import DEFAULT_MODEL
-from .errors import BatcherError, ManifestError, UsageError
-from .manifest import ManifestOptions
-from .planner import ShardLimits
-from .deadline import parse_deadline
-from .quota import Quota
+from ..storage import gcs
+from .. import pipeline
+from ..catalog import DEFAULT_MODEL
+from ..errors import BatcherError, ManifestError, UsageError
+from ..manifest import ManifestOptions
+from ..planning.planner import ShardLimits
+from ..jobs.deadline import parse_deadline
+from ..jobs.quota import Quota
 
 log = logging.getLogger("batcher")
 
@@ -132,7 +133,7 @@ def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
     """For MANIFEST ending in .toml: the job spec's values, under options given on the command line."""
     if not str(manifest).lower().endswith(".toml"):
         return manifest if gcs.is_gcs(manifest) else Path(manifest)
-    from .spec import load_spec
+    from ..spec import load_spec
 
     spec = load_spec(manifest)
     mapping = {
@@ -185,7 +186,7 @@ def _settings(kw: dict, **extra) -> pipeline.Settings:
 def _backend_factory(kind: str, kw: dict | None = None):
     """For --backend emulator, an in-process emulator lives as long as the command."""
     if kind == "vertex":
-        from .vertex import VertexBackend, VertexConnection
+        from ..backends.vertex import VertexBackend, VertexConnection
 
         kw = kw or {}
         conn = VertexConnection.from_env(project=kw.get("project"), location=kw.get("location"), staging=kw.get("staging"))
@@ -194,8 +195,8 @@ def _backend_factory(kind: str, kw: dict | None = None):
     if kind != "emulator":
         yield None
         return
-    from .backend import Connection, GeminiBackend
-    from .emulator import Emulator, EmulatorConfig
+    from ..backends.gemini import Connection, GeminiBackend
+    from ..emulator import Emulator, EmulatorConfig
 
     with Emulator(EmulatorConfig()) as emu:
         yield lambda: GeminiBackend(Connection(api_key="emulator-key", base_url=emu.url, timeout_s=60))
@@ -278,8 +279,8 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
 @click.pass_context
 def estimate(ctx, manifest, as_json, **kw):
     """Requests, cache hits, tokens and $ batch vs interactive of MANIFEST (or a JOB.toml); submits nothing."""
-    from . import estimate as estimate_mod
-    from .pricing import default_table
+    from ..cost import estimate as estimate_mod
+    from ..cost.pricing import default_table
 
     manifest = _apply_spec(ctx, manifest, kw)
     kw.setdefault("workdir", Path(".batcher"))
@@ -367,7 +368,7 @@ def cancel(jobs, all_jobs, **kw):
 @handle_errors
 def report(workdir, out, quiet, verbose):
     """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and thumbnails (no API call)."""
-    from .report import write_report
+    from ..output.report import write_report
 
     _setup_logging(verbose, quiet)
     r = write_report(pipeline.Settings(workdir=workdir, out=out, quiet=quiet))
@@ -386,8 +387,8 @@ def report(workdir, out, quiet, verbose):
 def models(as_json, include_shut_down, offline, backend, verbose):
     """The image models batcher knows: sizes, ratios, tokens and $ per image, shutdown dates and sources; with an
     API key, also the image models the API lists for batch jobs (marking those batcher has no price for)."""
-    from . import models as models_mod
-    from .backend import Connection, GeminiBackend
+    from .. import models as models_mod
+    from ..backends.gemini import Connection, GeminiBackend
 
     _setup_logging(verbose, False)
     with _backend_factory(backend) as factory:
@@ -408,7 +409,7 @@ class _LazyEmulatorCommand(click.Command):
     """`batcher emulator`: imported only when used, so the library never loads the emulator otherwise."""
 
     def _real(self) -> click.Command:
-        from .emulator.cli import command
+        from ..emulator.cli import command
 
         return command
 
@@ -426,6 +427,3 @@ class _LazyEmulatorCommand(click.Command):
 
 
 main.add_command(_LazyEmulatorCommand("emulator", help="Run the local Gemini Batch API emulator (prints its URL first)."))
-
-if __name__ == "__main__":
-    main()

@@ -44,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batcher import catalog, gcs
+from batcher import catalog
+from batcher.storage import gcs
 from batcher.errors import BatcherError
 from batcher.errors import ManifestError
 

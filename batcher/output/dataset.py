@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import gcs
-from .errors import BatcherError
-from .faults import maybe_crash
-from .ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
-from .store import ImageStore
+from ..storage import gcs
+from ..errors import BatcherError
+from ..faults import maybe_crash
+from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
+from ..storage.store import ImageStore
 
 STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # anything else: pending
 BASE_FIELDS = [

@@ -17,16 +17,16 @@ from typing import Iterable, Iterator
 import queue
 import threading
 
-from .backend import GeminiBackend
-from .ledger import ADD_PAYMENT, BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
-from .faults import maybe_crash
-from .pricing import cost_usd
+from ..backends.gemini import GeminiBackend
+from ..ledger import ADD_PAYMENT, BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from ..faults import maybe_crash
+from ..cost.pricing import cost_usd
 from .decoder import DecoderPool, default_processes
-from .errors import CollectError
-from .results import Outcome, image_meta, read_line
-from .store import ImageStore, InvalidImage
+from ..errors import CollectError
+from .lines import Outcome, image_meta, read_line
+from ..storage.store import ImageStore, InvalidImage
 
-log = logging.getLogger("batcher.collect")
+log = logging.getLogger("batcher.results.collect")
 
 COMMIT_EVERY = 64  # lines per ledger transaction
 IMAGE_WRITERS = 2  # threads verifying and writing images (fsync, crc32 and file writes release the GIL)

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import LedgerError
+from ..errors import LedgerError
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from . import jobs as jobs_mod
-from .backend import GeminiBackend
-from .results import classify, image_meta
-from .errors import ApiError, SpendLimitError
-from .ledger import ADD_PAYMENT, BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
-from .pricing import cost_usd
-from .requests import REF_SCHEME, referenced_hashes, resolve_references
-from .store import ImageStore, InvalidImage
+from . import lifecycle as jobs_mod
+from ..backends.gemini import GeminiBackend
+from ..results.lines import classify, image_meta
+from ..errors import ApiError, SpendLimitError
+from ..ledger import ADD_PAYMENT, BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
+from ..cost.pricing import cost_usd
+from ..planning.requests import REF_SCHEME, referenced_hashes, resolve_references
+from ..storage.store import ImageStore, InvalidImage
 
-log = logging.getLogger("batcher.interactive")
+log = logging.getLogger("batcher.jobs.interactive")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class InteractiveStats:
 
 def estimated_cost(model: str, body_json: str) -> float:
     """The full-price estimate of one request (image at its size, prompt, thinking): the budget's estimator."""
-    from .estimate import request_estimate_usd
+    from ..cost.estimate import request_estimate_usd
 
     return request_estimate_usd(model, body_json, batch=False)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def redact_uri(uri: object) -> str:

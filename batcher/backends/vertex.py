@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterator
 from google import genai
 from google.genai import types
 
-from .backend import TRANSIENT_CODES, BatchInfo, UploadedFile, _is_transport_error, generate_content, map_error, normalize_state
-from .errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
-from .faults import maybe_crash
+from .gemini import TRANSIENT_CODES, BatchInfo, UploadedFile, _is_transport_error, generate_content, map_error, normalize_state
+from ..errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from ..faults import maybe_crash
 from .retry import RetryPolicy
 
-log = logging.getLogger("batcher.vertex")
+log = logging.getLogger("batcher.backends.vertex")
 
 API_VERSION = "v1"  # batchPredictionJobs are GA under v1 (the SDK defaults to v1beta1; both are emulated)
 OUTPUT_FILE_RE = re.compile(r"(^|/)predictions[^/]*\.jsonl$")

@@ -1,0 +1,5 @@
+"""`python -m batcher.cli`: the command line."""
+
+from . import main
+
+main()

@@ -1,0 +1,1 @@
+"""What a run leaves for people and programs: the dataset (images + metadata.parquet) and the morning report."""

@@ -1,0 +1,1 @@
+"""Planning: manifest rows -> requests (bodies and hashes) -> the ledger -> jobs of bounded size."""
