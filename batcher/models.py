@@ -102,43 +102,16 @@ def _looks_like_image_model(name: str) -> bool:
     return "image" in name or "nano-banana" in name
 
 
-def render(doc: dict) -> str:
-    """`batcher models` for a terminal (80 columns)."""
-    from .cost.estimate import usd
+def describe_models(backend: str | None = "gemini", include_shut_down: bool = False) -> dict:
+    """`describe`, with the API's own list from `backend` (a backends.factory name) when it can be reached: for
+    the Gemini API only with a key. None: batcher's list only."""
+    from .backends.factory import backend_factory
 
-    lines: list[str] = []
-    for m in doc["models"]:
-        flags = [m["display_name"]] + (["the default"] if m["default"] else [])
-        life = {"current": f"current since {m['released']}", "retiring": f"shuts down {m['shutdown']}",
-                "past_earliest_shutdown": f"may be shut down (earliest {m['shutdown']})",
-                "shut_down": f"shut down {m['shutdown']}"}[m["status"]]
-        if m["replacement"] and m["status"] != "current":
-            life += f"; use {m['replacement']}"
-        lines.append(f"{m['name']}  ({'; '.join(flags)})")
-        lines.append(f"  {life}")
-        lines.append(f"  aspect ratios: {', '.join(m['aspect_ratios'])}")
-        lines.append(f"  up to {m['max_reference_images']} reference images" + (
-            f"; thinks (~{m['expected_thoughts_tokens']} tokens an image, estimated)" if m["thinking"] else ""))
-        r = m["usd_per_mtok"]
-        lines.append(f"  $ per 1M tokens: {r['input']:g} input, {r['image_output']:g} image, "
-                     f"{r['text_and_thinking_output']:g} text and thinking (batch x{r['batch_discount']:g})")
-        lines.append("    size   tokens   $ batch   $ interactive")
-        for size, p in m["per_image"].items():
-            lines.append(f"    {size:<5} {p['tokens']:>7,}  {usd(p['batch_usd']):>8}  {usd(p['interactive_usd']):>14}")
-        read = sorted({s["read"] for s in m["sources"].values()})
-        lines.append(f"  sources (read {', '.join(read)}):")
-        for url in sorted({s["url"] for s in m["sources"].values()}):
-            lines.append(f"    {url}")
-        lines.append("")
-    if doc["api"] is not None:
-        lines.append("The API lists these image models for batch jobs:")
-        for a in doc["api"]:
-            mark = "" if a["priced"] else "  (no price: add [prices.\"%s\"] to a job spec)" % a["name"]
-            lines.append(f"  {a['name']}{mark}")
-        if not doc["api"]:
-            lines.append("  (none)")
-    elif doc["api_error"]:
-        lines.append(f"The API's model list could not be read: {doc['api_error']}")
-    else:
-        lines.append("Set GEMINI_API_KEY to also list the image models the API serves for batch jobs.")
-    return "\n".join(lines)
+    if backend is None:
+        return describe(include_shut_down=include_shut_down)
+    with backend_factory(backend) as factory:
+        try:
+            api = factory()
+        except UsageError:  # no API key: batcher's own list only
+            api = None
+        return describe(backend=api, include_shut_down=include_shut_down)

@@ -12,82 +12,43 @@ import contextlib
 import logging
 import os
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from . import catalog
 from .storage import gcs
 from .jobs import lifecycle as jobs_mod
-from .backends.gemini import Connection, GeminiBackend
+from .backends.base import Backend, parse_time
+from .backends.factory import backend_factory as make_backend_factory
 from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, TIERS
 from .results.collect import CollectStats, collect_job
 from .output.dataset import DatasetSummary, write_dataset
-from .jobs.deadline import check_policy
 from .errors import ApiError, BatcherError, SpendLimitError, UsageError
+from .settings import Settings, is_spec
 from .faults import maybe_crash
 from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
-    J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, Ledger, WorkdirLock,
+    J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
-from .manifest import ManifestOptions
 from .models import check_models, warn
-from .planning.planner import PlanResult, ShardLimits, plan_fallbacks, plan_manifest, shard
+from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, shard
 from .cost.estimate import (
     budget_allowance, budget_exhausted, budget_note, check_budget, planned_batch_usd, run_spend_usd, tier_cap_note,
 )
+from .cost.money import usd
 from .cost.pricing import use_workdir_prices
 from .progress import Progress
-from .jobs.quota import Quota, capacity, why_not_now
+from .jobs.quota import capacity, why_not_now
 from .results.share import Share, export_records, import_records
 from .storage.store import open_store
-from .jobs.webhooks import check_uris
+
+if TYPE_CHECKING:
+    from .cost.estimate import Estimate
 
 log = logging.getLogger("batcher")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_PENDING = 0, 1, 2, 3, 4
-
-
-@dataclass
-class Settings:
-    workdir: Path = Path(".batcher")
-    out: Path | str | None = None  # default: <workdir>/dataset; or gs://bucket/prefix
-    cache_dir: Path | str | None = None  # default: the user cache dir (shared between workdirs); or gs://bucket/prefix
-    manifest: ManifestOptions = field(default_factory=ManifestOptions)
-    limits: ShardLimits = field(default_factory=ShardLimits)
-    max_attempts: int = 3
-    refresh: bool = False
-    retry_blocked: bool = False  # blocked (safety, no image) is final unless asked
-    skip_invalid: bool = False
-    rejects_path: Path | None = None
-    poll_interval: float = 30.0
-    timeout: float | None = None
-    quota: Quota = field(default_factory=Quota)
-    share: str | None = None  # gs://... where this run's jobs are shared with other collectors (batcher.share)
-    fallback_model: str | None = None  # for requests that keep failing on their model
-    deadline: float | None = None  # epoch seconds (batcher.deadline.parse_deadline)
-    deadline_policy: str = "wait"  # wait | report | resubmit | interactive
-    interactive_concurrency: int = 4
-    quiet: bool = False
-    lock_wait: float = 0.0
-    budget_usd: float | None = None  # hold back requests beyond this estimated spend of the run (batcher.estimate)
-    prices: dict | None = None  # price overrides (job spec [prices]); None: WORKDIR/prices.json or the defaults
-    webhook_uris: tuple[str, ...] = ()  # the API POSTs each job's end (batch.succeeded, ...) here: webhook_config
-
-    def __post_init__(self):
-        self.webhook_uris = check_uris(self.webhook_uris)
-        self.workdir = Path(self.workdir)
-        self.out = _path_or_uri(self.out) if self.out else self.workdir / "dataset"
-        self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
-        if self.max_attempts < 1:
-            raise UsageError("--max-attempts must be at least 1")
-        if self.fallback_model:
-            problem = catalog.model_name_problem(self.fallback_model) or catalog.refusal(self.fallback_model)
-            if problem:
-                raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
-        check_policy(self.deadline_policy)
 
 
 @dataclass
@@ -101,10 +62,6 @@ class Outcome:
     counts: dict = field(default_factory=dict)
     jobs_created: int = 0
     collect: CollectStats | None = None
-
-
-def _path_or_uri(value) -> Path | str:
-    return str(value) if gcs.is_gcs(value) else Path(value)
 
 
 def check_dir(path: Path | str, what: str) -> None:
@@ -125,7 +82,7 @@ def check_dir(path: Path | str, what: str) -> None:
 class Workspace:
     """An open workdir: the lock, the ledger, the cache and (lazily) the API backend."""
 
-    def __init__(self, settings: Settings, backend_factory: Callable[[], GeminiBackend] | None):
+    def __init__(self, settings: Settings, backend_factory: Callable[[], Backend] | None):
         self.settings = settings
         check_dir(settings.workdir, "workdir (--workdir)")
         try:
@@ -136,7 +93,7 @@ class Workspace:
         try:
             self.lock.acquire(wait=settings.lock_wait)
             self.ledger = Ledger(settings.workdir)
-        except (OSError, sqlite3.Error) as exc:  # disk full, read-only, I/O error: name the workdir
+        except (OSError, DatabaseError) as exc:  # disk full, read-only, I/O error: name the workdir
             self.lock.release()
             raise BatcherError(f"workdir (--workdir) {settings.workdir}: cannot open its lock and ledger "
                                f"({getattr(exc, 'strerror', None) or exc})") from None
@@ -151,7 +108,8 @@ class Workspace:
             self.lock.release()
             raise
         self._backend_factory = backend_factory
-        self._backend: GeminiBackend | None = None
+        self._backend: Backend | None = None
+        self._resources = contextlib.ExitStack()  # what the backend needs while the workspace is open (an emulator)
         self.progress = Progress(quiet=settings.quiet)
         self.published: set[str] = set()  # jobs this process announced to the share (--share)
         self.models_checked = False  # the models of the run were checked (batcher.models) by this process
@@ -159,16 +117,24 @@ class Workspace:
         self.create_not_before = 0.0  # monotonic time: a 429 on create said to wait this long (its RetryInfo)
 
     @property
-    def backend(self) -> GeminiBackend:
+    def backend(self) -> Backend:
+        """The API, connected on first use (a command that needs none needs no key)."""
         if self._backend is None:
-            factory = self._backend_factory or (lambda: GeminiBackend(Connection.from_env()))
+            s = self.settings
+            factory = self._backend_factory or self._resources.enter_context(
+                make_backend_factory(s.backend, project=s.project, location=s.location, staging=s.staging))
             backend = factory()
-            if self.settings.webhook_uris and not getattr(backend, "takes_webhooks", True):
+            if s.webhook_uris and not backend.takes_webhooks:
                 raise UsageError("webhooks (webhook_uris) are a Gemini API feature; Vertex AI batch jobs don't take them")
             self._backend = backend
         return self._backend
 
+    def server_now(self) -> float:
+        """Now, by the API's clock if this command has talked to it, else by ours."""
+        return self._backend.server_now() if self._backend is not None else time.time()
+
     def close(self) -> None:
+        self._resources.close()
         self.ledger.close()
         self.lock.release()
 
@@ -184,10 +150,6 @@ def open_workspace(settings: Settings, backend_factory=None) -> Iterator[Workspa
 
 
 # ---- steps ------------------------------------------------------------------------------------------
-
-def _ref_paths(ledger: Ledger) -> dict[str, str]:
-    return {sha: path for sha, path in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
-
 
 def shard_planned(ws: Workspace, budget_check=None) -> list[int]:
     """Planned requests into new jobs: within the shard limits, each model's enqueued-token cap and the budget
@@ -209,7 +171,7 @@ def check_run_models(ws: Workspace, offline: bool = False) -> None:
     """Before anything is uploaded: the models about to be sent exist and take batch jobs (batcher.models)."""
     if ws.models_checked:
         return
-    models = ws.ledger.models_to_send() | ({ws.settings.fallback_model} if ws.settings.fallback_model else set())
+    models = sending.models_to_send(ws.ledger) | ({ws.settings.fallback_model} if ws.settings.fallback_model else set())
     warnings = check_models(models, None if offline else ws.backend)
     cap = TIERS.get(ws.settings.quota.tier)
     if cap is not None and (note := tier_cap_note(planned_batch_usd(ws.ledger, over=cap.monthly_spend_cap_usd),
@@ -233,7 +195,7 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
             log.warning("%d job(s) planned earlier would exceed the budget: sharded again under it", n)
             check = None  # the ledger changed: check again
     shard_planned(ws, check)
-    refs = _ref_paths(ledger)
+    refs = sending.reference_paths(ledger)
     created = 0
     for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
         wait_reason = why_not_now(ledger, quota, ledger.job(job["id"]))
@@ -276,8 +238,7 @@ def publish_jobs(ws: Workspace) -> None:
     published = ws.published
     for job in ws.ledger.jobs((J_SUBMITTED, J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
         if job["display_name"] not in published:
-            hashes = [h for (h,) in ws.ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],))]
-            share.publish(job, hashes, type(ws.backend).__name__)
+            share.publish(job, sending.job_hashes(ws.ledger, job["id"]), type(ws.backend).__name__)
             published.add(job["display_name"])
 
 
@@ -392,8 +353,21 @@ def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
                          skip_invalid=s.skip_invalid, rejects_path=s.rejects_path, retry_blocked=s.retry_blocked, **inline)
 
 
-def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, backend_factory=None) -> Outcome:
-    """Validate and plan the manifest, then upload and create its jobs. Returns at once (no waiting)."""
+def resolve(manifest: str | Path, settings: Settings | None) -> tuple[str | Path, Settings]:
+    """The manifest and Settings of a command: a job spec (`*.toml`) gives both (Settings.from_spec, to change some
+    of its values); a manifest takes `settings` (default: Settings())."""
+    if is_spec(manifest):
+        if settings is not None:
+            raise UsageError(f"{manifest}: a job spec holds its own settings; to change some, use "
+                             "Settings.from_spec(path, **options) and pass its manifest and settings")
+        return Settings.from_spec(manifest)
+    return manifest, settings if settings is not None else Settings()
+
+
+def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: bool = False, backend_factory=None) -> Outcome:
+    """Validate and plan the manifest (or a job spec's), then upload and create its jobs. Returns at once (no
+    waiting)."""
+    manifest, settings = resolve(manifest, settings)
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
     with open_workspace(settings, backend_factory) as ws:
@@ -429,6 +403,18 @@ def submit(manifest: str | Path, settings: Settings, *, dry_run: bool = False, b
                        plan=p, counts=counts, jobs_created=created)
 
 
+def estimate(manifest: str | Path, settings: Settings | None = None) -> "Estimate":
+    """Requests, cache hits, tokens and $ batch vs interactive of a manifest (or a job spec's), at its prices and
+    against its tier's monthly spend cap. Writes nothing, needs no API key."""
+    from .cost.estimate import estimate as estimate_manifest
+    from .cost.pricing import default_table
+
+    manifest, settings = resolve(manifest, settings)
+    return estimate_manifest(manifest, settings.manifest, cache_dir=settings.cache_dir, refresh=settings.refresh,
+                             skip_invalid=settings.skip_invalid, table=default_table().with_overrides(settings.prices or {}),
+                             tier=settings.quota.tier)
+
+
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
     """Refresh jobs, download and decode finished ones, requeue failures, write the dataset."""
     check_dir(settings.workdir, "workdir (--workdir)")
@@ -441,15 +427,18 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
             plan_fallbacks(ws.ledger, ws.store, run_id, settings.fallback_model)
         ds = write_dataset(ws.ledger, ws.store, run_id, settings.out)
         counts = run_counts(ws.ledger, run_id)
-        extra = f"; dataset {ds.path} (${ds.cost_usd:.4f})"
+        extra = f"; dataset {ds.path} ({usd(ds.cost_usd)})"
         if counts[PLANNED]:
             extra += f"; {counts[PLANNED]} requests to send again: run `batcher submit` or `batcher run`"
         code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # a row without its image is not finished
         return Outcome(code, "collected: " + _line(counts, extra + lost_images(ds)), dataset=ds, counts=counts, collect=stats)
 
 
-def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """Submit, poll, collect and resubmit until every request has an outcome, or until `timeout`."""
+def run(manifest: str | Path, settings: Settings | None = None, *, backend_factory=None,
+        sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Submit, poll, collect and resubmit until every request has an outcome, or until `timeout`. `manifest`: a
+    manifest, or a job spec (then its settings)."""
+    manifest, settings = resolve(manifest, settings)
     started = time.monotonic()
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
@@ -501,7 +490,7 @@ def run(manifest: str | Path, settings: Settings, *, backend_factory=None, sleep
         if limit is not None:
             code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
-                          + _line(counts, f"; ${ds.cost_usd:.4f}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
+                          + _line(counts, f"; {usd(ds.cost_usd)}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
                           + lost_images(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
@@ -538,10 +527,7 @@ def release_unsent_jobs(ws: Workspace, states: tuple[str, ...] = (J_PLANNED, J_U
     """Jobs never created (waiting for capacity): their requests go back to planned, without an attempt."""
     released = 0
     for job in ws.ledger.jobs(states):
-        with ws.ledger.transaction() as c:
-            c.execute("UPDATE requests SET state=?, job_id=NULL, updated_at=? WHERE job_id=? AND state=?",
-                      (PLANNED, time.time(), job["id"], QUEUED))
-            ws.ledger.job_transition(c, job["id"], states, J_COLLECTED, error=why)
+        sending.release_job(ws.ledger, job["id"], states, J_COLLECTED, why, time.time())
         if job["input_file"]:
             ws.backend.delete_file(job["input_file"])
         released += 1
@@ -574,9 +560,12 @@ def collect_as_worker(settings: Settings, *, backend_factory=None, sleep: Callab
     from .results import share as share_mod
 
     check_dir(settings.workdir, "workdir (--workdir)")
-    factory = backend_factory or (lambda: GeminiBackend(Connection.from_env()))
-    stats = share_mod.work(Share(settings.share), factory(), open_store(settings.cache_dir), settings.workdir,
-                           poll_interval=settings.poll_interval, timeout=settings.timeout, sleep=sleep)
+    resources = contextlib.ExitStack()
+    factory = backend_factory or resources.enter_context(make_backend_factory(
+        settings.backend, project=settings.project, location=settings.location, staging=settings.staging))
+    with resources:
+        stats = share_mod.work(Share(settings.share), factory(), open_store(settings.cache_dir), settings.workdir,
+                               poll_interval=settings.poll_interval, timeout=settings.timeout, sleep=sleep)
     return Outcome(EXIT_OK, f"collector: {stats.jobs} job(s) collected here ({stats.images} images), "
                    f"{stats.skipped_claimed} left to other collectors, {stats.rounds} round(s)")
 
@@ -597,8 +586,6 @@ def cancel(settings: Settings, names: list[str] | None = None, *, backend_factor
 
 
 def _hours_left(created_at: str | None, hours: float, now: float) -> float | None:
-    from .backends.gemini import parse_time
-
     t = parse_time(created_at)
     return None if t is None else (t + hours * 3600 - now) / 3600
 
@@ -607,13 +594,11 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
     """Jobs, counts and windows as a JSON-ready document (refreshed from the API unless refresh=False)."""
     import json
 
-    from .backends.gemini import parse_time
-
     with open_workspace(settings, backend_factory) as ws:
         if refresh and ws.ledger.jobs((J_SUBMITTED,)):
             refresh_jobs(ws)
         if now is None:
-            now = ws._backend.server_now() if ws._backend is not None else time.time()
+            now = ws.server_now()
         run = ws.ledger.current_run()
         jobs = []
         for j in ws.ledger.jobs():

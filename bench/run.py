@@ -233,6 +233,7 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
     import hashlib
 
     from batcher import catalog
+    from batcher.ledger.plans import PlanTuning
     from batcher.planning import planner
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
@@ -241,8 +242,9 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
 
     n = int(rows)
     made = []
-    for start in range(0, n, planner.PLAN_BATCH_ROWS):
-        idx = range(start, min(n, start + planner.PLAN_BATCH_ROWS))
+    batch_rows = PlanTuning().plan_batch_rows
+    for start in range(0, n, batch_rows):
+        idx = range(start, min(n, start + batch_rows))
         prompts = [prompt_for(i) for i in idx]
         made.append(PreparedBatch(
             rows=[i + 1 for i in idx], ids=[f"r{i:07d}" for i in idx], prompts=prompts,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from batcher.errors import LedgerError
+from batcher.ledger.plans import PlanTuning
 from batcher.ledger import MIGRATIONS, Ledger, connect, migrate, schema_version
 from batcher.planning.requests import ImageRequest, ReferenceImage, request_body, request_hash, resolve_references
 from batcher.storage.store import ImageStore, InvalidImage
@@ -182,13 +183,12 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
     """An empty ledger is loaded without its indexes (Ledger.bulk_load). Rows sharing a request across batches,
     variants, cache hits, extra columns and a duplicate id must end exactly as on the indexed path (a ledger that
     already holds a request), problems included; and every index is back afterwards."""
-    from batcher.planning import planner
     from batcher.manifest import ManifestOptions
     from batcher.planning.planner import plan_manifest
 
     from .helpers import write_csv
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)  # duplicates land in other batches
+    tuning = PlanTuning(plan_batch_rows=4)
     bulk_loads = []  # how each bulk load ended: the bulk path must really be taken
     real_bulk_load = Ledger.bulk_load
 
@@ -216,15 +216,15 @@ def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives
         ledger = Ledger(tmp_path / name)
         if name == "indexed":  # one unrelated request: not an empty ledger, so the indexed path
             other = write_csv(tmp_path / "other.csv", ["id", "prompt"], [["x", "something else"]])
-            plan_manifest(ledger, store, other, options)
+            plan_manifest(ledger, store, other, options, tuning=tuning)
         if not outcomes:  # cache hits: the images of two of the requests
-            first = plan_manifest(Ledger(tmp_path / "probe"), None, m, options, skip_invalid=True)
+            first = plan_manifest(Ledger(tmp_path / "probe"), None, m, options, skip_invalid=True, tuning=tuning)
             probe = Ledger(tmp_path / "probe").conn
             for (h,) in probe.execute("SELECT hash FROM requests ORDER BY rowid LIMIT 2"):
                 store.put(h, png_bytes())
             assert first.requests == 14
         problems_path = tmp_path / f"{name}-rejects.csv"
-        result = plan_manifest(ledger, store, m, options, skip_invalid=True, rejects_path=problems_path)
+        result = plan_manifest(ledger, store, m, options, skip_invalid=True, rejects_path=problems_path, tuning=tuning)
         requests, plan_rows = _plan_tables(ledger, result.run_id)
         if name == "indexed":
             requests = [r for r in requests if r[2].find("something else") < 0]

@@ -16,7 +16,7 @@ from batcher.manifest import ManifestOptions, read_manifest
 from batcher.planning.prepare import References, image_requests
 from batcher.cost.pricing import default_table, parse_overrides
 from batcher.planning.requests import request_hash
-from batcher.spec import load_spec
+from batcher.settings import load_spec
 from tests.helpers import write_csv
 
 FLASH, PRO, FLASH31 = "gemini-2.5-flash-image", "gemini-3-pro-image", "gemini-3.1-flash-image"

@@ -64,21 +64,19 @@ def run_and_check_ok(tmp_path, emulator, backend_factory, **kw):
 # ---- results-file corruption --------------------------------------------------------------------
 
 class _Spy:
-    """Record every (reason) a request was failed with, by wrapping collect._fail in-process."""
+    """Record every (reason) a queued request was failed with, by wrapping the ledger's transition in-process."""
 
     def __init__(self, monkeypatch):
-        import importlib
-
-        collect = importlib.import_module("batcher.results.collect")
+        from batcher.ledger import outcomes
 
         self.reasons: list[str] = []
-        real = collect._fail
+        real = outcomes.requeue_or_fail
 
-        def spy(c, ledger, h, attempts, max_attempts, reason, finish, now, stats):
+        def spy(c, h, attempts, max_attempts, reason, finish, now):
             self.reasons.append(reason)
-            return real(c, ledger, h, attempts, max_attempts, reason, finish, now, stats)
+            return real(c, h, attempts, max_attempts, reason, finish, now)
 
-        monkeypatch.setattr(collect, "_fail", spy)
+        monkeypatch.setattr(outcomes, "requeue_or_fail", spy)
 
 
 def test_truncated_results_file_missing_keys_are_retried(tmp_path, emulator, backend_factory, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import batcher.pipeline as pipeline
-from batcher.backends.gemini import limit_error
+from batcher.backends.errors import limit_error
 from batcher.cli import main
 from batcher.errors import QuotaError, SpendLimitError
 from batcher.planning.planner import ShardLimits

@@ -9,6 +9,7 @@ import pytest
 
 from batcher.planning import prepare
 from batcher.errors import BatcherError, ManifestError
+from batcher.ledger.plans import PlanTuning
 from batcher.ledger import Ledger
 from batcher.manifest import ManifestOptions
 from batcher.planning.planner import ShardLimits, plan_manifest, shard
@@ -103,14 +104,14 @@ def plan_with(monkeypatch, tmp_path, name: str, manifest, child: bool, **kw):
 @pytest.mark.parametrize("shard_limits", [None, ShardLimits(max_requests=5)])
 def test_rows_prepared_in_a_child_process_are_the_rows_prepared_in_process(tmp_path, monkeypatch, shard_limits):
     m = mixed_manifest(tmp_path, n=120)
-    monkeypatch.setattr("batcher.planning.planner.PLAN_BATCH_ROWS", 16)  # several batches through the pipe
+    tuning = PlanTuning(plan_batch_rows=16)
     rejects = {}
     outcomes = []
     for child in (False, True):
         name = "child" if child else "in-process"
         rejects[name] = tmp_path / f"{name}.csv"
         ledger, result = plan_with(monkeypatch, tmp_path, name, m, child, skip_invalid=True, rejects_path=rejects[name],
-                                   shard_limits=shard_limits)
+                                   shard_limits=shard_limits, tuning=tuning)
         outcomes.append((rows_of(ledger), states_of(ledger), jobs_of(ledger), result.rows, result.requests,
                          result.duplicates, result.rejected, rejects[name].read_text()))
     assert outcomes[0] == outcomes[1]
@@ -232,14 +233,12 @@ def test_the_child_imports_this_batcher_not_one_in_the_current_directory(tmp_pat
 def test_past_its_limit_a_plan_stops_sharding_and_shard_does_the_rest(tmp_path, monkeypatch):
     """Sharding as it loads keeps every hash seen; past INLINE_MAX_REQUESTS it stops (bounded memory): its jobs
     so far are closed, later requests stay planned for `shard`, and each request still ends in one job."""
-    from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 8)
-    monkeypatch.setattr(planner, "INLINE_MAX_REQUESTS", 20)
+    tuning = PlanTuning(plan_batch_rows=8, inline_max_requests=20)
     m = mixed_manifest(tmp_path, n=120)
     ledger = Ledger(tmp_path / "wd")
     limits = ShardLimits(max_requests=6)
-    result = plan_manifest(ledger, None, m, ManifestOptions(), skip_invalid=True, shard_limits=limits)
+    result = plan_manifest(ledger, None, m, ManifestOptions(), skip_invalid=True, shard_limits=limits, tuning=tuning)
     c = ledger.conn
     inline_queued = c.execute("SELECT COUNT(*) FROM requests WHERE state='queued'").fetchone()[0]
     planned = c.execute("SELECT COUNT(*) FROM requests WHERE state='planned'").fetchone()[0]
@@ -312,19 +311,15 @@ def test_a_plan_into_a_ledger_that_holds_requests_counts_its_distinct_requests(t
     """A run's distinct requests are counted as its rows load, whether the plan reads the ledger's requests once
     or asks SQL a batch at a time (and past the bound on what it keeps, in SQL at the end): the same figure as
     COUNT(DISTINCT) over its rows, with rows sharing requests, a request of another run, and a duplicate id."""
-    from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
-    if bound is not None:
-        monkeypatch.setattr(planner, "INLINE_MAX_REQUESTS", bound)
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    tuning = PlanTuning(known_max_requests=known_max, inline_max_requests=bound if bound is not None else PlanTuning().inline_max_requests, plan_batch_rows=4)
     ledger = Ledger(tmp_path / "wd")
     plan_manifest(ledger, None, write_csv(tmp_path / "a.csv", ["id", "prompt"], [["x", "shared"], ["y", "only a"]]),
-                  ManifestOptions())
+                  ManifestOptions(), tuning=tuning)
     rows = [[f"r{i}", "shared" if i % 5 == 0 else f"prompt {i % 7}"] for i in range(30)]
     rows[9][0] = "r2"  # a duplicate id: its batch goes a row at a time
     result = plan_manifest(ledger, None, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions(),
-                           skip_invalid=True)
+                           skip_invalid=True, tuning=tuning)
     c = ledger.conn
     distinct = c.execute("SELECT COUNT(DISTINCT request_hash) FROM rows WHERE run_id=?", (result.run_id,)).fetchone()[0]
     assert result.requests == distinct == 8 and result.rejected == 1
@@ -340,7 +335,7 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
     from batcher.jobs.lifecycle import write_jsonl
 
     monkeypatch.setattr(store_mod, "MAX_LISTED_HASHES", 0)
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 5)
+    tuning = PlanTuning(plan_batch_rows=5)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     prompts = ["shared"] + [f"p{i}" for i in range(1, 12)] + ["shared"]  # rows 1 and 13: batches 1 and 3
     m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", p] for i, p in enumerate(prompts)])
@@ -357,7 +352,7 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
 
     monkeypatch.setattr(planner, "batches", pruned_after_the_first)
     ledger = Ledger(tmp_path / "wd")
-    result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=ShardLimits(max_requests=100))
+    result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=ShardLimits(max_requests=100), tuning=tuning)
     c = ledger.conn
     assert [tuple(r) for r in c.execute("SELECT state, cached, job_id FROM requests WHERE hash=?", (shared,))] == \
         [("succeeded", 1, None)]
@@ -375,23 +370,22 @@ def test_requests_keep_manifest_order_with_cache_hits_among_them(tmp_path, monke
     `shard` packs them by rowid, so each job's JSONL still follows the manifest."""
     import json
 
-    from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 7)
+    tuning = PlanTuning(plan_batch_rows=7)
     m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"p{i}"] for i in range(30)])
     store = ImageStore(tmp_path / "cache")
     probe = Ledger(tmp_path / "probe")
-    plan_manifest(probe, None, m, ManifestOptions())
+    plan_manifest(probe, None, m, ManifestOptions(), tuning=tuning)
     for (h,) in probe.conn.execute("SELECT hash FROM requests ORDER BY rowid").fetchall()[::3]:
         store.put(h, png_bytes())  # every third request is a cache hit
     for sharded in (False, True):
         ledger = Ledger(tmp_path / f"wd-{sharded}")
         limits = {"shard_limits": ShardLimits(max_requests=10)} if sharded else {}
-        assert plan_manifest(ledger, store, m, ManifestOptions(), **limits).cache_hits == 10
+        assert plan_manifest(ledger, store, m, ManifestOptions(), **limits, tuning=tuning).cache_hits == 10
         prompts = [json.loads(b)["contents"][0]["parts"][0]["text"]
                    for (b,) in ledger.conn.execute("SELECT body_json FROM requests ORDER BY rowid")]
         assert prompts == [f"p{i}" for i in range(30)]
-        plan_manifest(ledger, store, m, ManifestOptions(), refresh=True)
+        plan_manifest(ledger, store, m, ManifestOptions(), refresh=True, tuning=tuning)
         jobs = shard(ledger, ShardLimits(max_requests=10))
         first = [json.loads(b)["contents"][0]["parts"][0]["text"] for (b,) in ledger.conn.execute(
             "SELECT body_json FROM requests WHERE job_id=? ORDER BY rowid", (jobs[0],))]
@@ -405,15 +399,14 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
     """Rows that share a request (cache hits and not, within a batch and across batches) have it written once
     in a bulk load: the preparer marks repeats (PreparedBatch.repeated), so Ledger.bulk_load has no copies to
     remove (~2 s per million requests). Past the marking bound copies go in and are removed: same ledger."""
-    from batcher.planning import planner
 
     if marked is not None:
         monkeypatch.setattr(prepare, "MAX_MARKED_REQUESTS", marked)  # in-process only: the child keeps its own
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 8)
+    tuning = PlanTuning(plan_batch_rows=8)
     m = write_csv(tmp_path / "m.csv", ["id", "prompt", "colour"], [[f"r{i}", f"p{i % 17}", f"c{i % 3}"] for i in range(90)])
     store = ImageStore(tmp_path / "cache")
     probe = Ledger(tmp_path / "probe")
-    plan_manifest(probe, None, m, ManifestOptions())
+    plan_manifest(probe, None, m, ManifestOptions(), tuning=tuning)
     for (h,) in probe.conn.execute("SELECT hash FROM requests ORDER BY rowid").fetchall()[::4]:
         store.put(h, png_bytes())  # 5 of the 17 requests are cache hits
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1" if child else "0")
@@ -422,7 +415,7 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
         ledger = Ledger(tmp_path / f"wd-{limits is not None}")
         statements: list[str] = []
         ledger.conn.set_trace_callback(statements.append)
-        result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=limits)
+        result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=limits, tuning=tuning)
         ledger.conn.set_trace_callback(None)
         removed = any(s.startswith("DELETE FROM requests WHERE rowid NOT IN") for s in statements)
         assert removed == (marked is not None and not child), statements[-5:]
@@ -466,9 +459,7 @@ def test_a_plan_into_last_nights_ledger_looks_requests_up_in_a_map_as_in_sql(tmp
     import shutil
 
     from batcher import pipeline
-    from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     _last_nights_workdir(tmp_path / "night1")
     prompts = [f"p{i % 12}" for i in range(0, 24, 2)] + [f"p{i}" for i in range(12)] + ["new 1", "new 2", "new 1", "p3"]
@@ -476,13 +467,13 @@ def test_a_plan_into_last_nights_ledger_looks_requests_up_in_a_map_as_in_sql(tmp
     rows[26][0] = "r5"  # a duplicate id: its batch goes a row at a time
     tonight = write_csv(tmp_path / "b.csv", ["id", "prompt"], rows)
     outcomes = []
-    for bound in (planner.KNOWN_MAX_REQUESTS, 0):
-        monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", bound)
+    for bound in (PlanTuning().known_max_requests, 0):
+        tuning = PlanTuning(plan_batch_rows=4, known_max_requests=bound)
         night = tmp_path / f"night2-{bound}"
         shutil.copytree(tmp_path / "night1", night)
         ledger, store = Ledger(night / "wd"), ImageStore(night / "cache")
         result = plan_manifest(ledger, store, tonight, ManifestOptions(), refresh=refresh, retry_blocked=retry_blocked,
-                               skip_invalid=True)
+                               skip_invalid=True, tuning=tuning)
         counts = pipeline.run_counts(ledger, result.run_id)
         assert result.states == counts  # kept as it planned, in either mode
         outcomes.append((states_of(ledger), rows_of(ledger), result.requests, result.cache_hits, result.duplicates,
@@ -501,9 +492,8 @@ def test_a_dry_runs_counts_after_sharding_are_the_runs_counts(tmp_path, monkeypa
     """The counts a dry run prints come from the plan's own when every planned request is the run's, and from
     SQL when another run left planned requests that shard may take first: the same as counting the run."""
     from batcher import pipeline
-    from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
+    tuning = PlanTuning(plan_batch_rows=4)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     ledger, store, hashes = _last_nights_workdir(tmp_path)
     if not leftover:  # last night's planned requests went into jobs
@@ -511,7 +501,7 @@ def test_a_dry_runs_counts_after_sharding_are_the_runs_counts(tmp_path, monkeypa
         ledger.conn.commit()
     # Tonight: done, pruned and failed requests (planned again), a queued one and three new ones.
     rows = [[f"r{i}", p] for i, p in enumerate(["p0", "p2", "p4", "p10", "new 1", "new 2", "new 3"])]
-    result = plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions())
+    result = plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions(), tuning=tuning)
     planned_before = ledger.count_in_state("planned")
     assert (planned_before == result.states["planned"]) == (not leftover)
     new = shard(ledger, ShardLimits(max_requests=2), limit_requests=3)  # in rowid order: a leftover (p6) among them
@@ -527,19 +517,16 @@ def test_a_plan_into_last_nights_ledger_takes_the_big_page_cache_only_when_it_ne
     """Looking requests up in a dict, a plan that makes few new requests keeps SQLite's small page cache (the
     big one would only hold the rows it appends); many new ones, or probing the hash index per request, take
     it. Either way the ledger's own setting is back afterwards."""
-    from batcher.planning import planner
-    from batcher.ledger import BULK_CACHE_KIB
+    from batcher.ledger.core import BULK_CACHE_KIB
 
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 4)
-    monkeypatch.setattr(planner, "NEW_REQUESTS_FOR_BIG_CACHE", new_for_big_cache)
-    monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
+    tuning = PlanTuning(plan_batch_rows=4, new_requests_for_big_cache=new_for_big_cache, known_max_requests=known_max)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     ledger, store, _ = _last_nights_workdir(tmp_path)
     before = ledger.conn.execute("PRAGMA cache_size").fetchone()[0]
     statements: list[str] = []
     ledger.conn.set_trace_callback(statements.append)
     rows = [[f"r{i}", f"p{i % 12}" if i < 12 else f"new {i}"] for i in range(18)]
-    plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions())
+    plan_manifest(ledger, store, write_csv(tmp_path / "b.csv", ["id", "prompt"], rows), ManifestOptions(), tuning=tuning)
     ledger.conn.set_trace_callback(None)
     assert (f"PRAGMA cache_size=-{BULK_CACHE_KIB}" in statements) == takes_it
     assert ledger.conn.execute("PRAGMA cache_size").fetchone()[0] == before
@@ -553,8 +540,7 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
     from batcher import pipeline
     from batcher.planning import planner
 
-    monkeypatch.setattr(planner, "KNOWN_MAX_REQUESTS", known_max)
-    monkeypatch.setattr(planner, "PLAN_BATCH_ROWS", 1)
+    tuning = PlanTuning(known_max_requests=known_max, plan_batch_rows=1)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     ledger, store, hashes = _last_nights_workdir(tmp_path)  # p0: done, its image in the cache
     real_batches = planner.batches
@@ -571,7 +557,7 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
 
     monkeypatch.setattr(planner, "batches", pruned_after_the_first)
     result = plan_manifest(ledger, AskedOneByOne(tmp_path / "cache"),
-                           write_csv(tmp_path / "b.csv", ["id", "prompt"], [["r0", "p0"], ["r1", "p0"]]), ManifestOptions())
+                           write_csv(tmp_path / "b.csv", ["id", "prompt"], [["r0", "p0"], ["r1", "p0"]]), ManifestOptions(), tuning=tuning)
     assert tuple(ledger.conn.execute("SELECT state, cached FROM requests WHERE hash=?", (hashes[0],)).fetchone()) == ("planned", 0)
     assert pipeline.run_counts(ledger, result.run_id)["planned"] == 1 and result.cache_hits == 0
     if result.states is not None:

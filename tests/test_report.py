@@ -11,6 +11,7 @@ from PIL import Image
 
 import batcher.pipeline as pipeline
 import batcher.output.report as report
+from batcher.cost.money import usd
 from batcher.cli import main
 from tests.helpers import write_csv
 
@@ -59,7 +60,7 @@ def test_run_writes_the_report(tmp_path, emulator, backend_factory):
     # Cost: batch and interactive (2x).
     total = sum(r["cost_usd"] or 0 for r in pq.read_table(s.out / "metadata.parquet").to_pylist())
     assert total > 0
-    assert report._usd(total) in page and report._usd(total * 2) in page
+    assert usd(total) in page and usd(total * 2) in page
 
 
 def test_user_strings_are_escaped_and_paths_are_relative(tmp_path, emulator, backend_factory):

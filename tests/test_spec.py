@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from batcher.cli import main
 from batcher.errors import UsageError
-from batcher.spec import load_spec
+from batcher.settings import load_spec
 from tests.helpers import write_csv
 
 

@@ -132,7 +132,7 @@ def test_bad_webhook_options_are_refused_before_anything_is_sent(tmp_path, emula
 
 def test_webhook_uris_in_a_job_spec_must_be_strings(tmp_path):
     from batcher.errors import UsageError
-    from batcher.spec import load_spec
+    from batcher.settings import load_spec
 
     p = tmp_path / "job.toml"
     p.write_text('manifest = "m.csv"\n[notify]\nwebhook_uris = ["https://hooks.example.com/a", 3]\n')

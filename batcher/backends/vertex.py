@@ -1,4 +1,4 @@
-"""The boundary with Vertex AI batch prediction: the same interface as `batcher.backend.GeminiBackend`.
+"""The Vertex AI batch prediction backend (backends.base.Backend): the same interface as the Gemini API's.
 
     backend = VertexBackend(VertexConnection(project="my-proj", location="us-central1",
                                              staging="gs://my-bucket/batcher"))
@@ -13,7 +13,7 @@ Files live in a Cloud Storage staging area, through google-cloud-storage:
 
 Vertex output lines echo the `request` and add a `response` or a `status` (the exact layout is unverified,
 protocol doc §6/§11), in no promised order. `download` streams them and writes the lines
-`batcher.collect` parses, `{"key", "response"}` or `{"key", "error"}`: the key is the echoed `key` when there
+`batcher.results.collect` parses, `{"key", "response"}` or `{"key", "error"}`: the key is the echoed `key` when there
 is one, else found from the canonical JSON of the echoed request, matched against the job's input file.
 A JOB_STATE_PARTIALLY_SUCCEEDED job is SUCCEEDED for the pipeline (its failed lines come back as errors and
 are retried); the raw state stays in `BatchInfo.stats["vertexState"]`.
@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from google import genai
-from google.genai import types
-
-from .gemini import TRANSIENT_CODES, BatchInfo, UploadedFile, _is_transport_error, generate_content, map_error, normalize_state
-from ..errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from ..errors import ApiError, NotFoundError, UsageError
 from ..faults import maybe_crash
+from . import client as sdk
+from .base import BatchInfo, FileInfo, UploadedFile, normalize_state
+from .errors import gcs_error
 from .retry import RetryPolicy
 
 log = logging.getLogger("batcher.backends.vertex")
@@ -96,15 +95,6 @@ class VertexConnection:
         return f"{rest}/" if rest else ""
 
 
-@dataclass(frozen=True)
-class StagedFile:
-    """What `list_files` yields (jobs.delete_orphan_files reads `name` and `display_name`)."""
-
-    name: str
-    display_name: str
-    size_bytes: int = 0
-
-
 def split_gs(uri: str) -> tuple[str, str]:
     m = re.fullmatch(r"gs://([^/]+)/?(.*)", uri or "")
     if not m:
@@ -153,46 +143,21 @@ def line_error(rec: dict) -> dict | None:
     return None
 
 
-def _gcs_error(exc: Exception, what: str) -> Exception:
-    """google-cloud-storage / transport errors -> batcher's hierarchy."""
-    code = getattr(exc, "code", None)
-    name = type(exc).__name__
-    text = f"{what}: {name}: {exc}"
-    if name == "NotFound" or code == 404:
-        return NotFoundError(text, 404, "NOT_FOUND")
-    if name == "TooManyRequests" or code == 429:
-        return QuotaError(text, 429, "RESOURCE_EXHAUSTED")
-    if isinstance(code, int) and (code in TRANSIENT_CODES or code >= 500):
-        return TransientApiError(text, code, name)
-    if isinstance(exc, (OSError, ConnectionError)) or _is_transport_error(exc) or \
-            type(exc).__module__.startswith(("requests", "urllib3", "google.auth.exceptions", "google.resumable_media")):
-        return TransientApiError(text)
-    if isinstance(code, int):
-        return ApiError(text, code, name)
-    return exc
-
-
 class VertexBackend:
+    takes_webhooks = False  # Vertex AI batch jobs take no webhook_config
+    streams_results = False  # several predictions files, normalised once they are all copied
+
     def __init__(self, connection: VertexConnection, retry: RetryPolicy | None = None, storage_client: Any = None):
         self.connection = connection
         self.retry = retry or RetryPolicy()
         self.clock_offset_s: float | None = None
-        http = types.HttpOptions(
-            api_version=connection.api_version,
-            timeout=int(connection.timeout_s * 1000),
-            retry_options=types.HttpRetryOptions(
-                attempts=4, initial_delay=1.0, max_delay=30.0, http_status_codes=sorted(TRANSIENT_CODES)
-            ),
-        )
-        if connection.base_url:
-            http.base_url = connection.base_url + "/"
-        self.client = genai.Client(vertexai=True, project=connection.project, location=connection.location,
-                                   credentials=connection.credentials, http_options=http)
-        # Create is not idempotent: never retried by the SDK (a 5xx after the job was made would duplicate it);
-        # the pipeline reconciles by display name instead.
-        no_retry = http.model_copy(update={"retry_options": types.HttpRetryOptions(attempts=1)})
-        self._create_client = genai.Client(vertexai=True, project=connection.project, location=connection.location,
-                                           credentials=connection.credentials, http_options=no_retry)
+        c = connection
+        vertex = dict(vertexai=True, project=c.project, location=c.location, credentials=c.credentials)
+        self.client = sdk.genai_client(sdk.http_options(api_version=c.api_version, timeout_s=c.timeout_s, base_url=c.base_url),
+                                       **vertex)
+        # Create is not idempotent: never retried (the pipeline reconciles by display name instead).
+        self._create_client = sdk.genai_client(sdk.http_options(api_version=c.api_version, timeout_s=c.timeout_s,
+                                                                base_url=c.base_url, retries=False), **vertex)
         self._storage = storage_client
         self._local_inputs: dict[str, Path] = {}  # display name -> the JSONL we uploaded (a cheaper key map source)
 
@@ -214,22 +179,10 @@ class VertexBackend:
         return f"gs://{self.connection.bucket}/{self.connection.prefix}{'/'.join(parts)}"
 
     def _call(self, what: str, fn: Callable):
-        def once():
-            try:
-                return fn()
-            except ApiError:
-                raise
-            except Exception as exc:
-                from google.genai import errors as genai_errors
+        return sdk.call(self.retry, what, fn, also=gcs_error)
 
-                if isinstance(exc, genai_errors.APIError):
-                    raise map_error(exc, what) from None
-                mapped = _gcs_error(exc, what)
-                if mapped is exc:
-                    raise
-                raise mapped from None
-
-        return self.retry.call(what, once)
+    def warm_up(self) -> None:
+        pass  # its clients are made with it
 
     def server_now(self) -> float:
         return time.time() + (self.clock_offset_s or 0.0)
@@ -277,23 +230,13 @@ class VertexBackend:
         except NotFoundError:
             pass  # already gone: the goal is reached
 
-    def list_files(self) -> Iterator[StagedFile]:
+    def list_files(self) -> Iterator[FileInfo]:
         """Our staged job inputs, named by their job's display name (for the orphan sweep after a crash)."""
         prefix = f"{self.connection.prefix}inputs/"
         blobs = self._call("list staged files", lambda: list(self.storage.list_blobs(self.connection.bucket, prefix=prefix)))
         for b in blobs:
             stem = b.name[len(prefix):].removesuffix(".jsonl")
-            yield StagedFile(name=f"gs://{self.connection.bucket}/{b.name}", display_name=stem, size_bytes=int(b.size or 0))
-
-    def file_size(self, name: str) -> int:
-        def get():
-            bucket, path = split_gs(name)
-            blob = self.storage.bucket(bucket).get_blob(path)
-            if blob is None:
-                raise NotFoundError(f"get {name}: not found", 404, "NOT_FOUND")
-            return int(blob.size or 0)
-
-        return self._call(f"get {name}", get)
+            yield FileInfo(name=f"gs://{self.connection.bucket}/{b.name}", display_name=stem, size_bytes=int(b.size or 0))
 
     # ---- batches ----------------------------------------------------------------------------------
     def output_prefix(self, display_name: str) -> str:
@@ -306,17 +249,9 @@ class VertexBackend:
         No webhooks: Vertex AI batch jobs don't take webhook_config (the pipeline refuses them before any work)."""
         if webhook:
             raise UsageError("webhooks (--webhook-uri) are a Gemini API feature; Vertex AI batch jobs don't take them")
-        what = f"create job {display_name}"
-        try:
-            job = self._create_client.batches.create(
-                model=model.removeprefix("models/"), src=file_name,
-                config={"display_name": display_name, "dest": self.output_prefix(display_name)})
-        except Exception as exc:
-            from google.genai import errors as genai_errors
-
-            if isinstance(exc, genai_errors.APIError) or _is_transport_error(exc):
-                raise map_error(exc, what) from None
-            raise
+        job = sdk.call(RetryPolicy(attempts=1), f"create job {display_name}", lambda: self._create_client.batches.create(
+            model=model.removeprefix("models/"), src=file_name,
+            config={"display_name": display_name, "dest": self.output_prefix(display_name)}))
         return batch_info(job)
 
     def get_batch(self, name: str) -> BatchInfo:
@@ -403,7 +338,7 @@ class VertexBackend:
         except ApiError:
             raise
         except Exception as exc:
-            mapped = _gcs_error(exc, f"download {file_name}")
+            mapped = gcs_error(exc, f"download {file_name}")
             if mapped is exc:
                 raise
             raise mapped from None
@@ -442,14 +377,18 @@ class VertexBackend:
         except ApiError:
             raise
         except Exception as exc:  # reading the job's input for the key map
-            mapped = _gcs_error(exc, f"read the input of {file_name}")
+            mapped = gcs_error(exc, f"read the input of {file_name}")
             if mapped is exc:
                 raise
             raise mapped from None
 
     # ---- interactive ------------------------------------------------------------------------------
     def generate_content(self, model: str, body: dict) -> dict:
-        return generate_content(self, model, body)
+        return sdk.generate_content(self.client, self.retry, model, body)
+
+    def download_chunks(self, file_name: str, dest: Path, on_bytes: Callable[[int], None] | None = None,
+                        block: int = 1 << 20) -> Iterator[bytes]:
+        raise NotImplementedError("Vertex AI results are normalised once downloaded (streams_results is False)")
 
 
 def vertex_state(job) -> str:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import sqlite3
 import sys
 from pathlib import Path
 
 import click
 
-from ..storage import gcs
 from .. import pipeline
 from ..catalog import DEFAULT_MODEL
-from ..errors import BatcherError, ManifestError, UsageError
-from ..manifest import ManifestOptions
-from ..planning.planner import ShardLimits
-from ..jobs.deadline import parse_deadline
-from ..jobs.quota import Quota
+from ..errors import BatcherError, ManifestError
+from ..ledger import DatabaseError
+from ..output import render
+from ..settings import Settings, is_spec
+from ..storage import gcs
 
 log = logging.getLogger("batcher")
 
@@ -63,7 +60,7 @@ def handle_errors(fn):
         except BatcherError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except (OSError, sqlite3.Error) as exc:  # the environment: disk full, read-only, I/O errors (exit 1)
+        except (OSError, DatabaseError) as exc:  # the environment: disk full, read-only, I/O errors (exit 1)
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             click.echo(f"error: {getattr(exc, 'strerror', None) or exc}{where}; nothing is lost: fix it and run the "
                        f"same command again", err=True)
@@ -129,77 +126,16 @@ def manifest_options(fn):
     return fn
 
 
-def _apply_spec(ctx: click.Context, manifest: Path, kw: dict) -> Path:
-    """For MANIFEST ending in .toml: the job spec's values, under options given on the command line."""
-    if not str(manifest).lower().endswith(".toml"):
-        return manifest if gcs.is_gcs(manifest) else Path(manifest)
-    from ..spec import load_spec
-
-    spec = load_spec(manifest)
-    mapping = {
-        "workdir": "workdir", "out": "out", "cache_dir": "cache_dir", "backend": "backend", "refresh": "refresh",
-        "skip_invalid": "skip_invalid", "defaults.model": "model", "defaults.aspect_ratio": "aspect_ratio",
-        "defaults.image_size": "image_size", "defaults.temperature": "temperature", "defaults.top_p": "top_p",
-        "defaults.seed": "seed", "defaults.variants": "variants", "defaults.system_instruction": "system_instruction",
-        "manifest_columns.prompt": "prompt_column", "manifest_columns.id": "id_column", "manifest_columns.format": "fmt",
-        "limits.max_requests_per_job": "max_requests_per_job", "limits.max_attempts": "max_attempts",
-        "limits.tier": "tier", "limits.token_cap": "token_cap", "limits.budget_usd": "budget_usd", "prices": "prices",
-        "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
-        "window.deadline": "deadline", "window.policy": "deadline_policy", "share": "share",
-        "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
-        "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
-        "notify.webhook_uris": "webhook_uris",
-    }
-    for spec_key, option in mapping.items():
-        if spec_key not in spec.values:
-            continue
-        source = ctx.get_parameter_source(option)
-        if source is None or source == click.core.ParameterSource.DEFAULT:
-            value = spec.values[spec_key]
-            kw[option] = PATH_OR_GS.convert(value, None, None) if option in ("workdir", "out", "cache_dir") else value
-    value = spec.values["manifest"]
-    return value if gcs.is_gcs(value) else Path(value)
-
-
-def _settings(kw: dict, **extra) -> pipeline.Settings:
-    if kw.get("webhook_uris") and kw.get("backend") == "vertex":
-        raise UsageError("webhooks (--webhook-uri, notify.webhook_uris) are a Gemini API feature; Vertex AI batch jobs don't take them")
-    m = ManifestOptions(
-        prompt_column=kw.get("prompt_column", "prompt"), id_column=kw.get("id_column", "id"), format=kw.get("fmt"),
-        model=kw.get("model", DEFAULT_MODEL), aspect_ratio=kw.get("aspect_ratio"), image_size=kw.get("image_size"),
-        temperature=kw.get("temperature"), top_p=kw.get("top_p"), seed=kw.get("seed"), variants=kw.get("variants") or 1,
-        system_instruction=kw.get("system_instruction"),
-    )
-    workdir = kw["workdir"]
-    return pipeline.Settings(
-        workdir=workdir, out=kw.get("out"), cache_dir=kw.get("cache_dir"), manifest=m,
-        limits=ShardLimits(max_requests=kw.get("max_requests_per_job", 1000)), max_attempts=kw.get("max_attempts", 3),
-        quota=Quota(tier=kw.get("tier") or "1", token_cap=kw.get("token_cap")),
-        refresh=kw.get("refresh", False), retry_blocked=kw.get("retry_blocked", False),
-        fallback_model=kw.get("fallback_model"), share=kw.get("share"), skip_invalid=kw.get("skip_invalid", False),
-        rejects_path=Path(workdir) / "rejects.csv" if kw.get("skip_invalid") else None, quiet=kw.get("quiet", False),
-        budget_usd=kw.get("budget_usd"), prices=kw.get("prices"), webhook_uris=kw.get("webhook_uris") or (), **extra,
-    )
-
-
-@contextlib.contextmanager
-def _backend_factory(kind: str, kw: dict | None = None):
-    """For --backend emulator, an in-process emulator lives as long as the command."""
-    if kind == "vertex":
-        from ..backends.vertex import VertexBackend, VertexConnection
-
-        kw = kw or {}
-        conn = VertexConnection.from_env(project=kw.get("project"), location=kw.get("location"), staging=kw.get("staging"))
-        yield lambda: VertexBackend(conn)
-        return
-    if kind != "emulator":
-        yield None
-        return
-    from ..backends.gemini import Connection, GeminiBackend
-    from ..emulator import Emulator, EmulatorConfig
-
-    with Emulator(EmulatorConfig()) as emu:
-        yield lambda: GeminiBackend(Connection(api_key="emulator-key", base_url=emu.url, timeout_s=60))
+def _settings(ctx: click.Context, manifest: str | None, kw: dict) -> tuple[str | Path | None, Settings]:
+    """The command's options as Settings (settings.from_options, the one mapping). For a MANIFEST ending in .toml:
+    the job spec's values, under the options given on the command line."""
+    kw = {k: v for k, v in kw.items() if k != "verbose"}
+    if manifest is not None and is_spec(manifest):
+        given = {k: v for k, v in kw.items() if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
+        return Settings.from_spec(manifest, **given)
+    if manifest is not None:
+        manifest = manifest if gcs.is_gcs(manifest) else Path(manifest)
+    return manifest, Settings.from_options(**kw)
 
 
 def _finish(outcome: pipeline.Outcome) -> None:
@@ -231,9 +167,7 @@ def main():
 def submit(ctx, manifest, dry_run, **kw):
     """Validate MANIFEST (or a JOB.toml spec), plan requests, upload and create batch jobs; returns at once."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    manifest = _apply_spec(ctx, manifest, kw)
-    with _backend_factory(kw["backend"], kw) as factory:
-        _finish(pipeline.submit(manifest, _settings(kw), dry_run=dry_run, backend_factory=factory))
+    _finish(pipeline.submit(*_settings(ctx, manifest, kw), dry_run=dry_run))
 
 
 @main.command()
@@ -250,24 +184,10 @@ def submit(ctx, manifest, dry_run, **kw):
               help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
 @handle_errors
 @click.pass_context
-def run(ctx, manifest, poll_interval, timeout, **kw):
+def run(ctx, manifest, **kw):
     """Submit MANIFEST (or a JOB.toml spec), wait, collect, resubmit failures, until done. Resumable."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    kw["poll_interval"], kw["timeout"] = poll_interval, timeout
-    spec_path, manifest = manifest, _apply_spec(ctx, manifest, kw)
-    poll_interval, timeout = kw["poll_interval"], kw["timeout"]
-    try:
-        deadline = parse_deadline(kw.pop("deadline")) if kw.get("deadline") else None
-    except UsageError as exc:
-        if not str(spec_path).lower().endswith(".toml") or ctx.get_parameter_source("deadline") != click.core.ParameterSource.DEFAULT:
-            raise
-        raise UsageError(f"{spec_path}: 'window.deadline': {exc}") from None
-    policy = kw.pop("deadline_policy")
-    if poll_interval is None:
-        poll_interval = 1.0 if kw["backend"] == "emulator" else 30.0
-    with _backend_factory(kw["backend"], kw) as factory:
-        _finish(pipeline.run(manifest, _settings(kw, poll_interval=poll_interval, timeout=timeout, deadline=deadline,
-                                                  deadline_policy=policy), backend_factory=factory))
+    _finish(pipeline.run(*_settings(ctx, manifest, kw)))
 
 
 @main.command()
@@ -279,15 +199,8 @@ def run(ctx, manifest, poll_interval, timeout, **kw):
 @click.pass_context
 def estimate(ctx, manifest, as_json, **kw):
     """Requests, cache hits, tokens and $ batch vs interactive of MANIFEST (or a JOB.toml); submits nothing."""
-    from ..cost import estimate as estimate_mod
-    from ..cost.pricing import default_table
-
-    manifest = _apply_spec(ctx, manifest, kw)
-    kw.setdefault("workdir", Path(".batcher"))
-    table = default_table().with_overrides(kw.get("prices") or {})
-    e = estimate_mod.estimate(manifest, _settings(kw).manifest, cache_dir=kw.get("cache_dir"), refresh=kw.get("refresh", False),
-                              skip_invalid=kw.get("skip_invalid", False), table=table, tier=kw.get("tier"))
-    click.echo(json.dumps(e.to_dict(), indent=2) if as_json else estimate_mod.render(e))
+    e = pipeline.estimate(*_settings(ctx, manifest, kw))
+    click.echo(json.dumps(e.to_dict(), indent=2) if as_json else render.estimate(e))
 
 
 @main.command()
@@ -297,13 +210,12 @@ def estimate(ctx, manifest, as_json, **kw):
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop after this many seconds (--worker).")
 @handle_errors
-def collect(worker, poll_interval, timeout, **kw):
+@click.pass_context
+def collect(ctx, worker, **kw):
     """Download finished jobs, decode and cache images, requeue failures, write the dataset."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    with _backend_factory(kw["backend"], kw) as factory:
-        if worker:
-            _finish(pipeline.collect_as_worker(_settings(kw, poll_interval=poll_interval, timeout=timeout), backend_factory=factory))
-        _finish(pipeline.collect(_settings(kw), backend_factory=factory))
+    _, settings = _settings(ctx, None, kw)
+    _finish(pipeline.collect_as_worker(settings) if worker else pipeline.collect(settings))
 
 
 @main.command()
@@ -311,39 +223,13 @@ def collect(worker, poll_interval, timeout, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
 @click.option("--no-refresh", is_flag=True, help="Show the ledger as it is, without asking the API.")
 @handle_errors
-def status(as_json, no_refresh, **kw):
+@click.pass_context
+def status(ctx, as_json, no_refresh, **kw):
     """Jobs, their 24 h windows and 48 h expiry, request counts and cost."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    with _backend_factory(kw["backend"], kw) as factory:
-        doc = pipeline.status(_settings(kw), refresh=not no_refresh, backend_factory=factory)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        click.echo(render_status(doc))
+    doc = pipeline.status(_settings(ctx, None, kw)[1], refresh=not no_refresh)
+    click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc))
     sys.exit(doc["exit_code"])
-
-
-def render_status(doc: dict) -> str:
-    head = ("JOB", "STATE", "OK", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
-    rows = [head]
-    for j in doc["jobs"]:
-        fmt = lambda h: "-" if h is None else f"{h:.1f}h"  # noqa: E731
-        rows.append((j["display_name"], j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else ""),
-                     str(j["succeeded"]), str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]),
-                     fmt(j["window_hours_left"]), fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    c = doc["requests"]
-    lines.append("")
-    lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
-                 f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
-                 f"${doc['cost_usd']:.4f} spent")
-    for model, cap in (doc.get("capacity") or {}).items():
-        limit = f"{cap['token_cap']:,}" if cap.get("token_cap") else "no cap"
-        lines.append(f"capacity {model}: {cap['in_flight_tokens']:,} of {limit} enqueued tokens in flight; "
-                     f"{cap['jobs_waiting']} job(s) ({cap['waiting_tokens']:,} tokens) waiting; "
-                     f"{cap['requests_not_in_jobs']} request(s) not in a job yet")
-    return "\n".join(lines)
 
 
 @main.command()
@@ -351,13 +237,13 @@ def render_status(doc: dict) -> str:
 @click.option("--all", "all_jobs", is_flag=True, help="Cancel every running job of the workdir.")
 @common_options
 @handle_errors
-def cancel(jobs, all_jobs, **kw):
+@click.pass_context
+def cancel(ctx, jobs, all_jobs, **kw):
     """Cancel running jobs (by display name or batches/ID), or --all."""
     _setup_logging(kw["verbose"], kw["quiet"])
     if not jobs and not all_jobs:
         raise click.UsageError("name the jobs to cancel, or pass --all")
-    with _backend_factory(kw["backend"], kw) as factory:
-        _finish(pipeline.cancel(_settings(kw), list(jobs) or None, backend_factory=factory))
+    _finish(pipeline.cancel(_settings(ctx, None, kw)[1], list(jobs) or None))
 
 
 @main.command()
@@ -371,7 +257,7 @@ def report(workdir, out, quiet, verbose):
     from ..output.report import write_report
 
     _setup_logging(verbose, quiet)
-    r = write_report(pipeline.Settings(workdir=workdir, out=out, quiet=quiet))
+    r = write_report(Settings(workdir=workdir, out=out, quiet=quiet))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
     click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
 
@@ -387,22 +273,11 @@ def report(workdir, out, quiet, verbose):
 def models(as_json, include_shut_down, offline, backend, verbose):
     """The image models batcher knows: sizes, ratios, tokens and $ per image, shutdown dates and sources; with an
     API key, also the image models the API lists for batch jobs (marking those batcher has no price for)."""
-    from .. import models as models_mod
-    from ..backends.gemini import Connection, GeminiBackend
+    from ..models import describe_models
 
     _setup_logging(verbose, False)
-    with _backend_factory(backend) as factory:
-        api = None
-        if not offline:
-            if factory is not None:
-                api = factory()
-            else:
-                try:
-                    api = GeminiBackend(Connection.from_env())
-                except UsageError:
-                    api = None  # no key: batcher's own list only
-        doc = models_mod.describe(backend=api, include_shut_down=include_shut_down)
-    click.echo(json.dumps(doc, indent=2) if as_json else models_mod.render(doc))
+    doc = describe_models(backend=None if offline else backend, include_shut_down=include_shut_down)
+    click.echo(json.dumps(doc, indent=2) if as_json else render.models(doc))
 
 
 class _LazyEmulatorCommand(click.Command):

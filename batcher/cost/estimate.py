@@ -20,10 +20,12 @@ from pathlib import Path
 
 from ..catalog import TIERS, model_spec, warning as model_warning
 from ..errors import ManifestError, UsageError
-from ..ledger import PLANNED, QUEUED, Ledger
+from ..ledger import PLANNED, QUEUED, Ledger, sending
+from ..ledger.reading import run_spend_usd
 from ..manifest import ManifestOptions, RowProblem, read_manifest
 from ..planning.planner import MAX_PROBLEMS_SHOWN
 from ..planning.prepare import References, image_requests
+from .money import usd
 from .pricing import PriceTable, current_table
 from ..planning.requests import request_hash
 from ..storage.store import ImageStore
@@ -111,7 +113,7 @@ def planned_batch_usd(ledger: Ledger, table: PriceTable | None = None, over: flo
     out: a fraction of a cent). With `over`, the bodies are read only when counts alone cannot tell whether the
     estimate is over it (then a bound is returned)."""
     table = table or current_table()
-    counts = ledger.planned_by_model()
+    counts = sending.planned_by_model(ledger)
     prices = {m: table.get(m) for m in counts}
     if any(p is None for p in prices.values()):
         return 0.0  # priced when sent (the budget refuses a model without a price); nothing to hold against a cap
@@ -121,7 +123,7 @@ def planned_batch_usd(ledger: Ledger, table: PriceTable | None = None, over: flo
         return low if low > over else high
     total = 0.0
     for model, price in prices.items():
-        for size, n in ledger.planned_by_size(model, price.tokens_per_image).items():
+        for size, n in sending.planned_by_size(ledger, model, price.tokens_per_image).items():
             total += n * (price.image_usd(size) + price.thinking_usd())
     return total
 
@@ -203,39 +205,6 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     return result
 
 
-def usd(x: float) -> str:
-    """Dollars to the cent; under a dollar, to 1/100 cent unless that is the same."""
-    return f"${x:,.2f}" if x >= 0.995 or abs(x - round(x, 2)) < 1e-9 else f"${x:,.4f}"
-
-
-def render(e: Estimate) -> str:
-    t = e.total()
-    lines = [f"{e.manifest}: {e.rows:,} rows" + (f" ({e.rejected:,} invalid, skipped)" if e.rejected else "")
-             + f", {t.requests:,} requests, {t.distinct:,} distinct, {t.cache_hits:,} cache hits, {t.to_generate:,} to generate", ""]
-    head = ("MODEL", "TO GENERATE", "CACHED", "INPUT TOKENS", "OUTPUT TOKENS", "BATCH", "INTERACTIVE", "SAVINGS")
-    rows = [head]
-    for m in list(e.models.values()) + ([t] if len(e.models) > 1 else []):
-        rows.append((m.model, f"{m.to_generate:,}", f"{m.cache_hits:,}", f"{m.prompt_tokens:,}", f"{m.output_tokens:,}",
-                     usd(m.images_batch_usd), usd(m.images_interactive_usd), usd(m.images_interactive_usd - m.images_batch_usd)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    saved = t.images_interactive_usd - t.images_batch_usd
-    pct = f", {saved / t.images_interactive_usd:.0%}" if t.images_interactive_usd else ""
-    lines += ["",
-              f"images: {usd(t.images_batch_usd)} batch vs {usd(t.images_interactive_usd)} interactive (save {usd(saved)}{pct})",
-              f"input, estimated (~{t.prompt_tokens:,} tokens): {usd(t.input_batch_usd)} batch vs {usd(t.input_interactive_usd)} interactive"]
-    if t.thoughts_tokens:
-        lines.append(f"thinking, estimated (~{t.thoughts_tokens:,} tokens): {usd(t.thinking_batch_usd)} batch vs "
-                     f"{usd(t.thinking_interactive_usd)} interactive")
-    lines += [f"total, estimated: {usd(t.batch_usd)} batch vs {usd(t.interactive_usd)} interactive",
-              "(images: tokens per image x Google's rate; prompts ~4 characters a token; thinking: an allowance per image "
-              "that the catalog states as an assumption; realized cost comes from each response's usage)"]
-    if note := e.tier_cap_note():
-        lines += ["", f"warning: {note}"]
-    lines += [f"warning: {w}" for w in e.warnings]
-    return "\n".join(lines)
-
-
 # ---- the budget -------------------------------------------------------------------------------------------
 
 def request_estimate_usd(model: str, body_json: str, table: PriceTable | None = None, batch: bool = True) -> float:
@@ -279,37 +248,24 @@ class BudgetCheck:
                 "in the job spec) and run again to send them")
 
 
-def run_spend_usd(ledger: Ledger, run) -> float:
-    """What the run has paid: the payments for its requests since it began, not served from the cache, whatever
-    state they are in now (one planned again within the run keeps what it cost: planner.REPLANNED_IN_RUN). An
-    earlier run's requests in the same workdir were paid by that run; they are not counted again."""
-    if run is None:
-        return 0.0
-    where, params = ledger.in_run(run["id"])
-    return ledger.conn.execute(
-        "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 "
-        f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]
-
-
 def check_budget(ledger: Ledger, budget_usd: float, table: PriceTable | None = None) -> BudgetCheck:
     """How many planned requests can be sent, in the order `planner.shard` takes them, within the budget."""
     table = table or current_table()
-    c = ledger.conn
     check = BudgetCheck(budget_usd=budget_usd, spent_usd=run_spend_usd(ledger, ledger.current_run()))
-    for model, body_json in c.execute("SELECT model, body_json FROM requests WHERE state=?", (QUEUED,)).fetchall():
+    for model, body_json in sending.queued_bodies(ledger):
         check.queued_usd += request_estimate_usd(model, body_json, table)
     left = budget_usd - check.spent_usd - check.queued_usd
-    # The same queries, in the same order, as planner.shard: its limit_requests takes the first N of these.
-    models = [r[0] for r in c.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
-    for model in models:
-        for (body_json,) in c.execute("SELECT body_json FROM requests WHERE state=? AND model=? ORDER BY rowid", (PLANNED, model)).fetchall():
-            cost = request_estimate_usd(model, body_json, table)
-            if not check.held and check.allowed_usd + cost <= left + 1e-9:
-                check.allowed += 1
-                check.allowed_usd += cost
-            else:
-                check.held += 1
-                check.held_usd += cost
+    # The requests in the order the shard takes them (one query path): its limit_requests takes the first N.
+    for model in sending.planned_models(ledger):
+        for page in sending.planned_pages(ledger, model, bodies=True):
+            for *_, body_json in page:
+                cost = request_estimate_usd(model, body_json, table)
+                if not check.held and check.allowed_usd + cost <= left + 1e-9:
+                    check.allowed += 1
+                    check.allowed_usd += cost
+                else:
+                    check.held += 1
+                    check.held_usd += cost
     return check
 
 

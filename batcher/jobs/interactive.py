@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from . import lifecycle as jobs_mod
-from ..backends.gemini import GeminiBackend
+from ..backends.base import Backend
 from ..results.lines import classify, image_meta
 from ..errors import ApiError, SpendLimitError
-from ..ledger import ADD_PAYMENT, BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger
+from ..ledger import BLOCKED, FAILED, PLANNED, SUCCEEDED, Ledger, outcomes, sending
 from ..cost.pricing import cost_usd
 from ..planning.requests import REF_SCHEME, referenced_hashes, resolve_references
 from ..storage.store import ImageStore, InvalidImage
@@ -40,13 +40,11 @@ def estimated_cost(model: str, body_json: str) -> float:
     return request_estimate_usd(model, body_json, batch=False)
 
 
-def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: int, *, concurrency: int = 4,
+def generate(ledger: Ledger, backend: Backend, store: ImageStore, run_id: int, *, concurrency: int = 4,
              budget_left_usd: float | None = None, max_attempts: int = 3) -> InteractiveStats:
     """Generate the run's planned requests interactively, within `budget_left_usd` (estimated, full price)."""
     stats = InteractiveStats()
-    where, params = ledger.in_run(run_id)
-    todo = ledger.conn.execute(f"SELECT hash, model, body_json, attempts FROM requests WHERE state=? AND {where} ORDER BY rowid",
-                               (PLANNED, *params)).fetchall()
+    todo = outcomes.planned_in_run(ledger, run_id)
     chosen = []
     budget = budget_left_usd
     for r in todo:
@@ -59,7 +57,7 @@ def generate(ledger: Ledger, backend: GeminiBackend, store: ImageStore, run_id: 
     if not chosen:
         return stats
     needed = {sha for r in chosen if REF_SCHEME in r["body_json"] for sha in referenced_hashes(r["body_json"])}
-    paths = {sha: p for sha, p in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
+    paths = sending.reference_paths(ledger)
     uris = jobs_mod.ensure_references(ledger, backend, needed, paths) if needed else {}
 
     def call(r):
@@ -93,9 +91,7 @@ def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, 
         outcome = classify(fut.result())
     except ApiError as exc:
         state = FAILED if attempts >= max_attempts else PLANNED
-        with ledger.transaction() as c:
-            c.execute("UPDATE requests SET state=?, attempts=?, error=?, updated_at=? WHERE hash=? AND state=?",
-                      (state, attempts, f"interactive call failed: {exc}", now, h, PLANNED))
+        outcomes.record_attempt(ledger, h, state, attempts, f"interactive call failed: {exc}", now, PLANNED)
         stats.failed += 1
         return
     cost = cost_usd(model, *outcome.usage, batch=False)
@@ -110,12 +106,8 @@ def _record(ledger: Ledger, store: ImageStore, r, fut, stats: InteractiveStats, 
     else:
         state, error = (FAILED if attempts >= max_attempts else PLANNED), outcome.reason
     with ledger.transaction() as c:
-        cur = c.execute(
-            f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, "
-            f"thoughts_tokens=?, {ADD_PAYMENT}, updated_at=? WHERE hash=? AND state=?",
-            (state, attempts, error, outcome.finish_reason, outcome.prompt_tokens, outcome.output_tokens,
-             outcome.thoughts_tokens, cost, cost, now, h, PLANNED))
-    if cur.rowcount:
+        changed = outcomes.record_result(c, h, state, attempts, error, outcome.finish_reason, outcome.usage, cost, now, PLANNED)
+    if changed:
         stats.spent_usd += cost or 0.0
         stats.succeeded += state == SUCCEEDED
         stats.blocked += state == BLOCKED

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from .. import catalog
-from ..backends.gemini import BatchInfo, GeminiBackend
+from ..backends.base import Backend, BatchInfo
 from ..errors import ApiError, LedgerError, NotFoundError, QuotaError, TransientApiError
 from ..faults import maybe_crash
 from ..ledger import (
-    J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, QUEUED, Ledger,
+    J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger, sending,
 )
 from ..planning.requests import REF_SCHEME, referenced_hashes
 from .webhooks import webhook_config
@@ -41,9 +41,7 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
     path = jsonl_path(ledger, job["display_name"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
-    # A job's requests stay queued in it until it has run, so they are the requests whose job_id is this job
-    # (one index range, in the order shard took them), not a lookup by hash per request.
-    rows = ledger.conn.execute("SELECT hash, body_json FROM requests WHERE job_id=? AND state=? ORDER BY rowid", (job_id, QUEUED))
+    rows = sending.queued_of_job(ledger, job_id)
     size = lines = 0
     with open(tmp, "wb") as f:
         for h, body_json in rows:
@@ -58,8 +56,7 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
         os.unlink(tmp)
         raise LedgerError(f"job {job_id}: {lines} queued requests in the ledger, but the job was made with {job['request_count']}")
     os.replace(tmp, path)
-    with ledger.transaction() as c:
-        c.execute("UPDATE jobs SET jsonl_path=?, input_bytes=? WHERE id=?", (str(path), size, job_id))
+    sending.set_job_input(ledger, job_id, path, size)
     return path
 
 
@@ -76,22 +73,20 @@ def splice_references(body_json: str, uri_by_sha: dict[str, str]) -> str:
 
 
 def job_reference_hashes(ledger: Ledger, job_id: int) -> set[str]:
-    if ledger.conn.execute("SELECT 1 FROM reference_files LIMIT 1").fetchone() is None:
+    if not sending.has_references(ledger):
         return set()  # no run in this workdir has reference images: skip the scan
     out: set[str] = set()
-    rows = ledger.conn.execute("SELECT body_json FROM requests WHERE job_id=? AND state=? AND body_json LIKE ?",
-                               (job_id, QUEUED, f"%{REF_SCHEME}%"))
-    for (body_json,) in rows:
+    for body_json in sending.bodies_with_references(ledger, job_id, REF_SCHEME):
         out.update(referenced_hashes(body_json))
     return out
 
 
-def ensure_references(ledger: Ledger, backend: GeminiBackend, hashes: set[str], paths: dict[str, str]) -> dict[str, str]:
+def ensure_references(ledger: Ledger, backend: Backend, hashes: set[str], paths: dict[str, str]) -> dict[str, str]:
     """Upload each distinct reference image once (by content hash); re-upload when its 48 h runs short."""
     uris: dict[str, str] = {}
     now = time.time()
     for sha in sorted(hashes):
-        row = ledger.conn.execute("SELECT * FROM uploads WHERE sha256=?", (sha,)).fetchone()
+        row = sending.upload_of(ledger, sha)
         if row is not None and row["expires_at"] - now > REFERENCE_MIN_REMAINING_S:
             uris[sha] = row["uri"]
             continue
@@ -103,16 +98,12 @@ def ensure_references(ledger: Ledger, backend: GeminiBackend, hashes: set[str], 
         mime = image_mime_type(path)
         uploaded = backend.upload_image(Path(path), mime, display_name=f"batcher-ref-{sha[:16]}")
         expires = uploaded.expires_at or now + 48 * 3600
-        with ledger.transaction() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO uploads(sha256, file_name, uri, mime_type, expires_at) VALUES (?,?,?,?,?)",
-                (sha, uploaded.name, uploaded.uri, mime, expires),
-            )
+        sending.record_upload(ledger, sha, uploaded.name, uploaded.uri, mime, expires)
         uris[sha] = uploaded.uri
     return uris
 
 
-def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: dict[str, str], on_bytes=None) -> None:
+def upload_job(ledger: Ledger, backend: Backend, job_id: int, ref_paths: dict[str, str], on_bytes=None) -> None:
     """planned|uploading -> uploaded: write the JSONL, upload it, record the file."""
     job = ledger.job(job_id)
     with ledger.transaction() as c:
@@ -128,7 +119,7 @@ def upload_job(ledger: Ledger, backend: GeminiBackend, job_id: int, ref_paths: d
         ledger.job_transition(c, job_id, (J_UPLOADING,), J_UPLOADED, input_file=uploaded.name)
 
 
-def create_job(ledger: Ledger, backend: GeminiBackend, job_id: int, webhook_uris: tuple[str, ...] = (),
+def create_job(ledger: Ledger, backend: Backend, job_id: int, webhook_uris: tuple[str, ...] = (),
                on_wait: Callable[[QuotaError], None] | None = None) -> bool:
     """uploaded -> creating -> submitted. Returns False when the API has no capacity now (a 429 that clears by
     waiting: `on_wait` gets it, with its retry hint): the job stays `uploaded` and is created later. Raises on other
@@ -186,7 +177,7 @@ def _mark_submitted(ledger: Ledger, job_id: int, info: BatchInfo) -> None:
         )
 
 
-def reconcile(ledger: Ledger, backend: GeminiBackend) -> int:
+def reconcile(ledger: Ledger, backend: Backend) -> int:
     """Resolve jobs left in `creating` by a crash: found in the API's list -> submitted; absent -> uploaded.
     After a crash, also deletes our uploaded JSONL files that no job uses. Returns how many jobs were found."""
     creating = ledger.jobs((J_CREATING,))
@@ -208,14 +199,11 @@ def reconcile(ledger: Ledger, backend: GeminiBackend) -> int:
     return found
 
 
-def delete_orphan_files(ledger: Ledger, backend: GeminiBackend) -> int:
+def delete_orphan_files(ledger: Ledger, backend: Backend) -> int:
     """Files uploaded under our display names that no live job records (an upload interrupted after the
     server finished it, or a re-upload) cost storage quota: delete them."""
     prefix = f"batcher-{ledger.ledger_id}-job"
-    live = {r[0] for r in ledger.conn.execute(
-        "SELECT input_file FROM jobs WHERE input_file IS NOT NULL AND state IN (?,?,?)",
-        (J_UPLOADED, J_CREATING, J_SUBMITTED),
-    )}
+    live = sending.live_input_files(ledger)
     deleted = 0
     for f in backend.list_files():
         # Runs before any upload of this call, under the workdir lock: no upload of ours is under way.
@@ -225,16 +213,13 @@ def delete_orphan_files(ledger: Ledger, backend: GeminiBackend) -> int:
     return deleted
 
 
-def refresh_job(ledger: Ledger, backend: GeminiBackend, job_id: int) -> BatchInfo:
+def refresh_job(ledger: Ledger, backend: Backend, job_id: int) -> BatchInfo:
     """Read the job from the API; submitted -> succeeded|failed|expired|cancelled when it has ended."""
     job = ledger.job(job_id)
     info = backend.get_batch(job["batch_name"])
     new_state = API_TERMINAL.get(info.state)
     with ledger.transaction() as c:
-        c.execute(
-            "UPDATE jobs SET api_state=?, stats_json=?, api_created_at=COALESCE(?, api_created_at), updated_at=? WHERE id=?",
-            (info.state, json.dumps(info.stats), info.created_at, time.time(), job_id),
-        )
+        sending.record_api_state(c, job_id, info.state, json.dumps(info.stats), info.created_at, time.time())
         if new_state and job["state"] == J_SUBMITTED:
             ledger.job_transition(c, job_id, (J_SUBMITTED,), new_state, output_file=info.output_file, error=info.error)
     return info

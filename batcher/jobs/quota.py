@@ -10,11 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import catalog
-from ..ledger import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING, Ledger
+from ..ledger import J_PLANNED, J_UPLOADING, Ledger, sending
 from ..cost.pricing import expected_output_tokens
-
-IN_FLIGHT = (J_CREATING, J_SUBMITTED)
-HOLDING_FILES = (J_UPLOADED, J_CREATING, J_SUBMITTED)
 
 
 @dataclass(frozen=True)
@@ -42,32 +39,17 @@ def prompt_tokens_estimate(body_chars: int, references: int) -> int:
     return body_chars // 4 + 258 * references
 
 
-def in_flight_tokens(ledger: Ledger, model: str) -> int:
-    marks = ",".join("?" * len(IN_FLIGHT))
-    return ledger.conn.execute(
-        f"SELECT COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN ({marks})", (model, *IN_FLIGHT)
-    ).fetchone()[0]
-
-
-def files_bytes(ledger: Ledger) -> int:
-    marks = ",".join("?" * len(HOLDING_FILES))
-    return ledger.conn.execute(
-        f"SELECT COALESCE(SUM(input_bytes), 0) FROM jobs WHERE state IN ({marks})", HOLDING_FILES
-    ).fetchone()[0]
-
-
 def why_not_now(ledger: Ledger, quota: Quota, job) -> str | None:
     """None if the job may be created now, else the reason it waits."""
-    marks = ",".join("?" * len(IN_FLIGHT))
-    jobs = ledger.conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", IN_FLIGHT).fetchone()[0]
+    jobs = sending.jobs_in_flight(ledger)
     if jobs >= quota.max_concurrent_jobs:
         return f"{jobs} jobs in flight (the cap is {quota.max_concurrent_jobs})"
     cap = quota.cap_for(job["model"])
-    used = in_flight_tokens(ledger, job["model"])
+    used = sending.in_flight_tokens(ledger, job["model"])
     if cap is not None and used and used + job["est_tokens"] > cap:
         return f"{job['model']}: {used:,} + {job['est_tokens']:,} enqueued tokens would pass the cap of {cap:,}"
     if job["state"] in (J_PLANNED, J_UPLOADING):
-        stored = files_bytes(ledger)
+        stored = sending.files_bytes(ledger)
         if stored and stored + job["input_bytes"] > quota.files_storage_bytes:
             return f"{stored:,} bytes in Files storage; {job['input_bytes']:,} more would pass {quota.files_storage_bytes:,}"
     return None
@@ -76,18 +58,13 @@ def why_not_now(ledger: Ledger, quota: Quota, job) -> str | None:
 def capacity(ledger: Ledger, quota: Quota) -> dict:
     """Planned vs in flight vs capacity, per model (for `status`)."""
     out = {}
-    models = [r[0] for r in ledger.conn.execute("SELECT DISTINCT model FROM jobs UNION SELECT DISTINCT model FROM requests")]
-    for model in sorted(models):
-        waiting = ledger.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN (?,?,?)",
-            (model, J_PLANNED, J_UPLOADING, J_UPLOADED)).fetchone()
-        planned_requests = ledger.conn.execute(
-            "SELECT COUNT(*) FROM requests WHERE model=? AND state='planned'", (model,)).fetchone()[0]
+    for model in sending.ledger_models(ledger):
+        jobs_waiting, waiting_tokens, planned_requests = sending.waiting(ledger, model)
         out[model] = {
             "token_cap": quota.cap_for(model),
-            "in_flight_tokens": in_flight_tokens(ledger, model),
-            "jobs_waiting": waiting[0],
-            "waiting_tokens": waiting[1],
+            "in_flight_tokens": sending.in_flight_tokens(ledger, model),
+            "jobs_waiting": jobs_waiting,
+            "waiting_tokens": waiting_tokens,
             "requests_not_in_jobs": planned_requests,
         }
     return out

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ..storage import gcs
 from ..errors import BatcherError
 from ..faults import maybe_crash
-from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger
+from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger, reading
 from ..storage.store import ImageStore
 
 STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # anything else: pending
@@ -170,28 +170,17 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
         place = place or (lambda src, file_name: _place_image(src, out / file_name))
         placed = lambda h: _find_and_place(store, h, place)  # noqa: E731
 
-    run = ledger.conn.execute("SELECT extra_schema, created_at FROM runs WHERE id=?", (run_id,)).fetchone()
-    run_started = run["created_at"] if run else 0.0
-    extra = pa.ipc.read_schema(pa.py_buffer(run["extra_schema"])) if run and run["extra_schema"] else pa.schema([])
+    run_started, extra_schema = reading.run_start(ledger, run_id)
+    extra = pa.ipc.read_schema(pa.py_buffer(extra_schema)) if extra_schema else pa.schema([])
     taken = {f.name for f in BASE_FIELDS}
     extra_fields = [f for f in extra if f.name not in taken]
     schema = pa.schema(BASE_FIELDS + extra_fields)
     summary = DatasetSummary(path=out)
     tmp = out / ".metadata.parquet.tmp"
-    query = ledger.conn.cursor()
-    query.row_factory = None  # plain tuples: columns by position, a million rows
-    query.execute(
-        """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
-                  r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
-                  r.thoughts_tokens, r.cost_usd, r.updated_at, j.display_name AS job
-           FROM rows w JOIN requests r ON r.hash = w.request_hash LEFT JOIN jobs j ON j.id = r.job_id
-           WHERE w.run_id=? ORDER BY w.seq""",
-        (run_id,),
-    )
     seen_cost: set[str] = set()  # rows sharing a request share its cost: count it once
     counts = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
     with pq.ParquetWriter(tmp, schema) as writer:
-        while batch := query.fetchmany(BATCH_ROWS):
+        for batch in reading.dataset_rows(ledger, run_id, BATCH_ROWS):  # columns: reading.DATASET_COLUMNS
             (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
              prompt_tokens, output_tokens, thoughts_tokens, cost_usd, updated_at, job) = zip(*batch)
             statuses, file_names, errors, costs, cached_out = [], [], [], [], []

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from ..storage import gcs
 from ..catalog import BATCH_DISCOUNT
+from ..cost.money import usd
 from ..errors import BatcherError, UsageError
 
 log = logging.getLogger("batcher")
@@ -249,10 +250,6 @@ def _when(iso: str | None) -> str:
     return iso.replace("T", " ").replace("Z", " UTC")
 
 
-def _usd(x: float) -> str:
-    return f"${x:,.4f}" if x < 100 else f"${x:,.2f}"
-
-
 CSS = """
 :root { --ok:#1a7f37; --blocked:#b35900; --failed:#c62828; --pending:#57606a; --line:#d8dee4; --muted:#57606a; }
 * { box-sizing: border-box; }
@@ -354,10 +351,10 @@ def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: d
              + "</div>")
 
     p.append('<div class="cards">')
-    p.append(f'<div class="card"><div class="l">spent (batch)</div><div class="n">{_usd(scan.cost_usd)}</div>'
+    p.append(f'<div class="card"><div class="l">spent (batch)</div><div class="n">{usd(scan.cost_usd)}</div>'
              f'<div class="s">at the batch price</div></div>')
-    p.append(f'<div class="card"><div class="l">interactive would cost</div><div class="n">{_usd(interactive)}</div>'
-             f'<div class="s">saved {_usd(interactive - scan.cost_usd)} ({100 * (1 - BATCH_DISCOUNT):.0f}%)</div></div>')
+    p.append(f'<div class="card"><div class="l">interactive would cost</div><div class="n">{usd(interactive)}</div>'
+             f'<div class="s">saved {usd(interactive - scan.cost_usd)} ({100 * (1 - BATCH_DISCOUNT):.0f}%)</div></div>')
     hits = f"{cache_hits:,}" if isinstance(cache_hits, int) else "—"
     p.append(f'<div class="card"><div class="l">cache hits</div><div class="n">{hits}</div>'
              f'<div class="s">requests not paid again</div></div>')

@@ -17,8 +17,10 @@ from typing import Iterable, Iterator
 import queue
 import threading
 
-from ..backends.gemini import GeminiBackend
-from ..ledger import ADD_PAYMENT, BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger
+from ..backends.base import Backend
+from ..ledger import (
+    BLOCKED, J_CANCELLED, J_COLLECTED, J_EXPIRED, J_FAILED, J_SUCCEEDED, PLANNED, QUEUED, SUCCEEDED, Ledger, outcomes, sending,
+)
 from ..faults import maybe_crash
 from ..cost.pricing import cost_usd
 from .decoder import DecoderPool, default_processes
@@ -85,12 +87,12 @@ def _read_blocks(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
             yield blk
 
 
-def _result_source(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> tuple[Path, Iterator[bytes]]:
+def _result_source(ledger: Ledger, backend: Backend, job, on_bytes=None) -> tuple[Path, Iterator[bytes]]:
     """The file the job's results are read from, and its bytes in order. A finished download is read back;
     otherwise the results are parsed while they download: the bytes are appended to the resumable `.part`
     file as they arrive (as `download_results` does). Once they are all in, `_downloaded` names it final."""
     final = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
-    if final.exists() or not hasattr(backend, "download_chunks"):
+    if final.exists() or not backend.streams_results:
         path = download_results(ledger, backend, job, on_bytes=on_bytes)
         return path, _read_blocks(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def _downloaded(path: Path) -> None:
         path.replace(path.with_suffix(""))
 
 
-def _result_lines(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Iterator[bytes]:
+def _result_lines(ledger: Ledger, backend: Backend, job, on_bytes=None) -> Iterator[bytes]:
     """The job's results file a line at a time, received in a thread of its own while the lines are parsed."""
     path, blocks = _result_source(ledger, backend, job, on_bytes=on_bytes)
     yield from _lines(_prefetch(blocks, DOWNLOAD_AHEAD))
@@ -152,7 +154,7 @@ def _prefetch(blocks: Iterator[bytes], depth: int) -> Iterator[bytes]:
         t.join()
 
 
-def download_results(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None) -> Path:
+def download_results(ledger: Ledger, backend: Backend, job, on_bytes=None) -> Path:
     """Stream the job's results file to the workdir; a partial `.part` from a crash is resumed."""
     final = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
     if final.exists():
@@ -164,7 +166,7 @@ def download_results(ledger: Ledger, backend: GeminiBackend, job, on_bytes=None)
     return final
 
 
-def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_id: int, max_attempts: int,
+def collect_job(ledger: Ledger, backend: Backend, store: ImageStore, job_id: int, max_attempts: int,
                 stats: CollectStats, on_bytes=None, on_image=None, delete_remote: bool = True) -> None:
     job = ledger.job(job_id)
     if job["state"] == J_SUCCEEDED:
@@ -179,7 +181,7 @@ def collect_job(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job_i
     finish_job(ledger, backend, job_id, max_attempts, stats, delete_remote=delete_remote)
 
 
-def finish_job(ledger: Ledger, backend: GeminiBackend, job_id: int, max_attempts: int, stats: CollectStats,
+def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int, stats: CollectStats,
                delete_remote: bool = True) -> None:
     """The job's outcomes are recorded: requeue what did not come back, mark it collected, free its files."""
     job = ledger.job(job_id)
@@ -190,9 +192,8 @@ def finish_job(ledger: Ledger, backend: GeminiBackend, job_id: int, max_attempts
         reason += f": {job['error']}"
     now = time.time()
     with ledger.transaction() as c:
-        leftover = c.execute("SELECT hash, attempts FROM requests WHERE job_id=? AND state=?", (job_id, QUEUED)).fetchall()
-        for h, attempts in leftover:
-            _fail(c, ledger, h, attempts, max_attempts, reason, None, now, stats)
+        for h, attempts in outcomes.queued_in_job(c, job_id):
+            _fail(c, h, attempts, max_attempts, reason, None, now, stats)
         ledger.job_transition(c, job_id, (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED), J_COLLECTED)
     stats.jobs += 1
     # The job's files cost storage quota (20 GB per project): delete them once collected.
@@ -206,15 +207,10 @@ def finish_job(ledger: Ledger, backend: GeminiBackend, job_id: int, max_attempts
     results.unlink(missing_ok=True)
 
 
-def _fail(c, ledger: Ledger, h: str, attempts: int, max_attempts: int, reason: str, finish: str | None, now: float, stats: CollectStats) -> None:
-    attempts += 1
-    if attempts < max_attempts:
-        c.execute("UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, job_id=NULL, updated_at=? WHERE hash=? AND state=?",
-                  (PLANNED, attempts, reason, finish, now, h, QUEUED))
+def _fail(c, h: str, attempts: int, max_attempts: int, reason: str, finish: str | None, now: float, stats: CollectStats) -> None:
+    if outcomes.requeue_or_fail(c, h, attempts, max_attempts, reason, finish, now) == PLANNED:
         stats.requeued += 1
     else:
-        c.execute("UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, updated_at=? WHERE hash=? AND state=?",
-                  (FAILED, attempts, f"{reason} (after {attempts} attempts)", finish, now, h, QUEUED))
         stats.failed += 1
 
 
@@ -227,17 +223,13 @@ def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts
             if kind in ("image", "blocked"):
                 cost = cost_usd(model, *o.usage)
                 state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
-                cur = c.execute(
-                    f"UPDATE requests SET state=?, attempts=?, error=?, finish_reason=?, prompt_tokens=?, output_tokens=?, "
-                    f"thoughts_tokens=?, {ADD_PAYMENT}, updated_at=? WHERE hash=? AND state=?",
-                    (state, attempts + 1, error, o.finish_reason, o.prompt_tokens, o.output_tokens, o.thoughts_tokens, cost, cost,
-                     now, h, QUEUED))
+                changed = outcomes.record_result(c, h, state, attempts + 1, error, o.finish_reason, o.usage, cost, now, QUEUED)
                 if kind == "image":
-                    stats.succeeded += cur.rowcount
+                    stats.succeeded += changed
                 else:
-                    stats.blocked += cur.rowcount
+                    stats.blocked += changed
             else:
-                _fail(c, ledger, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
+                _fail(c, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
 
 
 class _Recorder:
@@ -246,10 +238,8 @@ class _Recorder:
 
     def __init__(self, ledger: Ledger, job, max_attempts: int, stats: CollectStats, on_image):
         self.ledger, self.job, self.max_attempts, self.stats, self.on_image = ledger, job, max_attempts, stats, on_image
-        self.expected = {h: a for h, a in ledger.conn.execute(
-            "SELECT r.hash, r.attempts FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
-            (job["id"], QUEUED, job["id"]))}
-        self.sent = {h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job["id"],))}
+        self.expected = outcomes.waiting_in_job(ledger, job["id"])
+        self.sent = set(sending.job_hashes(ledger, job["id"]))
         self.pending: list[tuple] = []
 
     def line(self, lineno: int, status: str, key, o: "Outcome | Future | None") -> None:
@@ -295,7 +285,7 @@ class _Recorder:
         self.pending.clear()
 
 
-def _parse_in_decoders(ledger: Ledger, backend: GeminiBackend, store: ImageStore, job, processes: int, max_attempts: int,
+def _parse_in_decoders(ledger: Ledger, backend: Backend, store: ImageStore, job, processes: int, max_attempts: int,
                        stats: CollectStats, on_bytes, on_image) -> None:
     """Parse the results in decoder processes (batcher.decoder) while they download: a thread here receives the
     file into the workdir and hands each line's offsets to the least busy decoder, which reads the line from
@@ -335,15 +325,13 @@ WARM_UP_SWITCH_S = 0.0002  # the GIL switch interval while warming up (Python's 
 
 def _warm_up(backend) -> None:
     """What the end of a collect needs, made while the decoders work: the SDK client that deletes the job's
-    files, and pyarrow's first array for the dataset (pyarrow imports pandas then, when it is installed: ~0.2 s).
+    files (Backend.warm_up), and pyarrow's first array for the dataset (pyarrow imports pandas then, when it is installed: ~0.2 s).
     Imports hold the GIL; the download thread needs it after every socket read, so meanwhile the interpreter
     hands it over every 0.2 ms instead of every 5 ms, or the download (and the decoders behind it) would stall."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, WARM_UP_SWITCH_S))
     try:
-        client = getattr(type(backend), "client", None)
-        if isinstance(client, property):  # GeminiBackend makes its SDK client on first use
-            backend.client
+        backend.warm_up()
         import pyarrow as pa
 
         pa.array([None], type=pa.string())

@@ -91,12 +91,10 @@ def scratch_dir(workdir: Path, name: str) -> Path:
 
 def export_records(ledger, job_id: int) -> list[dict]:
     """The outcome of each request of a collected job, from a ledger (a collector's scratch one, or the owner's)."""
-    from ..ledger import BLOCKED, SUCCEEDED
+    from ..ledger import outcomes
 
-    rows = ledger.conn.execute(
-        "SELECT r.hash, r.state, r.error, r.finish_reason, r.prompt_tokens, r.output_tokens, r.thoughts_tokens FROM job_requests jr "
-        "JOIN requests r ON r.hash = jr.hash WHERE jr.job_id=?", (job_id,))
-    kinds = {SUCCEEDED: "image", BLOCKED: "blocked"}
+    rows = outcomes.job_outcomes(ledger, job_id)
+    kinds = outcomes.KINDS
     return [{"hash": h, "kind": kinds.get(state, "error"), "reason": error or ("missing from the job's results" if state not in kinds else None),
              "finish_reason": finish, "prompt_tokens": pt or 0, "output_tokens": ot or 0, "thoughts_tokens": tt or 0}
             for h, state, error, finish, pt, ot, tt in rows]
@@ -105,10 +103,9 @@ def export_records(ledger, job_id: int) -> list[dict]:
 def import_records(ledger, backend, store, job, records: list[dict], max_attempts: int, stats) -> None:
     """Record a collector's outcomes in the owner's ledger, then finish the job like a local collect."""
     from .collect import Outcome, finish_job, record_outcomes
-    from ..ledger import QUEUED
+    from ..ledger import outcomes
 
-    attempts = {h: a for h, a in ledger.conn.execute(
-        "SELECT hash, attempts FROM requests WHERE job_id=? AND state=?", (job["id"], QUEUED))}
+    attempts = dict(outcomes.queued_in_job(ledger, job["id"]))
     items = []
     for r in records:
         h = r["hash"]
@@ -139,22 +136,14 @@ def collect_one(share: Share, doc: dict, output_file: str, backend, store, workd
     import shutil
 
     from .collect import CollectStats, collect_job
-    from ..ledger import J_SUCCEEDED, QUEUED, Ledger
+    from ..ledger import Ledger, outcomes
 
     scratch = scratch_dir(workdir, f"{doc['display_name']}-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     ledger = Ledger(scratch)
     try:
-        now = time.time()
-        with ledger.transaction() as c:
-            job_id = c.execute(
-                "INSERT INTO jobs(display_name, model, state, request_count, batch_name, output_file, created_at, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (doc["display_name"], doc["model"], J_SUCCEEDED, len(doc["requests"]), doc["batch_name"], output_file, now, now),
-            ).lastrowid
-            c.executemany("INSERT OR IGNORE INTO requests(hash, model, body_json, state, job_id, updated_at) VALUES (?,?,'{}',?,?,?)",
-                          [(h, doc["model"], QUEUED, job_id, now) for h in doc["requests"]])
-            c.executemany("INSERT OR IGNORE INTO job_requests(job_id, hash) VALUES (?,?)", [(job_id, h) for h in doc["requests"]])
+        job_id = outcomes.add_collected_job(ledger, doc["display_name"], doc["model"], doc["requests"], doc["batch_name"],
+                                            output_file, time.time())
         # Retries are the owner's decision: here an error is only recorded (attempts never run out).
         collect_job(ledger, backend, store, job_id, 2**31, CollectStats(), delete_remote=False)
         return export_records(ledger, job_id)

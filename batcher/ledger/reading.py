@@ -1,0 +1,48 @@
+"""What the outputs read: the dataset's rows of a run (every row with its request's outcome, in manifest order)
+and what a run has paid."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .core import Ledger
+
+# The columns of dataset_rows, in order.
+DATASET_COLUMNS = ("row", "id", "variant", "prompt", "request_hash", "extra_json", "state", "error", "finish_reason",
+                   "model", "attempts", "cached", "prompt_tokens", "output_tokens", "thoughts_tokens", "cost_usd",
+                   "updated_at", "job")
+
+
+def run_start(ledger: Ledger, run_id: int) -> tuple[float, bytes | None]:
+    """(when the run began, the Arrow schema of its carried-through columns, serialised) (0.0, None: no such run)."""
+    run = ledger.conn.execute("SELECT extra_schema, created_at FROM runs WHERE id=?", (run_id,)).fetchone()
+    return (run["created_at"], run["extra_schema"]) if run else (0.0, None)
+
+
+def dataset_rows(ledger: Ledger, run_id: int, batch: int) -> Iterator[list[tuple]]:
+    """The run's rows, one per manifest row and variant, with their request's outcome and job (DATASET_COLUMNS),
+    `batch` at a time as plain tuples (a million rows)."""
+    query = ledger.conn.cursor()
+    query.row_factory = None
+    query.execute(
+        """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
+                  r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
+                  r.thoughts_tokens, r.cost_usd, r.updated_at, j.display_name AS job
+           FROM rows w JOIN requests r ON r.hash = w.request_hash LEFT JOIN jobs j ON j.id = r.job_id
+           WHERE w.run_id=? ORDER BY w.seq""",
+        (run_id,),
+    )
+    while rows := query.fetchmany(batch):
+        yield rows
+
+
+def run_spend_usd(ledger: Ledger, run) -> float:
+    """What the run has paid: the payments for its requests since it began, not served from the cache, whatever
+    state they are in now (one planned again within the run keeps what it cost: plans.REPLANNED_IN_RUN). An
+    earlier run's requests in the same workdir were paid by that run; they are not counted again."""
+    if run is None:
+        return 0.0
+    where, params = ledger.in_run(run["id"])
+    return ledger.conn.execute(
+        "SELECT COALESCE(SUM(cost_usd),0) FROM requests WHERE cached=0 "
+        f"AND updated_at >= ? AND {where}", (run["created_at"], *params)).fetchone()[0]

@@ -1,0 +1,222 @@
+"""What sending jobs reads and writes: the planned requests in the order they are sent (sharding and the budget take
+this one path), the jobs they go into, their input files and reference images, and what is in flight (quota)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import LedgerError
+from .core import Ledger
+from .schema import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING, PLANNED, QUEUED
+
+SHARD_PAGE = 20_000  # planned requests read at a time (bounded memory)
+IN_FLIGHT = (J_CREATING, J_SUBMITTED)
+HOLDING_FILES = (J_UPLOADED, J_CREATING, J_SUBMITTED)
+
+
+# ---- the planned requests, in the order they are sent ----------------------------------------------------------
+
+def planned_models(ledger: Ledger) -> list[str]:
+    """The models of the planned requests, in the order sharding (and the budget, which must agree) takes them."""
+    return [r[0] for r in ledger.conn.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
+
+
+def planned_pages(ledger: Ledger, model: str, *, bodies: bool = False) -> Iterator[list[tuple]]:
+    """The planned requests of `model` a page at a time (bounded memory), in rowid order: (rowid, body bytes, body
+    characters, image size or None, reference images[, body JSON]). What the shard limits need is measured in
+    SQLite: without `bodies` they never come to Python. Requests the caller moves out of `planned` as it goes are
+    not seen again (paging by rowid sees each request once)."""
+    last_rowid = -1
+    body = ", body_json" if bodies else ""
+    while True:
+        page = ledger.conn.execute(
+            "SELECT rowid, length(CAST(body_json AS BLOB)), length(body_json), "
+            "CASE WHEN instr(body_json, '\"imageSize\"') THEN json_extract(body_json, '$.generationConfig.imageConfig.imageSize') END, "
+            "CASE WHEN instr(body_json, '\"fileData\"') THEN (length(body_json) - length(replace(body_json, '\"fileData\"', ''))) / 10 ELSE 0 END"
+            f"{body} FROM requests WHERE state=? AND model=? AND rowid>? ORDER BY rowid LIMIT ?",
+            (PLANNED, model, last_rowid, SHARD_PAGE)).fetchall()
+        if not page:
+            return
+        last_rowid = page[-1][0]
+        yield page
+
+
+def queued_bodies(ledger: Ledger) -> list[tuple[str, str]]:
+    """(model, body JSON) of every request in a job (the budget's estimate of what is in flight)."""
+    return ledger.conn.execute("SELECT model, body_json FROM requests WHERE state=?", (QUEUED,)).fetchall()
+
+
+def models_to_send(ledger: Ledger) -> set[str]:
+    """The models of the requests not yet in a job and of the jobs not yet created (the state index answers)."""
+    models = {m for (m,) in ledger.conn.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))}
+    models.update(m for (m,) in ledger.conn.execute("SELECT DISTINCT model FROM jobs WHERE state IN (?,?,?)",
+                                                     (J_PLANNED, J_UPLOADING, J_UPLOADED)))
+    return models
+
+
+def planned_by_model(ledger: Ledger) -> dict[str, int]:
+    """How many requests of each model are planned (not yet in a job)."""
+    return dict(ledger.conn.execute("SELECT model, COUNT(*) FROM requests WHERE state=? GROUP BY model", (PLANNED,)).fetchall())
+
+
+def planned_by_size(ledger: Ledger, model: str, sizes: Iterable[str]) -> dict[str | None, int]:
+    """How many planned requests of `model` ask for each image size (None: no size, the model's default)."""
+    sizes = list(sizes)
+    cases = ", ".join(f"SUM(body_json LIKE '%\"imageSize\":\"{s}\"%')" for s in sizes)
+    row = ledger.conn.execute(f"SELECT COUNT(*){', ' + cases if sizes else ''} FROM requests WHERE state=? AND model=?",
+                              (PLANNED, model)).fetchone()
+    counts = dict(zip(sizes, (n or 0 for n in row[1:])))
+    counts[None] = row[0] - sum(counts.values())
+    return counts
+
+
+# ---- jobs ------------------------------------------------------------------------------------------------------
+
+def insert_job(ledger: Ledger, model: str, count: int, in_bytes: int, tokens: int, now: float) -> int:
+    c = ledger.conn
+    cur = c.execute(
+        "INSERT INTO jobs(display_name, model, state, request_count, input_bytes, est_tokens, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+        (f"pending-{uuid.uuid4().hex}", model, J_PLANNED, count, in_bytes, tokens, now, now),
+    )
+    job_id = cur.lastrowid
+    # Deterministic, unique per workdir and job: how a crashed create is found again in the API's job list.
+    c.execute("UPDATE jobs SET display_name=? WHERE id=?", (f"batcher-{ledger.ledger_id}-job{job_id:05d}", job_id))
+    return job_id
+
+
+def new_job(ledger: Ledger, model: str, count: int, in_bytes: int, tokens: int, first_rowid: int, last_rowid: int,
+            now: float) -> int:
+    """A job of `count` planned requests of `model` with rowids from first_rowid to last_rowid (sharding takes them
+    in rowid order, so they are exactly the planned requests of that model in that range): they are queued in it."""
+    c = ledger.conn
+    job_id = insert_job(ledger, model, count, in_bytes, tokens, now)
+    members = "WHERE state=? AND model=? AND rowid BETWEEN ? AND ?"  # a range of the (state, model) index
+    added = c.execute(f"INSERT INTO job_requests(job_id, hash) SELECT ?, hash FROM requests {members} ORDER BY rowid",
+                      (job_id, PLANNED, model, first_rowid, last_rowid)).rowcount
+    queued = c.execute(f"UPDATE requests SET state=?, job_id=?, updated_at=? {members}",
+                       (QUEUED, job_id, now, PLANNED, model, first_rowid, last_rowid)).rowcount
+    if added != count or queued != count:  # the range must hold exactly the requests the shard counted
+        raise LedgerError(f"job {job_id}: expected {count} planned requests of {model} in rowids {first_rowid}..{last_rowid}, "
+                          f"found {added} and {queued}")
+    return job_id
+
+
+def close_job(ledger: Ledger, job_id: int, count: int, in_bytes: int, tokens: int) -> None:
+    """A job filled as its requests were loaded (planning.planner's inline sharding) gets its totals."""
+    ledger.conn.execute("UPDATE jobs SET request_count=?, input_bytes=?, est_tokens=? WHERE id=?",
+                        (count, in_bytes, tokens, job_id))
+
+
+def record_members(ledger: Ledger, job_ids: list[int]) -> None:
+    """Record the members of jobs whose requests went in with their job id (one statement in C, instead of a row at
+    a time as they load)."""
+    ledger.conn.execute("INSERT INTO job_requests(job_id, hash) SELECT job_id, hash FROM requests "
+                        "WHERE job_id IN (SELECT value FROM json_each(?))", (json.dumps(job_ids),))
+
+
+def job_hashes(ledger: Ledger, job_id: int) -> list[str]:
+    """Every request a job was made with."""
+    return [h for (h,) in ledger.conn.execute("SELECT hash FROM job_requests WHERE job_id=?", (job_id,))]
+
+
+def queued_of_job(ledger: Ledger, job_id: int) -> Iterator[tuple[str, str]]:
+    """(hash, body JSON) of the requests queued in a job, in the order the shard took them. A job's requests stay
+    queued in it until it has run, so they are the requests whose job_id is this job (one index range)."""
+    return ledger.conn.execute("SELECT hash, body_json FROM requests WHERE job_id=? AND state=? ORDER BY rowid", (job_id, QUEUED))
+
+
+def set_job_input(ledger: Ledger, job_id: int, jsonl_path: Path, input_bytes: int) -> None:
+    with ledger.transaction() as c:
+        c.execute("UPDATE jobs SET jsonl_path=?, input_bytes=? WHERE id=?", (str(jsonl_path), input_bytes, job_id))
+
+
+def record_api_state(c: sqlite3.Connection, job_id: int, api_state: str, stats_json: str, api_created_at: str | None,
+                     now: float) -> None:
+    """What the API said of a job when it was last read (within a transaction)."""
+    c.execute("UPDATE jobs SET api_state=?, stats_json=?, api_created_at=COALESCE(?, api_created_at), updated_at=? WHERE id=?",
+              (api_state, stats_json, api_created_at, now, job_id))
+
+
+def live_input_files(ledger: Ledger) -> set[str]:
+    """The uploaded input files that live jobs still use (uploaded, creating, submitted)."""
+    return {r[0] for r in ledger.conn.execute(
+        "SELECT input_file FROM jobs WHERE input_file IS NOT NULL AND state IN (?,?,?)",
+        (J_UPLOADED, J_CREATING, J_SUBMITTED),
+    )}
+
+
+def release_job(ledger: Ledger, job_id: int, states: tuple[str, ...], new_state: str, why: str, now: float) -> None:
+    """A job never created: its requests go back to planned (without an attempt), and the job to `new_state`."""
+    with ledger.transaction() as c:
+        c.execute("UPDATE requests SET state=?, job_id=NULL, updated_at=? WHERE job_id=? AND state=?",
+                  (PLANNED, now, job_id, QUEUED))
+        ledger.job_transition(c, job_id, states, new_state, error=why)
+
+
+# ---- reference images ------------------------------------------------------------------------------------------
+
+def reference_paths(ledger: Ledger) -> dict[str, str]:
+    """Every reference image a plan saw: content hash -> the path it was read from."""
+    return {sha: path for sha, path in ledger.conn.execute("SELECT sha256, path FROM reference_files")}
+
+
+def has_references(ledger: Ledger) -> bool:
+    return ledger.conn.execute("SELECT 1 FROM reference_files LIMIT 1").fetchone() is not None
+
+
+def bodies_with_references(ledger: Ledger, job_id: int, marker: str) -> Iterator[str]:
+    """The bodies of a job's queued requests that hold `marker` (a reference placeholder)."""
+    for (body_json,) in ledger.conn.execute("SELECT body_json FROM requests WHERE job_id=? AND state=? AND body_json LIKE ?",
+                                            (job_id, QUEUED, f"%{marker}%")):
+        yield body_json
+
+
+def upload_of(ledger: Ledger, sha: str) -> sqlite3.Row | None:
+    """Where a reference image was last uploaded (file name, URI, MIME type, expiry), if it was."""
+    return ledger.conn.execute("SELECT * FROM uploads WHERE sha256=?", (sha,)).fetchone()
+
+
+def record_upload(ledger: Ledger, sha: str, file_name: str, uri: str, mime_type: str, expires_at: float) -> None:
+    with ledger.transaction() as c:
+        c.execute("INSERT OR REPLACE INTO uploads(sha256, file_name, uri, mime_type, expires_at) VALUES (?,?,?,?,?)",
+                  (sha, file_name, uri, mime_type, expires_at))
+
+
+# ---- what is in flight (quota) ---------------------------------------------------------------------------------
+
+def jobs_in_flight(ledger: Ledger) -> int:
+    marks = ",".join("?" * len(IN_FLIGHT))
+    return ledger.conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", IN_FLIGHT).fetchone()[0]
+
+
+def in_flight_tokens(ledger: Ledger, model: str) -> int:
+    marks = ",".join("?" * len(IN_FLIGHT))
+    return ledger.conn.execute(
+        f"SELECT COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN ({marks})", (model, *IN_FLIGHT)
+    ).fetchone()[0]
+
+
+def files_bytes(ledger: Ledger) -> int:
+    """Bytes of the input files our jobs hold in the API's Files storage."""
+    marks = ",".join("?" * len(HOLDING_FILES))
+    return ledger.conn.execute(
+        f"SELECT COALESCE(SUM(input_bytes), 0) FROM jobs WHERE state IN ({marks})", HOLDING_FILES
+    ).fetchone()[0]
+
+
+def ledger_models(ledger: Ledger) -> list[str]:
+    """Every model of the ledger's jobs and requests."""
+    return sorted(r[0] for r in ledger.conn.execute("SELECT DISTINCT model FROM jobs UNION SELECT DISTINCT model FROM requests"))
+
+
+def waiting(ledger: Ledger, model: str) -> tuple[int, int, int]:
+    """(jobs not yet created, their enqueued tokens, requests not yet in a job) of `model`."""
+    jobs, tokens = ledger.conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(est_tokens), 0) FROM jobs WHERE model=? AND state IN (?,?,?)",
+        (model, J_PLANNED, J_UPLOADING, J_UPLOADED)).fetchone()
+    planned = ledger.conn.execute("SELECT COUNT(*) FROM requests WHERE model=? AND state=?", (model, PLANNED)).fetchone()[0]
+    return jobs, tokens, planned

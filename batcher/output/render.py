@@ -1,0 +1,98 @@
+"""Everything batcher prints for people, in one place: the status table, the estimate, the list of models. The
+library returns data (documents, dataclasses); the command line renders it here."""
+
+from __future__ import annotations
+
+from ..cost.estimate import Estimate
+from ..cost.money import usd
+
+
+def status_table(doc: dict) -> str:
+    head = ("JOB", "STATE", "OK", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
+    rows = [head]
+    for j in doc["jobs"]:
+        fmt = lambda h: "-" if h is None else f"{h:.1f}h"  # noqa: E731
+        rows.append((j["display_name"], j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else ""),
+                     str(j["succeeded"]), str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]),
+                     fmt(j["window_hours_left"]), fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    c = doc["requests"]
+    lines.append("")
+    lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
+                 f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
+                 f"{usd(doc['cost_usd'])} spent")
+    for model, cap in (doc.get("capacity") or {}).items():
+        limit = f"{cap['token_cap']:,}" if cap.get("token_cap") else "no cap"
+        lines.append(f"capacity {model}: {cap['in_flight_tokens']:,} of {limit} enqueued tokens in flight; "
+                     f"{cap['jobs_waiting']} job(s) ({cap['waiting_tokens']:,} tokens) waiting; "
+                     f"{cap['requests_not_in_jobs']} request(s) not in a job yet")
+    return "\n".join(lines)
+
+
+def estimate(e: Estimate) -> str:
+    t = e.total()
+    lines = [f"{e.manifest}: {e.rows:,} rows" + (f" ({e.rejected:,} invalid, skipped)" if e.rejected else "")
+             + f", {t.requests:,} requests, {t.distinct:,} distinct, {t.cache_hits:,} cache hits, {t.to_generate:,} to generate", ""]
+    head = ("MODEL", "TO GENERATE", "CACHED", "INPUT TOKENS", "OUTPUT TOKENS", "BATCH", "INTERACTIVE", "SAVINGS")
+    rows = [head]
+    for m in list(e.models.values()) + ([t] if len(e.models) > 1 else []):
+        rows.append((m.model, f"{m.to_generate:,}", f"{m.cache_hits:,}", f"{m.prompt_tokens:,}", f"{m.output_tokens:,}",
+                     usd(m.images_batch_usd), usd(m.images_interactive_usd), usd(m.images_interactive_usd - m.images_batch_usd)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    saved = t.images_interactive_usd - t.images_batch_usd
+    pct = f", {saved / t.images_interactive_usd:.0%}" if t.images_interactive_usd else ""
+    lines += ["",
+              f"images: {usd(t.images_batch_usd)} batch vs {usd(t.images_interactive_usd)} interactive (save {usd(saved)}{pct})",
+              f"input, estimated (~{t.prompt_tokens:,} tokens): {usd(t.input_batch_usd)} batch vs {usd(t.input_interactive_usd)} interactive"]
+    if t.thoughts_tokens:
+        lines.append(f"thinking, estimated (~{t.thoughts_tokens:,} tokens): {usd(t.thinking_batch_usd)} batch vs "
+                     f"{usd(t.thinking_interactive_usd)} interactive")
+    lines += [f"total, estimated: {usd(t.batch_usd)} batch vs {usd(t.interactive_usd)} interactive",
+              "(images: tokens per image x Google's rate; prompts ~4 characters a token; thinking: an allowance per image "
+              "that the catalog states as an assumption; realized cost comes from each response's usage)"]
+    if note := e.tier_cap_note():
+        lines += ["", f"warning: {note}"]
+    lines += [f"warning: {w}" for w in e.warnings]
+    return "\n".join(lines)
+
+
+def models(doc: dict) -> str:
+    """`batcher models` for a terminal (80 columns)."""
+    lines: list[str] = []
+    for m in doc["models"]:
+        flags = [m["display_name"]] + (["the default"] if m["default"] else [])
+        life = {"current": f"current since {m['released']}", "retiring": f"shuts down {m['shutdown']}",
+                "past_earliest_shutdown": f"may be shut down (earliest {m['shutdown']})",
+                "shut_down": f"shut down {m['shutdown']}"}[m["status"]]
+        if m["replacement"] and m["status"] != "current":
+            life += f"; use {m['replacement']}"
+        lines.append(f"{m['name']}  ({'; '.join(flags)})")
+        lines.append(f"  {life}")
+        lines.append(f"  aspect ratios: {', '.join(m['aspect_ratios'])}")
+        lines.append(f"  up to {m['max_reference_images']} reference images" + (
+            f"; thinks (~{m['expected_thoughts_tokens']} tokens an image, estimated)" if m["thinking"] else ""))
+        r = m["usd_per_mtok"]
+        lines.append(f"  $ per 1M tokens: {r['input']:g} input, {r['image_output']:g} image, "
+                     f"{r['text_and_thinking_output']:g} text and thinking (batch x{r['batch_discount']:g})")
+        lines.append("    size   tokens   $ batch   $ interactive")
+        for size, p in m["per_image"].items():
+            lines.append(f"    {size:<5} {p['tokens']:>7,}  {usd(p['batch_usd']):>8}  {usd(p['interactive_usd']):>14}")
+        read = sorted({s["read"] for s in m["sources"].values()})
+        lines.append(f"  sources (read {', '.join(read)}):")
+        for url in sorted({s["url"] for s in m["sources"].values()}):
+            lines.append(f"    {url}")
+        lines.append("")
+    if doc["api"] is not None:
+        lines.append("The API lists these image models for batch jobs:")
+        for a in doc["api"]:
+            mark = "" if a["priced"] else "  (no price: add [prices.\"%s\"] to a job spec)" % a["name"]
+            lines.append(f"  {a['name']}{mark}")
+        if not doc["api"]:
+            lines.append("  (none)")
+    elif doc["api_error"]:
+        lines.append(f"The API's model list could not be read: {doc['api_error']}")
+    else:
+        lines.append("Set GEMINI_API_KEY to also list the image models the API serves for batch jobs.")
+    return "\n".join(lines)
