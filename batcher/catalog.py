@@ -200,7 +200,8 @@ def warning(name: str, today: dt.date | None = None) -> str | None:
         return (f"{spec.name} may have been shut down: Google listed {spec.shutdown:%Y-%m-%d} as its earliest shutdown "
                 f"date; {spec.use_instead()}")
     if status == "retiring":
-        return f"{spec.name} shuts down on {spec.shutdown:%Y-%m-%d}; {spec.use_instead()}"
+        when = "may shut down from" if spec.shutdown_is_earliest else "shuts down on"
+        return f"{spec.name} {when} {spec.shutdown:%Y-%m-%d}; {spec.use_instead()}"
     return None
 
 

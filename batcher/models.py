@@ -20,6 +20,14 @@ from .cost.pricing import PriceTable, current_table
 log = logging.getLogger("batcher")
 
 
+class ModelRefused(UsageError):
+    """A model that cannot take batch jobs (shut down, unknown to the API, or without batchGenerateContent)."""
+
+    def __init__(self, model: str, message: str):
+        super().__init__(message)
+        self.model = model
+
+
 def check_models(models: Iterable[str], backend=None, *, today: dt.date | None = None) -> list[str]:
     """Raise UsageError for a model that cannot take batch jobs; return the warnings to show. `backend`: the API to
     ask about models batcher does not know (None: offline, they are only warned about)."""
@@ -27,7 +35,7 @@ def check_models(models: Iterable[str], backend=None, *, today: dt.date | None =
     for name in sorted(set(models)):
         refused = catalog.refusal(name, today)
         if refused:
-            raise UsageError(refused)
+            raise ModelRefused(name, refused)
         note = catalog.warning(name, today)
         if note:
             warnings.append(note)
@@ -40,14 +48,14 @@ def check_models(models: Iterable[str], backend=None, *, today: dt.date | None =
         try:
             info = backend.get_model(name)
         except NotFoundError as exc:
-            raise UsageError(f"model {name!r}: the API does not know it ({exc}); see `batcher models` for the models "
-                             "it lists") from None
+            raise ModelRefused(name, f"model {name!r}: the API does not know it ({exc}); see `batcher models` for the "
+                               "models it lists") from None
         if info is None:
             warnings.append(f"{name} is not in batcher's catalog and this backend cannot list models: not checked")
         elif not info.batch_capable:
             methods = ", ".join(info.methods) or "none"
-            raise UsageError(f"model {name!r} does not take batch jobs: the API lists its methods as {methods}, "
-                             "without batchGenerateContent")
+            raise ModelRefused(name, f"model {name!r} does not take batch jobs: the API lists its methods as {methods}, "
+                               "without batchGenerateContent")
     return warnings
 
 

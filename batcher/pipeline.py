@@ -31,10 +31,10 @@ from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
-from .models import check_models, warn
+from .models import ModelRefused, check_models, warn
 from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, shard
 from .cost.estimate import (
-    budget_allowance, budget_exhausted, budget_note, check_budget, planned_batch_usd, run_spend_usd, tier_cap_note,
+    budget_allowance, budget_exhausted, budget_note, check_budget, unsent_batch_usd, run_spend_usd, tier_cap_note,
 )
 from .cost.money import usd
 from .cost.pricing import use_workdir_prices
@@ -115,6 +115,8 @@ class Workspace:
         self.models_checked = False  # the models of the run were checked (batcher.models) by this process
         self.notes: list[str] = []  # what the command's summary says besides its counts (a tier's spend cap, ...)
         self.create_not_before = 0.0  # monotonic time: a 429 on create said to wait this long (its RetryInfo)
+        self.jobs_created = 0  # by this command
+        self.run_id: int | None = None  # the run the command plans (for what it says of models, notes)
 
     @property
     def backend(self) -> Backend:
@@ -172,12 +174,22 @@ def check_run_models(ws: Workspace, offline: bool = False) -> None:
     if ws.models_checked:
         return
     models = sending.models_to_send(ws.ledger) | ({ws.settings.fallback_model} if ws.settings.fallback_model else set())
-    warnings = check_models(models, None if offline else ws.backend)
+    try:
+        warnings = check_models(models, None if offline else ws.backend)
+    except ModelRefused as exc:
+        earlier = sending.earlier_runs_using(ws.ledger, ws.run_id, exc.model)
+        if earlier:  # work an earlier run of this workdir left unsent would be sent with this run's
+            raise UsageError(f"{exc}. Requests of an earlier run in {ws.settings.workdir} ({', '.join(earlier)}) use it and are "
+                             "still to be sent: run that manifest again with another model (--model, or its model column), "
+                             "or use a new --workdir for this one") from None
+        raise
     cap = TIERS.get(ws.settings.quota.tier)
-    if cap is not None and (note := tier_cap_note(planned_batch_usd(ws.ledger, over=cap.monthly_spend_cap_usd),
-                                                   ws.settings.quota.tier)):
-        warnings.append(note)
-        ws.notes.append(note)
+    if cap is not None:
+        unsent_usd, at_least = unsent_batch_usd(ws.ledger, over=cap.monthly_spend_cap_usd)
+        note = tier_cap_note(unsent_usd, ws.settings.quota.tier, at_least)
+        if note:
+            warnings.append(note)
+            ws.notes.append(note)
     warn(warnings)
     ws.models_checked = not offline
 
@@ -198,6 +210,8 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
     refs = sending.reference_paths(ledger)
     created = 0
     for job in ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED)):
+        if time.monotonic() < ws.create_not_before:
+            break  # the API asked to wait (RetryInfo): nothing more is uploaded or created before then
         wait_reason = why_not_now(ledger, quota, ledger.job(job["id"]))
         if wait_reason:
             log.info("%s waits: %s", job["display_name"], wait_reason)
@@ -205,14 +219,13 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
         if job["state"] in (J_PLANNED, J_UPLOADING):
             with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
                 jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
-        if time.monotonic() < ws.create_not_before:
-            continue  # uploaded; created once the API's retry hint has passed
         if not jobs_mod.create_job(ledger, backend, job["id"], webhook_uris=ws.settings.webhook_uris,
                                    on_wait=lambda exc: wait_for_capacity(ws, exc)):
             if ledger.job(job["id"])["state"] == J_UPLOADED:
                 break  # no capacity now (429): later, as earlier jobs finish
             continue
         created += 1
+        ws.jobs_created += 1  # counted as it happens: a spend limit may end this call with an exception
     return created
 
 
@@ -346,6 +359,12 @@ def _current_run_id(ledger: Ledger) -> int:
 # ---- commands ---------------------------------------------------------------------------------------
 
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
+    p = _plan(ws, manifest)
+    ws.run_id = p.run_id
+    return p
+
+
+def _plan(ws: Workspace, manifest: str | Path) -> PlanResult:
     s = ws.settings
     # Without a budget, what shard_planned would do next can be done as the plan loads (an empty ledger only).
     inline = {} if s.budget_usd is not None else {"shard_limits": s.limits, "token_cap_for": s.quota.cap_for}
@@ -386,12 +405,12 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
                            + budget_note(ws) + notes(ws),
                            plan=p, counts=counts)
         limit: SpendLimitError | None = None
-        created = 0
         try:
             if counts_after_plan(ws.ledger, p)[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
-                created = send_pending(ws)
+                send_pending(ws)
         except SpendLimitError as exc:
             limit = exc
+        created = ws.jobs_created
         publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
         if not counts[PLANNED] and not counts[QUEUED]:
@@ -445,7 +464,6 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         total = p.requests
-        created = 0
         deadline_passed = stopped_at_deadline = False
         counts = counts_after_plan(ws.ledger, p)  # then kept current at the end of each round (nothing else writes)
         limit: SpendLimitError | None = None
@@ -462,11 +480,11 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
                     if deadline_passed and settings.deadline_policy == "interactive":
                         generate_interactively(ws, p.run_id)  # past the deadline, no new batch jobs
                     elif counts[PLANNED] or ws.ledger.jobs((J_PLANNED, J_UPLOADING, J_UPLOADED, J_CREATING)):
-                        created += send_pending(ws)
+                        send_pending(ws)
+                    refresh_jobs(ws)
+                    collect_finished(ws)
                 except SpendLimitError as exc:  # nothing more can be sent this month: stop now, keep what is done
                     limit = exc
-                refresh_jobs(ws)
-                collect_finished(ws)
                 if settings.fallback_model:
                     plan_fallbacks(ws.ledger, ws.store, p.run_id, settings.fallback_model)
                 if changes() != counted_at:  # a round that changed no request (a job still running) keeps them
@@ -489,10 +507,10 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
         if limit is not None:
             code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
-        outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {created} job(s) created; "
+        outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {ws.jobs_created} job(s) created; "
                           + _line(counts, f"; {usd(ds.cost_usd)}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
                           + lost_images(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
-                          plan=p, dataset=ds, counts=counts, jobs_created=created)
+                          plan=p, dataset=ds, counts=counts, jobs_created=ws.jobs_created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         from .output.report import write_report
         write_report(settings)

@@ -91,6 +91,7 @@ class Settings:
         if self.max_attempts < 1:
             raise UsageError("--max-attempts must be at least 1")
         if self.fallback_model:
+            self.fallback_model = self.fallback_model.strip().removeprefix("models/")  # as --model and manifest cells
             problem = catalog.model_name_problem(self.fallback_model) or catalog.refusal(self.fallback_model)
             if problem:
                 raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")

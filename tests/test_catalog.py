@@ -54,6 +54,10 @@ def test_lifecycle_names_a_current_replacement():
     assert "use gemini-3.1-flash-image" in catalog.refusal("models/gemini-3.1-flash-image-preview", today)
     assert catalog.refusal("gemini-2.5-flash-image", today) is None  # only an *earliest* shutdown date: a warning
     assert "earliest" in catalog.warning("gemini-2.5-flash-image", today)
+    before = catalog.warning("gemini-2.5-flash-image", dt.date(2026, 9, 1))  # only its earliest date is known
+    assert before.startswith("gemini-2.5-flash-image may shut down from 2026-10-02;")
+    assert catalog.warning("gemini-3-pro-image-preview", dt.date(2026, 6, 1)).startswith(
+        "gemini-3-pro-image-preview shuts down on 2026-06-25;")
     assert catalog.refusal("gemini-3-pro-image-preview", dt.date(2026, 6, 24)) is None  # the day before it went
     assert catalog.refusal("gemini-nano-banana-2.1", today) is None  # unknown: the API decides
 

@@ -80,6 +80,16 @@ def test_an_unknown_field_anywhere_is_a_400_naming_it(emu):
     assert "at 'contents[0].parts[0]'" in err["message"]
 
 
+def test_fields_the_sdk_can_send_are_known(emu):
+    # google-genai 3.3-3.6 writes these for the Gemini API; none is an image option, none may be a 400.
+    req = {"contents": [{"parts": [{"text": "a kite", "mediaProcessing": {}, "documentMetadata": {}},
+                                   {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo=", "displayName": "ref"}}]}],
+           "generationConfig": {"responseModalities": ["IMAGE"], "audioTranscriptionConfig": {}},
+           "continuationToken": "abc"}
+    code, _, raw_body = raw(emu, "POST", GEN, req)
+    assert code == 200, raw_body
+
+
 def test_an_unknown_field_in_a_jsonl_line_is_that_lines_error(emu, c):
     good = line("ok", "a boat")
     bad = json.dumps({"key": "bad", "request": {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"fooBar": 1}}})
@@ -190,6 +200,15 @@ def test_money_limits_answer_with_the_real_envelopes(emu, c):
     assert 590 <= int(delay.rstrip("s")) <= 600
     emu.advance(601)  # the window moves on
     assert refused()[0] == 200
+
+
+def test_a_project_cap_counts_the_projects_spend_not_the_accounts(emu):
+    # The billing account spent $100 elsewhere this month (under Tier 3's cap); this project has a $0.10 cap.
+    emu.configure(tier="3", spent_this_month_usd=100.0, project_spend_cap_usd=0.10)
+    assert raw(emu, "POST", GEN, body())[0] == 200  # $0.068: this project's first spend
+    assert raw(emu, "POST", GEN, body())[0] == 200  # $0.136 after it: the cap is met
+    code, _, b = raw(emu, "POST", GEN, body())
+    assert code == 429 and json.loads(b)["error"]["message"].startswith("Your project has exceeded its monthly spending cap.")
 
 
 def test_a_new_month_lifts_the_monthly_caps(emu):

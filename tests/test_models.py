@@ -4,6 +4,7 @@ thinking models' tokens and interim images, through the real SDK and the emulato
 from __future__ import annotations
 
 import json
+import time
 import logging
 
 import pyarrow.parquet as pq
@@ -172,3 +173,46 @@ def test_identical_requests_to_a_retired_and_a_current_model_are_different_reque
     old = request_hash(ImageRequest(model="gemini-3-pro-image-preview", prompt="a red fox in snow"))
     new = request_hash(ImageRequest(model="gemini-3-pro-image", prompt="a red fox in snow"))
     assert old != new  # the model is in the hash: a cache filled by the preview model is not used by the GA one
+
+
+def test_a_model_without_a_price_goes_interactive_at_the_deadline_when_there_is_no_budget(tmp_path, emulator, backend_factory):
+    emulator.configure(extra_models={NEW: {"like": "gemini-3.1-flash-image"}}, job_outcomes=["STUCK"])
+    s = settings(tmp_path, deadline=time.time() + 1.0, deadline_policy="interactive")
+    result = pipeline.run(prompts(tmp_path, 2, model=NEW), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["generate_content_calls"] == 2
+
+
+def test_a_refused_model_left_unsent_by_an_earlier_run_is_named_as_that_runs(tmp_path, emulator, backend_factory):
+    emulator.configure(extra_models={NEW: {"like": "gemini-3.1-flash-image"}})
+    old = write_csv(tmp_path / "old.csv", ["id", "prompt", "model"], [["a", "an old prompt", NEW]])
+    assert pipeline.submit(old, settings(tmp_path), dry_run=True, backend_factory=backend_factory).exit_code == 0
+    emulator.configure(extra_models={})  # Google withdraws the model
+    with pytest.raises(Exception) as info:
+        pipeline.submit(prompts(tmp_path), settings(tmp_path), backend_factory=backend_factory)  # the default model
+    text = str(info.value)
+    assert info.value.exit_code == 2 and f"model {NEW!r}: the API does not know it" in text
+    assert f"Requests of an earlier run in {tmp_path / 'w'} ({old}) use it" in text
+    assert emulator.stats()["files_uploaded"] == 0
+
+
+def test_a_fallback_model_is_named_as_the_api_names_it(tmp_path, emulator, backend_factory):
+    s = settings(tmp_path, fallback_model=" models/gemini-3-pro-image")
+    assert s.fallback_model == "gemini-3-pro-image"
+    emulator.configure(line_error_rate=1.0)
+    pipeline.run(prompts(tmp_path, 1), settings(tmp_path, fallback_model="models/gemini-3-pro-image", max_attempts=1,
+                                                timeout=5), backend_factory=backend_factory)
+    rows = pq.read_table(tmp_path / "o" / "metadata.parquet").to_pylist()
+    with pipeline.open_workspace(s) as ws:
+        models = {m for (m,) in ws.ledger.conn.execute("SELECT model FROM requests")}
+    assert models == {"gemini-3.1-flash-image", "gemini-3-pro-image"}, (models, rows)
+
+
+def test_a_run_over_its_tiers_monthly_cap_says_so_on_a_fresh_workdir(tmp_path, emulator, backend_factory, caplog):
+    dear = {"gemini-3.1-flash-image": {"output_usd_per_mtok": 1e6}}  # $0.50 an output token in batch
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "image_size"], [[f"r{i}", f"a vase {i}", "2K"] for i in range(3)])
+    with caplog.at_level(logging.WARNING, logger="batcher"):
+        result = pipeline.submit(m, settings(tmp_path, prices=dear), dry_run=True, backend_factory=backend_factory)
+    # Counts alone show it is over (every image at the cheapest size, 512: 747 tokens), so no body is read for sizes.
+    assert "the batch estimate (at least $1,120.50) is over Tier 1's monthly spend cap of $250.00" in result.summary
+    assert any("over Tier 1's monthly spend cap" in message for message in caplog.messages)

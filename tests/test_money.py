@@ -128,3 +128,23 @@ def test_the_interactive_fallback_stops_at_a_spend_limit(tmp_path, emulator, bac
     with pipeline.open_workspace(s) as ws:
         found = set(ws.ledger.conn.execute("SELECT state, attempts FROM requests").fetchall())
     assert {tuple(r) for r in found} == {("planned", 1)}  # the cancelled job's attempt only: a money limit is no failure
+
+
+
+def test_jobs_created_before_a_spend_limit_are_in_the_summary(tmp_path, emulator, backend_factory):
+    # The prepay balance runs out between the second and third create of one round (spent elsewhere meanwhile).
+    emulator.configure(fail_nth={"POST /{v}/models/{model}:batchGenerateContent": [3]}, fail_status=402, job_outcomes=["STUCK"] * 3)
+    result = pipeline.submit(manifest(tmp_path), settings(tmp_path, quota=Quota()), backend_factory=backend_factory)
+    assert result.exit_code == 4, result.summary
+    assert emulator.stats()["batches_created"] == 2
+    assert result.jobs_created == 2 and "2 job(s) created" in result.summary, result.summary
+
+
+def test_uploads_wait_while_the_api_asks_creates_to_wait(tmp_path, emulator, backend_factory):
+    """A rate 429 on create with a RetryInfo: nothing more is uploaded until the hint has passed."""
+    emulator.configure(rate_limit_nth={"POST /{v}/models/{model}:batchGenerateContent": [1]}, retry_delay="30s")
+    s = settings(tmp_path, quota=Quota(), limits=ShardLimits(max_requests=1), timeout=1.0)
+    result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
+    assert result.exit_code == 4 and "0 job(s) created" in result.summary, result.summary  # timed out waiting
+    stats = emulator.stats()
+    assert stats["files_uploaded"] == 1 and stats["batches_created"] == 0, stats["requests"]

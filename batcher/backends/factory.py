@@ -28,7 +28,9 @@ def backend_factory(kind: str = "gemini", *, project: str | None = None, locatio
         from ..emulator import Emulator, EmulatorConfig
         from .gemini import Connection, GeminiBackend
 
-        with Emulator(EmulatorConfig()) as emu:
+        # Money limits off: a demo is not paying, and a real-time spend-rate wait (up to 10 minutes) would only stall
+        # it. `batcher emulator` serves them, for tests of how batcher meets them.
+        with Emulator(EmulatorConfig(spend_limits=False)) as emu:
             yield lambda: GeminiBackend(Connection(api_key="emulator-key", base_url=emu.url, timeout_s=60))
     elif kind == "gemini":
         from .gemini import Connection, GeminiBackend

@@ -98,42 +98,44 @@ class Estimate:
                 "over_tier_cap": bool(self.tier_cap_note()), "warnings": list(self.warnings)}
 
 
-def tier_cap_note(batch_usd: float, tier: str | None) -> str:
-    """What to say when a batch estimate is over the usage tier's monthly spend cap (else "")."""
+def tier_cap_note(batch_usd: float, tier: str | None, at_least: bool = False) -> str:
+    """What to say when a batch estimate is over the usage tier's monthly spend cap (else ""); `at_least`: the
+    estimate is a lower bound."""
     cap = TIERS.get(tier) if tier else None
     if cap is None or batch_usd <= cap.monthly_spend_cap_usd:
         return ""
-    return (f"the batch estimate ({usd(batch_usd)}) is over Tier {tier}'s monthly spend cap of "
+    return (f"the batch estimate ({'at least ' if at_least else ''}{usd(batch_usd)}) is over Tier {tier}'s monthly spend cap of "
             f"{usd(cap.monthly_spend_cap_usd)} (the billing account's, whatever else it spends this month): the API will "
             f"stop answering past it. Send less (--budget-usd), or move to a higher tier and say so with --tier")
 
 
-def planned_batch_usd(ledger: Ledger, table: PriceTable | None = None, over: float | None = None) -> float:
-    """The batch estimate of the ledger's planned requests: image at its size, thinking allowance (prompts left
-    out: a fraction of a cent). With `over`, the bodies are read only when counts alone cannot tell whether the
-    estimate is over it (then a bound is returned)."""
+def unsent_batch_usd(ledger: Ledger, table: PriceTable | None = None, over: float | None = None) -> tuple[float, bool]:
+    """The batch estimate of the requests still to be sent (planned, or in jobs not yet created): image at its size,
+    thinking allowance (prompts left out: a fraction of a cent); and whether it is a lower bound. With `over`, the
+    bodies are read only when counts alone cannot tell whether the estimate is over it (then a bound is returned)."""
     table = table or current_table()
-    counts = sending.planned_by_model(ledger)
+    counts = sending.unsent_by_model(ledger)
     prices = {m: table.get(m) for m in counts}
     if any(p is None for p in prices.values()):
-        return 0.0  # priced when sent (the budget refuses a model without a price); nothing to hold against a cap
+        return 0.0, False  # a model without a price: nothing to hold against a cap (the budget refuses it)
     low = sum(n * (min(p.image_usd(s) for s in p.tokens_per_image) + p.thinking_usd()) for m, n in counts.items() if (p := prices[m]))
     high = sum(n * (max(p.image_usd(s) for s in p.tokens_per_image) + p.thinking_usd()) for m, n in counts.items() if (p := prices[m]))
     if over is not None and (low > over or high <= over):
-        return low if low > over else high
+        return (low, True) if low > over else (high, False)
     total = 0.0
     for model, price in prices.items():
-        for size, n in sending.planned_by_size(ledger, model, price.tokens_per_image).items():
+        for size, n in sending.unsent_by_size(ledger, model, price.tokens_per_image).items():
             total += n * (price.image_usd(size) + price.thinking_usd())
-    return total
+    return total, False
 
 
 def missing_price(model: str) -> UsageError:
     return UsageError(
         f"no price for model {model!r}: batcher's catalog does not know it, and estimates and budgets need its rates. "
-        f"Add them to a job spec (every key is needed for a new model):\n"
+        f"Add them to a job spec (these four keys are needed for a new model; text_output_usd_per_mtok prices its "
+        f"thinking and text, else they are billed at the image rate):\n"
         f"  [prices.\"{model}\"]\n  input_usd_per_mtok = ...\n  output_usd_per_mtok = ...\n"
-        f"  text_output_usd_per_mtok = ...\n  batch_discount = 0.5\n  tokens_per_image = {{ \"1K\" = ... }}\n"
+        f"  batch_discount = 0.5\n  tokens_per_image = {{ \"1K\" = ... }}\n"
         f"then run `batcher estimate JOB.toml` (see `batcher models` for the models batcher knows)")
 
 

@@ -23,6 +23,8 @@ from .errors import ApiError
 WINDOW_S = 600.0  # the spend-based rate limit looks at the last 10 minutes
 HELP = {"@type": "type.googleapis.com/google.rpc.Help",
         "links": [{"description": "Learn more about Gemini API rate limits", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]}
+PREPAY_DEPLETED = ("Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to manage "
+                   "your project and billing. Learn more at https://ai.google.dev/gemini-api/docs/billing#prepay.")
 
 
 def _month(t: float) -> tuple[int, int]:
@@ -79,10 +81,9 @@ class Billing:
             month = self._month_usd + cfg.spent_this_month_usd
             recent = sum(u for _, u in self._recent)
             if cfg.prepay_balance_usd is not None and self.total_usd >= cfg.prepay_balance_usd:
-                raise ApiError(cfg.prepay_status, "RESOURCE_EXHAUSTED",
-                               "Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to "
-                               "manage your project and billing. Learn more at https://ai.google.dev/gemini-api/docs/billing#prepay.")
-            if cfg.project_spend_cap_usd is not None and month >= cfg.project_spend_cap_usd:
+                raise ApiError(cfg.prepay_status, "RESOURCE_EXHAUSTED", PREPAY_DEPLETED)
+            # The project cap counts this project's spend (this emulator's); the account's cap, everything billed.
+            if cfg.project_spend_cap_usd is not None and self._month_usd >= cfg.project_spend_cap_usd:
                 raise ApiError(429, "RESOURCE_EXHAUSTED",
                                "Your project has exceeded its monthly spending cap. Please go to AI Studio at https://ai.studio/spend "
                                "to manage your project's spend cap.", [HELP])

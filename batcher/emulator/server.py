@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+from .billing import PREPAY_DEPLETED
 from .errors import ApiError
 from .faults import route_matches
 from .generate import LineError, billed_usd
@@ -35,10 +36,10 @@ def bad_key() -> ApiError:
         {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": msg}])
 
 
-STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "RESOURCE_EXHAUSTED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
                 501: "NOT_IMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-FAULT_MESSAGES = {500: "Internal error encountered.", 503: "The service is currently unavailable.",
+FAULT_MESSAGES = {402: PREPAY_DEPLETED, 500: "Internal error encountered.", 503: "The service is currently unavailable.",
                   502: "Bad gateway.", 504: "Deadline expired before operation could complete."}
 
 

@@ -48,11 +48,12 @@ def generate(ledger: Ledger, backend: Backend, store: ImageStore, run_id: int, *
     chosen = []
     budget = budget_left_usd
     for r in todo:
-        est = estimated_cost(r["model"], r["body_json"])
-        if budget is not None and est > budget:
-            stats.held_back += 1
-            continue
-        budget = None if budget is None else budget - est
+        if budget is not None:  # estimated only against a budget: a model without a price is sent, as by batch
+            est = estimated_cost(r["model"], r["body_json"])
+            if est > budget:
+                stats.held_back += 1
+                continue
+            budget -= est
         chosen.append(r)
     if not chosen:
         return stats

@@ -15,6 +15,14 @@ from .schema import J_CREATING, J_PLANNED, J_SUBMITTED, J_UPLOADED, J_UPLOADING,
 
 SHARD_PAGE = 20_000  # planned requests read at a time (bounded memory)
 IN_FLIGHT = (J_CREATING, J_SUBMITTED)
+
+
+def _unsent(alias: str = "") -> str:
+    """SQL for requests still to be sent: planned, or queued in a job not yet created (parameters: _UNSENT_PARAMS)."""
+    return f"({alias}state=? OR ({alias}state=? AND {alias}job_id IN (SELECT id FROM jobs WHERE state IN (?,?,?))))"
+
+
+_UNSENT_PARAMS = (PLANNED, QUEUED, J_PLANNED, J_UPLOADING, J_UPLOADED)
 HOLDING_FILES = (J_UPLOADED, J_CREATING, J_SUBMITTED)
 
 
@@ -58,17 +66,31 @@ def models_to_send(ledger: Ledger) -> set[str]:
     return models
 
 
-def planned_by_model(ledger: Ledger) -> dict[str, int]:
-    """How many requests of each model are planned (not yet in a job)."""
-    return dict(ledger.conn.execute("SELECT model, COUNT(*) FROM requests WHERE state=? GROUP BY model", (PLANNED,)).fetchall())
+def earlier_runs_using(ledger: Ledger, run_id: int | None, model: str) -> list[str]:
+    """The manifests of other runs whose requests of `model` are still to be sent (planned, or in a job not yet
+    created), when the run `run_id` has none of its own (else [])."""
+    unsent = (f"q.model=? AND {_unsent('q.')}", (model, *_UNSENT_PARAMS))
+    c = ledger.conn
+    if run_id is not None and c.execute(f"SELECT 1 FROM rows w JOIN requests q ON q.hash=w.request_hash WHERE w.run_id=? "
+                                        f"AND {unsent[0]} LIMIT 1", (run_id, *unsent[1])).fetchone():
+        return []
+    return [m for (m,) in c.execute(f"SELECT DISTINCT r.manifest FROM runs r JOIN rows w ON w.run_id=r.id "
+                                    f"JOIN requests q ON q.hash=w.request_hash WHERE r.id IS NOT ? AND {unsent[0]} LIMIT 5",
+                                    (run_id, *unsent[1]))]
 
 
-def planned_by_size(ledger: Ledger, model: str, sizes: Iterable[str]) -> dict[str | None, int]:
-    """How many planned requests of `model` ask for each image size (None: no size, the model's default)."""
+def unsent_by_model(ledger: Ledger) -> dict[str, int]:
+    """How many requests of each model are still to be sent: planned, or in a job not yet created."""
+    return dict(ledger.conn.execute(
+        f"SELECT model, COUNT(*) FROM requests WHERE {_unsent()} GROUP BY model", _UNSENT_PARAMS).fetchall())
+
+
+def unsent_by_size(ledger: Ledger, model: str, sizes: Iterable[str]) -> dict[str | None, int]:
+    """How many requests of `model` still to be sent ask for each image size (None: no size, the model's default)."""
     sizes = list(sizes)
     cases = ", ".join(f"SUM(body_json LIKE '%\"imageSize\":\"{s}\"%')" for s in sizes)
-    row = ledger.conn.execute(f"SELECT COUNT(*){', ' + cases if sizes else ''} FROM requests WHERE state=? AND model=?",
-                              (PLANNED, model)).fetchone()
+    row = ledger.conn.execute(f"SELECT COUNT(*){', ' + cases if sizes else ''} FROM requests WHERE model=? AND {_unsent()}",
+                              (model, *_UNSENT_PARAMS)).fetchone()
     counts = dict(zip(sizes, (n or 0 for n in row[1:])))
     counts[None] = row[0] - sum(counts.values())
     return counts
