@@ -5,8 +5,8 @@ The library API (the CLI is a thin layer over it):
     import batcher
     outcome = batcher.run("prompts.parquet", batcher.Settings(workdir=".batcher", out="dataset"))
 
-The names below are imported on first use, so `import batcher.store` (or the collect decoder processes,
-`python -m batcher.decoder`) does not load the SDK and pyarrow.
+The names below are imported on first use, so `import batcher.storage.store` (or the collect decoder processes,
+`python -m batcher.results.decoder`) does not load the SDK and pyarrow.
 """
 
 from __future__ import annotations
@@ -14,23 +14,37 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# name -> the module that defines it. No public name is also a submodule's name (test_public_api pins both): once
+# `batcher.x` is imported as a module, Python sets the attribute `batcher.x` to it, and a function of that name
+# would be shadowed.
 _EXPORTS = {
-    "ApiError": "errors", "BatcherError": "errors", "LedgerError": "errors", "ManifestError": "errors",
-    "UsageError": "errors", "ManifestOptions": "manifest", "Outcome": "pipeline", "Settings": "pipeline",
-    "cancel": "pipeline", "collect": "pipeline", "run": "pipeline", "status": "pipeline", "submit": "pipeline",
-    "ShardLimits": "planner",
+    # commands
+    "run": "pipeline", "submit": "pipeline", "collect": "pipeline", "status": "pipeline", "cancel": "pipeline",
+    "estimate": "pipeline", "describe_models": "models",
+    # what they take and give
+    "Settings": "settings", "ManifestOptions": "manifest", "ShardLimits": "planning.packing", "Quota": "jobs.quota",
+    "Outcome": "outcome", "Estimate": "cost.estimate",
+    # errors (exit codes: BatcherError.exit_code)
+    "BatcherError": "errors", "UsageError": "errors", "ManifestError": "errors", "ApiError": "errors",
+    "QuotaError": "errors", "SpendLimitError": "errors", "LedgerError": "errors",
 }
 
-__all__ = [
-    "ApiError", "BatcherError", "LedgerError", "ManifestError", "ManifestOptions", "Outcome", "Settings", "ShardLimits",
-    "UsageError", "cancel", "collect", "run", "status", "submit",
+__all__ = [  # as _EXPORTS (a literal, for linters)
+    "run", "submit", "collect", "status", "cancel", "estimate", "describe_models",
+    "Settings", "ManifestOptions", "ShardLimits", "Quota", "Outcome", "Estimate",
+    "BatcherError", "UsageError", "ManifestError", "ApiError", "QuotaError", "SpendLimitError", "LedgerError",
 ]
 
 if TYPE_CHECKING:
-    from .errors import ApiError, BatcherError, LedgerError, ManifestError, UsageError
+    from .cost.estimate import Estimate
+    from .errors import ApiError, BatcherError, LedgerError, ManifestError, QuotaError, SpendLimitError, UsageError
+    from .jobs.quota import Quota
     from .manifest import ManifestOptions
-    from .pipeline import Outcome, Settings, cancel, collect, run, status, submit
-    from .planning.planner import ShardLimits
+    from .models import describe_models
+    from .outcome import Outcome
+    from .pipeline import cancel, collect, estimate, run, status, submit
+    from .planning.packing import ShardLimits
+    from .settings import Settings
 
 
 def __getattr__(name: str) -> Any:

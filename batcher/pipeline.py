@@ -13,56 +13,43 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .storage import gcs
-from .jobs import lifecycle as jobs_mod
-from .backends.base import Backend, parse_time
+from .backends.base import Backend
 from .backends.factory import backend_factory as make_backend_factory
-from .catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS, TIERS
-from .results.collect import CollectStats, collect_job
-from .output.dataset import DatasetSummary, write_dataset
+from .catalog import TIERS
+from .cost.estimate import (
+    budget_allowance, budget_exhausted, budget_note, check_budget, run_spend_usd, tier_cap_note, unsent_batch_usd,
+)
+from .cost.money import usd
+from .cost.pricing import use_workdir_prices
 from .errors import ApiError, BatcherError, SpendLimitError, UsageError
-from .settings import Settings, is_spec
 from .faults import maybe_crash
+from .jobs import lifecycle as jobs_mod
+from .jobs.quota import why_not_now
 from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
 from .models import ModelRefused, check_models, warn
+from .outcome import EXIT_OK, EXIT_PENDING, Outcome, every_state, exit_code_for
+from .output.dataset import write_dataset
+from .output.render import counts_line, lost_images_note, spend_limit_note
+from .output.status import status_document
 from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, shard
-from .cost.estimate import (
-    budget_allowance, budget_exhausted, budget_note, check_budget, unsent_batch_usd, run_spend_usd, tier_cap_note,
-)
-from .cost.money import usd
-from .cost.pricing import use_workdir_prices
 from .progress import Progress
-from .jobs.quota import capacity, why_not_now
+from .results.collect import CollectStats, collect_job
 from .results.share import Share, export_records, import_records
+from .settings import Settings, is_spec
+from .storage import gcs
 from .storage.store import open_store
 
 if TYPE_CHECKING:
     from .cost.estimate import Estimate
+    from .output.report import ReportSummary
 
 log = logging.getLogger("batcher")
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_PENDING = 0, 1, 2, 3, 4
-
-
-@dataclass
-class Outcome:
-    """What a command did; `exit_code` follows the documented exit codes."""
-
-    exit_code: int
-    summary: str
-    plan: PlanResult | None = None
-    dataset: DatasetSummary | None = None
-    counts: dict = field(default_factory=dict)
-    jobs_created: int = 0
-    collect: CollectStats | None = None
-
 
 def check_dir(path: Path | str, what: str) -> None:
     """Before any API call: a directory batcher will write must be creatable. A path under a regular file, or
@@ -290,11 +277,6 @@ def run_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
     return every_state(ledger.request_counts(run_id))
 
 
-def every_state(counts: dict[str, int]) -> dict[str, int]:
-    """Counts by request state, with every state (0 where there are none), in the order commands print them."""
-    return {s: counts.get(s, 0) for s in (PLANNED, QUEUED, SUCCEEDED, BLOCKED, FAILED)}
-
-
 def counts_after_plan(ledger: Ledger, p: PlanResult) -> dict[str, int]:
     """The run's counts right after its plan `p`: the plan's own when it counted them (p.states), else from SQL
     (a join of the run's rows with `requests`: ~3 s at 1M rows)."""
@@ -318,35 +300,6 @@ def counts_after_shard(ledger: Ledger, p: PlanResult, planned_before: int, new_j
 
 def notes(ws: Workspace) -> str:
     return "".join(f"; {n}" for n in ws.notes)
-
-
-def spend_limit_note(limit: SpendLimitError | None) -> str:
-    """What to say when the API refused to spend more (batcher.errors.SpendLimitError): which limit, what to do."""
-    if limit is None:
-        return ""
-    return f"; the API refused to spend more: {limit}"
-
-
-def lost_images(ds: DatasetSummary) -> str:
-    """What to say of dataset rows whose image the cache has lost since their request was done (else "")."""
-    if not ds.lost:
-        return ""
-    return (f"; {ds.lost} row(s) pending: their images are gone from the cache; run `batcher submit` or "
-            "`batcher run` with the same manifest to generate them again")
-
-
-def exit_code_for(counts: dict[str, int]) -> int:
-    if counts.get(PLANNED, 0) or counts.get(QUEUED, 0):
-        return EXIT_PENDING
-    if counts.get(BLOCKED, 0) or counts.get(FAILED, 0):
-        return EXIT_PARTIAL
-    return EXIT_OK
-
-
-def _line(counts: dict[str, int], extra: str = "") -> str:
-    pending = counts.get(PLANNED, 0) + counts.get(QUEUED, 0)
-    return (f"{counts.get(SUCCEEDED, 0)} ok, {counts.get(BLOCKED, 0)} blocked, {counts.get(FAILED, 0)} failed, "
-            f"{pending} pending{extra}")
 
 
 def _current_run_id(ledger: Ledger) -> int:
@@ -418,7 +371,7 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
         code = EXIT_PENDING if limit is not None else exit_code_for(counts)
         return Outcome(code, ("stopped at a spend limit: " if limit else "submitted: ")
                        + f"{p.rows} rows, {p.requests} requests, {p.cache_hits} cached, {created} job(s) created; "
-                       + _line(counts) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
+                       + counts_line(counts) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                        plan=p, counts=counts, jobs_created=created)
 
 
@@ -450,7 +403,7 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         if counts[PLANNED]:
             extra += f"; {counts[PLANNED]} requests to send again: run `batcher submit` or `batcher run`"
         code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # a row without its image is not finished
-        return Outcome(code, "collected: " + _line(counts, extra + lost_images(ds)), dataset=ds, counts=counts, collect=stats)
+        return Outcome(code, "collected: " + counts_line(counts, extra + lost_images_note(ds)), dataset=ds, counts=counts, collect=stats)
 
 
 def run(manifest: str | Path, settings: Settings | None = None, *, backend_factory=None,
@@ -508,12 +461,11 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
         if limit is not None:
             code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
         outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {ws.jobs_created} job(s) created; "
-                          + _line(counts, f"; {usd(ds.cost_usd)}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
-                          + lost_images(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
+                          + counts_line(counts, f"; {usd(ds.cost_usd)}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
+                          + lost_images_note(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=ws.jobs_created)
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
-        from .output.report import write_report
-        write_report(settings)
+        report(settings)
     except Exception as exc:  # noqa: BLE001
         log.warning("report not written: %s", exc)
     return outcome
@@ -603,60 +555,26 @@ def cancel(settings: Settings, names: list[str] | None = None, *, backend_factor
         return Outcome(EXIT_OK, f"cancel requested for {len(targets)} job(s); `batcher collect` requeues their requests")
 
 
-def _hours_left(created_at: str | None, hours: float, now: float) -> float | None:
-    t = parse_time(created_at)
-    return None if t is None else (t + hours * 3600 - now) / 3600
-
-
 def status(settings: Settings, *, refresh: bool = True, backend_factory=None, now: float | None = None) -> dict:
-    """Jobs, counts and windows as a JSON-ready document (refreshed from the API unless refresh=False)."""
-    import json
-
+    """Jobs, counts and windows as a JSON-ready document (output.status; refreshed from the API unless
+    refresh=False)."""
     with open_workspace(settings, backend_factory) as ws:
         if refresh and ws.ledger.jobs((J_SUBMITTED,)):
             refresh_jobs(ws)
-        if now is None:
-            now = ws.server_now()
-        run = ws.ledger.current_run()
-        jobs = []
-        for j in ws.ledger.jobs():
-            stats = json.loads(j["stats_json"]) if j["stats_json"] else {}
-            created = parse_time(j["api_created_at"])
-            n = j["request_count"]
-            succeeded = stats.get("successfulRequestCount", 0)
-            failed = stats.get("failedRequestCount", 0)
-            warnings = []
-            window_left = _hours_left(j["api_created_at"], JOB_TARGET_HOURS, now)
-            expiry_left = _hours_left(j["api_created_at"], JOB_EXPIRY_HOURS, now)
-            active = j["state"] == J_SUBMITTED
-            if active and window_left is not None and window_left < 0:
-                warnings.append("past its 24 h target window")
-            if active and expiry_left is not None and expiry_left < 6:
-                warnings.append("expires in under 6 h: results will be lost")
-            jobs.append({
-                "name": j["batch_name"], "display_name": j["display_name"], "model": j["model"], "state": j["state"],
-                "api_state": j["api_state"], "created_at": j["api_created_at"],
-                "window_ends_at": _iso(created + JOB_TARGET_HOURS * 3600) if created else None,
-                "expires_at": _iso(created + JOB_EXPIRY_HOURS * 3600) if created else None,
-                "age_hours": round((now - created) / 3600, 2) if created else None,
-                "window_hours_left": round(window_left, 2) if window_left is not None else None,
-                "expiry_hours_left": round(expiry_left, 2) if expiry_left is not None else None,
-                "request_count": n, "succeeded": succeeded, "failed": failed,
-                "pending": stats.get("pendingRequestCount", max(n - succeeded - failed, 0)) if active or j["state"] == J_UPLOADED else 0,
-                "error": j["error"], "warnings": warnings,
-            })
-        counts, hits, cost = {}, 0, 0.0
-        if run:  # the cost as the budget counts it (estimate.run_spend_usd): not an earlier run's in this workdir
-            by_state, hits, cost = ws.ledger.run_summary(run["id"], paid_since=run["created_at"])
-            counts = every_state(by_state)
-        return {
-            "workdir": str(settings.workdir), "manifest": run["manifest"] if run else None,
-            "jobs": jobs, "requests": counts, "capacity": capacity(ws.ledger, settings.quota), "cache_hits": hits, "cost_usd": round(cost, 6),
-            "exit_code": exit_code_for(counts) if run else EXIT_OK,
-        }
+        return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)
 
 
-def _iso(t: float) -> str:
-    import datetime as dt
+def report(settings: Settings, *, now=None) -> "ReportSummary":
+    """Write the morning report of the dataset of `settings` (output.report), with the workdir's status (read,
+    not refreshed: no API call); a workdir busy or without a ledger is said on the page."""
+    from .output.report import write_report
 
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status_doc, status_error = None, None
+    if not (Path(settings.workdir) / "ledger.sqlite").exists():
+        status_error = f"no ledger in {settings.workdir} (pass --workdir)"
+    else:
+        try:
+            status_doc = status(settings, refresh=False)
+        except BatcherError as exc:
+            status_error = str(exc)
+    return write_report(settings, status=status_doc, status_error=status_error, now=now)

@@ -273,7 +273,7 @@ def load_spec(path: str | Path) -> JobSpec:
     if "manifest" not in values:
         raise UsageError(f"{path}: 'manifest' is required (the manifest file, relative to the spec)")
     for key in PATH_KEYS:
-        if key in values and not str(values[key]).startswith("gs://"):
+        if key in values and not gcs.is_gcs(values[key]):
             p = Path(values[key]).expanduser()
             values[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
     return JobSpec(path=path, values=values)

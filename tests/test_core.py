@@ -296,7 +296,7 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
     from batcher.manifest import ManifestOptions
     from batcher.planning.packing import ShardLimits, expected_output_bytes
     from batcher.planning.planner import plan_manifest, shard
-    from batcher.jobs.quota import request_tokens
+    from batcher.cost.tokens import request_tokens
     from batcher.planning.requests import image_size_of
 
     from .helpers import write_csv

@@ -322,3 +322,20 @@ def test_the_interactive_fallback_prices_a_request_at_its_image_size():
     assert full == pytest.approx(request_estimate_usd(PRO, body, batch=False))
     assert full == pytest.approx(0.24 + 3 * 2 / 1e6 + 250 * 12 / 1e6)  # image, prompt, thinking allowance
     assert request_estimate_usd(PRO, body) == pytest.approx(full / 2)
+
+
+@pytest.mark.parametrize("model, per_image", [(FLASH31, 258), (PRO, 560), ("gemini-3.1-flash-lite-image", 1120),
+                                              ("gemini-9-image", 1120)])  # unknown: the catalog's largest
+def test_quota_waves_packing_and_estimates_count_a_reference_image_alike(model, per_image, tmp_path):
+    """One estimator: a reference image counts the model's input_image_tokens in the enqueued tokens that shard and
+    the quota use, and in the estimate's prompt tokens (it was 258 for every model in quota waves)."""
+    from batcher.cost.tokens import input_image_tokens, request_tokens
+    from batcher.planning.packing import measure_body
+    from batcher.planning.requests import ImageRequest, ReferenceImage, dump_body, request_body
+
+    two = tuple(ReferenceImage(c * 64, "image/png", f"{c}.png") for c in "ab")
+    bodies = [dump_body(request_body(ImageRequest(model=model, prompt="a lighthouse", references=r))) for r in ((), two)]
+    assert input_image_tokens(model) == per_image
+    plain, with_two = (request_tokens(model, b, None) for b in bodies)
+    assert with_two - plain >= 2 * per_image
+    assert [measure_body(model, b, None)[2] for b in bodies] == [plain, with_two]

@@ -115,6 +115,20 @@ def test_a_run_reads_its_manifest_from_gcs(bucket, tmp_path, emulator, backend_f
     assert emulator.stats()["batches_created"] == 2  # only the mug was new
 
 
+def test_the_library_estimates_a_manifest_on_gcs_against_a_gcs_cache(bucket, tmp_path):
+    """batcher.estimate reads manifests as planning does (it once took gs://b/m.csv for a local path "gs:/b/m.csv")."""
+    import batcher
+
+    src = tmp_path / "m.csv"
+    src.write_text("id,prompt\na,a teapot\nb,a kettle\nc,a teapot\n", encoding="utf-8")
+    uri = gcs.join(bucket, "manifests/m.csv")
+    gcs.upload_file(uri, str(src))
+    est = batcher.estimate(uri, batcher.Settings(cache_dir=gcs.join(bucket, "cache")))
+    assert (est.manifest, est.rows, est.total().requests, est.total().distinct, est.total().to_generate) == (uri, 3, 3, 2, 2)
+    with pytest.raises(Exception, match="manifests/gone.csv"):
+        batcher.estimate(gcs.join(bucket, "manifests/gone.csv"))
+
+
 def test_cache_and_dataset_on_gcs(bucket, tmp_path, emulator, backend_factory):
     """Cache and output on gs://: a second workdir sharing the bucket cache creates no job."""
     import io
@@ -151,7 +165,6 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
     from PIL import Image
 
     import batcher.pipeline as pipeline
-    from batcher.output.report import write_report
 
     m = tmp_path / "m.csv"
     m.write_text("id,prompt\na,a red kite\nb,a blue kite\nc,a kite [emulator:image_safety]\n", encoding="utf-8")
@@ -166,10 +179,10 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
     assert len(thumbs) == 2  # one per ok image
     for name in thumbs:
         assert f'src="{name.split(out + "/", 1)[1]}"' in page  # the page's relative links resolve in the bucket
-    again = write_report(s)  # the command: the same files, replaced
+    again = pipeline.report(s)  # the command: the same files, replaced
     assert again.uploaded_to == out and again.rows == 3 and again.html_path == tmp_path / "w" / "report" / "report.html"
     with pytest.raises(UsageError, match="no dataset at gs://.*/nothing-here"):
-        write_report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
+        pipeline.report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
 
 
 def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_factory, gcs_url):

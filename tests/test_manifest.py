@@ -197,7 +197,7 @@ def test_crlf_line_endings(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ManifestError, match="not found"):
+    with pytest.raises(ManifestError, match="no such file"):
         read_manifest(tmp_path / "nope.csv")  # raised at call time, before iterating
 
 

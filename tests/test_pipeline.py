@@ -417,7 +417,7 @@ def test_a_run_under_a_token_cap_goes_out_in_waves(tmp_path, emulator, backend_f
     """The emulator enforces the same cap: a create over it would be a 429. None happens; jobs go in waves."""
     from batcher.jobs.quota import Quota
 
-    cap = 2 * 1400  # two flash images' worth of enqueued tokens
+    cap = 2 * 1410  # two flash images' worth of enqueued tokens (1,120 image + 250 thinking + ~31 prompt, each)
     emulator.configure(enqueued_token_cap=cap, running_seconds=0.3)
     s = settings(tmp_path, quota=Quota(token_cap=cap))
     rows = [[f"w{i}", f"wave test prompt {i}", "", "", "x"] for i in range(7)]

@@ -99,7 +99,7 @@ def test_cli_report_is_rerunnable_and_skips_fresh_thumbnails(tmp_path, emulator,
     r = CliRunner().invoke(main, ["report", "--workdir", str(s.workdir), "--out", str(s.out)])
     assert r.exit_code == 0, r.output
     assert "report.html" in r.output and (s.out / "report.html").exists()
-    again = report.write_report(s)
+    again = pipeline.report(s)
     assert again.thumbnails == 0  # every thumbnail was up to date
     assert not [p for p in s.out.rglob("*") if p.name.endswith(".tmp")]  # no temp file left
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import ApiError, NotFoundError, UsageError
 from ..faults import maybe_crash
+from ..storage import gcs
 from . import client as sdk
 from .base import BatchInfo, FileInfo, UploadedFile, normalize_state
 from .errors import gcs_error
@@ -64,8 +65,10 @@ class VertexConnection:
             raise UsageError("Vertex AI needs a project: --project or GOOGLE_CLOUD_PROJECT")
         if not self.location:
             raise UsageError("Vertex AI needs a location: --location or GOOGLE_CLOUD_LOCATION")
-        if not re.fullmatch(r"gs://[^/]+(/.*)?", self.staging or ""):
-            raise UsageError(f"the Vertex staging area must be gs://BUCKET[/PREFIX], not {self.staging!r} (--staging)")
+        try:
+            gcs.split(self.staging or "")
+        except UsageError:
+            raise UsageError(f"the Vertex staging area must be gs://BUCKET[/PREFIX], not {self.staging!r} (--staging)") from None
 
     @classmethod
     def from_env(cls, project: str | None = None, location: str | None = None, staging: str | None = None,
@@ -87,19 +90,12 @@ class VertexConnection:
 
     @property
     def bucket(self) -> str:
-        return self.staging[len("gs://"):].split("/", 1)[0]
+        return gcs.split(self.staging)[0]
 
     @property
     def prefix(self) -> str:
-        rest = self.staging[len("gs://"):].partition("/")[2].strip("/")
+        rest = gcs.split(self.staging)[1].strip("/")
         return f"{rest}/" if rest else ""
-
-
-def split_gs(uri: str) -> tuple[str, str]:
-    m = re.fullmatch(r"gs://([^/]+)/?(.*)", uri or "")
-    if not m:
-        raise ApiError(f"not a gs:// URI: {uri!r}")
-    return m.group(1), m.group(2)
 
 
 def _canonical(obj: Any) -> Any:
@@ -172,7 +168,7 @@ class VertexBackend:
         return self._storage
 
     def _blob(self, uri: str):
-        bucket, path = split_gs(uri)
+        bucket, path = gcs.split(uri)
         return self.storage.bucket(bucket).blob(path)
 
     def _uri(self, *parts: str) -> str:
@@ -212,7 +208,7 @@ class VertexBackend:
 
     def delete_file(self, name: str) -> None:
         """A gs:// object, or every object under a gs://.../ directory (a job's output)."""
-        bucket, path = split_gs(name)
+        bucket, path = gcs.split(name)
 
         def delete():
             if name.endswith("/"):
@@ -267,7 +263,10 @@ class VertexBackend:
 
     # ---- results ----------------------------------------------------------------------------------
     def _output_blobs(self, output_dir: str) -> list:
-        bucket, path = split_gs(output_dir)
+        try:
+            bucket, path = gcs.split(output_dir)
+        except UsageError:
+            raise ApiError(f"download {output_dir!r}: the job's output directory is not a gs:// URI") from None
         path = path if path.endswith("/") or not path else path + "/"
         blobs = [b for b in self.storage.list_blobs(bucket, prefix=path) if OUTPUT_FILE_RE.search(b.name)]
         if not blobs:

@@ -254,10 +254,8 @@ def cancel(ctx, jobs, all_jobs, **kw):
 @handle_errors
 def report(workdir, out, quiet, verbose):
     """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and thumbnails (no API call)."""
-    from ..output.report import write_report
-
     _setup_logging(verbose, quiet)
-    r = write_report(Settings(workdir=workdir, out=out, quiet=quiet))
+    r = pipeline.report(Settings(workdir=workdir, out=out, quiet=quiet))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
     click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
 

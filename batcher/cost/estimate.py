@@ -13,8 +13,6 @@ planned requests that would take it over the budget stay planned (held back), an
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,20 +20,14 @@ from ..catalog import TIERS, model_spec, warning as model_warning
 from ..errors import ManifestError, UsageError
 from ..ledger import PLANNED, QUEUED, Ledger, sending
 from ..ledger.reading import run_spend_usd
-from ..manifest import ManifestOptions, RowProblem, read_manifest
+from ..manifest import ManifestOptions, RowProblem, locate, read_manifest
 from ..planning.planner import MAX_PROBLEMS_SHOWN
 from ..planning.prepare import References, image_requests
 from .money import usd
 from .pricing import PriceTable, current_table
+from .tokens import body_prompt, prompt_tokens
 from ..planning.requests import request_hash
-from ..storage.store import ImageStore
-
-TOKENS_PER_REFERENCE_IMAGE = 258
-
-
-def prompt_tokens(text_chars: int, references: int, per_image: int = TOKENS_PER_REFERENCE_IMAGE) -> int:
-    return math.ceil(text_chars / 4) + per_image * references
-
+from ..storage.store import open_store
 
 @dataclass
 class ModelEstimate:
@@ -144,12 +136,8 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     """Count rows, requests, distinct requests and cache hits of a manifest, and price what is left to generate.
     `tier`: hold the batch estimate against that usage tier's monthly spend cap."""
     table = table or current_table()
-    manifest = Path(manifest)
-    if not manifest.exists():
-        raise ManifestError(f"{manifest}: no such file; check the path")
-    if manifest.is_dir():
-        raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
-    store = None if refresh else ImageStore(cache_dir)
+    manifest = locate(manifest)
+    store = None if refresh else open_store(cache_dir)
     result = Estimate(manifest=str(manifest), tier=tier)
     problems: list[RowProblem] = []
     refs = References()
@@ -215,15 +203,7 @@ def request_estimate_usd(model: str, body_json: str, table: PriceTable | None = 
     price = (table or current_table()).get(model)
     if price is None:
         raise missing_price(model)
-    body = json.loads(body_json)
-    chars = refs = 0
-    for content in body.get("contents", []) + [body.get("systemInstruction") or {}]:
-        for part in content.get("parts", []):
-            if "text" in part:
-                chars += len(part["text"])
-            elif "fileData" in part or "inlineData" in part:
-                refs += 1
-    size = body.get("generationConfig", {}).get("imageConfig", {}).get("imageSize")
+    chars, refs, size = body_prompt(body_json)
     return price.request_usd(size, prompt_tokens(chars, refs, price.input_image_tokens), batch)
 
 

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..catalog import BATCH_DISCOUNT, MODELS
 from ..errors import UsageError
+from ..storage import atomic
 
 PRICES_FILE = "prices.json"
 REQUIRED_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "batch_discount", "tokens_per_image")
@@ -98,6 +99,7 @@ class PriceTable:
     def __init__(self, models: dict[str, ModelPrice], overrides: dict | None = None):
         self.models = dict(models)
         self.overrides = dict(overrides or {})  # as given (validated), for WORKDIR/prices.json
+        self.memo: dict = {}  # answers derived from this table (it is never changed), e.g. cost.tokens per model and size
 
     def get(self, model: str) -> ModelPrice | None:
         return self.models.get(model.removeprefix("models/"))
@@ -127,7 +129,9 @@ class PriceTable:
         return PriceTable(models, {**self.overrides, **overrides})
 
 
+@functools.cache
 def default_table() -> PriceTable:
+    """The catalog's prices (one table, shared: tables are not changed, only derived with `with_overrides`)."""
     return PriceTable({
         name: ModelPrice(model=name, input_usd_per_mtok=spec.input_usd_per_mtok, output_usd_per_mtok=spec.output_usd_per_mtok,
                          tokens_per_image=dict(spec.tokens_per_image), batch_discount=BATCH_DISCOUNT,
@@ -216,10 +220,7 @@ def workdir_table(workdir: str | Path, overrides: dict | None = None) -> PriceTa
         except ValueError as exc:
             raise UsageError(f"{path}: not valid JSON ({exc}); delete it to use the default prices") from None
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(overrides, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(overrides, indent=2, sort_keys=True))
     return default_table().with_overrides(overrides)
 
 
@@ -239,15 +240,3 @@ def cost_usd(model: str, prompt_tokens: int, output_tokens: int, thoughts_tokens
         return None
     return price.tokens_usd(prompt_tokens or 0, output_tokens or 0, thoughts_tokens or 0, text_tokens or 0, batch)
 
-
-# Output tokens assumed for an image of a model with no price table (quota waves and job sizing only): the
-# largest 1K image of the catalog's models, so a wave is never larger than the API's cap.
-UNKNOWN_MODEL_IMAGE_TOKENS = max(spec.tokens_per_image.get("1K", 0) for spec in MODELS.values())
-
-
-def expected_output_tokens(model: str, image_size: str | None, table: PriceTable | None = None) -> int:
-    """The output tokens of one image, thoughts included (they count against enqueued-token caps too)."""
-    price = (table or current_table()).get(model)
-    if price is None:
-        return UNKNOWN_MODEL_IMAGE_TOKENS
-    return price.image_tokens(image_size) + price.expected_thoughts_tokens

@@ -35,6 +35,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .generate import Generator, LineError
+from batcher.errors import UsageError
+from batcher.storage import gcs
+
 from .state import ApiError, rfc3339
 
 API_VERSIONS = ("v1", "v1beta1")
@@ -52,10 +55,10 @@ BAD_TOKEN = ("Request had invalid authentication credentials. Expected OAuth 2 a
 
 
 def split_gs(uri: str) -> tuple[str, str]:
-    m = re.fullmatch(r"gs://([^/]+)/?(.*)", uri or "")
-    if not m:
-        raise ApiError(400, "INVALID_ARGUMENT", f"Invalid Cloud Storage URI: {uri!r}.")
-    return m.group(1), m.group(2)
+    try:
+        return gcs.split(uri or "")
+    except UsageError:
+        raise ApiError(400, "INVALID_ARGUMENT", f"Invalid Cloud Storage URI: {uri!r}.") from None
 
 
 @dataclass
@@ -135,7 +138,7 @@ class VertexService:
         return self.storage().bucket(bucket).blob(path)
 
     def _gcs_uri_ok(self, uri: str) -> bool:
-        if not str(uri).startswith("gs://"):
+        if not gcs.is_gcs(uri):
             return False
         try:
             return self._blob(uri).exists()

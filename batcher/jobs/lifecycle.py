@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from ..ledger import (
     J_CANCELLED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED, J_UPLOADING, Ledger, sending,
 )
 from ..planning.requests import REF_SCHEME, referenced_hashes
+from ..storage import atomic
 from .webhooks import webhook_config
 
 log = logging.getLogger("batcher.jobs.lifecycle")
@@ -39,11 +39,9 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
     """Write the job's JSONL (atomically): one `{"key": request hash, "request": ...}` per line."""
     job = ledger.job(job_id)
     path = jsonl_path(ledger, job["display_name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
     rows = sending.queued_of_job(ledger, job_id)
     size = lines = 0
-    with open(tmp, "wb") as f:
+    with atomic.into_place(path) as tmp, open(tmp, "wb") as f:
         for h, body_json in rows:
             if REF_SCHEME in body_json:
                 body_json = splice_references(body_json, uri_by_sha)
@@ -52,10 +50,8 @@ def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path
             size += len(line)
             lines += 1
             f.write(line)
-    if lines != job["request_count"]:
-        os.unlink(tmp)
-        raise LedgerError(f"job {job_id}: {lines} queued requests in the ledger, but the job was made with {job['request_count']}")
-    os.replace(tmp, path)
+        if lines != job["request_count"]:
+            raise LedgerError(f"job {job_id}: {lines} queued requests in the ledger, but the job was made with {job['request_count']}")
     sending.set_job_input(ledger, job_id, path, size)
     return path
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .. import catalog
 from ..ledger import J_PLANNED, J_UPLOADING, Ledger, sending
-from ..cost.pricing import expected_output_tokens
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,6 @@ class Quota:
             return self.token_cap
         spec = catalog.model_spec(model)
         return spec.enqueued_token_caps.get(self.tier) if spec else None
-
-
-def request_tokens(model: str, body_json: str, size: str | None) -> int:
-    """Enqueued tokens of one request: its prompt (about 4 characters a token, images 258) plus its image
-    of `size` (None: the model's default)."""
-    return prompt_tokens_estimate(len(body_json), body_json.count('"fileData"')) + expected_output_tokens(model, size)
-
-
-def prompt_tokens_estimate(body_chars: int, references: int) -> int:
-    """The input side of `request_tokens`, from a body's length in characters and its reference images."""
-    return body_chars // 4 + 258 * references
 
 
 def why_not_now(ledger: Ledger, quota: Quota, job) -> str | None:

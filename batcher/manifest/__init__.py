@@ -37,6 +37,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -452,6 +453,19 @@ def _open_arrow(path: str):
     return pa.PythonFile(gcs.open_read(path), mode="r") if gcs.is_gcs(path) else pa.OSFile(path)
 
 
+def locate(path: str | os.PathLike) -> str | Path:
+    """A manifest's location, checked as reading it would (a gs:// object that exists, or a readable local file):
+    a gs:// URI as a string, a local path as a Path. Raises ManifestError saying what is wrong."""
+    display = os.fsdecode(os.fspath(path))
+    if gcs.is_gcs(display):
+        _check_gcs_object(display)
+        return display
+    if _URI_RE.match(display):
+        raise ManifestError(f"{display}: only local paths and gs:// URIs are read; copy it to a local file first.")
+    _check_file(display, display)
+    return Path(display)
+
+
 def _check_gcs_object(uri: str) -> None:
     try:
         size = gcs.size(uri)
@@ -486,7 +500,7 @@ def _check_file(path: str, display: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ManifestError(f"{display}: manifest file not found; check the path.") from None
+        raise ManifestError(f"{display}: no such file (the manifest); check the path.") from None
     except OSError as exc:
         raise ManifestError(f"{display}: cannot read the manifest ({exc.strerror or exc}).") from None
     if stat.S_ISDIR(st.st_mode):
@@ -750,19 +764,9 @@ def _invalid_utf8_offset(cell: str) -> int:
 
 
 def _open(path: str | os.PathLike, options: ManifestOptions, batch_rows: int) -> _Source:
-    display = os.fspath(path)
-    if isinstance(display, bytes):
-        display = os.fsdecode(display)
-    if gcs.is_gcs(display):
-        _check_gcs_object(display)
-        abspath = display
-    elif _URI_RE.match(display):
-        raise ManifestError(
-            f"{display}: only local paths and gs:// URIs are read; copy it to a local file first."
-        )
-    else:
-        _check_file(display, display)
-        abspath = os.path.abspath(display)
+    display = os.fsdecode(os.fspath(path))
+    located = locate(display)
+    abspath = located if isinstance(located, str) else os.path.abspath(display)
     fmt = _format_for(display, display, options)
     if fmt == "parquet":
         return _open_parquet(abspath, display, batch_rows)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..storage import gcs
+from ..storage import atomic
 from ..errors import BatcherError
 from ..faults import maybe_crash
 from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger, reading
@@ -60,17 +61,15 @@ class DatasetSummary:
 def _place_image(src: Path | str, dest: Path) -> None:
     if dest.exists():
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    tmp.unlink(missing_ok=True)
-    if gcs.is_gcs(src):  # a gs:// cache
-        gcs.download_file(str(src), str(tmp))
-    else:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with atomic.into_place(dest) as tmp:
+        tmp.unlink(missing_ok=True)  # left by a writer killed half-way (os.link needs the name free)
+        if gcs.is_gcs(src):  # a gs:// cache
+            gcs.download_file(str(src), str(tmp))
+        else:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
 
 
 def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
@@ -176,56 +175,55 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     extra_fields = [f for f in extra if f.name not in taken]
     schema = pa.schema(BASE_FIELDS + extra_fields)
     summary = DatasetSummary(path=out)
-    tmp = out / ".metadata.parquet.tmp"
     seen_cost: set[str] = set()  # rows sharing a request share its cost: count it once
     counts = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for batch in reading.dataset_rows(ledger, run_id, BATCH_ROWS):  # columns: reading.DATASET_COLUMNS
-            (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
-             prompt_tokens, output_tokens, thoughts_tokens, cost_usd, updated_at, job) = zip(*batch)
-            statuses, file_names, errors, costs, cached_out = [], [], [], [], []
-            for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
-                status = STATUS.get(st, "pending")
-                file_name = None
-                if status == "ok":
-                    file_name = placed(h)
-                    if file_name is None:
-                        status = "pending"  # the cache lost it: the next submit generates it again
-                        summary.lost += 1
-                counts[status] += 1
-                # A request that ended before this run began was paid for by an earlier run in this workdir: to
-                # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,
-                # so the column sums to this run's spend.
-                earlier = at < run_started and st in (SUCCEEDED, BLOCKED)
-                cost = paid if not was_cached and not earlier and h not in seen_cost else 0.0
-                if cost:
-                    seen_cost.add(h)
-                    summary.cost_usd += cost
-                statuses.append(status)
-                file_names.append(file_name)
-                errors.append(err if status != "ok" else None)
-                costs.append(cost)
-                cached_out.append(bool(was_cached) or (earlier and status == "ok"))
-            columns = {"file_name": file_names, "id": ids, "row": row, "variant": variant, "prompt": prompt,
-                       "request_hash": hashes, "status": statuses, "error": errors, "finish_reason": finish_reason,
-                       "model": model, "job": job, "attempts": attempts, "cached": cached_out,
-                       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "thoughts_tokens": thoughts_tokens,
-                       "cost_usd": costs}
-            if extra_fields:
-                extras = [json.loads(x) if x else {} for x in extra_json]
-                for f in extra_fields:
-                    columns[f.name] = [e.get(f.name) for e in extras]
-            arrays = []
-            for f in schema:
-                values = columns[f.name]
-                try:
-                    arrays.append(pa.array(values, type=f.type))
-                except (pa.ArrowInvalid, pa.ArrowTypeError):
-                    arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(f.type, safe=False))
-            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-            maybe_crash("dataset")  # test hook: see batcher/faults.py
-    summary.rows = sum(counts.values())
-    summary.ok, summary.blocked, summary.failed, summary.pending = (counts[k] for k in ("ok", "blocked", "failed", "pending"))
-    maybe_crash("dataset-replace")
-    os.replace(tmp, out / "metadata.parquet")
+    with atomic.into_place(out / "metadata.parquet") as tmp:  # `maybe_crash("dataset-replace")`: before it is in place
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in reading.dataset_rows(ledger, run_id, BATCH_ROWS):  # columns: reading.DATASET_COLUMNS
+                (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
+                 prompt_tokens, output_tokens, thoughts_tokens, cost_usd, updated_at, job) = zip(*batch)
+                statuses, file_names, errors, costs, cached_out = [], [], [], [], []
+                for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
+                    status = STATUS.get(st, "pending")
+                    file_name = None
+                    if status == "ok":
+                        file_name = placed(h)
+                        if file_name is None:
+                            status = "pending"  # the cache lost it: the next submit generates it again
+                            summary.lost += 1
+                    counts[status] += 1
+                    # A request that ended before this run began was paid for by an earlier run in this workdir: to
+                    # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,
+                    # so the column sums to this run's spend.
+                    earlier = at < run_started and st in (SUCCEEDED, BLOCKED)
+                    cost = paid if not was_cached and not earlier and h not in seen_cost else 0.0
+                    if cost:
+                        seen_cost.add(h)
+                        summary.cost_usd += cost
+                    statuses.append(status)
+                    file_names.append(file_name)
+                    errors.append(err if status != "ok" else None)
+                    costs.append(cost)
+                    cached_out.append(bool(was_cached) or (earlier and status == "ok"))
+                columns = {"file_name": file_names, "id": ids, "row": row, "variant": variant, "prompt": prompt,
+                           "request_hash": hashes, "status": statuses, "error": errors, "finish_reason": finish_reason,
+                           "model": model, "job": job, "attempts": attempts, "cached": cached_out,
+                           "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "thoughts_tokens": thoughts_tokens,
+                           "cost_usd": costs}
+                if extra_fields:
+                    extras = [json.loads(x) if x else {} for x in extra_json]
+                    for f in extra_fields:
+                        columns[f.name] = [e.get(f.name) for e in extras]
+                arrays = []
+                for f in schema:
+                    values = columns[f.name]
+                    try:
+                        arrays.append(pa.array(values, type=f.type))
+                    except (pa.ArrowInvalid, pa.ArrowTypeError):
+                        arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(f.type, safe=False))
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                maybe_crash("dataset")  # test hook: see batcher/faults.py
+        summary.rows = sum(counts.values())
+        summary.ok, summary.blocked, summary.failed, summary.pending = (counts[k] for k in ("ok", "blocked", "failed", "pending"))
+        maybe_crash("dataset-replace")
     return summary

@@ -1,10 +1,43 @@
-"""Everything batcher prints for people, in one place: the status table, the estimate, the list of models. The
-library returns data (documents, dataclasses); the command line renders it here."""
+"""Everything batcher prints for people, in one place: the status table, the estimate, the list of models, and the
+phrases of command summaries. The library returns data (documents, dataclasses); they are rendered here."""
 
 from __future__ import annotations
 
-from ..cost.estimate import Estimate
+from typing import TYPE_CHECKING
+
 from ..cost.money import usd
+from ..ledger import BLOCKED, FAILED, PLANNED, QUEUED, SUCCEEDED
+
+if TYPE_CHECKING:
+    from ..cost.estimate import Estimate
+    from ..errors import SpendLimitError
+    from .dataset import DatasetSummary
+
+
+# ---- command summaries ---------------------------------------------------------------------------------
+
+def counts_line(counts: dict[str, int], extra: str = "") -> str:
+    pending = counts.get(PLANNED, 0) + counts.get(QUEUED, 0)
+    return (f"{counts.get(SUCCEEDED, 0)} ok, {counts.get(BLOCKED, 0)} blocked, {counts.get(FAILED, 0)} failed, "
+            f"{pending} pending{extra}")
+
+
+def spend_limit_note(limit: SpendLimitError | None) -> str:
+    """What to say when the API refused to spend more (batcher.errors.SpendLimitError): which limit, what to do."""
+    if limit is None:
+        return ""
+    return f"; the API refused to spend more: {limit}"
+
+
+def lost_images_note(ds: DatasetSummary) -> str:
+    """What to say of dataset rows whose image the cache has lost since their request was done (else "")."""
+    if not ds.lost:
+        return ""
+    return (f"; {ds.lost} row(s) pending: their images are gone from the cache; run `batcher submit` or "
+            "`batcher run` with the same manifest to generate them again")
+
+
+# ---- documents -------------------------------------------------------------------------------------------
 
 
 def status_table(doc: dict) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from ..storage import gcs
+from ..storage import atomic, gcs
 from ..catalog import BATCH_DISCOUNT
 from ..cost.money import usd
-from ..errors import BatcherError, UsageError
+from ..errors import UsageError
 
 log = logging.getLogger("batcher")
 
@@ -123,18 +122,9 @@ def _scan(metadata: Path) -> _Scan:
 
 # ---- files ------------------------------------------------------------------------------------------
 
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    # A fixed temp name: a writer killed half-way leaves it, and the next writer of the same file reuses and
-    # renames it, so no temp file outlives a recovery (a random name would stay behind forever).
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
+def _write_into_place(dest: Path, write: Callable[[Path], None]) -> None:
+    with atomic.into_place(dest, mode=0o644) as tmp:  # readable by whoever serves the report
         write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _safe_file_name(row: dict) -> str | None:
@@ -169,7 +159,7 @@ def _make_thumb(src: Path, dest: Path) -> bool:
                 im = im.convert("RGB")
             im.save(tmp, "JPEG", quality=82, optimize=True)
 
-    _atomic_write(dest, write)
+    _write_into_place(dest, write)
     return True
 
 
@@ -229,7 +219,7 @@ def _contact_sheet(out: Path, rows: list[dict], sizes: dict[str, tuple[int, int]
             im.thumbnail((SHEET_TILE, SHEET_TILE))
             sheet.paste(im, (x0 + SHEET_PAD + (SHEET_TILE - im.width) // 2, y0 + SHEET_PAD + (SHEET_TILE - im.height) // 2))
         caption(str(row.get("id")) + (f" v{row['variant']}" if row.get("variant") else ""), x0 + SHEET_PAD, y0 + SHEET_PAD + SHEET_TILE + 3)
-    _atomic_write(dest, lambda tmp: sheet.save(tmp, "PNG", optimize=True))
+    _write_into_place(dest, lambda tmp: sheet.save(tmp, "PNG", optimize=True))
 
 
 # ---- rendering --------------------------------------------------------------------------------------
@@ -437,27 +427,20 @@ def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: d
 
 # ---- entry point ------------------------------------------------------------------------------------
 
-def write_report(settings, *, status: dict | None = None, now: dt.datetime | None = None) -> ReportSummary:
+def write_report(settings, *, status: dict | None = None, status_error: str | None = None,
+                 now: dt.datetime | None = None) -> ReportSummary:
     """Write OUT/report.html, OUT/contact_sheet.png and OUT/thumbs/ for the dataset of `settings`.
 
-    `status` is `pipeline.status(settings, refresh=False)`'s document; it is read here when not given
-    (if the workdir is busy, the page says so and the rest is still written)."""
-    from .. import pipeline
-
+    `status`: the workdir's status document (output.status), or `status_error` saying why there is none (the
+    page says so and the rest is still written). `batcher.pipeline.report` reads both."""
     if gcs.is_gcs(settings.out):
-        return _write_gcs_report(settings, status=status, now=now)
+        return _write_gcs_report(settings, status=status, status_error=status_error, now=now)
     out = Path(settings.out)
     metadata = out / "metadata.parquet"
     if not metadata.exists():
         raise UsageError(f"no dataset at {out} (no metadata.parquet): run `batcher collect` or `batcher run` first")
-    status_error = None
-    if status is None and not (Path(settings.workdir) / "ledger.sqlite").exists():
-        status_error = f"no ledger in {settings.workdir} (pass --workdir)"
-    elif status is None:
-        try:
-            status = pipeline.status(settings, refresh=False)
-        except BatcherError as exc:
-            status_error = str(exc)
+    if status is None and status_error is None:
+        status_error = "not read"
     scan = _scan(metadata)
     sizes, made = _thumbnails(out, scan.grid)
     sheet = out / "contact_sheet.png"
@@ -465,11 +448,11 @@ def write_report(settings, *, status: dict | None = None, now: dt.datetime | Non
     generated = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
     page = _render(scan, status, status_error, sizes, generated)
     dest = out / "report.html"
-    _atomic_write(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    _write_into_place(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return ReportSummary(html_path=dest, sheet_path=sheet, rows=scan.rows, counts=dict(scan.counts), thumbnails=made)
 
 
-def _write_gcs_report(settings, *, status: dict | None, now: dt.datetime | None) -> ReportSummary:
+def _write_gcs_report(settings, *, status: dict | None, status_error: str | None, now: dt.datetime | None) -> ReportSummary:
     """A gs:// dataset: the report is made in WORKDIR/report/ (metadata.parquet and the grid's images, at most
     GRID_LIMIT, copied down) and its files are uploaded next to the dataset; the local copy stays."""
     import dataclasses
@@ -478,17 +461,17 @@ def _write_gcs_report(settings, *, status: dict | None, now: dt.datetime | None)
     staging = Path(settings.workdir) / "report"
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        _atomic_write(staging / "metadata.parquet", lambda tmp: gcs.download_file(gcs.join(uri, "metadata.parquet"), str(tmp)))
+        _write_into_place(staging / "metadata.parquet", lambda tmp: gcs.download_file(gcs.join(uri, "metadata.parquet"), str(tmp)))
     except UsageError:  # gcs: not found
         raise UsageError(f"no dataset at {uri} (no metadata.parquet): run `batcher collect` or `batcher run` first") from None
     for row in _scan(staging / "metadata.parquet").grid:
         name = _safe_file_name(row)
         if name and not (staging / name).exists():
             try:
-                _atomic_write(staging / name, lambda tmp, n=name: gcs.download_file(gcs.join(uri, n), str(tmp)))
+                _write_into_place(staging / name, lambda tmp, n=name: gcs.download_file(gcs.join(uri, n), str(tmp)))
             except UsageError:  # gcs: not found
                 pass  # no thumbnail for it; the report says how many are missing
-    summary = write_report(dataclasses.replace(settings, out=staging), status=status, now=now)
+    summary = write_report(dataclasses.replace(settings, out=staging), status=status, status_error=status_error, now=now)
     uploads = [(summary.html_path, "text/html; charset=utf-8"), (summary.sheet_path, "image/png")]
     uploads += [(p, "image/jpeg" if p.suffix == ".jpg" else "image/png") for p in sorted((staging / THUMB_DIR).glob("**/*"))
                 if p.is_file() and not p.name.startswith(".")]  # not a temp file a killed writer left

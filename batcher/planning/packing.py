@@ -9,8 +9,7 @@ import functools
 from dataclasses import dataclass
 
 from .. import catalog
-from ..cost.pricing import expected_output_tokens
-from ..jobs.quota import prompt_tokens_estimate
+from ..cost.tokens import enqueued_tokens
 
 LINE_OVERHEAD = 120  # a JSONL line's key and wrapper around the body; references grow by their URIs
 
@@ -28,6 +27,7 @@ _LARGEST_PNG = {size: max(spec.typical_png_bytes.get(size, 0) for spec in catalo
                 for size in {s for spec in catalog.MODELS.values() for s in spec.typical_png_bytes}}
 
 
+@functools.lru_cache(maxsize=256)
 def expected_output_bytes(model: str, size: str | None) -> int:
     spec = catalog.model_spec(model)
     size = size or (spec.default_image_size if spec else "1K")
@@ -35,16 +35,10 @@ def expected_output_bytes(model: str, size: str | None) -> int:
     return png * 4 // 3 + 2_000  # base64 plus the JSON around it
 
 
-@functools.lru_cache(maxsize=256)
-def _output(model: str, size: str | None) -> tuple[int, int]:
-    return expected_output_bytes(model, size), expected_output_tokens(model, size)
-
-
 def measure(model: str, body_bytes: int, body_chars: int, size: str | None, refs: int) -> tuple[int, int, int]:
-    """(JSONL line bytes, expected output bytes, tokens) of one request, from its stored body's UTF-8 bytes and
-    characters, its image size and its number of reference images."""
-    out_bytes, out_tokens = _output(model, size)
-    return body_bytes + LINE_OVERHEAD, out_bytes, prompt_tokens_estimate(body_chars, refs) + out_tokens
+    """(JSONL line bytes, expected output bytes, enqueued tokens) of one request, from its stored body's UTF-8 bytes
+    and characters, its image size and its number of reference images."""
+    return body_bytes + LINE_OVERHEAD, expected_output_bytes(model, size), enqueued_tokens(model, body_chars, refs, size)
 
 
 def measure_body(model: str, body: str, size: str | None) -> tuple[int, int, int]:

@@ -12,7 +12,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,14 +20,14 @@ from typing import Callable, Iterator
 import pyarrow as pa
 
 from .. import catalog
-from ..storage import gcs
+from ..storage import atomic
 from ..errors import ManifestError
 from ..faults import maybe_crash
 from ..ledger import Ledger, plans, sending
 from ..ledger.plans import PlanTuning, PlanWriter
 from .packing import JobFiller, ShardLimits, measure, measure_body
 from .prepare import PreparedBatch, References, batches
-from ..manifest import ManifestOptions, RowProblem, carried_schema, manifest_fingerprint, read_manifest
+from ..manifest import ManifestOptions, RowProblem, carried_schema, locate, manifest_fingerprint, read_manifest
 from .requests import canonical_json, identity_hash
 from ..storage.store import ImageStore, StoreLookup
 
@@ -123,11 +122,7 @@ def plan_manifest(
     """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest.
     With `shard_limits`, a plan into an empty ledger also shards its new requests into jobs as it loads them,
     exactly as `shard` would (same limits and token caps; no budget); they are in PlanResult.jobs."""
-    manifest = str(manifest) if gcs.is_gcs(manifest) else Path(manifest)
-    if isinstance(manifest, Path) and not manifest.exists():
-        raise ManifestError(f"{manifest}: no such file; check the path")
-    if isinstance(manifest, Path) and manifest.is_dir():
-        raise ManifestError(f"{manifest}: is a directory, not a manifest file; pass a .parquet, .csv or .tsv file")
+    manifest = locate(manifest)
     fingerprint = run_fingerprint(manifest, options)
     existing = ledger.run_by_fingerprint(fingerprint)
     if existing is not None and retry_blocked:
@@ -235,16 +230,13 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
 
 
 def write_rejects(path: Path, problems: list[RowProblem]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        import csv
+    import csv
 
+    with atomic.into_place(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "row", "column", "value", "reason"])
         for p in problems:
             w.writerow([p.file, p.row, p.column or "", p.value or "", p.message])
-    os.replace(tmp, path)
 
 
 def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = None,

@@ -13,6 +13,8 @@ import os
 import zlib
 from pathlib import Path
 
+from . import atomic, gcs
+
 
 class InvalidImage(ValueError):
     pass
@@ -80,35 +82,9 @@ EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
 IMAGE_EXTS = tuple(EXTENSIONS.values())  # where find() looks, in this order
 _IMAGE_EXT_SET = frozenset(IMAGE_EXTS)
 HASH_CHARS = 64  # a request hash: sha256, in hex
-
-
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new file beside `path`, mode 0600, as tempfile.mkstemp makes it (without importing tempfile: ~1 MB in
-    every decoder process)."""
-    for _ in range(100):
-        tmp = os.path.join(path.parent, f".tmp-{os.urandom(6).hex()}{path.suffix}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp file name in {path.parent}")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+# Cache entries: several processes may write one at once (unique temp names), an image lost to a power cut is
+# money lost (fsync), and the cache is the user's own (0600, as before).
+CACHE_WRITE = {"unique": True, "durable": True, "mode": 0o600}
 
 
 class ImageStore:
@@ -135,8 +111,8 @@ class ImageStore:
         fmt = verify_image(data)
         path = self._dir(request_hash) / f"{request_hash}{EXTENSIONS.get(fmt, '.img')}"
         if meta is not None:
-            _atomic_write(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode())
-        _atomic_write(path, data)  # the image last: its presence means the entry is complete
+            atomic.write_bytes(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode(), **CACHE_WRITE)
+        atomic.write_bytes(path, data, **CACHE_WRITE)  # the image last: its presence means the entry is complete
         return path
 
     def meta(self, request_hash: str) -> dict:
@@ -156,11 +132,8 @@ class GcsImageStore:
     """
 
     def __init__(self, root: str):
-        from . import gcs
-
         gcs.split(root)  # validates the URI
         self.root = root.rstrip("/")
-        self._gcs = gcs
 
     def _key(self, request_hash: str, ext: str) -> str:
         if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
@@ -169,12 +142,12 @@ class GcsImageStore:
 
     def list_dir(self, prefix2: str) -> set[str]:
         """The entry names under one two-hex-digit prefix (one listing instead of a lookup per hash)."""
-        return {uri.rsplit("/", 1)[-1] for uri in self._gcs.list_names(f"{self.root}/{prefix2}/")}
+        return {uri.rsplit("/", 1)[-1] for uri in gcs.list_names(f"{self.root}/{prefix2}/")}
 
     def find(self, request_hash: str) -> str | None:
         for ext in IMAGE_EXTS:
             uri = self._key(request_hash, ext)
-            if self._gcs.exists(uri):
+            if gcs.exists(uri):
                 return uri
         return None
 
@@ -186,13 +159,13 @@ class GcsImageStore:
         ext = EXTENSIONS.get(fmt, ".img")
         uri = self._key(request_hash, ext)
         if meta is not None:
-            self._gcs.write_if_absent(self._key(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
+            gcs.write_if_absent(self._key(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
                                       "application/json")
-        self._gcs.write_if_absent(uri, data, f"image/{fmt.lower()}")
+        gcs.write_if_absent(uri, data, f"image/{fmt.lower()}")
         return uri
 
     def meta(self, request_hash: str) -> dict:
-        raw = self._gcs.read_bytes(self._key(request_hash, ".json"))
+        raw = gcs.read_bytes(self._key(request_hash, ".json"))
         try:
             return json.loads(raw) if raw else {}
         except ValueError:
@@ -201,7 +174,7 @@ class GcsImageStore:
 
 def open_store(root: str | os.PathLike | None = None):
     """The cache at `root`: a local directory, or gs://bucket/prefix."""
-    if root is not None and str(root).startswith("gs://"):
+    if root is not None and gcs.is_gcs(root):
         return GcsImageStore(str(root))
     return ImageStore(root)
 
