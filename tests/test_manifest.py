@@ -221,7 +221,7 @@ def test_unreadable_file_permission(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(manifest, "open", fake_open, raising=False)
+    monkeypatch.setattr(manifest.sources, "open", fake_open, raising=False)
     message = file_error(path)
     assert "m.csv" in message and "permission denied" in message
 
@@ -302,7 +302,7 @@ def test_invalid_utf8_names_row_and_column(tmp_path):
 
 
 def test_invalid_utf8_in_a_later_block(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "_CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(manifest.sources, "_CSV_BLOCK_BYTES", 4096)
     lines = [f"{i},prompt number {i}" for i in range(1, 2001)]
     body = ("id,prompt\n" + "\n".join(lines) + "\n").encode()
     body += b"2001,bad \xff byte\n"
@@ -539,7 +539,7 @@ def test_reference_image_problems(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(manifest, "open", fake_open, raising=False)
+    monkeypatch.setattr(manifest.references, "open", fake_open, raising=False)
     text = (
         "prompt,reference_images\n"
         "a,ok.png|missing.png\n"
@@ -581,8 +581,10 @@ def test_reference_image_limit_follows_row_model(tmp_path):
 def test_reference_images_checked_once_per_path(tmp_path, monkeypatch):
     make_image(tmp_path / "ok.png")
     calls = []
-    real = manifest._image_problem
-    monkeypatch.setattr(manifest, "_image_problem", lambda p: calls.append(p) or real(p))
+    from batcher.manifest import references
+
+    real = references._image_problem
+    monkeypatch.setattr(references, "_image_problem", lambda p: calls.append(p) or real(p))
     text = "prompt,reference_images\n" + "".join(f"p{i},ok.png\n" for i in range(50))
     rows, problems = read(write(tmp_path, "r.csv", text), batch_rows=7)
     assert len(rows) == 50 and problems == [] and calls == [str(tmp_path / "ok.png")]
@@ -710,7 +712,7 @@ def test_csv_streaming_over_many_blocks_and_batches(tmp_path, monkeypatch):
     writer.writerows(data)
     path = write(tmp_path, "big.csv", buffer.getvalue())
     whole = _as_comparable(read_manifest(path))
-    monkeypatch.setattr(manifest, "_CSV_BLOCK_BYTES", 2048)
+    monkeypatch.setattr(manifest.sources, "_CSV_BLOCK_BYTES", 2048)
     for batch_rows in (1, 7, 300):
         assert _as_comparable(read_manifest(path, batch_rows=batch_rows)) == whole
     problems = [p for p in whole if isinstance(p, RowProblem)]
