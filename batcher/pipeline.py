@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .backends.base import Backend
 from .backends.factory import backend_factory as make_backend_factory
 from .catalog import TIERS
-from .cost.estimate import (
-    budget_allowance, budget_exhausted, budget_note, check_budget, run_spend_usd, tier_cap_note, unsent_batch_usd,
-)
+from .cost.budget import BudgetCheck, check_budget, unsent_batch_usd
+from .cost.estimate import tier_cap_note
 from .cost.money import usd
 from .cost.pricing import use_workdir_prices
 from .errors import ApiError, BatcherError, SpendLimitError, UsageError
@@ -32,6 +31,7 @@ from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
+from .ledger.reading import run_spend_usd
 from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PENDING, Outcome, every_state, exit_code_for
 from .output.dataset import write_dataset
@@ -104,6 +104,7 @@ class Workspace:
         self.create_not_before = 0.0  # monotonic time: a 429 on create said to wait this long (its RetryInfo)
         self.jobs_created = 0  # by this command
         self.run_id: int | None = None  # the run the command plans (for what it says of models, notes)
+        self.budget: BudgetCheck | None = None  # the last budget check of this command (--budget-usd)
 
     @property
     def backend(self) -> Backend:
@@ -139,6 +140,27 @@ def open_workspace(settings: Settings, backend_factory=None) -> Iterator[Workspa
 
 
 # ---- steps ------------------------------------------------------------------------------------------
+
+def budget_allowance(ws: Workspace, check: BudgetCheck | None = None) -> int | None:
+    """How many planned requests may be sharded (None: no budget). Remembers the check (`check`: one just made on
+    the same ledger)."""
+    if ws.settings.budget_usd is None:
+        return None
+    ws.budget = check or check_budget(ws.ledger, ws.settings.budget_usd)
+    return ws.budget.allowed
+
+
+def budget_exhausted(ws: Workspace, counts: dict) -> bool:
+    """Nothing in jobs, requests planned, and none of them fits the budget: stop waiting."""
+    if ws.settings.budget_usd is None or counts.get(QUEUED) or not counts.get(PLANNED):
+        return False
+    ws.budget = check_budget(ws.ledger, ws.settings.budget_usd)
+    return ws.budget.allowed == 0 and ws.budget.held > 0
+
+
+def budget_note(ws: Workspace) -> str:
+    return f"; {ws.budget.note()}" if ws.budget is not None and ws.budget.held else ""
+
 
 def shard_planned(ws: Workspace, budget_check=None) -> list[int]:
     """Planned requests into new jobs: within the shard limits, each model's enqueued-token cap and the budget

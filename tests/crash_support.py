@@ -411,9 +411,10 @@ def check_invariants(shape: Shape, work: Path, out: Path, emu: Emulator, log: Li
         v.append(f"temp files left in the dataset: {leftovers[:5]}")
 
 
-def random_delays(rng: random.Random, shape: Shape, n: int) -> list[float]:
-    """n kill delays spread over the run: startup, planning, upload, polling, collecting, the dataset."""
-    return [round(rng.uniform(0.05, shape.typical_s), 3) for _ in range(n)]
+def random_delays(rng: random.Random, shape: Shape, n: int, within: float = 1.0) -> list[float]:
+    """n kill delays spread over the first `within` of a typical run: startup, planning, upload, polling, collecting,
+    the dataset."""
+    return [round(rng.uniform(0.05, shape.typical_s * within), 3) for _ in range(n)]
 
 
 def format_table(results: list[Result]) -> str:

@@ -17,7 +17,7 @@ from batcher.planning.prepare import References, image_requests
 from batcher.cost.pricing import default_table, parse_overrides
 from batcher.planning.requests import request_hash
 from batcher.settings import load_spec
-from tests.helpers import write_csv
+from tests.helpers import settings, write_csv
 
 FLASH, PRO, FLASH31 = "gemini-2.5-flash-image", "gemini-3-pro-image", "gemini-3.1-flash-image"
 
@@ -196,12 +196,6 @@ def test_an_unknown_model_is_allowed_with_every_price_key(tmp_path):
 
 # ---- the budget (the real SDK against the emulator) --------------------------------------------------------
 
-def settings(tmp_path: Path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
-    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
-
 
 def test_a_budget_holds_back_what_it_cannot_pay_for_then_a_higher_one_finishes(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 10)
@@ -286,7 +280,7 @@ def test_a_runs_summary_in_one_pass_is_its_counts_hits_and_spend(tmp_path, shape
     have their own request, or the set of their hashes when rows share requests."""
     import time
 
-    from batcher.cost.estimate import run_spend_usd
+    from batcher.ledger.reading import run_spend_usd
     from batcher.ledger import Ledger
     from batcher.planning.planner import plan_manifest
 

@@ -17,17 +17,10 @@ import pytest
 
 import batcher.pipeline as pipeline
 from batcher.planning.planner import ShardLimits
-from tests.helpers import write_csv
+from tests.helpers import settings, write_csv
 
 HEADER = ["id", "prompt", "category"]
 ROWS = [[f"f{i}", f"fault matrix prompt number {i}", "x"] for i in range(8)]
-
-
-def settings(tmp_path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
-    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
 
 
 def manifest(tmp_path, rows=ROWS):

@@ -144,10 +144,15 @@ def test_random_bytes_are_refused_cleanly(data, fmt):
         path = Path(d) / f"m.{fmt}"
         path.write_bytes(b"id,prompt\n" + data if fmt == "csv" and data[:1] != b"P" else data)
         try:
-            for _ in read_manifest(path, ManifestOptions()):
-                pass
-        except ManifestError:
-            pass
+            items = list(read_manifest(path, ManifestOptions()))
+        except ManifestError as exc:  # refused as a whole: the message names the file
+            assert str(path) in str(exc) and str(exc).strip() != str(path)
+            return
+        # Read: every item a valid row or a problem that names the file and a row of it, in file order
+        assert all(isinstance(i, (ManifestRow, RowProblem)) for i in items)
+        assert all(i.file == str(path) and i.row >= 1 and i.message for i in items if isinstance(i, RowProblem))
+        rows = [i.row for i in items]
+        assert rows == sorted(rows)
 
 
 # ---- the request builder ------------------------------------------------------------------------

@@ -13,18 +13,11 @@ from click.testing import CliRunner
 
 import batcher.pipeline as pipeline
 from batcher.cli import main
-from tests.helpers import write_csv
+from tests.helpers import settings, write_csv
 
 NEW = "gemini-nano-banana-2.1"  # a model batcher's catalog does not know (reported by third parties)
 NEW_PRICES = {NEW: {"input_usd_per_mtok": 1.5, "output_usd_per_mtok": 30.0, "text_output_usd_per_mtok": 7.5,
                     "batch_discount": 0.5, "tokens_per_image": {"1K": 1120}}}
-
-
-def settings(tmp_path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
-    return pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", **kw)
 
 
 def prompts(tmp_path, n: int = 3, model: str | None = None):
@@ -34,7 +27,7 @@ def prompts(tmp_path, n: int = 3, model: str | None = None):
 
 def test_a_shut_down_model_exits_2_naming_its_replacement(tmp_path, emulator_env):
     r = CliRunner().invoke(main, ["run", str(prompts(tmp_path)), "--model", "gemini-3-pro-image-preview",
-                                  "--workdir", str(tmp_path / "w"), "-q"])
+                                  "--workdir", str(tmp_path / "work"), "-q"])
     assert r.exit_code == 2, r.output
     assert "gemini-3-pro-image-preview was shut down on 2026-06-25; use gemini-3-pro-image" in r.output
     stats = emulator_env.stats()
@@ -64,7 +57,7 @@ def test_an_unknown_model_the_api_serves_runs_with_its_prices_from_the_job_spec(
     emulator.configure(extra_models={NEW: {"like": "gemini-3.1-flash-image"}})
     result = pipeline.run(prompts(tmp_path, model=NEW), settings(tmp_path, prices=NEW_PRICES), backend_factory=backend_factory)
     assert result.exit_code == 0, result.summary
-    rows = pq.read_table(tmp_path / "o" / "metadata.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
     assert {r["model"] for r in rows} == {NEW} and {r["status"] for r in rows} == {"ok"}
     r0 = rows[0]
     assert r0["cost_usd"] == pytest.approx((r0["prompt_tokens"] * 1.5 + 1120 * 30 + r0["thoughts_tokens"] * 7.5) / 1e6 / 2)
@@ -192,7 +185,7 @@ def test_a_refused_model_left_unsent_by_an_earlier_run_is_named_as_that_runs(tmp
         pipeline.submit(prompts(tmp_path), settings(tmp_path), backend_factory=backend_factory)  # the default model
     text = str(info.value)
     assert info.value.exit_code == 2 and f"model {NEW!r}: the API does not know it" in text
-    assert f"Requests of an earlier run in {tmp_path / 'w'} ({old}) use it" in text
+    assert f"Requests of an earlier run in {tmp_path / 'work'} ({old}) use it" in text
     assert emulator.stats()["files_uploaded"] == 0
 
 
@@ -202,7 +195,7 @@ def test_a_fallback_model_is_named_as_the_api_names_it(tmp_path, emulator, backe
     emulator.configure(line_error_rate=1.0)
     pipeline.run(prompts(tmp_path, 1), settings(tmp_path, fallback_model="models/gemini-3-pro-image", max_attempts=1,
                                                 timeout=5), backend_factory=backend_factory)
-    rows = pq.read_table(tmp_path / "o" / "metadata.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
     with pipeline.open_workspace(s) as ws:
         models = {m for (m,) in ws.ledger.conn.execute("SELECT model FROM requests")}
     assert models == {"gemini-3.1-flash-image", "gemini-3-pro-image"}, (models, rows)

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import batcher.pipeline as pipeline
+from tests import helpers
 from batcher.backends.errors import limit_error
 from batcher.cli import main
 from batcher.errors import QuotaError, SpendLimitError
@@ -49,13 +50,10 @@ def test_each_limit_is_told_by_its_description(code, message, kind, cause):
 
 
 def settings(tmp_path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
     # One job of two requests in flight at a time (a request: ~1,410 tokens with thoughts): the next waits for it.
     kw.setdefault("quota", Quota(token_cap=2 * 1450))
     kw.setdefault("limits", ShardLimits(max_requests=2))
-    return pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", **kw)
+    return helpers.settings(tmp_path, **kw)
 
 
 def manifest(tmp_path):
@@ -88,7 +86,7 @@ def test_a_run_that_meets_a_spend_limit_stops_at_once_and_resumes_later(tmp_path
 
 def test_the_command_line_exits_4_naming_the_cap(tmp_path, emulator_env):
     emulator_env.configure(project_spend_cap_usd=0.05)
-    args = ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"),
+    args = ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
             "--max-requests-per-job", "2", "--token-cap", "2900", "--poll-interval", "0.05", "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 4, r.output
@@ -128,7 +126,6 @@ def test_the_interactive_fallback_stops_at_a_spend_limit(tmp_path, emulator, bac
     with pipeline.open_workspace(s) as ws:
         found = set(ws.ledger.conn.execute("SELECT state, attempts FROM requests").fetchall())
     assert {tuple(r) for r in found} == {("planned", 1)}  # the cancelled job's attempt only: a money limit is no failure
-
 
 
 def test_jobs_created_before_a_spend_limit_are_in_the_summary(tmp_path, emulator, backend_factory):

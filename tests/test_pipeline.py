@@ -15,7 +15,7 @@ from PIL import Image
 import batcher.pipeline as pipeline
 from batcher.cli import main
 from batcher.planning.planner import ShardLimits
-from tests.helpers import write_csv
+from tests.helpers import settings, write_csv
 
 PROMPTS = [
     ["p1", "a red fox in snow", "", "1", "animal"],
@@ -25,13 +25,6 @@ PROMPTS = [
     ["p5", "a mountain lake at dawn", "9:16", "", "landscape"],
 ]
 HEADER = ["id", "prompt", "aspect_ratio", "variants", "category"]
-
-
-def settings(tmp_path: Path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
-    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
 
 
 def manifest(tmp_path: Path, rows=PROMPTS, name="m.csv") -> Path:
@@ -457,13 +450,21 @@ def test_a_fallback_model_takes_requests_that_keep_failing(tmp_path, emulator, b
 
 def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backend_factory):
     from batcher.planning.requests import ImageRequest, request_hash
+    from batcher.storage.store import ImageStore
 
-    rows = [["r", "a red bicycle [emulator:line_error]", "", "", "x"]]
+    emulator.configure(job_outcomes=["FAILED", "SUCCEEDED"])  # the first model's job fails; the fallback's does not
+    rows = [["r", "a red bicycle", "", "", "x"]]
     s = settings(tmp_path, max_attempts=1, fallback_model="gemini-3-pro-image")
-    pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
     (row,) = metadata(s)
-    direct = request_hash(ImageRequest(model="gemini-3-pro-image", prompt="a red bicycle [emulator:line_error]"))
+    assert (row["status"], row["model"]) == ("ok", "gemini-3-pro-image")
+    direct = request_hash(ImageRequest(model="gemini-3-pro-image", prompt="a red bicycle"))
     assert row["request_hash"] == direct  # the same request sent to the fallback model directly: one cache entry
+    assert ImageStore(s.cache_dir).has(direct) and (s.out / row["file_name"]).is_file()
+    direct_manifest = write_csv(tmp_path / "direct.csv", ["id", "prompt", "model"], [["r2", "a red bicycle", "gemini-3-pro-image"]])
+    again = pipeline.run(direct_manifest, settings(tmp_path / "second", cache_dir=s.cache_dir), backend_factory=backend_factory)
+    assert again.exit_code == 0 and "(1 cached)" in again.summary, again.summary  # asked directly: a cache hit
 
 
 def test_a_create_whose_reply_is_lost_does_not_make_a_second_job(tmp_path, emulator, backend_factory):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 from PIL import Image
 
 import batcher.pipeline as pipeline
+from tests import helpers
 import batcher.output.report as report
 from batcher.cost.money import usd
 from batcher.cli import main
@@ -25,12 +25,9 @@ ROWS = [
 ]
 
 
-def settings(tmp_path: Path, **kw) -> pipeline.Settings:
-    kw.setdefault("poll_interval", 0.05)
-    kw.setdefault("timeout", 60)
-    kw.setdefault("quiet", True)
+def settings(tmp_path, **kw) -> pipeline.Settings:
     kw.setdefault("max_attempts", 2)
-    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
+    return helpers.settings(tmp_path, **kw)
 
 
 def run(tmp_path, backend_factory, rows=ROWS, **kw) -> tuple[pipeline.Settings, pipeline.Outcome]:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import batcher.pipeline as pipeline
+from tests import helpers
 from batcher.cli import main
 from tests.conftest import fast_retry
 from tests.helpers import write_csv
@@ -97,11 +98,9 @@ def wait(client, name, until=("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEE
     raise AssertionError(f"{name} stayed {job.state}")
 
 
-def settings(tmp_path, **kw):
-    kw.setdefault("poll_interval", 0.05)
+def settings(tmp_path, **kw) -> pipeline.Settings:
     kw.setdefault("timeout", 30)
-    kw.setdefault("quiet", True)
-    return pipeline.Settings(workdir=tmp_path / "work", out=tmp_path / "out", cache_dir=tmp_path / "cache", **kw)
+    return helpers.settings(tmp_path, **kw)
 
 
 # ---- the emulator through the SDK -------------------------------------------------------------------

@@ -254,7 +254,7 @@ class Ledger:
 
     def run_summary(self, run_id: int, paid_since: float) -> tuple[dict[str, int], int, float]:
         """The run's requests in one pass: how many are in each state, how many are cache hits (`cached`), and
-        what was paid for them since `paid_since`, not from the cache (estimate.run_spend_usd)."""
+        what was paid for them since `paid_since`, not from the cache (ledger.reading.run_spend_usd)."""
         source, params = self._run_requests(run_id)
         rows = self.conn.execute("SELECT r.state, SUM(r.cached), SUM(CASE WHEN r.cached=0 AND r.updated_at >= ? "
                                  f"THEN r.cost_usd ELSE 0 END), COUNT(*) FROM {source} GROUP BY r.state",

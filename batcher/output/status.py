@@ -20,7 +20,7 @@ def status_document(ledger: Ledger, quota: Quota, now: float) -> dict:
     """`now`: the API's clock (server time), against which windows and expiries are counted."""
     run = ledger.current_run()
     counts, hits, cost = {}, 0, 0.0
-    if run:  # the cost as the budget counts it (estimate.run_spend_usd): not an earlier run's in this workdir
+    if run:  # the cost as the budget counts it (ledger.reading.run_spend_usd): not an earlier run's in this workdir
         by_state, hits, cost = ledger.run_summary(run["id"], paid_since=run["created_at"])
         counts = every_state(by_state)
     return {
