@@ -26,3 +26,14 @@ def settings(tmp_path: Path, **kw):
     kw.setdefault("timeout", 60)
     kw.setdefault("quiet", True)
     return Settings(**kw)
+
+
+def png_bytes(color=(10, 20, 30)) -> bytes:
+    """A small valid PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    return buf.getvalue()

@@ -202,7 +202,7 @@ def test_missing_file(tmp_path):
 
 
 def test_other_uri_schemes_are_refused_with_advice():
-    message = file_error("s3://bucket/prompts.parquet")  # gs:// is read (tests/test_gcs.py); others are not
+    message = file_error("s3://bucket/prompts.parquet")  # gs:// is read (tests/test_storage_gcs.py); others are not
     assert "s3://bucket/prompts.parquet" in message and "local file" in message
 
 

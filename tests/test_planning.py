@@ -3,6 +3,7 @@ bulk load. Each fast path must end exactly where the plain path ends."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -15,8 +16,8 @@ from batcher.manifest import ManifestOptions
 from batcher.planning.planner import ShardLimits, plan_manifest, shard
 from batcher.storage.store import ImageStore
 
-from .helpers import write_csv
-from .test_core import png_bytes
+from .helpers import png_bytes, write_csv
+
 
 MODELS = ("gemini-2.5-flash-image", "gemini-3-pro-image")
 
@@ -562,3 +563,114 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
     assert pipeline.run_counts(ledger, result.run_id)["planned"] == 1 and result.cache_hits == 0
     if result.states is not None:
         assert result.states["planned"] == 1
+
+
+
+def index_definitions(c: sqlite3.Connection) -> dict[str, str]:
+    return {name: " ".join(sql.split()) for name, sql in c.execute("SELECT name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
+
+
+def _plan_tables(ledger: Ledger, run_id: int) -> tuple:
+    c = ledger.conn
+    requests = c.execute("SELECT hash, model, body_json, state, cached, variant FROM requests ORDER BY rowid").fetchall()
+    rows = c.execute("SELECT seq, row, id, variant, request_hash, prompt, extra_json FROM rows WHERE run_id=? ORDER BY seq",
+                     (run_id,)).fetchall()
+    return [tuple(r) for r in requests], [tuple(r) for r in rows]
+
+
+@pytest.mark.parametrize("duplicate_id", [False, True])
+def test_planning_an_empty_ledger_in_bulk_gives_what_planning_with_indexes_gives(tmp_path, monkeypatch, duplicate_id):
+    """An empty ledger is loaded without its indexes (Ledger.bulk_load). Rows sharing a request across batches,
+    variants, cache hits, extra columns and a duplicate id must end exactly as on the indexed path (a ledger that
+    already holds a request), problems included; and every index is back afterwards."""
+    from batcher.manifest import ManifestOptions
+    from batcher.planning.planner import plan_manifest
+
+    from .helpers import png_bytes, write_csv
+
+    tuning = PlanTuning(plan_batch_rows=4)
+    bulk_loads = []  # how each bulk load ended: the bulk path must really be taken
+    real_bulk_load = Ledger.bulk_load
+
+    @contextlib.contextmanager
+    def spy(self, c):
+        try:
+            with real_bulk_load(self, c):
+                yield
+        except sqlite3.IntegrityError:
+            bulk_loads.append("duplicate id")
+            raise
+        bulk_loads.append("done")
+
+    monkeypatch.setattr(Ledger, "bulk_load", spy)
+    rows = [[f"r{i}", f"prompt {i % 7}", str(1 + i % 2), f"c{i % 3}"] for i in range(30)]
+    if duplicate_id:
+        rows[17][0] = "r5"
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "variants", "colour"], rows)
+    options = ManifestOptions()
+    store = ImageStore(tmp_path / "cache")
+    outcomes = []
+    migrated_indexes = index_definitions(Ledger(tmp_path / "migrated").conn)
+    assert {"requests_by_hash", "requests_by_state", "requests_by_job", "rows_by_id"} <= set(migrated_indexes)
+    for name in ("bulk", "indexed"):
+        ledger = Ledger(tmp_path / name)
+        if name == "indexed":  # one unrelated request: not an empty ledger, so the indexed path
+            other = write_csv(tmp_path / "other.csv", ["id", "prompt"], [["x", "something else"]])
+            plan_manifest(ledger, store, other, options, tuning=tuning)
+        if not outcomes:  # cache hits: the images of two of the requests
+            first = plan_manifest(Ledger(tmp_path / "probe"), None, m, options, skip_invalid=True, tuning=tuning)
+            probe = Ledger(tmp_path / "probe").conn
+            for (h,) in probe.execute("SELECT hash FROM requests ORDER BY rowid LIMIT 2"):
+                store.put(h, png_bytes())
+            assert first.requests == 14
+        problems_path = tmp_path / f"{name}-rejects.csv"
+        result = plan_manifest(ledger, store, m, options, skip_invalid=True, rejects_path=problems_path, tuning=tuning)
+        requests, plan_rows = _plan_tables(ledger, result.run_id)
+        if name == "indexed":
+            requests = [r for r in requests if r[2].find("something else") < 0]
+        outcomes.append((requests, plan_rows, (result.rows, result.requests, result.cache_hits, result.duplicates,
+                                               result.rejected), problems_path.read_text() if duplicate_id else None))
+        assert index_definitions(ledger.conn) == migrated_indexes  # each index as the migrations define it (BULK_INDEXES agrees with them)
+        assert ledger.integrity_ok()
+    bulk, indexed = outcomes
+    # The probe's, the "bulk" ledger's, then the unrelated request's; the "indexed" ledger's plan takes none.
+    ended = "duplicate id" if duplicate_id else "done"
+    assert bulk_loads == [ended, ended, "done"]
+    assert bulk == indexed
+    # 30 rows, 45 requests with their variants, 14 distinct; the duplicate id (row 19, two variants) is rejected.
+    assert bulk[2] == ((29, 14, 2, 43 - 14, 1) if duplicate_id else (30, 14, 2, 45 - 14, 0))
+    if duplicate_id:
+        assert "duplicate id (first used at row 7)" in bulk[3] and ",19," in bulk[3]
+
+
+def test_shard_estimates_match_the_per_request_formulas(tmp_path):
+    """shard measures bodies in SQLite (bytes, characters, image size, reference count); its job totals must
+    equal the Python formulas applied to each stored body."""
+    from batcher.ledger import QUEUED
+    from batcher.manifest import ManifestOptions
+    from batcher.planning.packing import ShardLimits, expected_output_bytes
+    from batcher.planning.planner import plan_manifest, shard
+    from batcher.cost.tokens import request_tokens
+    from batcher.planning.requests import image_size_of
+
+    from .helpers import png_bytes, write_csv
+
+    (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    (tmp_path / "b.png").write_bytes(png_bytes((4, 5, 6)))
+    rows = [[f"r{i}", f"a prompt with ünïcode and \"quotes\" {i}", ["1K", "2K", ""][i % 3],
+             ["", "a.png", "a.png|b.png"][i % 3]] for i in range(30)]
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "image_size", "reference_images"], rows)
+    ledger = Ledger(tmp_path / "wd")
+    plan_manifest(ledger, None, m, ManifestOptions(model="gemini-3-pro-image"))
+    jobs = shard(ledger, ShardLimits(max_requests=7))
+    assert len(jobs) == 5
+    for job_id in jobs:
+        job = ledger.job(job_id)
+        bodies = [b for (b,) in ledger.conn.execute(
+            "SELECT r.body_json FROM job_requests jr JOIN requests r ON r.hash=jr.hash WHERE jr.job_id=? AND r.state=? AND r.job_id=?",
+            (job_id, QUEUED, job_id))]
+        assert len(bodies) == job["request_count"]
+        assert job["input_bytes"] == sum(len(b.encode()) + 120 for b in bodies)
+        assert job["est_tokens"] == sum(request_tokens(job["model"], b, image_size_of(b)) for b in bodies)
+    assert any('"fileData"' in b for (b,) in ledger.conn.execute("SELECT body_json FROM requests"))
+    assert expected_output_bytes("gemini-3-pro-image", "2K") != expected_output_bytes("gemini-3-pro-image", "1K")

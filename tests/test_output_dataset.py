@@ -17,8 +17,7 @@ from batcher.manifest import ManifestOptions
 from batcher.planning.planner import plan_manifest
 from batcher.storage.store import ImageStore
 
-from .helpers import write_csv
-from .test_core import png_bytes
+from .helpers import png_bytes, write_csv
 
 
 def jpeg_bytes() -> bytes:
