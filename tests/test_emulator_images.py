@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batcher.emulator.images import make_png
-from batcher.emulator.models import KNOWN
+from batcher.emulator.image_models import KNOWN
 
 
 @settings(max_examples=40, deadline=None)

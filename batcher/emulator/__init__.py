@@ -5,6 +5,7 @@ See docs/EMULATOR.md.
 """
 
 from .app import Emulator
-from .faults import JOB_OUTCOMES, PROMPT_MARKERS, EmulatorConfig
+from .core.config import JOB_OUTCOMES, EmulatorConfig
+from .core.faults import PROMPT_MARKERS
 
 __all__ = ["Emulator", "EmulatorConfig", "JOB_OUTCOMES", "PROMPT_MARKERS"]

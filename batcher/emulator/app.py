@@ -1,4 +1,5 @@
-"""The ``Emulator`` object: HTTP server + worker thread over one ``Service``."""
+"""The ``Emulator`` object: wires the shared core (the project and the HTTP server) to both services (the Gemini
+API and Vertex AI), and runs them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import tempfile
 import threading
 from typing import Any
 
-from .faults import EmulatorConfig
-from .server import EmulatorHTTPServer
-from .state import Service
+from .core.config import EmulatorConfig
+from .core.project import Project
+from .core.routing import Mount
+from .core.server import EmulatorHTTPServer
+from .gemini import urls as gemini_urls
+from .gemini.models import GeminiService
+from .gemini.responses import GeminiResponses
+from .vertex import urls as vertex_urls
+from .vertex.models import VertexService
+from .vertex.responses import VertexResponses
 
 
 class Emulator:
@@ -29,7 +37,9 @@ class Emulator:
         self.data_dir = data_dir
         self._httpd: EmulatorHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self.service: Service | None = None
+        self.project: Project | None = None
+        self.service: GeminiService | None = None  # the Gemini API
+        self.vertex: VertexService | None = None
         self.url = ""
 
     # lifecycle
@@ -38,15 +48,21 @@ class Emulator:
             return self
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="batcher-emulator-")
-        self.service = Service(self.config, self.data_dir)
-        self._httpd = EmulatorHTTPServer((self.config.host, int(self.config.port)), self.service)
+        self.project = Project(self.config, self.data_dir)
+        self.service = GeminiService(self.project)
+        self.vertex = VertexService(self.project)
+        for service in (self.service, self.vertex):
+            self.project.attach(service)
+        mounts = [Mount(gemini_urls.URLS, GeminiResponses(self.service)),
+                  Mount(vertex_urls.URLS, VertexResponses(self.vertex))]
+        self._httpd = EmulatorHTTPServer((self.config.host, int(self.config.port)), self.project, mounts)
         host, port = self._httpd.server_address[:2]
         shown = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if ":" in shown:
             shown = f"[{shown}]"
         self.url = f"http://{shown}:{port}"
         self.service.base_url = self.url
-        self.service.start()
+        self.project.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="emulator-http", daemon=True)
         self._thread.start()
@@ -59,8 +75,8 @@ class Emulator:
         self._httpd.server_close()
         if self._thread:
             self._thread.join(timeout=10)
-        assert self.service is not None
-        self.service.stop()
+        assert self.project is not None
+        self.project.stop()
         self._httpd = None
         if self._own_dir and self.data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -73,23 +89,23 @@ class Emulator:
         self.stop()
 
     # control (same as the /_emulator/ HTTP API)
-    def _svc(self) -> Service:
-        if self.service is None:
+    def _project(self) -> Project:
+        if self.project is None:
             raise RuntimeError("the emulator is not running: call start() first")
-        return self.service
+        return self.project
 
     def stats(self) -> dict[str, Any]:
-        return self._svc().stats()
+        return self._project().stats()
 
     def configure(self, **fields: Any) -> None:
-        self._svc().configure(**fields)
+        self._project().configure(**fields)
 
     def reset(self) -> None:
-        self._svc().reset()
+        self._project().reset()
 
     def advance(self, seconds: float) -> None:
-        self._svc().advance(seconds)
+        self._project().advance(seconds)
 
     def now(self) -> float:
         """The emulated clock, as a Unix timestamp."""
-        return self._svc().clock.now()
+        return self._project().clock.now()

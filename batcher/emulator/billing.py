@@ -6,6 +6,9 @@ a call answered, the account must be under its caps: a depleted prepay balance a
 before mid-2026), a project or billing-account monthly cap 429 until the month turns or the cap is raised, the
 spend-based rate limit 429 with a RetryInfo delay until the last 10 minutes' spend falls under it. The real
 service enforces a project cap about 10 minutes late; here every limit holds at once.
+
+One account per emulated project (core/project.py holds it), whichever service bills it: it lives beside the
+services (batcher/emulator/), not in the service-agnostic core.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Callable
 
 from batcher import catalog as facts
 
-from .errors import ApiError
+from .core.errors import ApiError
 
 WINDOW_S = 600.0  # the spend-based rate limit looks at the last 10 minutes
 HELP = {"@type": "type.googleapis.com/google.rpc.Help",

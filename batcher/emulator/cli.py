@@ -9,7 +9,7 @@ import threading
 
 import click
 
-from .faults import JOB_OUTCOMES, STATE_STYLES, EmulatorConfig
+from .core.config import JOB_OUTCOMES, STATE_STYLES, EmulatorConfig
 
 
 @click.command(name="emulator")

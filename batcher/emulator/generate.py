@@ -1,6 +1,8 @@
 """One GenerateContentRequest in, one GenerateContentResponse (or a google.rpc.Status) out.
 
-Shared by the batch worker (per JSONL line / inline request) and the interactive generateContent route.
+Shared by the batch workers (per JSONL line / inline request) and the interactive generateContent routes of both
+services: what a model answers is the same through the Gemini API and Vertex AI, so it lives beside the services
+(batcher/emulator/), not in either, nor in the service-agnostic core.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import faults as F
+from .core import faults as F
+from .core.config import EmulatorConfig
+from .image_models import ImageModel
 from .images import make_png
-from .models import ImageModel
 from .schema import BadPayload, check_fields, loads
 
 # gRPC code numbers and HTTP statuses for google.rpc.Code names.
@@ -201,7 +204,7 @@ class Generator:
     ``cfg()`` returns the live EmulatorConfig; ``injector`` makes the seeded rate decisions;
     ``on_fault`` counts injected faults."""
 
-    def __init__(self, cfg: Callable[[], F.EmulatorConfig], injector: F.FaultInjector,
+    def __init__(self, cfg: Callable[[], EmulatorConfig], injector: F.FaultInjector,
                  file_ok: Callable[[str], bool], on_fault: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.injector = injector

@@ -4,7 +4,7 @@ Every image is a 1-bit palette PNG: the pixel data (a diagonal stripe pattern) d
 dimensions and is compressed once and cached; the two palette colours come from the request digest, and
 the file is padded to the target size with a private ancillary chunk (``emPd``) of bytes derived from the
 digest (SHAKE-256). Same digest -> same bytes; different digest -> different colours and padding.
-Any PNG decoder (Pillow included) reads these as ordinary images.
+Any PNG decoder (Pillow included) reads these as ordinary images. Used by generate.py, for both services.
 """
 
 from __future__ import annotations

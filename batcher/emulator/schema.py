@@ -9,6 +9,9 @@
 The messages and fields below are those of the v1beta GenerateContentRequest that image generation uses, as the
 google-genai SDK (3.6.1) writes them for the Gemini API; a message not listed (tools, schemas, function calls) is
 taken as it comes.
+
+Every request body of both services is read this way (by the core's request handler), and so are the Gemini batch
+worker's input lines: it is Google's front end, beside the services (batcher/emulator/), not part of either.
 """
 
 from __future__ import annotations

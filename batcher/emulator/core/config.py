@@ -1,24 +1,18 @@
-"""Emulator configuration: timing, limits and seeded fault injection."""
+"""Emulator configuration: everything the emulator can be told (timing, limits, faults, models, money, Vertex AI,
+webhooks), and the values some fields may take."""
 
 from __future__ import annotations
 
 import dataclasses
-import random
-import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..image_models import extra_model
 
 STATE_STYLES = ("BATCH_STATE", "JOB_STATE")
 THOUGHT_PARTS = ("requested", "always", "never")
 JOB_OUTCOMES = ("SUCCEEDED", "FAILED", "EXPIRED", "CANCELLED", "STUCK")
 LINE_ERROR_STYLES = ("grpc", "http")
-
-# Prompt markers: a prompt containing one of these gets that outcome, deterministically.
-MARKER_IMAGE_SAFETY = "[emulator:image_safety]"
-MARKER_PROMPT_BLOCKED = "[emulator:prompt_blocked]"
-MARKER_TEXT_ONLY = "[emulator:text_only]"
-MARKER_LINE_ERROR = "[emulator:line_error]"
-PROMPT_MARKERS = (MARKER_IMAGE_SAFETY, MARKER_PROMPT_BLOCKED, MARKER_TEXT_ONLY, MARKER_LINE_ERROR)
 
 
 @dataclass
@@ -75,7 +69,7 @@ class EmulatorConfig:
     state_style: str = "BATCH_STATE"
     finalize_error_mime_types: list[str] = field(default_factory=list)
     omit_optional_fields: bool = False
-    # Models (batcher/emulator/models.py): batcher/catalog.toml's table, changed as the real service may differ
+    # Models (batcher/emulator/image_models.py): batcher/catalog.toml's table, changed as the real service may differ
     shutdown_models: list[str] | None = None  # answer 404 for these; None: those shut down by the emulated date
     extra_models: dict[str, dict] = field(default_factory=dict)  # {"name": {"like": "gemini-3.1-flash-image", ...}}
     # Thinking models: every response bills thoughtsTokenCount; interim images and text marked `thought: true` come
@@ -92,14 +86,14 @@ class EmulatorConfig:
     spent_this_month_usd: float = 0.0  # what the billing account spent this month before the emulator started
     prepay_balance_usd: float | None = None  # prepaid credits; None: a postpaid account
     prepay_status: int = 402  # the answer once they are used up (429 before mid-2026)
-    # Vertex AI batch prediction (batcher/emulator/vertex.py)
+    # Vertex AI batch prediction (batcher/emulator/vertex/)
     gcs_endpoint: str | None = None  # GCS (emulator) URL for job input/output; None: STORAGE_EMULATOR_HOST or real GCS
     vertex_token: str | None = None  # accept only this bearer token (None: any non-empty one)
     vertex_echo_key: bool = False  # output lines carry the input line's "key" (unverified on the real service)
     vertex_shuffle_output: bool = False  # output lines in a seeded shuffled order (Vertex does not promise order)
     vertex_partial_state: bool = True  # some lines failed: JOB_STATE_PARTIALLY_SUCCEEDED (False: SUCCEEDED)
     vertex_project_number: str | None = None  # resource names carry this instead of the project sent
-    # Webhooks (batcher/emulator/webhooks.py): how events are signed and how often a failed delivery is retried
+    # Webhooks (batcher/emulator/gemini/webhooks.py): how events are signed and how often a failed delivery is retried
     webhook_secret: str = "whsec_ZW11bGF0b3Itd2ViaG9vay1zZWNyZXQ="  # base64 of "emulator-webhook-secret"
     webhook_max_attempts: int = 5
     webhook_retry_seconds: float = 0.2  # real seconds before the first retry; doubles each time
@@ -111,7 +105,6 @@ class EmulatorConfig:
             raise ValueError("prepay_status must be 402 or 429")
         if not isinstance(self.extra_models, dict):
             raise ValueError("extra_models must be an object: {name: {\"like\": model, ...}}")
-        from .models import extra_model
         for name, fields in self.extra_models.items():
             extra_model(name, fields)
         if self.state_style not in STATE_STYLES:
@@ -139,43 +132,3 @@ class EmulatorConfig:
 
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(EmulatorConfig)}
-
-
-def route_matches(target: str, route_key: str) -> bool:
-    """Does a user-given route target match a route key like ``POST /{v}/models/{model}:batchGenerateContent``?
-
-    A target matches when it equals the key, or when its method equals the key's method and the rest is a
-    substring of the key's template (so ``"POST batchGenerateContent"`` or ``"GET :download"`` work).
-    A target with no method (no space) matches any method. A target whose path starts with ``/`` is a full
-    template and must match exactly (``"GET /{v}/files"`` is the list route, not ``/{v}/files/{id}``)."""
-    if target == route_key:
-        return True
-    method, _, template = route_key.partition(" ")
-    t_method, _, t_rest = target.rpartition(" ")
-    if t_method and t_method.upper() != method:
-        return False
-    if t_rest.startswith("/"):
-        return t_rest == template
-    return t_rest in template
-
-
-class FaultInjector:
-    """Seeded decisions. One RNG per concern so that, e.g., HTTP faults do not shift line outcomes."""
-
-    def __init__(self, seed: int) -> None:
-        self._lock = threading.Lock()
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        with self._lock:
-            self._rngs: dict[str, random.Random] = {}
-            self._seed = seed
-
-    def chance(self, concern: str, rate: float) -> bool:
-        if rate <= 0:
-            return False
-        with self._lock:
-            rng = self._rngs.get(concern)
-            if rng is None:
-                rng = self._rngs[concern] = random.Random(f"{self._seed}:{concern}")
-            return rng.random() < rate

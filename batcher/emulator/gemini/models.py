@@ -1,27 +1,25 @@
-"""The emulated service: clock, files, uploads, batches, limits and the batch worker."""
+"""The Gemini API's state and behaviour (moto's "backend"): files, resumable uploads, batches, their limits, and the
+batch worker that runs the jobs. Shares the project's config, clock, lock, counters, fault RNG and billing."""
 
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from .billing import Billing
-from .errors import ApiError
-from .faults import EmulatorConfig, FaultInjector
-from .generate import Generator, LineError, billed_usd, camelize, estimate_tokens
-from .models import DEFAULT_CAPS, ImageModel, not_found, served
-from .schema import BadPayload, check_fields, loads
+from ..core.clock import new_id, rfc3339
+from ..core.errors import ApiError
+from ..core.project import Project
+from ..generate import Generator, LineError, billed_usd, camelize, estimate_tokens
+from ..image_models import DEFAULT_CAPS, ImageModel, not_found
+from ..schema import BadPayload, check_fields, loads
 from .webhooks import WebhookSender, parse_webhook_config
 
 FILE_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -29,41 +27,6 @@ BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateCo
 BATCH_OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 ACTIVE_STATES = ("PENDING", "RUNNING")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
-
-
-def rfc3339(t: float) -> str:
-    ns = int(round(t * 1e9))
-    secs, frac = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(secs, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
-
-
-def new_id(n: int) -> str:
-    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-    return "".join(secrets.choice(alphabet) for _ in range(n))
-
-
-class Clock:
-    """Emulated time: start + real elapsed * time_scale + advances."""
-
-    def __init__(self, scale: float) -> None:
-        self._lock = threading.Lock()
-        self._base = time.time()
-        self._mono = time.monotonic()
-        self._scale = scale
-
-    def now(self) -> float:
-        with self._lock:
-            return self._base + (time.monotonic() - self._mono) * self._scale
-
-    def set_scale(self, scale: float) -> None:
-        with self._lock:
-            m = time.monotonic()
-            self._base += (m - self._mono) * self._scale
-            self._mono, self._scale = m, scale
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._base += seconds
 
 
 @dataclass
@@ -133,24 +96,25 @@ class Batch:
         return f"batches/{self.id}"
 
 
-class Service:
-    """All emulated state. Thread-safe: one lock for the dictionaries, image generation outside it."""
+class GeminiService:
+    """The Gemini API's files, uploads and batches. Thread-safe: the project's lock for the dictionaries, image
+    generation outside it."""
 
-    def __init__(self, config: EmulatorConfig, data_dir: str) -> None:
-        self.config = config
-        self.data_dir = data_dir
-        self.files_dir = os.path.join(data_dir, "files")
-        self.uploads_dir = os.path.join(data_dir, "uploads")
-        self.lock = threading.RLock()
-        self.clock = Clock(config.time_scale)
-        self.injector = FaultInjector(config.seed)
-        self.generator = Generator(lambda: self.config, self.injector, self._file_uri_ok, self._count_fault)
-        self.billing = Billing(lambda: self.config, self.clock.now)
+    COUNTERS = ("files_uploaded", "files_deleted", "files_expired", "bytes_uploaded", "bytes_downloaded",
+                "upload_chunks", "downloads", "downloads_dropped", "webhooks_delivered", "webhook_attempts_failed",
+                "webhooks_dropped")
+
+    def __init__(self, project: Project) -> None:
+        self.project = project
+        # Shared with the other service through the project; none of them is ever replaced.
+        self.config, self.clock, self.lock, self.billing = project.config, project.clock, project.lock, project.billing
+        self.files_dir = os.path.join(project.data_dir, "files")
+        self.uploads_dir = os.path.join(project.data_dir, "uploads")
+        self.generator = Generator(lambda: self.config, project.injector, self._file_uri_ok, project.count_fault)
         self.base_url = ""
         self._kick = threading.Event()
-        self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self.webhooks = WebhookSender(lambda: self.config, self.clock.now, self._count_webhook)
+        self.webhooks = WebhookSender(lambda: self.config, self.clock.now, project.count)
         self._reset_state()
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -162,27 +126,14 @@ class Service:
             self.files: dict[str, FileRecord] = {}
             self.uploads: dict[str, UploadSession] = {}
             self.batches: dict[str, Batch] = {}
-            self.route_counts: dict[str, int] = {}
-            self.download_drops_done = 0
-            self.counters: dict[str, int] = {k: 0 for k in (
-                "batches_created", "batches_cancelled", "batches_deleted", "batches_succeeded",
-                "batches_failed", "batches_expired", "files_uploaded", "files_deleted", "files_expired",
-                "bytes_uploaded", "bytes_downloaded", "upload_chunks", "downloads", "downloads_dropped",
-                "generate_content_calls", "lines_processed", "lines_failed", "images_generated",
-                "faults_injected", "http_errors", "webhooks_delivered", "webhook_attempts_failed", "webhooks_dropped")}
-            self.fault_counts: dict[str, int] = {}
 
     def start(self) -> None:
         self._worker = threading.Thread(target=self._run_worker, name="emulator-worker", daemon=True)
         self._worker.start()
         self.webhooks.start()
 
-    def _count_webhook(self, key: str) -> None:
-        with self.lock:
-            self.counters[key] += 1
-
     def stop(self) -> None:
-        self._stop.set()
+        """After the project's ``stopping`` is set."""
         self._kick.set()
         if self._worker:
             self._worker.join(timeout=10)
@@ -192,60 +143,17 @@ class Service:
                 self._close_cursor(b)
 
     def reset(self) -> None:
+        """Drop all files, uploads and batches (the project zeroes the counters)."""
         with self.lock:
             for b in self.batches.values():
                 b.state = "DELETED"  # stops any line the worker is processing right now
                 self._close_cursor(b)
             self._reset_state()
             self.webhooks.clear()
-            self.billing.reset()
-            self.injector.reseed(self.config.seed)
-            if getattr(self, "vertex", None) is not None:  # Vertex jobs (batcher/emulator/vertex.py)
-                self.vertex.reset()
 
-    def configure(self, **fields: Any) -> None:
-        from .faults import CONFIG_FIELDS
-        with self.lock:
-            unknown = set(fields) - CONFIG_FIELDS
-            if unknown:
-                raise ValueError(f"unknown config fields: {sorted(unknown)}")
-            fixed = {k for k in fields if k in ("host", "port") and fields[k] != getattr(self.config, k)}
-            if fixed:
-                raise ValueError(f"cannot change {sorted(fixed)} at run time")
-            old = self.config.to_dict()
-            for k, v in fields.items():
-                setattr(self.config, k, copy.deepcopy(v))
-            try:
-                self.config.validate()
-            except Exception:
-                for k, v in old.items():
-                    setattr(self.config, k, v)
-                raise
-            if "time_scale" in fields:
-                self.clock.set_scale(float(self.config.time_scale))
-            if "seed" in fields:
-                self.injector.reseed(self.config.seed)
+    def wake(self) -> None:
+        """The configuration or the clock changed: let the worker look now."""
         self._kick.set()
-
-    def advance(self, seconds: float) -> None:
-        self.clock.advance(float(seconds))
-        self._kick.set()
-
-    # ----- counters --------------------------------------------------------------------------------
-    def count(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counters[key] = self.counters.get(key, 0) + n
-
-    def _count_fault(self, kind: str) -> None:
-        with self.lock:
-            self.counters["faults_injected"] += 1
-            self.fault_counts[kind] = self.fault_counts.get(kind, 0) + 1
-
-    def count_route(self, key: str) -> int:
-        with self.lock:
-            n = self.route_counts.get(key, 0) + 1
-            self.route_counts[key] = n
-            return n
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -253,17 +161,11 @@ class Service:
             for b in self.batches.values():
                 states[b.state] = states.get(b.state, 0) + 1
             return {
-                **self.counters,
-                "requests": dict(self.route_counts),
-                "faults": dict(self.fault_counts),
                 "files": len(self.files),
                 "batches": len(self.batches),
                 "batch_states": states,
                 "storage_bytes": sum(f.size for f in self.files.values()),
-                "emulated_time": rfc3339(self.clock.now()),
                 "webhook_deliveries": self.webhooks.deliveries(),  # one per attempt: uri, type, id, status, attempt
-                **self.billing.stats(),
-                **(self.vertex.stats() if getattr(self, "vertex", None) is not None else {}),
             }
 
     # ----- files -----------------------------------------------------------------------------------
@@ -276,7 +178,7 @@ class Service:
 
     def _expire_file(self, f: FileRecord) -> None:
         self.files.pop(f.id, None)
-        self.counters["files_expired"] += 1
+        self.project.count("files_expired")
         try:
             os.unlink(f.path)
         except OSError:
@@ -305,7 +207,7 @@ class Service:
         with self.lock:
             f = self.get_file(file_id)
             self.files.pop(f.id, None)
-            self.counters["files_deleted"] += 1
+            self.project.count("files_deleted")
         try:
             os.unlink(f.path)
         except OSError:
@@ -374,8 +276,8 @@ class Service:
                 fh.write(chunk)
                 s.sha.update(chunk)
                 s.received += len(chunk)
-        self.count("bytes_uploaded", length)
-        self.count("upload_chunks")
+        self.project.count("bytes_uploaded", length)
+        self.project.count("upload_chunks")
 
     def finalize_upload(self, s: UploadSession) -> FileRecord:
         with self.lock:
@@ -391,7 +293,7 @@ class Service:
                        now + self.config.file_ttl_seconds, "UPLOADED", path)
         with self.lock:
             self.files[f.id] = f
-            self.counters["files_uploaded"] += 1
+            self.project.count("files_uploaded")
         return f
 
     def abort_upload(self, s: UploadSession) -> None:
@@ -401,6 +303,35 @@ class Service:
             os.unlink(s.path)
         except OSError:
             pass
+
+    def refuse_finalize(self, s: UploadSession) -> bool:
+        """Fault ``finalize_error_mime_types``: a finalize for such a MIME type makes no file (the upload is dropped);
+        the caller answers 200 with an error body (python-genai #1547)."""
+        if s.mime_type not in (self.config.finalize_error_mime_types or []):
+            return False
+        self.abort_upload(s)
+        self.project.count_fault("finalize_error")
+        return True
+
+    def start_download(self) -> int | None:
+        """Count a download. Returns after how many body bytes to cut its connection (fault
+        ``drop_download_after_bytes``, for the next ``drop_download_times`` downloads), or None."""
+        cfg = self.config
+        drop_after: int | None = None
+        with self.lock:
+            if cfg.drop_download_after_bytes is not None and (
+                    cfg.drop_download_times is None or cfg.drop_download_times > 0):
+                drop_after = int(cfg.drop_download_after_bytes)
+                if cfg.drop_download_times is not None:
+                    cfg.drop_download_times -= 1
+                self.project.count_fault("drop_download")
+                self.project.count("downloads_dropped")
+            self.project.count("downloads")
+        return drop_after
+
+    def count_downloaded(self, n: int) -> None:
+        """The body bytes a download sent."""
+        self.project.count("bytes_downloaded", n)
 
     def file_json(self, f: FileRecord) -> dict[str, Any]:
         base = self.base_url
@@ -427,10 +358,8 @@ class Service:
 
     # ----- models ----------------------------------------------------------------------------------
     def models(self) -> dict[str, ImageModel]:
-        """The models served on the emulated date (batcher/emulator/models.py)."""
-        today = datetime.fromtimestamp(self.clock.now(), timezone.utc).date()
-        cfg = self.config
-        return served(cfg.shutdown_models, cfg.extra_models, today)
+        """The models served on the emulated date (the project's: both services serve the same)."""
+        return self.project.models()
 
     def model(self, name: str, method: str) -> ImageModel:
         """A served model that supports `method`, or the API's 404."""
@@ -536,9 +465,18 @@ class Service:
                     shutil.copyfile(input_path, snap)
                 b.input_path = snap
             self.batches[b.id] = b
-            self.counters["batches_created"] += 1
+            self.project.count("batches_created")
         self._kick.set()
         return b
+
+    def lost_create_reply(self) -> bool:
+        """Fault ``create_then_fail_times``: the job was made, and the reply is lost (the caller answers 503)."""
+        with self.lock:
+            lost = self.config.create_then_fail_times > 0
+            if lost:
+                self.config.create_then_fail_times -= 1
+                self.project.count_fault("create_then_fail")
+        return lost
 
     def get_batch(self, batch_id: str) -> Batch:
         with self.lock:
@@ -560,7 +498,7 @@ class Service:
             if b.state == "CANCELLED":
                 return
             self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was cancelled."})
-            self.counters["batches_cancelled"] += 1
+            self.project.count("batches_cancelled")
 
     def delete_batch(self, batch_id: str) -> None:
         with self.lock:
@@ -569,7 +507,7 @@ class Service:
                 self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was deleted."})
             b.state = "DELETED"
             self.batches.pop(b.id, None)
-            self.counters["batches_deleted"] += 1
+            self.project.count("batches_deleted")
 
     def _finish(self, b: Batch, state: str, error: dict[str, Any] | None, at: float | None = None) -> None:
         """Move to a terminal state (caller holds the lock)."""
@@ -580,7 +518,7 @@ class Service:
         b.end_time = b.update_time = t
         key = {"SUCCEEDED": "batches_succeeded", "FAILED": "batches_failed", "EXPIRED": "batches_expired"}.get(state)
         if key:
-            self.counters[key] += 1
+            self.project.count(key)
         if b.webhook:
             self.webhooks.job_ended(b.name, b.display_name, state, b.webhook, rfc3339)
         if b.input_path and state != "SUCCEEDED":
@@ -649,9 +587,21 @@ class Service:
                 op["error"] = b.error
         return op
 
+    # ----- interactive ---------------------------------------------------------------------------
+    def generate_content(self, model: str, body: Any) -> dict[str, Any]:
+        """One interactive generateContent call: billed at the full price. Raises ApiError or LineError."""
+        m = self.model(model, "generateContent")
+        self.billing.check()
+        self.project.count("generate_content_calls")
+        resp, produced = self.generator.generate(m, body, os.urandom(8).hex())
+        self.billing.charge(billed_usd(m, resp, batch=False))
+        if produced:
+            self.project.count("images_generated")
+        return resp
+
     # ----- worker ----------------------------------------------------------------------------------
     def _run_worker(self) -> None:
-        while not self._stop.is_set():
+        while not self.project.stopping.is_set():
             self._kick.wait(0.02)
             self._kick.clear()
             try:
@@ -659,7 +609,7 @@ class Service:
             except Exception:  # never let the worker die; surface in stats
                 import traceback
                 traceback.print_exc()
-                self.count("worker_errors")
+                self.project.count("worker_errors")
 
     def tick(self, budget_seconds: float = 0.25) -> None:
         with self.lock:
@@ -689,7 +639,7 @@ class Service:
                     return
                 if b.outcome == "CANCELLED":
                     self._finish(b, "CANCELLED", {"code": 1, "message": "Batch job was cancelled."}, at=b.run_at)
-                    self.counters["batches_cancelled"] += 1
+                    self.project.count("batches_cancelled")
                     return
                 b.state = "RUNNING"
                 b.update_time = b.run_at
@@ -806,10 +756,10 @@ class Service:
             b.succeeded += 1
         else:
             b.failed += 1
-            self.counters["lines_failed"] += 1
-        self.counters["lines_processed"] += 1
+            self.project.count("lines_failed")
+        self.project.count("lines_processed")
         if produced:
-            self.counters["images_generated"] += 1
+            self.project.count("images_generated")
         b.update_time = max(b.update_time, self.clock.now())
 
     def _maybe_truncate_results(self, b: Batch) -> None:
@@ -827,7 +777,7 @@ class Service:
             f.write(kept)
         b._sha = hashlib.sha256(kept)
         b._out_size = len(kept)
-        self._count_fault("truncate_results")
+        self.project.count_fault("truncate_results")
 
     def _complete(self, b: Batch) -> None:
         """All lines processed: publish the output (caller holds the lock)."""

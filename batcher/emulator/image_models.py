@@ -6,6 +6,9 @@ service does differently from that table is configuration: `shutdown_models` (wh
 those the table says were shut down by the emulated date) and `extra_models` (models the table does not know, made
 like one it does: `{"gemini-nano-banana-2.1": {"like": "gemini-3.1-flash-image"}}`, optionally with `methods`,
 `image_sizes`, `thinking`, `display_name`).
+
+Both services serve these models (the project's `models()`), so the table lives beside them (batcher/emulator/), not
+in either, nor in the service-agnostic core.
 """
 
 from __future__ import annotations
