@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pyflakes batcher tests bench
 	$(BIN)/python -m pytest -q
+
+# The quick loop while working: every test not marked slow (make test still runs everything).
+test-fast: $(STAMP)
+	$(BIN)/python -m pyflakes batcher tests bench
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .batcher build *.egg-info

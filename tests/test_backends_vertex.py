@@ -190,6 +190,7 @@ def test_auth_is_a_bearer_token(vx, gcs):
 
 # ---- the pipeline on Vertex ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_vertex_run_completes_and_a_second_creates_no_job(tmp_path, vx, gcs):
     client_gcs, bucket = gcs
     vx.configure(vertex_shuffle_output=True, vertex_echo_key=False)  # correlation by the echoed request only
@@ -217,6 +218,7 @@ def test_a_vertex_run_completes_and_a_second_creates_no_job(tmp_path, vx, gcs):
     assert vx.stats()["vertex_jobs_created"] == 1
 
 
+@pytest.mark.slow
 def test_failed_lines_of_a_partially_succeeded_job_are_retried(tmp_path, vx, gcs):
     _, bucket = gcs
     vx.configure(line_error_rate=0.5, seed=3, vertex_echo_key=True)
@@ -231,6 +233,7 @@ def test_failed_lines_of_a_partially_succeeded_job_are_retried(tmp_path, vx, gcs
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.slow
 def test_reference_images_go_to_gcs_as_gs_uris(tmp_path, vx, gcs):
     client_gcs, bucket = gcs
     ref = tmp_path / "ref.png"
@@ -246,6 +249,7 @@ def test_reference_images_go_to_gcs_as_gs_uris(tmp_path, vx, gcs):
     assert f'"fileUri":"gs://{bucket.name}/stage/refs/' in jsonl
 
 
+@pytest.mark.slow
 def test_cli_backend_vertex_and_job_spec(tmp_path, vx, gcs, monkeypatch):
     _, bucket = gcs
     monkeypatch.setenv("GOOGLE_VERTEX_BASE_URL", vx.url)
@@ -338,6 +342,7 @@ def test_interactive_generate_content_on_vertex(vx, gcs):
     assert vx.stats()["generate_content_calls"] == 1
 
 
+@pytest.mark.slow
 def test_a_vertex_run_with_manifest_cache_and_dataset_on_gcs(tmp_path, vx, gcs):
     """Issue 7's done-when on the Vertex backend: everything on gs://, same cache guarantee as Gemini."""
     from batcher.storage import gcs as gcs_mod

@@ -74,6 +74,7 @@ def test_1000_flash_25_images_are_priced_by_their_tokens(tmp_path):
     assert any("earliest shutdown" in w for w in e.warnings)
 
 
+@pytest.mark.slow
 def test_10000_pro_images_at_2k_and_with_90pct_cache_hits(tmp_path):
     m = prompts_csv(tmp_path / "m.csv", 10_000)
     cache = tmp_path / "cache"
@@ -89,6 +90,7 @@ def test_10000_pro_images_at_2k_and_with_90pct_cache_hits(tmp_path):
     assert "images: $67.20 batch vs $134.40 interactive" in r.output
 
 
+@pytest.mark.slow
 def test_an_estimate_over_the_tiers_monthly_spend_cap_says_so(tmp_path):
     m = prompts_csv(tmp_path / "m.csv", 10_000)  # $336 in batch: over Tier 1's $250 a month, under Tier 2's $2,000
     r = CliRunner().invoke(main, ["estimate", str(m), "--cache-dir", str(tmp_path / "c")])
@@ -197,6 +199,7 @@ def test_an_unknown_model_is_allowed_with_every_price_key(tmp_path):
 # ---- the budget (the real SDK against the emulator) --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_budget_holds_back_what_it_cannot_pay_for_then_a_higher_one_finishes(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 10)
     # A request is estimated at ~$0.0340 in batch (image $0.0336, thinking $0.0004, prompt): $0.17 pays for 5 of the 10.
@@ -239,6 +242,7 @@ def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_pat
     assert sizes == [2, 2, 1]
 
 
+@pytest.mark.slow
 def test_budget_from_the_job_spec_and_the_command_line(tmp_path, emulator_env):
     p = spec(tmp_path, '[limits]\nbudget_usd = 0.17\n[poll]\ninterval_seconds = 0.05\ntimeout_seconds = 60\n')
     r = CliRunner().invoke(main, ["run", str(p), "-q"])
@@ -250,6 +254,7 @@ def test_budget_from_the_job_spec_and_the_command_line(tmp_path, emulator_env):
     assert emulator_env.stats()["lines_processed"] == 10
 
 
+@pytest.mark.slow
 def test_realized_cost_and_status_use_the_overridden_prices(tmp_path, emulator, backend_factory):
     m = prompts_csv(tmp_path / "m.csv", 4)
     prices = {FLASH31: {"output_usd_per_mtok": 120.0, "input_usd_per_mtok": 0.0, "text_output_usd_per_mtok": 0.0}}

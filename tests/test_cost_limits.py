@@ -65,6 +65,7 @@ def manifest(tmp_path):
     ({"prepay_balance_usd": 0.05}, "Your prepayment credits are depleted"),
     ({"monthly_spend_cap_usd": 0.05}, "Your billing account has exceeded its monthly spending cap"),
 ])
+@pytest.mark.slow
 def test_a_run_that_meets_a_spend_limit_stops_at_once_and_resumes_later(tmp_path, emulator, backend_factory, limit, words):
     emulator.configure(**limit)  # the first job ($0.068) takes the account past it
     s = settings(tmp_path)
@@ -84,6 +85,7 @@ def test_a_run_that_meets_a_spend_limit_stops_at_once_and_resumes_later(tmp_path
     assert emulator.stats()["lines_processed"] == 6  # nothing generated twice
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_4_naming_the_cap(tmp_path, emulator_env):
     emulator_env.configure(project_spend_cap_usd=0.05)
     args = ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
@@ -95,6 +97,7 @@ def test_the_command_line_exits_4_naming_the_cap(tmp_path, emulator_env):
     assert submit.exit_code == 4 and "stopped at a spend limit" in submit.output  # submit too: nothing created
 
 
+@pytest.mark.slow
 def test_a_spend_rate_limit_waits_and_the_run_finishes(tmp_path, emulator, backend_factory):
     # $0.05 in any 10 minutes; 10 emulated minutes pass in 3 s here.
     emulator.configure(spend_rate_usd_per_10min=0.05, time_scale=200.0)
@@ -106,6 +109,7 @@ def test_a_spend_rate_limit_waits_and_the_run_finishes(tmp_path, emulator, backe
     assert stats["requests"]["POST /{v}/models/{model}:batchGenerateContent"] <= 3 + 2 * stats["http_errors"] <= 9
 
 
+@pytest.mark.slow
 def test_the_interactive_fallback_stops_at_a_spend_limit(tmp_path, emulator, backend_factory):
     """Past the deadline the stragglers go interactive; a 402 there stops the run (exit 4), spending no attempt."""
     emulator.configure(job_outcomes=["STUCK"])
@@ -137,6 +141,7 @@ def test_jobs_created_before_a_spend_limit_are_in_the_summary(tmp_path, emulator
     assert result.jobs_created == 2 and "2 job(s) created" in result.summary, result.summary
 
 
+@pytest.mark.slow
 def test_uploads_wait_while_the_api_asks_creates_to_wait(tmp_path, emulator, backend_factory):
     """A rate 429 on create with a RetryInfo: nothing more is uploaded until the hint has passed."""
     emulator.configure(rate_limit_nth={"POST /{v}/models/{model}:batchGenerateContent": [1]}, retry_delay="30s")

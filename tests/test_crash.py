@@ -14,6 +14,8 @@ import pytest
 
 from tests import crash_support as cs
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses and kills them
+
 QUICK = cs.Shape("quick", rows=6, variants_every=3, duplicates_every=4, max_requests_per_job=3, typical_s=3.0)
 SEED = int(os.environ.get("BATCHER_CRASH_SEED", "20261122"))
 

@@ -714,6 +714,7 @@ def test_emulator_start_stop_without_with(tmp_path):
 # The `batcher emulator` command as a subprocess
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_subprocess():
     proc = subprocess.Popen(
         [sys.executable, "-m", "batcher.emulator", "--port", "0", "--api-key", "secret", "--pending-seconds", "0.05",
@@ -747,6 +748,7 @@ def test_cli_subprocess():
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_fault_on_upload_chunk_is_retried_by_sdk(emu, c):
     # A failed chunk answer without X-Goog-Upload-Status makes the real SDK re-send the chunk (after 1 s).
     emu.configure(fail_nth={"POST /upload/{v}/files?upload_id": [1]})
@@ -757,6 +759,7 @@ def test_fault_on_upload_chunk_is_retried_by_sdk(emu, c):
     assert s["bytes_uploaded"] == 1000
 
 
+@pytest.mark.slow
 def test_reset_during_running_job_is_clean(emu, c):
     emu.configure(running_seconds=0.5)
     f = upload_lines(c, [line(f"k{i}", f"p{i}") for i in range(50)])

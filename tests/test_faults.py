@@ -72,6 +72,7 @@ class _Spy:
         monkeypatch.setattr(outcomes, "requeue_or_fail", spy)
 
 
+@pytest.mark.slow
 def test_truncated_results_file_missing_keys_are_retried(tmp_path, emulator, backend_factory, monkeypatch):
     spy = _Spy(monkeypatch)
     emulator.configure(truncate_results_lines=3, truncate_results_times=1)
@@ -83,6 +84,7 @@ def test_truncated_results_file_missing_keys_are_retried(tmp_path, emulator, bac
     assert attempts == [1] * 5 + [2] * 3  # the 5 kept lines were not sent again
 
 
+@pytest.mark.slow
 def test_corrupt_base64_lines_are_retried_and_the_rest_kept(tmp_path, emulator, backend_factory, monkeypatch):
     spy = _Spy(monkeypatch)
     emulator.configure(corrupt_base64_rate=0.4, seed=11)
@@ -94,6 +96,7 @@ def test_corrupt_base64_lines_are_retried_and_the_rest_kept(tmp_path, emulator, 
     assert sum(r["attempts"] for r in rows) == len(ROWS) + injected  # only the damaged ones were sent again
 
 
+@pytest.mark.slow
 def test_payload_that_is_not_an_image_is_retried(tmp_path, emulator, backend_factory, monkeypatch):
     spy = _Spy(monkeypatch)
     emulator.configure(not_image_rate=0.4, seed=5)
@@ -106,6 +109,7 @@ def test_payload_that_is_not_an_image_is_retried(tmp_path, emulator, backend_fac
         assert (s.out / r["file_name"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_corruption_exhausting_attempts_is_failed_with_the_reason(tmp_path, emulator, backend_factory):
     emulator.configure(corrupt_base64_rate=1.0)
     s = settings(tmp_path, max_attempts=2)
@@ -119,12 +123,14 @@ def test_corruption_exhausting_attempts_is_failed_with_the_reason(tmp_path, emul
 
 # ---- wire-format variants -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_job_state_style_end_to_end(tmp_path, emulator, backend_factory):
     emulator.configure(state_style="JOB_STATE")
     run_and_check_ok(tmp_path, emulator, backend_factory)
     assert emulator.stats()["batches_created"] == 1
 
 
+@pytest.mark.slow
 def test_finalize_error_for_jsonl_mime_falls_back(tmp_path, emulator, backend_factory):
     emulator.configure(finalize_error_mime_types=["jsonl"])
     run_and_check_ok(tmp_path, emulator, backend_factory)
@@ -144,6 +150,7 @@ def test_finalize_error_for_every_mime_is_a_clear_api_error(tmp_path, emulator, 
     assert emulator.stats()["batches_created"] == 0
 
 
+@pytest.mark.slow
 def test_omitted_optional_fields_end_to_end(tmp_path, emulator, backend_factory):
     emulator.configure(omit_optional_fields=True)
     run_and_check_ok(tmp_path, emulator, backend_factory, limits=ShardLimits(max_requests=3))
@@ -152,6 +159,7 @@ def test_omitted_optional_fields_end_to_end(tmp_path, emulator, backend_factory)
 
 # ---- error storms -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_429_storm_and_30_percent_5xx_create_no_duplicate_jobs(tmp_path, emulator, backend_factory):
     emulator.configure(rate_limit_rate=0.4, retry_delay="0.01s", fail_rate=0.3, fail_status=503, seed=21)
     s, _ = run_and_check_ok(tmp_path, emulator, backend_factory, limits=ShardLimits(max_requests=2))
@@ -160,6 +168,7 @@ def test_429_storm_and_30_percent_5xx_create_no_duplicate_jobs(tmp_path, emulato
     assert stats["batches_created"] == 4
 
 
+@pytest.mark.slow
 def test_500_at_30_percent_creates_no_duplicate_jobs(tmp_path, emulator, backend_factory):
     # Upload routes excluded: the SDK's own retry there sleeps whole seconds (covered by the 503 storm above).
     emulator.configure(fail_rate=0.3, fail_status=500, seed=8,
@@ -170,6 +179,7 @@ def test_500_at_30_percent_creates_no_duplicate_jobs(tmp_path, emulator, backend
 
 # ---- job lifecycle faults -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_input_file_expired_before_create_is_uploaded_again(tmp_path, emulator, backend_factory):
     from batcher.jobs import lifecycle as jobs_mod
 
@@ -190,6 +200,7 @@ def test_input_file_expired_before_create_is_uploaded_again(tmp_path, emulator, 
     assert_no_duplicate_jobs(emulator, s, backend_factory)
 
 
+@pytest.mark.slow
 def test_job_cancelled_outside_batcher_is_requeued(tmp_path, emulator, backend_factory):
     emulator.configure(job_outcomes=["STUCK"])  # the first job never finishes on its own
     cancelled: list[str] = []

@@ -11,6 +11,8 @@ Example counts are bounded (FUZZ_EXAMPLES, default below) so the file runs in we
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import json
 import math
@@ -119,18 +121,21 @@ def check_reader(fmt: str, table) -> None:
                 "; ".join(str(p) for p in items if isinstance(p, RowProblem) and p.row == first_row + i)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(tables())
 def test_csv_reader_never_crashes_and_round_trips(table):
     check_reader("csv", table)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(tables())
 def test_tsv_reader_never_crashes_and_round_trips(table):
     check_reader("tsv", table)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(tables())
 def test_parquet_reader_never_crashes_and_round_trips(table):
@@ -176,6 +181,7 @@ def image_requests(draw):
         system_instruction=draw(st.one_of(st.none(), TEXT)), references=tuple(refs))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES * 3, deadline=None, derandomize=True)
 @given(image_requests())
 def test_request_body_and_hash_are_deterministic_and_json(req):

@@ -520,6 +520,7 @@ def test_full_disk_workdir_is_refused_without_any_api_call(tmp_path, emulator_en
     assert_refused(emulator_env, [m], r, 1, ("--workdir", "no space left"), where=False)
 
 
+@pytest.mark.slow
 def test_full_disk_output_fails_cleanly_and_a_rerun_pays_nothing_twice(tmp_path, emulator_env, tiny_fs):
     """The disk fills only when the dataset is written (after the images were paid for): exit 1, a clear
     message, and once there is room the same command finishes from the cache and the ledger, no new job."""

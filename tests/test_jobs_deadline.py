@@ -24,6 +24,7 @@ def run_with_stuck_job(tmp_path, emulator, backend_factory, policy, **kw):
     return s, pipeline.run(m, s, backend_factory=backend_factory)
 
 
+@pytest.mark.slow
 def test_report_stops_and_leaves_jobs_running(tmp_path, emulator, backend_factory):
     s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "report")
     assert result.exit_code == 4, result.summary
@@ -34,6 +35,7 @@ def test_report_stops_and_leaves_jobs_running(tmp_path, emulator, backend_factor
     assert {r["status"] for r in rows} == {"pending"}
 
 
+@pytest.mark.slow
 def test_resubmit_cancels_stragglers_and_sends_fresh_jobs(tmp_path, emulator, backend_factory):
     s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "resubmit")
     assert result.exit_code == 0, result.summary
@@ -42,6 +44,7 @@ def test_resubmit_cancels_stragglers_and_sends_fresh_jobs(tmp_path, emulator, ba
     assert stats["generate_content_calls"] == 0
 
 
+@pytest.mark.slow
 def test_interactive_generates_the_unfinished_requests_at_full_price(tmp_path, emulator, backend_factory):
     s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "interactive")
     assert result.exit_code == 0, result.summary
@@ -55,6 +58,7 @@ def test_interactive_generates_the_unfinished_requests_at_full_price(tmp_path, e
     assert all(100 <= r["thoughts_tokens"] < 300 for r in rows)
 
 
+@pytest.mark.slow
 def test_interactive_stays_within_the_budget(tmp_path, emulator, backend_factory):
     s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "interactive", budget_usd=0.14, timeout=4)
     assert result.exit_code == 4, result.summary
@@ -63,6 +67,7 @@ def test_interactive_stays_within_the_budget(tmp_path, emulator, backend_factory
     assert sum(r["cost_usd"] or 0 for r in rows) <= 0.14
 
 
+@pytest.mark.slow
 def test_wait_keeps_waiting(tmp_path, emulator, backend_factory):
     s, result = run_with_stuck_job(tmp_path, emulator, backend_factory, "wait", timeout=2.5)
     assert result.exit_code == 4

@@ -64,6 +64,7 @@ def signature_ok(headers: dict, body: bytes) -> bool:
     return expected in headers["webhook-signature"].split()
 
 
+@pytest.mark.slow
 def test_each_job_tells_the_listener_it_ended_and_the_token_stays_secret(tmp_path, emulator, monkeypatch, listener):
     token = "canary-HOOK-51d2e8"
     monkeypatch.setenv("GEMINI_API_KEY", "k")
@@ -93,6 +94,7 @@ def test_each_job_tells_the_listener_it_ended_and_the_token_stays_secret(tmp_pat
             assert token.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_a_listener_that_fails_gets_the_event_again(tmp_path, emulator, backend_factory):
     import batcher.pipeline as pipeline
 

@@ -720,6 +720,7 @@ def test_csv_streaming_over_many_blocks_and_batches(tmp_path, monkeypatch):
     assert len(whole) == 1000
 
 
+@pytest.mark.slow
 def test_parquet_streaming_over_row_groups_and_batches(tmp_path):
     data = _big_rows(1000)
     table = pa.Table.from_pylist(data)

@@ -53,6 +53,7 @@ def test_an_unknown_model_without_batch_support_is_refused(tmp_path, emulator, b
     assert emulator.stats()["files_uploaded"] == 0
 
 
+@pytest.mark.slow
 def test_an_unknown_model_the_api_serves_runs_with_its_prices_from_the_job_spec(tmp_path, emulator, backend_factory):
     emulator.configure(extra_models={NEW: {"like": "gemini-3.1-flash-image"}})
     result = pipeline.run(prompts(tmp_path, model=NEW), settings(tmp_path, prices=NEW_PRICES), backend_factory=backend_factory)
@@ -90,6 +91,7 @@ def test_a_dry_run_warns_that_an_unknown_model_was_not_checked(tmp_path, emulato
     assert emulator.stats()["requests"] == {}  # offline: nothing asked
 
 
+@pytest.mark.slow
 def test_a_model_past_its_earliest_shutdown_warns_then_its_404_names_the_replacement(tmp_path, emulator, backend_factory, caplog):
     m = prompts(tmp_path, model="gemini-2.5-flash-image")
     with caplog.at_level(logging.WARNING, logger="batcher"):
@@ -118,6 +120,7 @@ def test_the_default_run_uses_gemini_31_flash_image_at_its_documented_sizes(tmp_
     assert all(100 <= r["thoughts_tokens"] < 300 for r in rows.values())
 
 
+@pytest.mark.slow
 def test_interim_thought_images_are_never_the_result(tmp_path, emulator, backend_factory):
     """A thinking model's response can hold drafts marked `thought: true` before its final image: the dataset has
     the final one (the emulator's drafts are a quarter of its size and drawn from another digest)."""
@@ -168,6 +171,7 @@ def test_identical_requests_to_a_retired_and_a_current_model_are_different_reque
     assert old != new  # the model is in the hash: a cache filled by the preview model is not used by the GA one
 
 
+@pytest.mark.slow
 def test_a_model_without_a_price_goes_interactive_at_the_deadline_when_there_is_no_budget(tmp_path, emulator, backend_factory):
     emulator.configure(extra_models={NEW: {"like": "gemini-3.1-flash-image"}}, job_outcomes=["STUCK"])
     s = settings(tmp_path, deadline=time.time() + 1.0, deadline_policy="interactive")
@@ -189,6 +193,7 @@ def test_a_refused_model_left_unsent_by_an_earlier_run_is_named_as_that_runs(tmp
     assert emulator.stats()["files_uploaded"] == 0
 
 
+@pytest.mark.slow
 def test_a_fallback_model_is_named_as_the_api_names_it(tmp_path, emulator, backend_factory):
     s = settings(tmp_path, fallback_model=" models/gemini-3-pro-image")
     assert s.fallback_model == "gemini-3-pro-image"

@@ -8,6 +8,7 @@ import batcher.pipeline as pipeline
 from tests.helpers import write_csv
 
 
+@pytest.mark.slow
 def test_the_dataset_loads_with_hugging_face_imagefolder(tmp_path, emulator, backend_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 
 import pyarrow.parquet as pq
@@ -35,6 +37,7 @@ def run(tmp_path, backend_factory, rows=ROWS, **kw) -> tuple[pipeline.Settings, 
     return s, pipeline.run(write_csv(tmp_path / "m.csv", HEADER, rows), s, backend_factory=backend_factory)
 
 
+@pytest.mark.slow
 def test_run_writes_the_report(tmp_path, emulator, backend_factory):
     s, outcome = run(tmp_path, backend_factory)
     assert outcome.exit_code == 3, outcome.summary
@@ -60,6 +63,7 @@ def test_run_writes_the_report(tmp_path, emulator, backend_factory):
     assert usd(total) in page and usd(total * 2) in page
 
 
+@pytest.mark.slow
 def test_user_strings_are_escaped_and_paths_are_relative(tmp_path, emulator, backend_factory):
     s, _ = run(tmp_path, backend_factory)
     page = (s.out / "report.html").read_text(encoding="utf-8")
@@ -79,6 +83,7 @@ def test_user_strings_are_escaped_and_paths_are_relative(tmp_path, emulator, bac
             assert max(im.size) <= report.THUMB_PX
 
 
+@pytest.mark.slow
 def test_contact_sheet_decodes_with_the_expected_size(tmp_path, emulator, backend_factory):
     s, _ = run(tmp_path, backend_factory)
     with Image.open(s.out / "contact_sheet.png") as im:
@@ -90,6 +95,7 @@ def test_contact_sheet_decodes_with_the_expected_size(tmp_path, emulator, backen
     assert report.contact_sheet_size(100)[0] == report.SHEET_COLS * cols
 
 
+@pytest.mark.slow
 def test_cli_report_is_rerunnable_and_skips_fresh_thumbnails(tmp_path, emulator, backend_factory):
     s, _ = run(tmp_path, backend_factory)
     (s.out / "report.html").unlink()
@@ -106,6 +112,7 @@ def test_cli_report_without_a_dataset_is_a_usage_error(tmp_path):
     assert r.exit_code == 2 and "no dataset" in r.output
 
 
+@pytest.mark.slow
 def test_a_report_failure_does_not_fail_the_run(tmp_path, emulator, backend_factory, monkeypatch, caplog):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")

@@ -35,6 +35,7 @@ def metadata(s: pipeline.Settings) -> list[dict]:
     return pq.read_table(s.out / "metadata.parquet").to_pylist()
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_dataset(tmp_path, emulator, backend_factory):
     s = settings(tmp_path)
     result = pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
@@ -61,6 +62,7 @@ def test_run_writes_a_complete_dataset(tmp_path, emulator, backend_factory):
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(sum(paid.values()))
 
 
+@pytest.mark.slow
 def test_variants_are_distinct_requests(tmp_path, emulator, backend_factory):
     s = settings(tmp_path)
     pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory)
@@ -70,6 +72,7 @@ def test_variants_are_distinct_requests(tmp_path, emulator, backend_factory):
     assert (s.out / p2[0]["file_name"]).read_bytes() != (s.out / p2[1]["file_name"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_second_run_uses_the_cache_and_creates_no_job(tmp_path, emulator, backend_factory):
     m = manifest(tmp_path)
     first = settings(tmp_path)
@@ -89,6 +92,7 @@ def test_second_run_uses_the_cache_and_creates_no_job(tmp_path, emulator, backen
     assert emulator.stats()["batches_created"] == before
 
 
+@pytest.mark.slow
 def test_a_later_run_in_the_same_workdir_does_not_count_earlier_payments(tmp_path, emulator, backend_factory):
     """Tonight's manifest shares prompts with last night's, in the same workdir: the shared rows were paid for
     last night, so tonight's dataset and status show them as cached at no cost, and only the new rows' cost."""
@@ -109,6 +113,7 @@ def test_a_later_run_in_the_same_workdir_does_not_count_earlier_payments(tmp_pat
     assert status["cost_usd"] == pytest.approx(new["cost_usd"], abs=1e-6)  # status rounds to 6 places
 
 
+@pytest.mark.slow
 def test_a_request_planned_again_carries_no_earlier_payment(tmp_path, emulator, backend_factory):
     """--refresh plans every request again: until it is generated again, this run has paid nothing for it."""
     s = settings(tmp_path)
@@ -122,6 +127,7 @@ def test_a_request_planned_again_carries_no_earlier_payment(tmp_path, emulator, 
     con.close()
 
 
+@pytest.mark.slow
 def test_parquet_manifest_and_multi_job_sharding(tmp_path, emulator, backend_factory):
     table = pa.table({"id": [f"r{i}" for i in range(7)], "prompt": [f"product shot number {i}" for i in range(7)],
                       "price": [float(i) for i in range(7)]})
@@ -135,6 +141,7 @@ def test_parquet_manifest_and_multi_job_sharding(tmp_path, emulator, backend_fac
     assert [r["price"] for r in rows] == [float(i) for i in range(7)]  # carried through with its type
 
 
+@pytest.mark.slow
 def test_blocked_and_failing_rows_exit_3_with_reasons(tmp_path, emulator, backend_factory):
     rows = [["ok1", "a calm sea", "", "", "x"],
             ["blk", "something [emulator:image_safety]", "", "", "x"],
@@ -153,6 +160,7 @@ def test_blocked_and_failing_rows_exit_3_with_reasons(tmp_path, emulator, backen
     assert emulator.stats()["batches_created"] == 2
 
 
+@pytest.mark.slow
 def test_transient_line_errors_are_retried_until_they_succeed(tmp_path, emulator, backend_factory):
     emulator.configure(line_error_rate=0.5, seed=7)
     s = settings(tmp_path, max_attempts=10)
@@ -161,6 +169,7 @@ def test_transient_line_errors_are_retried_until_they_succeed(tmp_path, emulator
     assert emulator.stats()["batches_created"] >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outcome", ["FAILED", "EXPIRED", "CANCELLED"])
 def test_ended_jobs_are_requeued(tmp_path, emulator, backend_factory, outcome):
     emulator.configure(job_outcomes=[outcome])
@@ -171,6 +180,7 @@ def test_ended_jobs_are_requeued(tmp_path, emulator, backend_factory, outcome):
     assert {r["attempts"] for r in metadata(s)} == {2}
 
 
+@pytest.mark.slow
 def test_reference_images_are_uploaded_once(tmp_path, emulator, backend_factory):
     ref = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(ref)
@@ -212,6 +222,7 @@ def test_duplicate_ids_are_rejected(tmp_path, emulator, backend_factory):
     assert emulator.stats()["batches_created"] == 0
 
 
+@pytest.mark.slow
 def test_skip_invalid_submits_the_rest_and_writes_rejects(tmp_path, emulator, backend_factory):
     rows = [["a", "fine", "", "", "x"], ["b", "", "", "", "x"]]
     s = settings(tmp_path, skip_invalid=True, rejects_path=tmp_path / "rejects.csv")
@@ -221,6 +232,7 @@ def test_skip_invalid_submits_the_rest_and_writes_rejects(tmp_path, emulator, ba
     assert "prompt" in (tmp_path / "rejects.csv").read_text()
 
 
+@pytest.mark.slow
 def test_cli_submit_status_collect(tmp_path, emulator_env):
     runner = CliRunner()
     common = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]
@@ -269,6 +281,7 @@ def test_no_api_key_is_a_clear_error(tmp_path):
     assert "GEMINI_API_KEY" in r.output
 
 
+@pytest.mark.slow
 def test_a_crash_inside_create_never_creates_a_job_twice(tmp_path, emulator, backend_factory):
     """Simulate death right after batches.create returned, before the ledger recorded it."""
     s = settings(tmp_path)
@@ -288,6 +301,7 @@ def test_a_crash_inside_create_never_creates_a_job_twice(tmp_path, emulator, bac
     assert emulator.stats()["batches_created"] == 1
 
 
+@pytest.mark.slow
 def test_a_crash_before_create_creates_the_job_once(tmp_path, emulator, backend_factory):
     s = settings(tmp_path)
     m = manifest(tmp_path)
@@ -301,6 +315,7 @@ def test_a_crash_before_create_creates_the_job_once(tmp_path, emulator, backend_
     assert emulator.stats()["batches_created"] == 1
 
 
+@pytest.mark.slow
 def test_dropped_download_is_resumed(tmp_path, emulator, backend_factory):
     emulator.configure(drop_download_after_bytes=5_000, drop_download_times=2)
     s = settings(tmp_path)
@@ -309,6 +324,7 @@ def test_dropped_download_is_resumed(tmp_path, emulator, backend_factory):
     assert {r["status"] for r in metadata(s)} == {"ok"}
 
 
+@pytest.mark.slow
 def test_server_errors_and_rate_limits_do_not_duplicate_jobs(tmp_path, emulator, backend_factory):
     emulator.configure(fail_rate=0.3, seed=3, rate_limit_rate=0.1, retry_delay="0.01s")
     s = settings(tmp_path, limits=ShardLimits(max_requests=2))
@@ -331,6 +347,7 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path, emulator, backe
         pass
 
 
+@pytest.mark.slow
 def test_the_api_key_never_reaches_disk_or_output(tmp_path, emulator, monkeypatch):
     canary = "canary-KEY-7f3a9c"
     emulator.configure(api_key=canary, line_error_rate=0.3, seed=1)
@@ -365,6 +382,7 @@ def test_status_windows_use_the_api_clock(tmp_path, emulator, backend_factory):
     assert any("expires in under 6 h" in w for w in job["warnings"])
 
 
+@pytest.mark.slow
 def test_blocked_rows_are_final_unless_asked(tmp_path, emulator, backend_factory):
     rows = [["ok1", "a calm sea", "", "", "x"], ["blk", "a storm [emulator:image_safety]", "", "", "x"]]
     m = manifest(tmp_path, rows)
@@ -378,6 +396,7 @@ def test_blocked_rows_are_final_unless_asked(tmp_path, emulator, backend_factory
     assert {r["id"]: r["attempts"] for r in metadata(s)}["blk"] == 1
 
 
+@pytest.mark.slow
 def test_an_upload_orphaned_by_a_crash_is_deleted(tmp_path, emulator, backend_factory):
     """Died after the server finished an upload, before the ledger recorded it: the orphan costs quota."""
     s = settings(tmp_path)
@@ -406,6 +425,7 @@ def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkey
     assert "requests" in err and "download" in err and "images" in err
 
 
+@pytest.mark.slow
 def test_a_run_under_a_token_cap_goes_out_in_waves(tmp_path, emulator, backend_factory):
     """The emulator enforces the same cap: a create over it would be a 429. None happens; jobs go in waves."""
     from batcher.jobs.quota import Quota
@@ -424,6 +444,7 @@ def test_a_run_under_a_token_cap_goes_out_in_waves(tmp_path, emulator, backend_f
     assert len(set(created)) == 4
 
 
+@pytest.mark.slow
 def test_a_429_on_create_waits_for_capacity(tmp_path, emulator, backend_factory):
     """The API's cap is tighter than ours (our tier table is only a snapshot): wait, don't fail."""
     emulator.configure(enqueued_token_cap=2 * 1400, running_seconds=0.2)
@@ -436,6 +457,7 @@ def test_a_429_on_create_waits_for_capacity(tmp_path, emulator, backend_factory)
     assert stats["http_errors"] >= 1  # the API did refuse a create (429), and the run waited it out
 
 
+@pytest.mark.slow
 def test_a_fallback_model_takes_requests_that_keep_failing(tmp_path, emulator, backend_factory):
     rows = [["ok1", "a calm sea", "", "", "x"], ["err", "always broken on flash [emulator:line_error]", "", "", "x"]]
     s = settings(tmp_path, max_attempts=2, fallback_model="gemini-3-pro-image")
@@ -448,6 +470,7 @@ def test_a_fallback_model_takes_requests_that_keep_failing(tmp_path, emulator, b
     assert emulator.stats()["batches_created"] == 4  # flash twice, then pro twice
 
 
+@pytest.mark.slow
 def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backend_factory):
     from batcher.planning.requests import ImageRequest, request_hash
     from batcher.storage.store import ImageStore
@@ -467,6 +490,7 @@ def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backe
     assert again.exit_code == 0 and "(1 cached)" in again.summary, again.summary  # asked directly: a cache hit
 
 
+@pytest.mark.slow
 def test_a_create_whose_reply_is_lost_does_not_make_a_second_job(tmp_path, emulator, backend_factory):
     """The server makes the job, then answers 503: batcher must find it by name, not create again."""
     emulator.configure(create_then_fail_times=2)
@@ -493,6 +517,7 @@ def test_status_shows_planned_vs_in_flight_vs_capacity(tmp_path, emulator_env):
     assert cap["in_flight_tokens"] > 0 and cap["jobs_waiting"] >= 1  # one job created, the rest wait for capacity
 
 
+@pytest.mark.slow
 def test_an_image_gone_from_the_cache_after_a_run_is_generated_again_by_the_next_run(tmp_path, emulator, backend_factory):
     """The same manifest run again after the cache lost one of its images (cleaned, moved) generates that image,
     and only it, instead of reporting the run done with a dataset row pending for good."""
@@ -513,6 +538,7 @@ def test_an_image_gone_from_the_cache_after_a_run_is_generated_again_by_the_next
     assert stats["batches_created"] == 2 and stats["lines_processed"] == 5 + 1
 
 
+@pytest.mark.slow
 def test_run_counts_its_requests_again_only_after_a_round_that_changed_them(tmp_path, emulator, backend_factory, monkeypatch):
     """While a job runs, a round that changes no request keeps the run's counts instead of counting a million
     rows again (Ledger.change_counter); the rounds that send and collect still count, and the run ends done."""
@@ -577,6 +603,7 @@ def test_the_change_counter_nests_and_never_hides_the_error_that_unwinds_it(tmp_
     ledger.conn.execute("UPDATE requests SET attempts=2")  # no trigger left without its table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 0.17])
 def test_a_lost_image_generated_again_is_paid_for_twice_and_the_budget_counts_both(tmp_path, emulator, backend_factory, budget):
     """Within one run, the images lost from the cache and generated again cost a second payment: the run's spend

@@ -102,6 +102,7 @@ def plan_with(monkeypatch, tmp_path, name: str, manifest, child: bool, **kw):
     return ledger, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_limits", [None, ShardLimits(max_requests=5)])
 def test_rows_prepared_in_a_child_process_are_the_rows_prepared_in_process(tmp_path, monkeypatch, shard_limits):
     m = mixed_manifest(tmp_path, n=120)
@@ -131,6 +132,7 @@ def test_invalid_rows_found_by_the_child_process_are_reported_as_in_process(tmp_
     assert errors[0] == errors[1] and len(errors[0][1]) == 2
 
 
+@pytest.mark.slow
 def test_a_duplicate_id_found_through_the_child_process_is_reported_with_its_first_row(tmp_path, monkeypatch):
     m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"], ["b", "two"], ["a", "three"]])
     with pytest.raises(ManifestError) as info:
@@ -394,6 +396,7 @@ def test_requests_keep_manifest_order_with_cache_hits_among_them(tmp_path, monke
         assert first == ([f"p{i}" for i in range(0, 30, 3)] if sharded else [f"p{i}" for i in range(10)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("child", [False, True])
 @pytest.mark.parametrize("marked", [None, 5])
 def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_afterwards(tmp_path, monkeypatch, child, marked):

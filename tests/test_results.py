@@ -122,6 +122,7 @@ def test_processes_setting(monkeypatch):
         default_processes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", ["0", "2"])
 def test_both_paths_end_with_the_same_outcomes(tmp_path, emulator, backend_factory, monkeypatch, processes):
     """Corrupt and non-image payloads, blocked and erroring lines: requeued or final with the same reasons."""

@@ -90,6 +90,7 @@ def test_missing_or_empty_gcs_manifest_is_a_clear_error(bucket):
         read_manifest(gcs.join(bucket, "empty.csv"))
 
 
+@pytest.mark.slow
 def test_a_run_reads_its_manifest_from_gcs(bucket, tmp_path, emulator, backend_factory):
     import pyarrow.parquet as pq
 
@@ -129,6 +130,7 @@ def test_the_library_estimates_a_manifest_on_gcs_against_a_gcs_cache(bucket, tmp
         batcher.estimate(gcs.join(bucket, "manifests/gone.csv"))
 
 
+@pytest.mark.slow
 def test_cache_and_dataset_on_gcs(bucket, tmp_path, emulator, backend_factory):
     """Cache and output on gs://: a second workdir sharing the bucket cache creates no job."""
     import io
@@ -185,6 +187,7 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
         pipeline.report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
 
 
+@pytest.mark.slow
 def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_factory, gcs_url):
     """Three collector processes and the owner: every job collected once, one complete dataset."""
     import os
