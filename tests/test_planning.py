@@ -163,18 +163,19 @@ def test_only_a_large_local_manifest_is_prepared_in_a_child(tmp_path, monkeypatc
     import pyarrow.parquet as pq
 
     monkeypatch.delenv(prepare.ENV_PLAN_PROCESS, raising=False)
-    monkeypatch.setattr(prepare, "CHILD_MIN_ROWS", 50)
+    tuning = prepare.PrepareTuning(child_min_rows=50)
     small, large = tmp_path / "small.parquet", tmp_path / "large.parquet"
     pq.write_table(pa.table({"id": [str(i) for i in range(10)], "prompt": ["p"] * 10}), small)
     pq.write_table(pa.table({"id": [str(i) for i in range(60)], "prompt": ["p"] * 60}), large)
     monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert not prepare.use_child(small) and prepare.use_child(large)
-    assert not prepare.use_child(str(large))  # gs:// manifests are passed as text: read in-process
+    assert not prepare.use_child(small, tuning) and prepare.use_child(large, tuning)
+    assert not prepare.use_child(large)  # at the default threshold, 60 rows are not worth a child
+    assert not prepare.use_child(str(large), tuning)  # gs:// manifests are passed as text: read in-process
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1")
-    assert prepare.use_child(small) and not prepare.use_child("gs://bucket/manifest.csv")  # even when forced
+    assert prepare.use_child(small, tuning) and not prepare.use_child("gs://bucket/manifest.csv", tuning)  # even when forced
     monkeypatch.delenv(prepare.ENV_PLAN_PROCESS)
     monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0})
-    assert not prepare.use_child(large)  # one CPU: nothing to overlap with
+    assert not prepare.use_child(large, tuning)  # one CPU: nothing to overlap with
 
 
 def test_a_bulk_load_writes_with_a_rollback_journal_and_gives_the_wal_back(tmp_path, monkeypatch):
@@ -267,9 +268,10 @@ def test_extra_columns_are_stored_as_json_dumps_writes_them(value):
         assert prepare.extra_json(extra) == json.dumps(extra, default=str, ensure_ascii=False)
 
 
-def _prepared(monkeypatch, manifest, options: ManifestOptions, cache, columns: bool) -> list:
-    monkeypatch.setattr(prepare, "COLUMNS_AT_A_TIME", columns)
-    return list(prepare.prepared_batches(manifest, options, prepare.References(), 7, str(cache)))
+def _prepared(manifest, options: ManifestOptions, cache, columns: bool) -> list:
+    # Several blocks of 16 rows, cut across batches of 7 rows.
+    tuning = prepare.PrepareTuning(manifest_block_rows=16, columns_at_a_time=columns)
+    return list(prepare.prepared_batches(manifest, options, prepare.References(), 7, str(cache), tuning=tuning))
 
 
 @pytest.mark.parametrize("options", [ManifestOptions(), ManifestOptions(variants=3, temperature=0.4, aspect_ratio="16:9")])
@@ -280,7 +282,6 @@ def test_rows_that_share_their_settings_are_prepared_a_column_at_a_time_as_a_row
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(prepare, "MANIFEST_BLOCK_ROWS", 16)  # several blocks, cut across batches of 7 rows
     n = 60
     prompts = [f"a prompt with ünïcode \"{i % 23}\"\\ {'😀' * (i % 2)}" for i in range(n)]
     prompts[37] = ""  # a bad row: its block goes row by row, the others a column at a time
@@ -298,12 +299,12 @@ def test_rows_that_share_their_settings_are_prepared_a_column_at_a_time_as_a_row
     for manifest in (parquet, csv, bare):
         cache = tmp_path / f"cache-{manifest.name}"
         store = ImageStore(cache)
-        by_row = _prepared(monkeypatch, manifest, options, cache, columns=False)
+        by_row = _prepared(manifest, options, cache, columns=False)
         hits = {b.hashes[0] for b in by_row[:2]}
         for h in hits:
             store.put(h, png_bytes())  # some cache hits
-        by_row = _prepared(monkeypatch, manifest, options, cache, columns=False)
-        by_column = _prepared(monkeypatch, manifest, options, cache, columns=True)
+        by_row = _prepared(manifest, options, cache, columns=False)
+        by_column = _prepared(manifest, options, cache, columns=True)
         assert by_column == by_row, manifest
         assert [c for b in by_row for c in b.cached] == [h in hits for b in by_row for h in b.hashes] and len(hits) == 2
         assert sum(len(b.problems) for b in by_row) == (0 if manifest == bare else 1)  # the empty prompt
@@ -404,8 +405,7 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
     in a bulk load: the preparer marks repeats (PreparedBatch.repeated), so Ledger.bulk_load has no copies to
     remove (~2 s per million requests). Past the marking bound copies go in and are removed: same ledger."""
 
-    if marked is not None:
-        monkeypatch.setattr(prepare, "MAX_MARKED_REQUESTS", marked)  # in-process only: the child keeps its own
+    prepare_tuning = prepare.PrepareTuning(max_marked_requests=marked or 2_000_000)  # the child gets it too
     tuning = PlanTuning(plan_batch_rows=8)
     m = write_csv(tmp_path / "m.csv", ["id", "prompt", "colour"], [[f"r{i}", f"p{i % 17}", f"c{i % 3}"] for i in range(90)])
     store = ImageStore(tmp_path / "cache")
@@ -419,10 +419,11 @@ def test_a_bulk_load_leaves_out_repeated_requests_instead_of_removing_them_after
         ledger = Ledger(tmp_path / f"wd-{limits is not None}")
         statements: list[str] = []
         ledger.conn.set_trace_callback(statements.append)
-        result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=limits, tuning=tuning)
+        result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=limits, tuning=tuning,
+                               prepare_tuning=prepare_tuning)
         ledger.conn.set_trace_callback(None)
         removed = any(s.startswith("DELETE FROM requests WHERE rowid NOT IN") for s in statements)
-        assert removed == (marked is not None and not child), statements[-5:]
+        assert removed == (marked is not None), statements[-5:]  # past the bound, in the child as in-process
         assert result.duplicates == 90 - 17 and result.cache_hits == 5
         outcomes.append((states_of(ledger), rows_of(ledger), jobs_of(ledger)))
         if limits is not None:

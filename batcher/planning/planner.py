@@ -26,7 +26,7 @@ from ..faults import maybe_crash
 from ..ledger import Ledger, plans, sending
 from ..ledger.plans import PlanTuning, PlanWriter
 from .packing import JobFiller, ShardLimits, measure, measure_body
-from .prepare import PreparedBatch, References, batches
+from .prepare import PreparedBatch, PrepareTuning, References, batches
 from ..manifest import ManifestOptions, RowProblem, carried_schema, locate, manifest_fingerprint, read_manifest
 from .requests import canonical_json, identity_hash
 from ..storage.store import ImageStore, StoreLookup
@@ -82,14 +82,15 @@ def _merge_problems(b: PreparedBatch, problems: list[RowProblem]) -> list[int]:
 
 
 def _load(writer: PlanWriter, run_id: int, manifest: Path | str, options: ManifestOptions, refs: References,
-          problems: list[RowProblem], tuning: PlanTuning) -> tuple[int, int]:
+          problems: list[RowProblem], tuning: PlanTuning, prepare_tuning: PrepareTuning) -> tuple[int, int]:
     """Record the manifest's valid rows and their requests; append its problems. Returns (rows written, one per
     variant; manifest rows)."""
     seq = rows = 0
     # A large manifest is read, validated and hashed by a child process on another core, while this one writes.
     # A plain local cache is looked up where the rows are prepared (with them, in the child process).
     cache_root = writer.lookup.root if writer.lookup is not None and not writer.refresh else None
-    source = batches(manifest, options, refs, tuning.plan_batch_rows, cache_root, measure=writer.inline is not None)
+    source = batches(manifest, options, refs, tuning.plan_batch_rows, cache_root, measure=writer.inline is not None,
+                     tuning=prepare_tuning)
     with contextlib.closing(source), _cyclic_gc_paused():
         writer.start()  # while a child (if any) starts and reads its first rows
         for b in source:
@@ -118,6 +119,7 @@ def plan_manifest(
     shard_limits: ShardLimits | None = None,
     token_cap_for: Callable[[str], int | None] = lambda model: None,
     tuning: PlanTuning = PlanTuning(),
+    prepare_tuning: PrepareTuning = PrepareTuning(),
 ) -> PlanResult:
     """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest.
     With `shard_limits`, a plan into an empty ledger also shards its new requests into jobs as it loads them,
@@ -164,7 +166,7 @@ def plan_manifest(
                 try:
                     with plans.bulk_load(ledger, c):
                         writer.bulk = True
-                        seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning)
+                        seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning, prepare_tuning)
                         writer.stop_sharding()
                         result.jobs = writer.inline_jobs
                 except plans.DuplicateIds:
@@ -174,9 +176,9 @@ def plan_manifest(
                     problems.clear()
                     writer.inline, writer.inline_jobs, result.jobs = None, [], []
                     writer.bulk = False
-                    seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning)
+                    seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning, prepare_tuning)
             else:
-                seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning)
+                seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning, prepare_tuning)
         if problems and not skip_invalid:
             shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]]
             more = len(problems) - len(shown)

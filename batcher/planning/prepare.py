@@ -15,7 +15,7 @@ Protocol: pickle frames on the child's stdin and stdout (between two copies of t
 The child stops when the parent closes its end of the pipe (it finished early, or died).
 
 BATCHER_PLAN_PROCESS=0 always prepares in-process, =1 always in a child; unset, a child is used for a local
-manifest of about CHILD_MIN_ROWS rows or more on a machine with two or more CPUs.
+manifest of about PrepareTuning.child_min_rows rows or more on a machine with two or more CPUs.
 """
 
 from __future__ import annotations
@@ -50,8 +50,18 @@ from ..storage.store import ImageStore, StoreLookup
 log = logging.getLogger(__name__)
 
 ENV_PLAN_PROCESS = "BATCHER_PLAN_PROCESS"
-CHILD_MIN_ROWS = 200_000  # below this the child's start-up (~0.5 s of imports) outweighs the overlap
 CSV_BYTES_PER_ROW = 100  # a rough size of a CSV/TSV row, to guess its row count from the file size
+
+
+@dataclass(frozen=True)
+class PrepareTuning:
+    """Where preparing rows changes strategy (measured on 2 cores at 1M rows; docs/benchmarks.md). Tests make them
+    small; a child process gets the same values."""
+
+    child_min_rows: int = 200_000  # below this the child's start-up (~0.5 s of imports) outweighs the overlap
+    manifest_block_rows: int = 65536  # rows per block read from the manifest
+    columns_at_a_time: bool = True  # False: every block a row at a time (tests compare the two)
+    max_marked_requests: int = 2_000_000  # requests remembered to mark repeats (~140 bytes each)
 
 
 class References:
@@ -250,7 +260,7 @@ class PreparedBatch:
 
 def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
                      cache_root: str | None = None, measure: bool = False,
-                     list_cache_ahead: bool = False) -> Iterator[PreparedBatch]:
+                     list_cache_ahead: bool = False, tuning: PrepareTuning = PrepareTuning()) -> Iterator[PreparedBatch]:
     """The manifest's rows, prepared, `batch_rows` valid rows at a time (problems in between ride along).
     With `cache_root` (a plain local cache), whether each request's image is in it, too; `list_cache_ahead`:
     list the whole cache from the start, in threads, while the first rows are read (a large manifest's
@@ -264,9 +274,9 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
     lookup = StoreLookup(ImageStore(cache_root)) if cache_root is not None else None
     if lookup is not None and list_cache_ahead:
         lookup.list_ahead()
-    out = _Batches(batch_rows, lookup, measure)
-    for block in read_manifest_blocks(manifest, options, MANIFEST_BLOCK_ROWS):
-        shapes = _shared_shapes(block, templates) if COLUMNS_AT_A_TIME else None
+    out = _Batches(batch_rows, lookup, measure, tuning.max_marked_requests)
+    for block in read_manifest_blocks(manifest, options, tuning.manifest_block_rows):
+        shapes = _shared_shapes(block, templates) if tuning.columns_at_a_time else None
         if shapes is None:
             for item in block.items():
                 out.add(item, refs, templates, manifest)
@@ -284,11 +294,6 @@ def prepared_batches(manifest: Path | str, options: ManifestOptions, refs: Refer
                 yield out.take()
     if out.rows or out.problems:
         yield out.take()
-
-
-COLUMNS_AT_A_TIME = True  # False: every block a row at a time (tests compare the two)
-MANIFEST_BLOCK_ROWS = 65536  # rows per block read from the manifest
-MAX_MARKED_REQUESTS = 2_000_000  # requests remembered to mark repeats (~140 bytes each)
 
 
 def _shared_shapes(block: RowBlock, templates: _Templates) -> list[tuple] | None:
@@ -318,9 +323,10 @@ class _Batches:
     """Prepared rows and requests, gathered into batches of `batch_rows` valid rows: a tuple per row and per
     request, made into columns per batch (fewer appends than a list per column)."""
 
-    def __init__(self, batch_rows: int, lookup: StoreLookup | None, measure: bool):
+    def __init__(self, batch_rows: int, lookup: StoreLookup | None, measure: bool, max_marked_requests: int):
         self.batch_rows, self.lookup, self.measure = batch_rows, lookup, measure
-        # The requests so far (while they fit in MAX_MARKED_REQUESTS): one seen before is marked in
+        self.max_marked_requests = max_marked_requests
+        # The requests so far (while they fit in max_marked_requests): one seen before is marked in
         # PreparedBatch.repeated, so a bulk load need not write it twice and remove the copy afterwards.
         self.requests_seen: set[str] | None = set()
         self.rows: list[tuple] = []
@@ -398,21 +404,22 @@ class _Batches:
                     repeated.append(i)
                 else:
                     seen.add(h)
-        if len(seen) > MAX_MARKED_REQUESTS:  # bounded memory: later repeats go in, and the bulk load removes them
+        if len(seen) > self.max_marked_requests:  # bounded memory: later repeats go in, and the bulk load removes them
             self.requests_seen = None
         return repeated
 
 
 def batches(manifest: Path | str, options: ManifestOptions, refs: References, batch_rows: int,
-            cache_root: str | None = None, measure: bool = False) -> Iterator[PreparedBatch]:
+            cache_root: str | None = None, measure: bool = False,
+            tuning: PrepareTuning = PrepareTuning()) -> Iterator[PreparedBatch]:
     """prepared_batches, from a child process when that is faster (see module doc). A child starts at once, so
     the caller can work while it reads its first rows; close() the iterator if it is not read to its end."""
-    if use_child(manifest):
-        return ChildBatches(manifest, options, batch_rows, cache_root, measure)
-    return prepared_batches(manifest, options, refs, batch_rows, cache_root, measure)
+    if use_child(manifest, tuning):
+        return ChildBatches(manifest, options, batch_rows, cache_root, measure, tuning)
+    return prepared_batches(manifest, options, refs, batch_rows, cache_root, measure, tuning=tuning)
 
 
-def use_child(manifest) -> bool:
+def use_child(manifest, tuning: PrepareTuning = PrepareTuning()) -> bool:
     setting = os.environ.get(ENV_PLAN_PROCESS, "").strip()
     if setting not in ("", "0", "1"):
         raise BatcherError(f"{ENV_PLAN_PROCESS}={setting!r}: expected 0 (in-process) or 1 (a child process)")
@@ -424,7 +431,7 @@ def use_child(manifest) -> bool:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return cpus >= 2 and estimated_rows(manifest) >= CHILD_MIN_ROWS
+    return cpus >= 2 and estimated_rows(manifest) >= tuning.child_min_rows
 
 
 def estimated_rows(manifest: os.PathLike) -> int:
@@ -446,13 +453,13 @@ class ChildBatches:
     """The batches of a child process (python -P -m batcher.prepare), which starts when this is made."""
 
     def __init__(self, manifest: Path | str, options: ManifestOptions, batch_rows: int,
-                 cache_root: str | None = None, measure: bool = False):
+                 cache_root: str | None = None, measure: bool = False, tuning: PrepareTuning = PrepareTuning()):
         self.manifest = manifest
         self.proc = subprocess.Popen(module_command("planning.prepare"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=child_env(), close_fds=True)
         try:
             assert self.proc.stdin is not None
-            pickle.dump((manifest, options, batch_rows, cache_root, measure), self.proc.stdin,
+            pickle.dump((manifest, options, batch_rows, cache_root, measure, tuning), self.proc.stdin,
                         protocol=pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.close()
         except BaseException:
@@ -531,11 +538,11 @@ def _child_main() -> None:
     # Millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them (~20 % of the time).
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the planner's to handle; it stops us
-    manifest, options, batch_rows, cache_root, measure = pickle.load(sys.stdin.buffer)
+    manifest, options, batch_rows, cache_root, measure, tuning = pickle.load(sys.stdin.buffer)
     sender = _Sender(sys.stdout.buffer)
     try:
         for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, measure,
-                                      list_cache_ahead=True):
+                                  list_cache_ahead=True, tuning=tuning):
             maybe_crash("prepare")  # test hook: see batcher/faults.py
             sender.send(("batch", b))
     except ManifestError as exc:
