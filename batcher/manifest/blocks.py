@@ -418,26 +418,10 @@ def blocks_of(source: Source, options: ManifestOptions, default_model: str) -> I
             models = b.setting("model") if "model" in settings else None
             filled_models = None if models is None else [default_model if m is None else m for m in models]
             columns: dict[str, list[Any] | None] = {"model": filled_models}
-            columns["aspect_ratio"] = b.check_for_model(
-                "aspect_ratio",
-                b.setting("aspect_ratio") if "aspect_ratio" in settings else None,
-                options.aspect_ratio,
-                filled_models,
-                default_model,
-                _ASPECT_RATIOS,
-                aspect_ratio_problem,
-                "--aspect-ratio",
-            )
-            columns["image_size"] = b.check_for_model(
-                "image_size",
-                b.setting("image_size") if "image_size" in settings else None,
-                options.image_size,
-                filled_models,
-                default_model,
-                _IMAGE_SIZES,
-                image_size_problem,
-                "--image-size",
-            )
+            for name, allowed, problem, flag in (("aspect_ratio", _ASPECT_RATIOS, aspect_ratio_problem, "--aspect-ratio"),
+                                                 ("image_size", _IMAGE_SIZES, image_size_problem, "--image-size")):
+                columns[name] = b.check_for_model(name, b.setting(name) if name in settings else None,
+                                                  getattr(options, name), filled_models, default_model, allowed, problem, flag)
             for col in ("temperature", "top_p", "seed", "variants", "system_instruction"):
                 default = defaults[col]
                 if col in settings:

@@ -87,25 +87,46 @@ HASH_CHARS = 64  # a request hash: sha256, in hex
 CACHE_WRITE = {"unique": True, "durable": True, "mode": 0o600}
 
 
-class ImageStore:
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root else default_cache_dir()
+def checked_hash(request_hash: str) -> str:
+    """A request hash (64 lowercase hex digits), or ValueError: never a path or an object name of its own."""
+    if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
+        raise ValueError(f"not a request hash: {request_hash!r}")
+    return request_hash
 
-    def _dir(self, request_hash: str) -> Path:
-        if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
-            raise ValueError(f"not a request hash: {request_hash!r}")
-        return self.root / request_hash[:2]
 
-    def find(self, request_hash: str) -> Path | None:
-        d = self._dir(request_hash)
+class _Cache:
+    """What both caches share: an entry is <hash><image extension> under its hash's two-digit prefix, and finding
+    one tries each image extension in turn."""
+
+    def _entry(self, request_hash: str, ext: str):
+        raise NotImplementedError
+
+    def _exists(self, entry) -> bool:
+        raise NotImplementedError
+
+    def find(self, request_hash: str):
         for ext in IMAGE_EXTS:
-            p = d / f"{request_hash}{ext}"
-            if p.exists():
-                return p
+            entry = self._entry(request_hash, ext)
+            if self._exists(entry):
+                return entry
         return None
 
     def has(self, request_hash: str) -> bool:
         return self.find(request_hash) is not None
+
+
+class ImageStore(_Cache):
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def _dir(self, request_hash: str) -> Path:
+        return self.root / checked_hash(request_hash)[:2]
+
+    def _entry(self, request_hash: str, ext: str) -> Path:
+        return self._dir(request_hash) / f"{request_hash}{ext}"
+
+    def _exists(self, entry: Path) -> bool:
+        return entry.exists()
 
     def put(self, request_hash: str, data: bytes, meta: dict | None = None) -> Path:
         fmt = verify_image(data)
@@ -123,7 +144,7 @@ class ImageStore:
             return {}
 
 
-class GcsImageStore:
+class GcsImageStore(_Cache):
     """The same cache on GCS (`gs://bucket/prefix`), for teams and for several machines collecting at once.
 
     Entries are created if absent (a generation precondition): two writers of one hash never clobber each
@@ -135,37 +156,28 @@ class GcsImageStore:
         gcs.split(root)  # validates the URI
         self.root = root.rstrip("/")
 
-    def _key(self, request_hash: str, ext: str) -> str:
-        if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
-            raise ValueError(f"not a request hash: {request_hash!r}")
-        return f"{self.root}/{request_hash[:2]}/{request_hash}{ext}"
+    def _entry(self, request_hash: str, ext: str) -> str:
+        return f"{self.root}/{checked_hash(request_hash)[:2]}/{request_hash}{ext}"
+
+    def _exists(self, entry: str) -> bool:
+        return gcs.exists(entry)
 
     def list_dir(self, prefix2: str) -> set[str]:
         """The entry names under one two-hex-digit prefix (one listing instead of a lookup per hash)."""
         return {uri.rsplit("/", 1)[-1] for uri in gcs.list_names(f"{self.root}/{prefix2}/")}
 
-    def find(self, request_hash: str) -> str | None:
-        for ext in IMAGE_EXTS:
-            uri = self._key(request_hash, ext)
-            if gcs.exists(uri):
-                return uri
-        return None
-
-    def has(self, request_hash: str) -> bool:
-        return self.find(request_hash) is not None
-
     def put(self, request_hash: str, data: bytes, meta: dict | None = None) -> str:
         fmt = verify_image(data)
         ext = EXTENSIONS.get(fmt, ".img")
-        uri = self._key(request_hash, ext)
+        uri = self._entry(request_hash, ext)
         if meta is not None:
-            gcs.write_if_absent(self._key(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
+            gcs.write_if_absent(self._entry(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
                                       "application/json")
         gcs.write_if_absent(uri, data, f"image/{fmt.lower()}")
         return uri
 
     def meta(self, request_hash: str) -> dict:
-        raw = gcs.read_bytes(self._key(request_hash, ".json"))
+        raw = gcs.read_bytes(self._entry(request_hash, ".json"))
         try:
             return json.loads(raw) if raw else {}
         except ValueError:
@@ -191,7 +203,7 @@ class StoreLookup:
     def __init__(self, store):
         self.store = store
         root = getattr(store, "root", None)
-        plain = type(store).has is ImageStore.has and type(store).find is ImageStore.find
+        plain = isinstance(store, ImageStore) and type(store).has is ImageStore.has and type(store).find is ImageStore.find
         self.root = os.fspath(root) if root is not None and plain else None  # a plain local cache
         self.list_dir = None if self.root is not None else getattr(store, "list_dir", None)
         self.one_by_one = self.root is None and self.list_dir is None

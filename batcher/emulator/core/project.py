@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from ..billing import Billing
 from ..image_models import ImageModel, served
@@ -64,6 +64,19 @@ class Project:
                 self.counters.setdefault(key, 0)
 
     # ----- lifecycle -------------------------------------------------------------------------------
+    def run_worker(self, kick: threading.Event, tick: Callable[[], None]) -> None:
+        """A service's worker thread: `tick` when kicked, or every 20 ms, until the project stops. An exception is
+        printed and counted in stats (`worker_errors`), never the end of the worker."""
+        while not self.stopping.is_set():
+            kick.wait(0.02)
+            kick.clear()
+            try:
+                tick()
+            except Exception:
+                import traceback
+                traceback.print_exc()
+                self.count("worker_errors")
+
     def start(self) -> None:
         for s in self.services:
             s.start()

@@ -4,6 +4,7 @@ batch worker that runs the jobs. Shares the project's config, clock, lock, count
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -128,7 +129,8 @@ class GeminiService:
             self.batches: dict[str, Batch] = {}
 
     def start(self) -> None:
-        self._worker = threading.Thread(target=self._run_worker, name="emulator-worker", daemon=True)
+        self._worker = threading.Thread(target=self.project.run_worker, args=(self._kick, self.tick), name="emulator-worker",
+                                        daemon=True)
         self._worker.start()
         self.webhooks.start()
 
@@ -177,12 +179,14 @@ class GeminiService:
         return f
 
     def _expire_file(self, f: FileRecord) -> None:
+        self._drop_file(f, "files_expired")
+
+    def _drop_file(self, f: FileRecord, counter: str) -> None:
+        """Forget the file and count why; its bytes go (a missing one is no error: a reset may have gone first)."""
         self.files.pop(f.id, None)
-        self.project.count("files_expired")
-        try:
+        self.project.count(counter)
+        with contextlib.suppress(OSError):
             os.unlink(f.path)
-        except OSError:
-            pass
 
     def _file_uri_ok(self, uri: str) -> bool:
         m = re.search(r"files/([a-z0-9-]+)$", uri)
@@ -191,12 +195,16 @@ class GeminiService:
         with self.lock:
             return self._live_file(m.group(1)) is not None
 
+    @staticmethod
+    def _found(item, what: str):
+        """`item`, or the API's 404 for `what` ("Batch batches/x"). A dict read is atomic: no lock needed."""
+        if item is None:
+            raise ApiError(404, "NOT_FOUND", f"{what} not found.")
+        return item
+
     def get_file(self, file_id: str) -> FileRecord:
         with self.lock:
-            f = self._live_file(file_id)
-            if f is None:
-                raise ApiError(404, "NOT_FOUND", f"File files/{file_id} not found.")
-            return f
+            return self._found(self._live_file(file_id), f"File files/{file_id}")
 
     def list_files(self) -> list[FileRecord]:
         with self.lock:
@@ -205,13 +213,7 @@ class GeminiService:
 
     def delete_file(self, file_id: str) -> None:
         with self.lock:
-            f = self.get_file(file_id)
-            self.files.pop(f.id, None)
-            self.project.count("files_deleted")
-        try:
-            os.unlink(f.path)
-        except OSError:
-            pass
+            self._drop_file(self.get_file(file_id), "files_deleted")
 
     def start_upload(self, meta: dict[str, Any], declared: int | None, header_mime: str | None) -> UploadSession:
         cfg = self.config
@@ -255,11 +257,7 @@ class GeminiService:
             return s
 
     def upload_session(self, upload_id: str) -> UploadSession:
-        with self.lock:
-            s = self.uploads.get(upload_id)
-        if s is None:
-            raise ApiError(404, "NOT_FOUND", f"Upload session {upload_id} not found.")
-        return s
+        return self._found(self.uploads.get(upload_id), f"Upload session {upload_id}")
 
     def upload_chunk(self, s: UploadSession, offset: int, stream: Iterator[bytes], length: int) -> None:
         """Append a chunk (streamed to disk). The caller holds ``s.lock``."""
@@ -479,11 +477,7 @@ class GeminiService:
         return lost
 
     def get_batch(self, batch_id: str) -> Batch:
-        with self.lock:
-            b = self.batches.get(batch_id)
-            if b is None:
-                raise ApiError(404, "NOT_FOUND", f"Batch batches/{batch_id} not found.")
-            return b
+        return self._found(self.batches.get(batch_id), f"Batch batches/{batch_id}")
 
     def list_batches(self) -> list[Batch]:
         with self.lock:
@@ -600,17 +594,6 @@ class GeminiService:
         return resp
 
     # ----- worker ----------------------------------------------------------------------------------
-    def _run_worker(self) -> None:
-        while not self.project.stopping.is_set():
-            self._kick.wait(0.02)
-            self._kick.clear()
-            try:
-                self.tick()
-            except Exception:  # never let the worker die; surface in stats
-                import traceback
-                traceback.print_exc()
-                self.project.count("worker_errors")
-
     def tick(self, budget_seconds: float = 0.25) -> None:
         with self.lock:
             active = [b for b in self.batches.values() if b.state in ACTIVE_STATES]

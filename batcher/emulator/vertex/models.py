@@ -147,19 +147,9 @@ class VertexService:
 
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="emulator-vertex-worker", daemon=True)
+            self._thread = threading.Thread(target=self.project.run_worker, args=(self._kick, self.tick),
+                                            name="emulator-vertex-worker", daemon=True)
             self._thread.start()
-
-    def _run(self) -> None:
-        while not self.project.stopping.is_set():
-            self._kick.wait(0.02)
-            self._kick.clear()
-            try:
-                self.tick()
-            except Exception:
-                import traceback
-                traceback.print_exc()
-                self.project.count("worker_errors")
 
     # ----- jobs --------------------------------------------------------------------------------------
     def _parent(self, project: str, location: str) -> str:
