@@ -39,7 +39,7 @@ def main() -> int:
     rows = pq.read_table(settings.out / "metadata.parquet").to_pylist()
     print(f"emulator counted {stats['batches_created']} batch job(s), {stats['files_uploaded']} upload(s), "
           f"{stats['bytes_downloaded']:,} bytes downloaded")
-    print(f"\ndataset: {settings.out}  ({len(rows)} rows; images under {settings.out / 'images'})")
+    print(f"\ndataset: {settings.out}  ({len(rows)} images, a metadata row each; under {settings.out / 'images'})")
     for r in rows[:3]:
         print(f"  {r['status']:7} {r['file_name']}  <- {r['prompt'][:60]!r}")
     print(f"  ... metadata: {settings.out / 'metadata.parquet'}")

@@ -34,6 +34,7 @@ class Outcome:
     counts: dict = field(default_factory=dict)
     jobs_created: int = 0
     collect: CollectStats | None = None
+    images: dict = field(default_factory=dict)  # the run's images (dataset rows) by status: ok, blocked, failed, pending
 
 
 def every_state(counts: dict[str, int]) -> dict[str, int]:

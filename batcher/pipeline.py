@@ -31,13 +31,13 @@ from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
-from .ledger.reading import run_spend_usd
+from .ledger.reading import image_counts, run_spend_usd
 from .models import ModelRefused, check_models, warn
-from .outcome import EXIT_OK, EXIT_PENDING, Outcome, every_state, exit_code_for
-from .output.dataset import write_dataset
-from .output.render import counts_line, lost_images_note, spend_limit_note
+from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
+from .output.dataset import DatasetSummary, write_dataset
+from .output.render import image_statuses, lost_images_note, plan_images, plural, rows_read, run_line, spend_limit_note
 from .output.status import status_document
-from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, shard
+from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, run_result, shard
 from .progress import Progress
 from .results.collect import CollectStats, collect_job
 from .results.share import Share, export_records, import_records
@@ -105,6 +105,7 @@ class Workspace:
         self.jobs_created = 0  # by this command
         self.run_id: int | None = None  # the run the command plans (for what it says of models, notes)
         self.budget: BudgetCheck | None = None  # the last budget check of this command (--budget-usd)
+        self.started_at = time.time()  # what this command paid: the run's payments since
 
     @property
     def backend(self) -> Backend:
@@ -331,6 +332,27 @@ def _current_run_id(ledger: Ledger) -> int:
     return run["id"]
 
 
+def summary_line(ws: Workspace, state: str, p: PlanResult, images: dict[str, int], dataset: DatasetSummary | None = None) -> str:
+    """The command's summary of the run `p` (output.render.run_line), with what this command paid."""
+    run = ws.ledger.run(p.run_id)
+    where = f"{str(dataset.path).rstrip('/')}/metadata.parquet" if dataset is not None else None
+    return run_line(state, p, images, jobs_created=ws.jobs_created, paid_now=run_spend_usd(ws.ledger, run, since=ws.started_at),
+                    run_paid=run_spend_usd(ws.ledger, run), dataset=where)
+
+
+def dataset_images(ds: DatasetSummary) -> dict[str, int]:
+    return {"ok": ds.ok, "blocked": ds.blocked, "failed": ds.failed, "pending": ds.pending}
+
+
+def finished_code(counts: dict[str, int], p: PlanResult, ds: DatasetSummary | None = None) -> int:
+    """The exit code of a run: pending while requests are out or images were lost; partial when any failed, were
+    blocked, or manifest rows were left out as invalid."""
+    if ds is not None and ds.lost:
+        return EXIT_PENDING
+    code = exit_code_for(counts)
+    return EXIT_PARTIAL if code == EXIT_OK and p.rejected else code
+
+
 # ---- commands ---------------------------------------------------------------------------------------
 
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
@@ -364,6 +386,8 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
     manifest, settings = resolve(manifest, settings)
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
+    if not dry_run and backend_factory is None:
+        settings.check_backend()
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         if dry_run:
@@ -375,8 +399,8 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
                     dummy = {sha: f"dry-run://reference/{sha}" for sha in jobs_mod.job_reference_hashes(ws.ledger, job["id"])}
                     jobs_mod.write_jsonl(ws.ledger, job["id"], dummy)
             counts = counts_after_shard(ws.ledger, p, planned_before, new)
-            return Outcome(EXIT_OK, f"dry run: {p.rows} rows, {p.requests} requests, {p.cache_hits} cached, "
-                           f"{counts[QUEUED]} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
+            return Outcome(EXIT_OK, f"dry run: {rows_read(p)}, {plan_images(p)}; "
+                           f"{plural(counts[QUEUED], 'request')} to send in {len(p.jobs) + len(new)} new job(s); JSONL in {ws.ledger.workdir / 'jobs'}; nothing uploaded"
                            + budget_note(ws) + notes(ws),
                            plan=p, counts=counts)
         limit: SpendLimitError | None = None
@@ -385,16 +409,16 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
                 send_pending(ws)
         except SpendLimitError as exc:
             limit = exc
-        created = ws.jobs_created
         publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
+        ds = None
         if not counts[PLANNED] and not counts[QUEUED]:
-            write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
-        code = EXIT_PENDING if limit is not None else exit_code_for(counts)
-        return Outcome(code, ("stopped at a spend limit: " if limit else "submitted: ")
-                       + f"{p.rows} rows, {p.requests} requests, {p.cache_hits} cached, {created} job(s) created; "
-                       + counts_line(counts) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
-                       plan=p, counts=counts, jobs_created=created)
+            ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
+        images = dataset_images(ds) if ds is not None else image_statuses(image_counts(ws.ledger, p.run_id))
+        code = EXIT_PENDING if limit is not None else finished_code(counts, p, ds)
+        return Outcome(code, summary_line(ws, "stopped at a spend limit" if limit else "submitted", p, images, ds)
+                       + budget_note(ws) + spend_limit_note(limit) + notes(ws),
+                       plan=p, counts=counts, jobs_created=ws.jobs_created, images=images, dataset=ds)
 
 
 def estimate(manifest: str | Path, settings: Settings | None = None) -> "Estimate":
@@ -421,11 +445,11 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
             plan_fallbacks(ws.ledger, ws.store, run_id, settings.fallback_model)
         ds = write_dataset(ws.ledger, ws.store, run_id, settings.out)
         counts = run_counts(ws.ledger, run_id)
-        extra = f"; dataset {ds.path} ({usd(ds.cost_usd)})"
-        if counts[PLANNED]:
-            extra += f"; {counts[PLANNED]} requests to send again: run `batcher submit` or `batcher run`"
-        code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # a row without its image is not finished
-        return Outcome(code, "collected: " + counts_line(counts, extra + lost_images_note(ds)), dataset=ds, counts=counts, collect=stats)
+        p = run_result(ws.ledger, run_id)
+        again = f"; {counts[PLANNED]:,} requests to send again: run `batcher submit` or `batcher run`" if counts[PLANNED] else ""
+        code = finished_code(counts, p, ds)  # a row without its image is not finished
+        return Outcome(code, summary_line(ws, "collected", p, dataset_images(ds), ds) + again + lost_images_note(ds),
+                       plan=p, dataset=ds, counts=counts, collect=stats, images=dataset_images(ds))
 
 
 def run(manifest: str | Path, settings: Settings | None = None, *, backend_factory=None,
@@ -436,6 +460,8 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
     started = time.monotonic()
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
+    if backend_factory is None:
+        settings.check_backend()
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
         total = p.requests
@@ -476,16 +502,15 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
                     break
                 sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
         ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)  # reads the ledger only: counts still hold
-        code = EXIT_PENDING if ds.lost else exit_code_for(counts)  # an image lost while the run ran: run again
+        code = finished_code(counts, p, ds)  # an image lost while the run ran: run again
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state
         state = "stopped at the budget" if code == EXIT_PENDING and budget_note(ws) else state
         if limit is not None:
             code, state = (EXIT_PENDING if counts[PLANNED] or counts[QUEUED] else code), "stopped at a spend limit"
-        outcome = Outcome(code, f"{state}: {p.rows} rows, {p.requests} requests ({p.cache_hits} cached), {ws.jobs_created} job(s) created; "
-                          + counts_line(counts, f"; {usd(ds.cost_usd)}; dataset {str(ds.path).rstrip('/')}/metadata.parquet")
+        outcome = Outcome(code, summary_line(ws, state, p, dataset_images(ds), ds)
                           + lost_images_note(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
-                          plan=p, dataset=ds, counts=counts, jobs_created=ws.jobs_created)
+                          plan=p, dataset=ds, counts=counts, jobs_created=ws.jobs_created, images=dataset_images(ds))
     try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
         report(settings)
     except Exception as exc:  # noqa: BLE001
@@ -531,13 +556,13 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
 
     s = ws.settings
     budget_left = None
-    if getattr(s, "budget_usd", None) is not None:
+    if s.budget_usd is not None:
         budget_left = max(0.0, s.budget_usd - run_spend_usd(ws.ledger, ws.ledger.run(run_id)))
     stats = interactive.generate(ws.ledger, ws.backend, ws.store, run_id, concurrency=s.interactive_concurrency,
                                  budget_left_usd=budget_left, max_attempts=s.max_attempts)
     if stats.succeeded or stats.failed or stats.blocked:
-        log.warning("interactive fallback: %d ok, %d blocked, %d failed, $%.4f at full price", stats.succeeded,
-                    stats.blocked, stats.failed, stats.spent_usd)
+        log.warning("interactive fallback: %d ok, %d blocked, %d failed, %s at full price", stats.succeeded,
+                    stats.blocked, stats.failed, usd(stats.spent_usd))
     if stats.held_back:
         log.warning("interactive fallback: %d requests held back by the budget", stats.held_back)
 

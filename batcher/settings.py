@@ -74,13 +74,9 @@ class Settings:
         self.webhook_uris = check_uris(self.webhook_uris)
         if self.backend not in BACKENDS:
             raise UsageError(f"backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if self.backend == "vertex":
-            if self.webhook_uris:
-                raise UsageError("webhooks (--webhook-uri, notify.webhook_uris) are a Gemini API feature; Vertex AI batch "
-                                 "jobs don't take them")
-            from .backends.vertex import VertexConnection
-
-            VertexConnection.from_env(project=self.project, location=self.location, staging=self.staging)  # says what is missing
+        if self.backend == "vertex" and self.webhook_uris:
+            raise UsageError("webhooks (--webhook-uri, notify.webhook_uris) are a Gemini API feature; Vertex AI batch "
+                             "jobs don't take them")
         if self.poll_interval is None:
             self.poll_interval = 1.0 if self.backend == "emulator" else 30.0
         if isinstance(self.deadline, str):
@@ -88,6 +84,8 @@ class Settings:
         self.workdir = Path(self.workdir)
         self.out = _path_or_uri(self.out) if self.out else self.workdir / "dataset"
         self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
+        if self.skip_invalid and self.rejects_path is None:
+            self.rejects_path = self.workdir / "rejects.csv"
         if self.max_attempts < 1:
             raise UsageError("--max-attempts must be at least 1")
         if self.fallback_model:
@@ -96,6 +94,14 @@ class Settings:
             if problem:
                 raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
         check_policy(self.deadline_policy)
+
+    def check_backend(self) -> None:
+        """Before a command that will reach the API does any work: the backend's configuration is complete (Vertex
+        AI: project, location, staging), or UsageError says what is missing. `estimate` and dry runs need none."""
+        if self.backend == "vertex":
+            from .backends.vertex import VertexConnection
+
+            VertexConnection.from_env(project=self.project, location=self.location, staging=self.staging)
 
     @classmethod
     def from_options(cls, **options: Any) -> "Settings":
@@ -111,7 +117,7 @@ class Settings:
         try:
             settings = from_options(options)
         except UsageError as exc:
-            if "--deadline" in str(exc) and overrides.get("deadline") is None and "deadline" in options:
+            if str(exc).startswith("--deadline ") and overrides.get("deadline") is None and "deadline" in options:
                 raise UsageError(f"{spec.path}: 'window.deadline': {exc}") from None
             raise
         return spec.manifest, settings
@@ -145,8 +151,6 @@ def from_options(options: dict[str, Any]) -> Settings:
     if "max_requests_per_job" in given:
         kw["limits"] = ShardLimits(max_requests=given["max_requests_per_job"])
     kw["quota"] = Quota(tier=str(given.get("tier") or "1"), token_cap=given.get("token_cap"))
-    if given.get("skip_invalid"):
-        kw["rejects_path"] = Path(given.get("workdir") or Settings.workdir) / "rejects.csv"
     return Settings(manifest=manifest, **kw)
 
 
@@ -163,7 +167,7 @@ SCHEMA: dict[str, Any] = {
     "window": {"deadline": str, "policy": str},
     "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
     "vertex": {"project": str, "location": str, "staging": str},  # backend = "vertex"
-    "notify": {"webhook_uris": list},  # listeners the API POSTs each job's end to (batcher.webhooks)
+    "notify": {"webhook_uris": list},  # listeners the API POSTs each job's end to (jobs.webhooks)
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 # Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
@@ -261,7 +265,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
     values: dict = {}
-    prices = data.pop("prices", None)  # [prices."MODEL"]: model names are keys, checked by batcher.pricing
+    prices = data.pop("prices", None)  # [prices."MODEL"]: model names are keys, checked by cost.pricing
     _check(data, SCHEMA, "", path, values)
     if prices is not None:
         from .cost.pricing import parse_overrides

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.architecture import ROOT, cycles, import_graph, module_name, modules
 
-SQL = re.compile(r"\b(SELECT\s+[\w*(]|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(TABLE|INDEX))|\.execute\(")
+# A statement (its keywords, or a SELECT that goes on in the next string), or any use of a connection.
+SQL = re.compile(r"\b(SELECT(\s+[\w*(]|\s*\"\s*$)|(INSERT|REPLACE)\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|"
+                 r"(CREATE|DROP|ALTER)\s+(TABLE|INDEX|VIEW|TRIGGER)|PRAGMA\s+\w+)|\.execute(many|script)?\(|sqlite3\.connect\(")
 
 
 def test_no_import_cycle_in_batcher():
@@ -29,8 +33,17 @@ def test_sql_only_in_the_ledger():
     assert outside == []
 
 
-def test_the_sql_finder_finds_sql():
-    assert SQL.search('c.execute("SELECT 1")') and SQL.search("UPDATE jobs SET state=?") and not SQL.search("select a model")
+@pytest.mark.parametrize("line", [
+    'c.execute("SELECT 1")', "UPDATE jobs SET state=?", 'c.executemany("REPLACE INTO uploads(sha256, uri) VALUES (?,?)", rows)',
+    'c.executescript("DROP INDEX rows_by_id")', 'conn.executemany(INSERT_SQL, rows)', 'q = "PRAGMA journal_mode=DELETE"',
+    '"ALTER TABLE jobs ADD COLUMN x"', 'sql = ("SELECT "', 'db = sqlite3.connect(path)',
+])
+def test_the_sql_finder_finds_sql(line):
+    assert SQL.search(line)
+
+
+def test_the_sql_finder_leaves_prose_alone():
+    assert not SQL.search("select a model") and not SQL.search("we drop the table of contents")
 
 
 def test_the_library_never_imports_the_emulator():

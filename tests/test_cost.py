@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import batcher.pipeline as pipeline
 from batcher.cli import main
-from batcher.errors import UsageError
+from batcher.errors import ManifestError, UsageError
 from batcher.cost.estimate import estimate
 from batcher.manifest import ManifestOptions, read_manifest
 from batcher.planning.prepare import References, image_requests
@@ -232,7 +232,7 @@ def test_a_dry_run_shards_as_submit_would_under_the_budget_and_token_cap(tmp_pat
     s = settings(tmp_path, budget_usd=0.17, quota=Quota(token_cap=2 * 1450))  # a request: ~1,410 tokens with thoughts
     result = pipeline.submit(m, s, dry_run=True, backend_factory=backend_factory)
     assert result.counts["queued"] == 5 and result.counts["planned"] == 5, result.summary
-    assert "5 to send in 3 new job(s)" in result.summary  # 2 + 2 + 1 under the cap
+    assert "5 requests to send in 3 new job(s)" in result.summary  # 2 + 2 + 1 under the cap
     assert "budget $0.17: 5 requests held back" in result.summary
     assert emulator.stats()["files_uploaded"] == 0
     result = pipeline.submit(m, s, backend_factory=backend_factory)
@@ -338,3 +338,13 @@ def test_quota_waves_packing_and_estimates_count_a_reference_image_alike(model, 
     plain, with_two = (request_tokens(model, b, None) for b in bodies)
     assert with_two - plain >= 2 * per_image
     assert [measure_body(model, b, None)[2] for b in bodies] == [plain, with_two]
+
+
+def test_estimate_refuses_what_submit_refuses_a_duplicate_id(tmp_path):
+    """One validation: estimate once passed duplicate ids that run then rejected."""
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [["a", "one"], ["b", "two"], ["a", "three"]])
+    with pytest.raises(ManifestError) as info:
+        estimate(m, cache_dir=tmp_path / "c")
+    assert info.value.problems == ["%s, row 4, column 'id' = 'a': duplicate id (first used at row 2); ids must be unique" % m]
+    e = estimate(m, cache_dir=tmp_path / "c", skip_invalid=True)
+    assert (e.rows, e.rejected) == (2, 1)

@@ -85,11 +85,21 @@ def write(fmt: str, d: Path, ids, prompts, extras, junk) -> Path:
         return path
     path = d / f"m.{fmt}"
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
+        if fmt == "tsv":  # TSV has no quoting: every field as it is, one line per row
+            for record in [header] + [[_cell_text(c[i]) for c in cols] for i in range(len(ids))]:
+                f.write("\t".join(record) + "\n")
+            return path
+        w = csv.writer(f)
         w.writerow(header)
         for i in range(len(ids)):
             w.writerow([_cell_text(c[i]) for c in cols])
     return path
+
+
+def tsv_can_hold(ids, prompts, extras, junk) -> bool:
+    """Whether every cell can be written as TSV (no tab, no line break in it)."""
+    cells = [*ids, *prompts, *(v for _, vs in extras.values() for v in vs), *(v for vs in junk.values() for v in vs)]
+    return not any(ch in _cell_text(c) for c in cells for ch in "\t\n\r")
 
 
 def check_reader(fmt: str, table) -> None:
@@ -100,7 +110,12 @@ def check_reader(fmt: str, table) -> None:
         try:
             items = list(read_manifest(path, ManifestOptions()))
         except ManifestError:
-            return  # a clear refusal of the whole file is allowed; any other exception fails the test
+            # A clear refusal of the whole file is allowed (any other exception fails the test), but not of a TSV
+            # whose cells TSV can hold: its quotes, commas and the rest are text like any other.
+            assert fmt != "tsv" or not tsv_can_hold(*table), "a TSV that can hold its cells was refused"
+            return
+    if fmt == "tsv" and not tsv_can_hold(*table):
+        return  # a cell with a tab or a line break is not a TSV cell: the file was read as other rows, without error
     rows_seen = [it.row for it in items]
     assert rows_seen == sorted(rows_seen), "rows out of file order"
     valid = [it for it in items if isinstance(it, ManifestRow)]

@@ -766,3 +766,47 @@ def test_prompts_round_trip_csv_and_parquet(tmp_path, prompts):
     assert [r.row for r in csv_rows] == list(range(2, len(prompts) + 2))
     assert [r.row for r in pq_rows] == list(range(1, len(prompts) + 1))
     assert [r.id for r in csv_rows] == [r.id for r in pq_rows] == [str(i) for i in range(1, len(prompts) + 1)]
+
+
+# ------------------------------------------------------------------------------------------------ the same prompts, any format
+
+AWKWARD = ['"G I G G L E" painted in thick paint', 'a "quote that never closes', "it's 50\" wide, 3' high",
+           "comma, semicolon; pipe | backslash \\", "naïve café, 東京, emoji 😀", "  spaces kept inside  x"]
+ONLY_CSV = ["a tab\there", "two\nlines", "\"\"doubled\"\" quotes"]  # TSV cannot hold a tab or a line break
+
+
+def _hashes(path: Path) -> list[str]:
+    from batcher.planning.prepare import References, image_requests
+    from batcher.planning.requests import request_hash
+
+    out = []
+    for item in read_manifest(path):
+        assert isinstance(item, ManifestRow), item
+        out += [request_hash(r) for r in image_requests(item, References())]
+    return out
+
+
+def test_the_same_prompts_make_the_same_requests_from_csv_tsv_and_parquet(tmp_path):
+    """What the user wrote is what is sent: TSV fields are taken literally (it has no quoting), CSV follows RFC 4180,
+    Parquet is typed; the same prompt makes the same request (hash) from each."""
+    prompts = AWKWARD + ONLY_CSV
+    ids = [f"r{i}" for i in range(len(prompts))]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), tmp_path / "m.parquet")
+    with open(tmp_path / "m.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "prompt"], *zip(ids, prompts)])
+    (tmp_path / "m.tsv").write_text("id\tprompt\n" + "".join(f"{i}\t{p}\n" for i, p in zip(ids, AWKWARD)), encoding="utf-8")
+    parquet, csv_hashes, tsv = _hashes(tmp_path / "m.parquet"), _hashes(tmp_path / "m.csv"), _hashes(tmp_path / "m.tsv")
+    assert csv_hashes == parquet and tsv == parquet[:len(AWKWARD)]
+    assert [r.prompt for r in read_manifest(tmp_path / "m.tsv")][0] == AWKWARD[0]  # the quotes are the user's
+
+
+def test_a_tsv_field_with_a_tab_is_an_error_naming_its_row(tmp_path):
+    path = write(tmp_path, "m.tsv", "id\tprompt\na\tfine\nb\ttab\there\nc\tfine too\n")
+    message = file_error(path)
+    assert "row 3" in message and "tab" in message
+
+
+def test_a_csv_quote_that_never_closes_is_an_error_naming_the_row_it_opened(tmp_path):
+    path = write(tmp_path, "m.csv", 'id,prompt,colour\na,one,red\nb,"never closed,blue\nc,three,green\nd,four,grey\n')
+    message = file_error(path)
+    assert "row 3, column 'prompt': a quote is opened and never closed" in message

@@ -227,9 +227,13 @@ def test_skip_invalid_submits_the_rest_and_writes_rejects(tmp_path, emulator, ba
     rows = [["a", "fine", "", "", "x"], ["b", "", "", "", "x"]]
     s = settings(tmp_path, skip_invalid=True, rejects_path=tmp_path / "rejects.csv")
     result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
-    assert result.exit_code == 0
+    # Not "every row has its image": exit 3, and the summary names the rows left out and where they are.
+    assert result.exit_code == 3, result.summary
+    assert result.summary.startswith(f"done: 2 rows read (1 invalid, skipped: see {tmp_path / 'rejects.csv'}), 1 image ")
     assert [r["id"] for r in metadata(s)] == ["a"]
     assert "prompt" in (tmp_path / "rejects.csv").read_text()
+    again = pipeline.collect(s, backend_factory=backend_factory)  # a later command still knows
+    assert again.exit_code == 3 and "(1 invalid, skipped" in again.summary, again.summary
 
 
 @pytest.mark.slow
@@ -255,8 +259,8 @@ def test_cli_submit_status_collect(tmp_path, emulator_env):
     assert doc["requests"]["queued"] == 5 and "cache_hits" in doc
     r = runner.invoke(main, ["collect"] + common)
     assert r.exit_code == 0, r.output
-    assert "6 ok" not in r.output  # counts are per request, not per row
-    assert "5 ok" in r.output
+    # Counted as the dataset counts them: 6 images (rows x variants), of which two share a request.
+    assert "6 images (5 requests, 0 from the cache)" in r.output and "images: 6 ok," in r.output, r.output
     assert len(pq.read_table(tmp_path / "o" / "metadata.parquet")) == 6
     r = runner.invoke(main, ["status"] + common)
     assert "collected" in r.output and r.exit_code == 0
@@ -487,7 +491,7 @@ def test_a_fallback_image_is_cached_under_its_own_hash(tmp_path, emulator, backe
     assert ImageStore(s.cache_dir).has(direct) and (s.out / row["file_name"]).is_file()
     direct_manifest = write_csv(tmp_path / "direct.csv", ["id", "prompt", "model"], [["r2", "a red bicycle", "gemini-3-pro-image"]])
     again = pipeline.run(direct_manifest, settings(tmp_path / "second", cache_dir=s.cache_dir), backend_factory=backend_factory)
-    assert again.exit_code == 0 and "(1 cached)" in again.summary, again.summary  # asked directly: a cache hit
+    assert again.exit_code == 0 and "(1 request, 1 from the cache)" in again.summary, again.summary  # asked directly: a cache hit
 
 
 @pytest.mark.slow

@@ -678,3 +678,24 @@ def test_shard_estimates_match_the_per_request_formulas(tmp_path):
         assert job["est_tokens"] == sum(request_tokens(job["model"], b, image_size_of(b)) for b in bodies)
     assert any('"fileData"' in b for (b,) in ledger.conn.execute("SELECT body_json FROM requests"))
     assert expected_output_bytes("gemini-3-pro-image", "2K") != expected_output_bytes("gemini-3-pro-image", "1K")
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_the_child_packs_jobs_with_the_runs_prices(tmp_path, monkeypatch, child):
+    """A job spec's prices (here: 10,000 tokens an image) size requests against the token cap in the child process
+    as in-process: no job holds more enqueued tokens than its model's cap."""
+    from batcher.cost.pricing import default_table, use_prices
+    from batcher.cost.tokens import enqueued_tokens
+
+    model = "gemini-3.1-flash-image"
+    table = default_table().with_overrides({model: {"tokens_per_image": {"1K": 10_000}}})
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1" if child else "0")
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], [[f"r{i}", f"prompt {i}"] for i in range(10)])
+    ledger = Ledger(tmp_path / "wd")
+    cap = 25_000  # two requests of 10,000+ tokens fit, three do not
+    with use_prices(table):
+        result = plan_manifest(ledger, None, m, ManifestOptions(model=model), shard_limits=ShardLimits(),
+                               token_cap_for=lambda _m: cap)
+        held = [sum(enqueued_tokens(model, len(b), 0, None) for (b,) in ledger.conn.execute(
+            "SELECT body_json FROM requests WHERE job_id=?", (j,))) for j in result.jobs]
+    assert len(held) == 5 and max(held) <= cap, held

@@ -65,3 +65,33 @@ def test_shipped_demo_spec_is_valid():
     spec = load_spec(Path(__file__).parent.parent / "jobs" / "demo.toml")
     assert spec.values["manifest"].endswith("samples/prompts.csv")
     assert spec.values["backend"] == "emulator"
+
+
+def test_estimate_of_a_vertex_job_spec_needs_no_cloud_settings(tmp_path, monkeypatch):
+    """estimate writes nothing and needs no API: a spec with backend = "vertex" is estimated without its project,
+    location or staging area; a submit of it says what is missing before anything is planned."""
+    import batcher
+
+    for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION", "BATCHER_VERTEX_STAGING"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "m.csv").write_text("id,prompt\na,a teapot\n", encoding="utf-8")
+    spec = tmp_path / "v.toml"
+    spec.write_text('manifest = "m.csv"\nbackend = "vertex"\nworkdir = "w"\n', encoding="utf-8")
+    assert batcher.estimate(str(spec)).rows == 1
+    r = CliRunner().invoke(main, ["estimate", str(spec)])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(batcher.UsageError, match="Vertex AI needs a project"):
+        batcher.submit(str(spec))
+    assert not (tmp_path / "w").exists()  # refused before the workdir was made
+
+
+def test_a_policy_error_is_not_blamed_on_the_specs_deadline(tmp_path):
+    from batcher.errors import UsageError
+    from batcher.settings import Settings
+
+    (tmp_path / "m.csv").write_text("id,prompt\na,a teapot\n", encoding="utf-8")
+    spec = tmp_path / "s.toml"
+    spec.write_text('manifest = "m.csv"\n[window]\ndeadline = "7h"\n', encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        Settings.from_spec(spec, deadline_policy="sometimes")
+    assert "window.deadline" not in str(info.value) and "--deadline-policy 'sometimes'" in str(info.value)

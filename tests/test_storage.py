@@ -112,3 +112,16 @@ def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeyp
     ahead.list_ahead(threads=2)  # which prefixes get listed depends on the threads' order; the answers do not
     assert ahead.has_all(hashes) == [i % 2 == 0 for i in range(len(hashes))]
     assert 1 <= len(ahead.dirs) <= 2 and ahead.listed <= 3
+
+
+def test_a_unique_temp_name_another_writer_holds_is_never_shared(tmp_path, monkeypatch):
+    """Two processes writing one cache entry: each gets its own temp file (O_EXCL, a new name on a clash), and a
+    writer never removes the other's."""
+    dest = tmp_path / "ab" / f"{'ab' * 32}.png"
+    dest.parent.mkdir()
+    draws = iter([b"\x00" * 6, b"\x00" * 6, b"\x01" * 6])  # the first name clashes, the second is free
+    monkeypatch.setattr(atomic.os, "urandom", lambda n: next(draws))
+    other = atomic.temp_path(dest, unique=True)
+    other.write_bytes(b"another writer's half-written image")
+    atomic.write_bytes(dest, b"mine", unique=True, durable=True, mode=0o600)
+    assert dest.read_bytes() == b"mine" and other.read_bytes() == b"another writer's half-written image"

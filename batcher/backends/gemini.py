@@ -187,7 +187,7 @@ class GeminiBackend:
     # ---- batches ----------------------------------------------------------------------------------
     def create_batch(self, model: str, file_name: str, display_name: str, webhook: dict | None = None) -> BatchInfo:
         """Not retried here: create is not idempotent. The caller reconciles by display name instead.
-        `webhook`: a webhook_config (batcher.webhooks) for listeners the API notifies when the job ends."""
+        `webhook`: a webhook_config (jobs.webhooks) for listeners the API notifies when the job ends."""
         config: dict = {"display_name": display_name}
         if webhook:
             config["webhook_config"] = webhook

@@ -3,7 +3,7 @@
 The estimate reads and validates the manifest exactly as planning does, hashes its requests and asks the cache,
 but writes no ledger and needs no API key. Tokens: a prompt is ~len(text)/4 tokens plus the model's
 input_image_tokens per reference image; an image's output tokens and price come from the price table
-(batcher.pricing, overridable), and a thinking model's expected thoughts are priced on a line of their own. A model
+(cost.pricing, overridable), and a thinking model's expected thoughts are priced on a line of their own. A model
 with no price is refused, with how to add one.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..catalog import TIERS, model_spec, warning as model_warning
 from ..errors import ManifestError, UsageError
 from ..manifest import ManifestOptions, RowProblem, locate, read_manifest
-from ..planning.planner import MAX_PROBLEMS_SHOWN
+from ..planning.planner import MAX_PROBLEMS_SHOWN, duplicate_id
 from ..planning.prepare import References, image_requests
 from .money import usd
 from .pricing import PriceTable, current_table
@@ -116,6 +116,7 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
     problems: list[RowProblem] = []
     refs = References()
     seen: set[str] = set()
+    first_row_of: dict[str, int] = {}  # id -> the row that used it first (as planning checks them, in the ledger)
     for item in read_manifest(manifest, options):
         if isinstance(item, RowProblem):
             problems.append(item)
@@ -124,6 +125,10 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
             requests = image_requests(item, refs)
         except OSError as exc:
             problems.append(RowProblem(str(manifest), item.row, "reference_images", None, f"cannot read reference image: {exc}"))
+            continue
+        first = first_row_of.setdefault(item.id, item.row)
+        if first != item.row:
+            problems.append(duplicate_id(manifest, item.row, options.id_column, item.id, first))
             continue
         result.rows += 1
         price = table.get(item.model)

@@ -120,7 +120,7 @@ def create_job(ledger: Ledger, backend: Backend, job_id: int, webhook_uris: tupl
     """uploaded -> creating -> submitted. Returns False when the API has no capacity now (a 429 that clears by
     waiting: `on_wait` gets it, with its retry hint): the job stays `uploaded` and is created later. Raises on other
     errors (a spend limit among them), leaving the job reconcilable. With webhook_uris the API also POSTs the job's
-    end to those listeners (batcher.webhooks)."""
+    end to those listeners (jobs.webhooks)."""
     job = ledger.job(job_id)
     with ledger.transaction() as c:
         ledger.job_transition(c, job_id, (J_UPLOADED,), J_CREATING)

@@ -342,10 +342,12 @@ def has_requests(c: sqlite3.Connection) -> bool:
     return c.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is not None
 
 
-def finish_run(ledger: Ledger, c: sqlite3.Connection, run_id: int, rows: int, fresh: bool, requests: int | None) -> None:
-    """Record the run's row count and its distinct requests: every request of the ledger when it held none before
-    (`fresh`), else `requests` when the plan counted them, else counted from its rows."""
-    c.execute("UPDATE runs SET row_count=? WHERE id=?", (rows, run_id))
+def finish_run(ledger: Ledger, c: sqlite3.Connection, run_id: int, rows: int, fresh: bool, requests: int | None,
+               rejected: int = 0, rejects_path: str | None = None) -> None:
+    """Record the run's row count, the rows it left out as invalid (and where they were written), and its distinct
+    requests: every request of the ledger when it held none before (`fresh`), else `requests` when the plan counted
+    them, else counted from its rows."""
+    c.execute("UPDATE runs SET row_count=?, rejected=?, rejects_path=? WHERE id=?", (rows, rejected, rejects_path, run_id))
     if fresh:  # the ledger held no requests before this run: every request in it is this run's
         c.execute("UPDATE runs SET request_count=(SELECT COUNT(*) FROM requests) WHERE id=?", (run_id,))
     elif requests is not None:  # what the plan knows of every request it saw

@@ -181,6 +181,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE requests ADD COLUMN thoughts_tokens INTEGER
     """,
+    # 10: a run remembers the manifest rows it left out as invalid (--skip-invalid) and where they were written, so
+    #     every later command says so and does not call the run complete (exit 3)
+    """
+    ALTER TABLE runs ADD COLUMN rejected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN rejects_path TEXT
+    """,
 ]
 
 # The indexes Ledger.bulk_load drops and builds again (the same definitions as the migrations above).

@@ -189,8 +189,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> Source:
+    """CSV (RFC 4180: fields may be quoted, a quoted field may hold commas, newlines and doubled quotes) or TSV
+    (IANA text/tab-separated-values: no quoting at all; every field is taken as written, one line per row, so a
+    field cannot hold a tab or a newline)."""
     delimiter = "\t" if fmt == "tsv" else ","
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    if fmt == "tsv":
+        parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False, newlines_in_values=False)
+    else:
+        parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     read = pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=True)
 
     def fail(exc: BaseException) -> ManifestError:
@@ -233,7 +239,8 @@ def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> Source:
                 yield from _slice(batch, batch_rows)
         finally:
             fh.close()
-        _check_unclosed_quote(path, display, last, rows)
+        if fmt != "tsv":
+            _check_unclosed_quote(path, display, last, rows)
 
     source = Source(display, path, fmt, names, None, 2, batches(), _blank_lines(path, delimiter))
     if first.num_rows == 0:  # pyarrow can return an empty first batch; make sure there is a row somewhere
@@ -242,6 +249,13 @@ def _open_csv(path: str, display: str, fmt: str, batch_rows: int) -> Source:
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+def _reader(fh, delimiter: str):
+    """The csv module reading as pyarrow does: CSV with quotes, TSV without."""
+    if delimiter == "\t":
+        return csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    return csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
 
 
 def _blank_lines(path: str, delimiter: str) -> list[int]:
@@ -267,7 +281,7 @@ def _blank_lines(path: str, delimiter: str) -> list[int]:
     csv.field_size_limit(2**31 - 1)  # a long prompt is a valid cell
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-            records = csv.reader(fh, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
+            records = _reader(fh, delimiter)
             data_rows = -1  # the header is not a data row
             for record in records:
                 if record:
@@ -338,7 +352,7 @@ def _locate_csv_problem(path: str, delimiter: str) -> str | None:
     csv.field_size_limit(2**31 - 1)
     try:
         with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter)
+            reader = _reader(fh, delimiter)
             header: list[str] | None = None
             row = 0
             try:
@@ -358,10 +372,16 @@ def _locate_csv_problem(path: str, delimiter: str) -> str | None:
                                 f"save the file as UTF-8."
                             )
                     if len(record) != len(header):
-                        return (
-                            f"row {row}: expected {len(header)} columns like the header, found {len(record)}; "
-                            f"quote cells that contain {'tabs' if delimiter == chr(9) else 'commas'}."
-                        )
+                        opened = next((i for i, cell in enumerate(record) if "\n" in cell or "\r" in cell), None)
+                        if opened is not None and delimiter != "\t":
+                            column = header[opened] if opened < len(header) else f"#{opened + 1}"
+                            return (f"row {row}, column {column!r}: a quote is opened and never closed, so the rows "
+                                    f"after it were read into this cell; close the quote.")
+                        if delimiter == "\t":
+                            return (f"row {row}: expected {len(header)} tab-separated fields like the header, found "
+                                    f"{len(record)}; in TSV a field cannot hold a tab (use CSV or Parquet for such text).")
+                        return (f"row {row}: expected {len(header)} columns like the header, found {len(record)}; "
+                                f"quote cells that contain commas.")
             except csv.Error as exc:
                 return f"row {row + 1} (line {reader.line_num}): {exc}; look for a quote that is never closed."
     except OSError:

@@ -6,20 +6,61 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..cost.money import usd
-from ..ledger import BLOCKED, FAILED, PLANNED, QUEUED, SUCCEEDED
+from ..ledger import BLOCKED, FAILED, SUCCEEDED
 
 if TYPE_CHECKING:
     from ..cost.estimate import Estimate
+    from ..planning.planner import PlanResult
     from ..errors import SpendLimitError
     from .dataset import DatasetSummary
 
 
 # ---- command summaries ---------------------------------------------------------------------------------
 
-def counts_line(counts: dict[str, int], extra: str = "") -> str:
-    pending = counts.get(PLANNED, 0) + counts.get(QUEUED, 0)
-    return (f"{counts.get(SUCCEEDED, 0)} ok, {counts.get(BLOCKED, 0)} blocked, {counts.get(FAILED, 0)} failed, "
-            f"{pending} pending{extra}")
+# Words, the same in every summary, in the dataset and in the report: a manifest *row* asks for its variants'
+# *images* (one dataset row each); images that ask for the same thing share one *request* (one payment, one cache
+# entry). Outcomes are counted in images, as the dataset and the report count them.
+IMAGE_STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # any other request state: pending
+
+
+def image_statuses(by_state: dict[str, int]) -> dict[str, int]:
+    """Images by request state (ledger.reading.image_counts) -> images by dataset status."""
+    out = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
+    for state, n in by_state.items():
+        out[IMAGE_STATUS.get(state, "pending")] += n
+    return out
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def rows_read(plan: PlanResult) -> str:
+    """"34 rows read", and those left out as invalid: a short count is visible."""
+    text = plural(plan.rows + plan.rejected, "row") + " read"
+    if plan.rejected:
+        text += f" ({plan.rejected:,} invalid, skipped" + (f": see {plan.rejects_path}" if plan.rejects_path else "") + ")"
+    return text
+
+
+def plan_images(plan: PlanResult) -> str:
+    return f"{plural(plan.images, 'image')} ({plural(plan.requests, 'request')}, {plan.cache_hits:,} from the cache)"
+
+
+def run_line(state: str, plan: PlanResult, images: dict[str, int], *, jobs_created: int | None = None,
+             paid_now: float | None = None, run_paid: float | None = None, dataset: str | None = None) -> str:
+    """A command's summary of its run: rows read (and those left out), images, requests, jobs created, the images'
+    outcomes, what this command paid and what the run's images cost in all, and where the dataset is."""
+    text = f"{state}: {rows_read(plan)}, {plan_images(plan)}"
+    if jobs_created is not None:
+        text += f"; {jobs_created} job(s) created"
+    text += (f"; images: {images['ok']:,} ok, {images['blocked']:,} blocked, {images['failed']:,} failed, "
+             f"{images['pending']:,} pending")
+    if paid_now is not None:
+        text += f"; paid now {usd(paid_now)}" + (f", the run's images {usd(run_paid)} in all" if run_paid is not None else "")
+    if dataset is not None:
+        text += f"; dataset {dataset}"
+    return text
 
 
 def spend_limit_note(limit: SpendLimitError | None) -> str:

@@ -42,11 +42,17 @@ class PlanResult:
     rows: int = 0
     requests: int = 0  # distinct requests of the run
     cache_hits: int = 0
-    duplicates: int = 0  # rows sharing another row's request
-    rejected: int = 0
+    duplicates: int = 0  # images (rows x variants) sharing another's request
+    rejected: int = 0  # manifest rows left out as invalid (--skip-invalid)
+    rejects_path: str | None = None  # where they were written
     new_run: bool = True
     jobs: list[int] = field(default_factory=list)  # jobs the plan sharded as it loaded (see _InlineJobs)
     states: dict[str, int] | None = None  # how many of its requests are in each state, when the plan knows
+
+    @property
+    def images(self) -> int:
+        """The run's images: its rows x their variants, one dataset row each."""
+        return self.requests + self.duplicates
 
 
 def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
@@ -81,6 +87,12 @@ def _merge_problems(b: PreparedBatch, problems: list[RowProblem]) -> list[int]:
     return positions
 
 
+def duplicate_id(manifest, row: int, id_column: str, value: str, first_row: int | None) -> RowProblem:
+    """The problem of a row whose id an earlier valid row of the manifest has (planning and estimate say it alike)."""
+    first = first_row if first_row is not None else "?"
+    return RowProblem(str(manifest), row, id_column, value, f"duplicate id (first used at row {first}); ids must be unique")
+
+
 def _load(writer: PlanWriter, run_id: int, manifest: Path | str, options: ManifestOptions, refs: References,
           problems: list[RowProblem], tuning: PlanTuning, prepare_tuning: PrepareTuning) -> tuple[int, int]:
     """Record the manifest's valid rows and their requests; append its problems. Returns (rows written, one per
@@ -98,8 +110,7 @@ def _load(writer: PlanWriter, run_id: int, manifest: Path | str, options: Manife
             writer.add_references(b.references, b.variants)
 
             def duplicate(j: int, first_row: int | None, b=b) -> RowProblem:
-                return RowProblem(str(manifest), b.rows[j], options.id_column, b.ids[j],
-                                  f"duplicate id (first used at row {first_row if first_row is not None else '?'}); ids must be unique")
+                return duplicate_id(manifest, b.rows[j], options.id_column, b.ids[j], first_row)
 
             seq, duplicates = writer.flush(run_id, seq, b, positions, problems, duplicate)
             rows += len(b.rows) - duplicates
@@ -190,12 +201,12 @@ def plan_manifest(
         if result.rows == 0:
             raise ManifestError(f"{manifest}: no valid rows to submit")
         tally = writer.run_tally()
-        plans.finish_run(ledger, c, run_id, result.rows, fresh, tally[0] if tally is not None else None)
+        if problems and rejects_path is not None:  # before the run is committed: a run that names it has it
+            write_rejects(rejects_path, problems)
+        plans.finish_run(ledger, c, run_id, result.rows, fresh, tally[0] if tally is not None else None,
+                         len(problems), str(rejects_path) if problems and rejects_path is not None else None)
     maybe_crash("plan")  # test hook: see batcher/faults.py
-    if problems and rejects_path is not None:
-        write_rejects(rejects_path, problems)
     summary = _summary(ledger, run_id, new_run=True, planned_rows=seq, tally=tally)
-    summary.rejected = len(problems)
     summary.jobs = result.jobs
     return summary
 
@@ -220,6 +231,11 @@ def replan_lost_images(ledger: Ledger, store: ImageStore, run_id: int) -> int:
     return len(lost)
 
 
+def run_result(ledger: Ledger, run_id: int) -> PlanResult:
+    """The figures of a run planned earlier (for a command that does not plan: collect)."""
+    return _summary(ledger, run_id, new_run=False)
+
+
 def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | None = None,
              tally: tuple[int, int, dict[str, int]] | None = None) -> PlanResult:
     """The run's figures. `planned_rows`: how many rows (one per variant) the plan just wrote, and `tally`: what
@@ -227,8 +243,10 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
     run's rows with `requests`)."""
     rows, distinct, planned_rows = plans.run_figures(ledger, run_id, planned_rows)
     hits = tally[1] if tally is not None else ledger.counts_by("cached", run_id).get(1, 0)
+    run = ledger.run(run_id)
     return PlanResult(run_id=run_id, rows=rows, requests=distinct, cache_hits=hits,
-                      duplicates=planned_rows - distinct, new_run=new_run, states=tally[2] if tally is not None else None)
+                      duplicates=planned_rows - distinct, rejected=run["rejected"], rejects_path=run["rejects_path"],
+                      new_run=new_run, states=tally[2] if tally is not None else None)
 
 
 def write_rejects(path: Path, problems: list[RowProblem]) -> None:

@@ -2,7 +2,7 @@
 
 Reading, validating and hashing rows is CPU-bound Python, and so is writing them into the ledger: in one
 process the two take turns on one core. For a large local manifest the planner therefore takes its batches
-from a child process (`python -m batcher.prepare`) on another core, which streams them back while the planner
+from a child process (`python -m batcher.planning.prepare`) on another core, which streams them back while the planner
 writes the ones before. A batch travels as a handful of lists (cheap to pickle: ~0.5 µs a row, against ~2.5 µs
 for a tuple per row), and the same batches come from either path. The cache lookups for the rows' requests
 are made here too (in the child, for a large manifest).
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..children import child_env, module_command, peak_rss_kb
+from ..cost.pricing import current_table, default_table, use_prices
 from ..errors import BatcherError, ManifestError
 from ..faults import maybe_crash
 from ..manifest import ManifestOptions, ManifestRow, RowBlock, RowProblem, read_manifest_blocks
@@ -450,7 +451,7 @@ def estimated_rows(manifest: os.PathLike) -> int:
 
 
 class ChildBatches:
-    """The batches of a child process (python -P -m batcher.prepare), which starts when this is made."""
+    """The batches of a child process (python -P -m batcher.planning.prepare), which starts when this is made."""
 
     def __init__(self, manifest: Path | str, options: ManifestOptions, batch_rows: int,
                  cache_root: str | None = None, measure: bool = False, tuning: PrepareTuning = PrepareTuning()):
@@ -459,7 +460,10 @@ class ChildBatches:
                                      stdout=subprocess.PIPE, env=child_env(), close_fds=True)
         try:
             assert self.proc.stdin is not None
-            pickle.dump((manifest, options, batch_rows, cache_root, measure, tuning), self.proc.stdin,
+            # The prices in force (a job spec's, WORKDIR/prices.json) size each request against the token cap (measure):
+            # the child measures with the same table.
+            prices = current_table().overrides
+            pickle.dump((manifest, options, batch_rows, cache_root, measure, tuning, prices), self.proc.stdin,
                         protocol=pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.close()
         except BaseException:
@@ -538,13 +542,14 @@ def _child_main() -> None:
     # Millions of short-lived tuples and no reference cycles: the cyclic GC would only rescan them (~20 % of the time).
     gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the planner's to handle; it stops us
-    manifest, options, batch_rows, cache_root, measure, tuning = pickle.load(sys.stdin.buffer)
+    manifest, options, batch_rows, cache_root, measure, tuning, prices = pickle.load(sys.stdin.buffer)
     sender = _Sender(sys.stdout.buffer)
     try:
-        for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, measure,
-                                  list_cache_ahead=True, tuning=tuning):
-            maybe_crash("prepare")  # test hook: see batcher/faults.py
-            sender.send(("batch", b))
+        with use_prices(default_table().with_overrides(prices)):
+            for b in prepared_batches(manifest, options, References(), batch_rows, cache_root, measure,
+                                      list_cache_ahead=True, tuning=tuning):
+                maybe_crash("prepare")  # test hook: see batcher/faults.py
+                sender.send(("batch", b))
     except ManifestError as exc:
         sender.send(("manifest-error", str(exc), exc.problems))
     sender.send(("done", peak_rss_kb()))

@@ -287,7 +287,7 @@ class _Recorder:
 
 def _parse_in_decoders(ledger: Ledger, backend: Backend, store: ImageStore, job, processes: int, max_attempts: int,
                        stats: CollectStats, on_bytes, on_image) -> None:
-    """Parse the results in decoder processes (batcher.decoder) while they download: a thread here receives the
+    """Parse the results in decoder processes (results.decoder) while they download: a thread here receives the
     file into the workdir and hands each line's offsets to the least busy decoder, which reads the line from
     the file, decodes and verifies the image, writes it into the cache and only then replies."""
     rec = _Recorder(ledger, job, max_attempts, stats, on_image)

@@ -1,5 +1,5 @@
 """Decoder processes for collect: base64 decoding holds the GIL, so one Python process decodes on one core
-at most. Each decoder is a small process (`python -m batcher.decoder`, standard library only) that reads
+at most. Each decoder is a small process (`python -m batcher.results.decoder`, standard library only) that reads
 result lines straight from the downloaded results file by offset (the collector hands over offsets, never
 the megabytes), decodes and verifies the image, writes it into the local cache (temp file, fsync, rename)
 and only then reports the line's outcome. The collector records outcomes in the ledger, so "succeeded"

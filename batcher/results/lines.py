@@ -1,7 +1,7 @@
 """One line of a job's results file: parse it, classify the response (image, block, error) and decode the image.
 
 Standard library only (no SDK, no pyarrow, no Pillow unless an image is not a PNG): the collect decoder
-processes (batcher.decoder) import this, and their start-up is paid on every collect.
+processes (results.decoder) import this, and their start-up is paid on every collect.
 """
 
 from __future__ import annotations

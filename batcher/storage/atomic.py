@@ -33,14 +33,27 @@ def temp_path(dest: Path, unique: bool = False) -> Path:
     return dest.with_name(f".{dest.name}.tmp")
 
 
+def _claim_unique(dest: Path) -> Path:
+    """A unique temp path beside `dest`, created empty (O_EXCL): a name another writer holds is never shared."""
+    for _ in range(100):
+        tmp = temp_path(dest, unique=True)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name in {dest.parent}")
+
+
 @contextlib.contextmanager
 def into_place(dest: str | os.PathLike, *, unique: bool = False, durable: bool = False,
                mode: int | None = None) -> Iterator[Path]:
     """Yields the temp path to write; when the block ends without an exception, the temp file becomes `dest` (with
-    permissions `mode`; None: as created). On an exception it is removed and the exception goes on."""
+    permissions `mode`; None: as created). On an exception it is removed and the exception goes on. A unique temp
+    file exists (empty, mode 0600) when it is yielded."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest, unique)
+    tmp = _claim_unique(dest) if unique else temp_path(dest)
     try:
         yield tmp
         if durable:
@@ -62,8 +75,7 @@ def write_bytes(dest: str | os.PathLike, data: bytes, *, unique: bool = False, d
                 mode: int | None = None) -> None:
     """`data` as the whole of `dest`, written into place."""
     with into_place(dest, unique=unique, mode=mode) as tmp:
-        # O_EXCL: a unique name another writer took is never shared
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if unique else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         with os.fdopen(os.open(tmp, flags, 0o666 if mode is None else 0o600), "wb") as f:
             f.write(data)
             if durable:
