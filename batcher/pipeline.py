@@ -34,10 +34,11 @@ from .ledger import (
 from .ledger.reading import image_counts, run_spend_usd
 from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
-from .output.dataset import DatasetSummary, write_dataset
+from .output.dataset import DatasetSummary, check_owner, write_dataset
 from .output.render import image_statuses, lost_images_note, plan_images, plural, rows_read, run_line, spend_limit_note
 from .output.status import status_document
-from .planning.planner import PlanResult, plan_fallbacks, plan_manifest, run_result, shard
+from .manifest import locate
+from .planning.planner import PlanResult, manifest_identity, plan_fallbacks, plan_manifest, run_result, shard
 from .progress import Progress
 from .results.collect import CollectStats, collect_job
 from .results.share import Share, export_records, import_records
@@ -69,8 +70,10 @@ def check_dir(path: Path | str, what: str) -> None:
 class Workspace:
     """An open workdir: the lock, the ledger, the cache and (lazily) the API backend."""
 
-    def __init__(self, settings: Settings, backend_factory: Callable[[], Backend] | None):
+    def __init__(self, settings: Settings, backend_factory: Callable[[], Backend] | None, existing: bool = False):
         self.settings = settings
+        if existing and not (settings.workdir / "ledger.sqlite").is_file():
+            raise no_run(settings.workdir)  # a command that reads a run never makes a workdir
         check_dir(settings.workdir, "workdir (--workdir)")
         try:
             settings.workdir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +134,12 @@ class Workspace:
 
 
 @contextlib.contextmanager
-def open_workspace(settings: Settings, backend_factory=None) -> Iterator[Workspace]:
-    ws = Workspace(settings, backend_factory)
+def open_workspace(settings: Settings, backend_factory=None, *, existing: bool = False) -> Iterator[Workspace]:
+    """The workdir of `settings`, locked; `existing`: one that holds a run (else UsageError, nothing created)."""
+    ws = Workspace(settings, backend_factory, existing)
+    if existing and ws.ledger.current_run() is None:
+        ws.close()
+        raise no_run(settings.workdir)
     try:
         with use_workdir_prices(settings.workdir, settings.prices):
             yield ws
@@ -325,10 +332,15 @@ def notes(ws: Workspace) -> str:
     return "".join(f"; {n}" for n in ws.notes)
 
 
+def no_run(workdir: Path) -> UsageError:
+    return UsageError(f"no run in {workdir}: start one with `batcher submit MANIFEST` or `batcher run MANIFEST`, or "
+                      "name the workdir of one with --workdir")
+
+
 def _current_run_id(ledger: Ledger) -> int:
     run = ledger.current_run()
     if run is None:
-        raise UsageError(f"no run in {ledger.workdir}: start one with `batcher submit MANIFEST` or `batcher run MANIFEST`")
+        raise no_run(ledger.workdir)
     return run["id"]
 
 
@@ -356,9 +368,23 @@ def finished_code(counts: dict[str, int], p: PlanResult, ds: DatasetSummary | No
 # ---- commands ---------------------------------------------------------------------------------------
 
 def plan(ws: Workspace, manifest: str | Path) -> PlanResult:
+    check_belongs(ws, manifest_identity(locate(manifest)))
     p = _plan(ws, manifest)
     ws.run_id = p.run_id
     return p
+
+
+def check_belongs(ws: Workspace, manifest: str) -> None:
+    """A workdir and its dataset hold the runs of one manifest (new versions of it, night after night): another
+    manifest is refused before anything is done (UsageError, exit 2), unless --switch-manifest."""
+    s = ws.settings
+    if s.switch_manifest:
+        return
+    current = ws.ledger.current_run()
+    if current is not None and current["manifest"] != manifest and manifest_identity(current["manifest"]) != manifest:
+        raise UsageError(f"workdir {s.workdir} holds the run of another manifest ({current['manifest']}): give {manifest} "
+                         "its own --workdir (and --out), or pass --switch-manifest to move this workdir and its dataset to it")
+    check_owner(s.out, ws.ledger.ledger_id, manifest, switch=False)
 
 
 def _plan(ws: Workspace, manifest: str | Path) -> PlanResult:
@@ -387,6 +413,7 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
     if not dry_run and backend_factory is None:
+        settings.check_lasting_backend("submit")
         settings.check_backend()
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
@@ -435,10 +462,12 @@ def estimate(manifest: str | Path, settings: Settings | None = None) -> "Estimat
 
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
     """Refresh jobs, download and decode finished ones, requeue failures, write the dataset."""
-    check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
-    with open_workspace(settings, backend_factory) as ws:
+    if backend_factory is None:
+        settings.check_lasting_backend("collect")
+    with open_workspace(settings, backend_factory, existing=True) as ws:
         run_id = _current_run_id(ws.ledger)
+        check_owner(settings.out, ws.ledger.ledger_id, ws.ledger.run(run_id)["manifest"], settings.switch_manifest)
         refresh_jobs(ws)
         stats = collect_finished(ws)
         if settings.fallback_model:
@@ -589,7 +618,9 @@ def collect_as_worker(settings: Settings, *, backend_factory=None, sleep: Callab
 
 def cancel(settings: Settings, names: list[str] | None = None, *, backend_factory=None) -> Outcome:
     """Cancel this workdir's running jobs (all of them, or those named by display name or batch name)."""
-    with open_workspace(settings, backend_factory) as ws:
+    if backend_factory is None:
+        settings.check_lasting_backend("cancel")
+    with open_workspace(settings, backend_factory, existing=True) as ws:
         targets = [j for j in ws.ledger.jobs((J_SUBMITTED,))
                    if not names or j["display_name"] in names or j["batch_name"] in names]
         if names:
@@ -605,7 +636,9 @@ def cancel(settings: Settings, names: list[str] | None = None, *, backend_factor
 def status(settings: Settings, *, refresh: bool = True, backend_factory=None, now: float | None = None) -> dict:
     """Jobs, counts and windows as a JSON-ready document (output.status; refreshed from the API unless
     refresh=False)."""
-    with open_workspace(settings, backend_factory) as ws:
+    if refresh and backend_factory is None:
+        settings.check_lasting_backend("status")
+    with open_workspace(settings, backend_factory, existing=True) as ws:
         if refresh and ws.ledger.jobs((J_SUBMITTED,)):
             refresh_jobs(ws)
         return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)

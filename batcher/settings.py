@@ -51,6 +51,7 @@ class Settings:
     refresh: bool = False
     retry_blocked: bool = False  # blocked (safety, no image) is final unless asked
     skip_invalid: bool = False
+    switch_manifest: bool = False  # let a workdir and its dataset move on to another manifest (its dataset rewritten)
     rejects_path: Path | None = None
     poll_interval: float | None = None  # seconds between polls; None: 30 (1 on the in-process emulator)
     timeout: float | None = None
@@ -95,6 +96,14 @@ class Settings:
                 raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
         check_policy(self.deadline_policy)
 
+    def check_lasting_backend(self, command: str) -> None:
+        """`command` (submit, collect, status, cancel) leaves jobs for a later command, or reaches jobs an earlier one
+        left: the in-process emulator (backend "emulator") dies with each command, so it cannot serve them."""
+        if self.backend == "emulator":
+            raise UsageError(f"{command} --backend emulator: that emulator lives inside one command and takes its jobs with "
+                             "it, so no later command could reach them. Use `batcher run --backend emulator` (one command, "
+                             "start to finish), or start `batcher emulator` and point GOOGLE_GEMINI_BASE_URL at it")
+
     def check_backend(self) -> None:
         """Before a command that will reach the API does any work: the backend's configuration is complete (Vertex
         AI: project, location, staging), or UsageError says what is missing. `estimate` and dry runs need none."""
@@ -131,7 +140,7 @@ def _path_or_uri(value) -> Path | str:
 MANIFEST_OPTIONS = {"prompt_column": "prompt_column", "id_column": "id_column", "fmt": "format", "model": "model",
                     "aspect_ratio": "aspect_ratio", "image_size": "image_size", "temperature": "temperature",
                     "top_p": "top_p", "seed": "seed", "variants": "variants", "system_instruction": "system_instruction"}
-SETTINGS_OPTIONS = ("workdir", "out", "cache_dir", "max_attempts", "refresh", "retry_blocked", "skip_invalid",
+SETTINGS_OPTIONS = ("workdir", "out", "cache_dir", "max_attempts", "refresh", "retry_blocked", "skip_invalid", "switch_manifest",
                     "poll_interval", "timeout", "share", "fallback_model", "deadline", "deadline_policy", "quiet",
                     "budget_usd", "prices", "webhook_uris", "backend", "project", "location", "staging")
 OPTIONS = (*MANIFEST_OPTIONS, *SETTINGS_OPTIONS, "max_requests_per_job", "tier", "token_cap")

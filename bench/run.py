@@ -479,7 +479,7 @@ def bench_plan(rows: int, base: Path) -> dict:
     tonight = base / f"manifest-{rows}-tonight.parquet"
     write_tonights_manifest(manifest, tonight)
     os.sync()
-    nightly = measured("tonight's plan in last night's workdir", [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run", "--tier", TIER,
+    nightly = measured("tonight's plan in last night's workdir", [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run", "--switch-manifest", "--tier", TIER,
                                                                   "-v", "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")],
                        env, helpers_rss=prepare_rss)
     print(f"  {'':<44} {nightly['stdout_tail'].splitlines()[-1][:110]}", flush=True)

@@ -186,7 +186,8 @@ def test_a_refused_model_left_unsent_by_an_earlier_run_is_named_as_that_runs(tmp
     assert pipeline.submit(old, settings(tmp_path), dry_run=True, backend_factory=backend_factory).exit_code == 0
     emulator.configure(extra_models={})  # Google withdraws the model
     with pytest.raises(Exception) as info:
-        pipeline.submit(prompts(tmp_path), settings(tmp_path), backend_factory=backend_factory)  # the default model
+        pipeline.submit(prompts(tmp_path), settings(tmp_path, switch_manifest=True),  # the default model
+                        backend_factory=backend_factory)
     text = str(info.value)
     assert info.value.exit_code == 2 and f"model {NEW!r}: the API does not know it" in text
     assert f"Requests of an earlier run in {tmp_path / 'work'} ({old}) use it" in text

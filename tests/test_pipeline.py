@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import batcher.pipeline as pipeline
+from batcher.errors import UsageError
 from batcher.cli import main
 from batcher.planning.planner import ShardLimits
 from tests.helpers import settings, write_csv
@@ -100,6 +101,7 @@ def test_a_later_run_in_the_same_workdir_does_not_count_earlier_payments(tmp_pat
     assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
     first_cost = sum(r["cost_usd"] for r in metadata(s))
     tonight = PROMPTS[:2] + [["n1", "a lighthouse in a storm", "", "1", "landscape"]]
+    s = settings(tmp_path, switch_manifest=True)  # tonight's is another file: the workdir moves on to it
     result = pipeline.run(manifest(tmp_path, tonight, name="tonight.csv"), s, backend_factory=backend_factory)
     assert result.exit_code == 0, result.summary
     rows = {(r["id"], r["variant"]): r for r in metadata(s)}
@@ -630,3 +632,58 @@ def test_a_lost_image_generated_again_is_paid_for_twice_and_the_budget_counts_bo
     else:
         assert emulator.stats()["lines_processed"] == 5 and again.jobs_created == 0, again.summary
         assert spent == pytest.approx(first) and spent <= budget
+
+
+def test_status_collect_and_cancel_never_make_a_workdir(tmp_path, emulator_env):
+    """In a directory with no run they say so (exit 2) and leave nothing behind (status once made .batcher/ledger.sqlite)."""
+    runner = CliRunner()
+    for args in (["status"], ["status", "--json"], ["collect"], ["cancel", "--all"]):
+        r = runner.invoke(main, args + ["--workdir", str(tmp_path / "nothing")])
+        assert r.exit_code == 2 and f"no run in {tmp_path / 'nothing'}" in r.output, (args, r.output)
+    assert not (tmp_path / "nothing").exists()
+    (tmp_path / "empty").mkdir()
+    pipeline.Ledger(tmp_path / "empty").close()  # a ledger without a run
+    r = runner.invoke(main, ["status", "--workdir", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no run in" in r.output
+
+
+def test_submit_to_the_emulator_that_dies_with_the_command_is_refused(tmp_path):
+    runner = CliRunner()
+    common = ["--workdir", str(tmp_path / "w"), "--backend", "emulator"]
+    r = runner.invoke(main, ["submit", str(manifest(tmp_path))] + common)
+    assert r.exit_code == 2 and "batcher run --backend emulator" in r.output and "batcher emulator" in r.output, r.output
+    assert not (tmp_path / "w").exists()  # refused before anything was planned
+    r = runner.invoke(main, ["submit", str(manifest(tmp_path)), "--dry-run"] + common)
+    assert r.exit_code == 0, r.output  # a dry run reaches no emulator
+    r = runner.invoke(main, ["collect"] + common)
+    assert r.exit_code == 2 and "lives inside one command" in r.output
+
+
+def images_on_disk(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
+
+
+def test_a_dataset_belongs_to_its_run(tmp_path, emulator, backend_factory):
+    """Another manifest into the same workdir and dataset is refused before anything is done (it once rewrote the
+    dataset's metadata and left the first run's images in it, named by no row); with --switch-manifest the dataset is
+    rewritten for it and holds only the images its rows name. A new version of the same manifest moves on by itself."""
+    s = settings(tmp_path)
+    first = manifest(tmp_path)
+    assert pipeline.run(first, s, backend_factory=backend_factory).exit_code == 0
+    before = images_on_disk(s.out)
+    assert before == {r["file_name"] for r in metadata(s) if r["file_name"]}
+    other = manifest(tmp_path, [["x1", "a kite over the sea", "", "1", "sky"]], name="other.csv")
+    with pytest.raises(UsageError, match="holds the run of another manifest") as info:
+        pipeline.run(other, s, backend_factory=backend_factory)
+    assert info.value.exit_code == 2 and "--switch-manifest" in str(info.value)
+    with pytest.raises(UsageError, match="belongs to another workdir"):  # the same dataset from another workdir
+        pipeline.run(first, settings(tmp_path, workdir=tmp_path / "elsewhere"), backend_factory=backend_factory)
+    assert images_on_disk(s.out) == before and emulator.stats()["batches_created"] == 1  # nothing was done
+
+    switched = pipeline.run(other, settings(tmp_path, switch_manifest=True), backend_factory=backend_factory)
+    assert switched.exit_code == 0 and switched.dataset.removed == len(before), switched.summary
+    assert images_on_disk(s.out) == {r["file_name"] for r in metadata(s)} and len(metadata(s)) == 1
+
+    other.write_text(other.read_text() + "x2,a red kite,,1,sky\n", encoding="utf-8")  # tonight's version of it
+    again = pipeline.run(other, s, backend_factory=backend_factory)
+    assert again.exit_code == 0 and len(metadata(s)) == 2 and images_on_disk(s.out) == {r["file_name"] for r in metadata(s)}

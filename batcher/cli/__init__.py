@@ -89,6 +89,9 @@ def common_options(fn):
                      help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING)."),
         click.option("--share", default=None, metavar="gs://URI",
                      help="Share this run's jobs with other collectors through GCS (see `collect --worker`)."),
+        click.option("--switch-manifest", is_flag=True,
+                     help="Let this workdir and its dataset move on to another manifest than the one they hold (the "
+                          "dataset is rewritten for it; without this flag that is refused)."),
         click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
                      help="Attempts per request before it is marked failed."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only."),

@@ -56,3 +56,23 @@ def image_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
     return dict(ledger.conn.execute(
         "SELECT r.state, COUNT(*) FROM rows w JOIN requests r ON r.hash = w.request_hash WHERE w.run_id=? GROUP BY r.state",
         (run_id,)).fetchall())
+
+
+# ---- datasets to tidy ------------------------------------------------------------------------------------------
+# A dataset rewritten for a new run must lose the images no row of it names. The ledger remembers that duty from
+# before the new metadata is in place until the images are gone, so a crash in between leaves it to the next write.
+
+def _prune_key(out: str) -> str:
+    return f"dataset_prune:{out}"
+
+
+def prune_pending(ledger: Ledger, out: str) -> bool:
+    return ledger.conn.execute("SELECT 1 FROM meta WHERE key=?", (_prune_key(out),)).fetchone() is not None
+
+
+def set_prune_pending(ledger: Ledger, out: str, pending: bool) -> None:
+    with ledger.transaction() as c:
+        if pending:
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, '1')", (_prune_key(out),))
+        else:
+            c.execute("DELETE FROM meta WHERE key=?", (_prune_key(out),))

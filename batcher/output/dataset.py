@@ -3,10 +3,16 @@
 Image file names are request hashes (`images/ab/<hash>.png`), never user strings, so no id can write
 outside the output directory. Images are hard-linked from the cache when it is on the same filesystem,
 copied otherwise; every file is written to a temp name and renamed, metadata.parquet last.
+
+A dataset belongs to one run: metadata.parquet records its owner (the workdir's ledger, the run, the manifest) in
+its key-value metadata. Writing another manifest's dataset over it is refused unless asked (check_owner); when a
+new run's dataset replaces an older one's, the images no row names any more are removed, so every image in a
+dataset is named by a row of its metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,12 +24,13 @@ import pyarrow.parquet as pq
 
 from ..storage import gcs
 from ..storage import atomic
-from ..errors import BatcherError
+from ..errors import BatcherError, UsageError
 from ..faults import maybe_crash
 from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger, reading
 from ..storage.store import ImageStore
 
 STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # anything else: pending
+OWNER_KEY = b"batcher.owner"  # metadata.parquet's key-value metadata: {"ledger", "run", "manifest"} as JSON
 BASE_FIELDS = [
     pa.field("file_name", pa.string()),
     pa.field("id", pa.string()),
@@ -56,6 +63,40 @@ class DatasetSummary:
     pending: int = 0
     lost: int = 0  # of the pending rows: done in the ledger, but the cache no longer has their image
     cost_usd: float = 0.0
+    removed: int = 0  # images of an earlier run's dataset that no row of this one names, removed
+
+
+def _remove_images_not_in(out: Path | str, keep: set[bytes]) -> int:
+    """Remove every image under OUT/images/ whose hash is not in `keep`; how many were removed."""
+    removed = 0
+    if gcs.is_gcs(out):
+        for uri in list(gcs.list_names(gcs.join(str(out), "images") + "/")):
+            if _image_hash(uri.rsplit("/", 1)[-1]) not in keep:
+                gcs.delete(uri)
+                removed += 1
+        return removed
+    images = Path(out) / "images"
+    if not images.is_dir():
+        return 0
+    for prefix in os.scandir(images):
+        if not prefix.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(prefix.path):
+            if _image_hash(entry.name) not in keep:
+                os.unlink(entry.path)
+                removed += 1
+        with contextlib.suppress(OSError):
+            os.rmdir(prefix.path)  # only when it is empty now
+    return removed
+
+
+def _image_hash(name: str) -> bytes | None:
+    """The request hash an image's file name is made of (None: not an image name of ours)."""
+    stem = name.split(".", 1)[0]
+    try:
+        return bytes.fromhex(stem) if len(stem) == 64 else None
+    except ValueError:
+        return None
 
 
 def _place_image(src: Path | str, dest: Path) -> None:
@@ -72,19 +113,70 @@ def _place_image(src: Path | str, dest: Path) -> None:
                 shutil.copyfile(src, tmp)
 
 
+# ---- whose dataset ----------------------------------------------------------------------------------
+
+def owner_of(ledger: Ledger, run_id: int) -> dict:
+    run = ledger.run(run_id)
+    return {"ledger": ledger.ledger_id, "run": run["fingerprint"], "manifest": run["manifest"]}
+
+
+def existing_owner(out: Path | str) -> dict | None:
+    """The owner recorded in the dataset at `out` ({} for a dataset written before owners were; None: no dataset)."""
+    where = gcs.join(str(out), "metadata.parquet") if gcs.is_gcs(out) else Path(out) / "metadata.parquet"
+    try:
+        if gcs.is_gcs(out):
+            if not gcs.exists(str(where)):
+                return None
+            schema = pq.read_schema(pa.PythonFile(gcs.open_read(str(where)), mode="r"))
+        else:
+            if not where.is_file():
+                return None
+            schema = pq.read_schema(where)
+    except (OSError, pa.ArrowInvalid):
+        return {}  # unreadable: not ours to judge; it is replaced as any stale file would be
+    raw = (schema.metadata or {}).get(OWNER_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def check_owner(out: Path | str, ledger_id: str, manifest: str, switch: bool) -> None:
+    """Refuse (UsageError) to write the dataset of `manifest` over one that belongs to another manifest or another
+    workdir, unless `switch` (--switch-manifest)."""
+    owner = existing_owner(out)
+    if not owner or switch:
+        return
+    if owner.get("ledger") != ledger_id:
+        raise UsageError(f"output dataset {out} belongs to another workdir's run (of {owner.get('manifest')}): give this "
+                         "run its own --out, or pass --switch-manifest to rewrite it for this one")
+    if owner.get("manifest") != manifest:
+        raise UsageError(f"output dataset {out} holds the run of another manifest ({owner.get('manifest')}): give this "
+                         "manifest its own --out, or pass --switch-manifest to rewrite it for this one")
+
+
 def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
     """Write the dataset; a disk error (full, read-only, a file in the way) names the dataset, not a traceback.
     The images stay in the cache and the ledger keeps every outcome: run the command again once there is room."""
     try:
+        owner = owner_of(ledger, run_id)
+        previous = existing_owner(out)
+        key = str(out)
+        if (previous is not None and previous.get("run") != owner["run"]) or reading.prune_pending(ledger, key):
+            reading.set_prune_pending(ledger, key, True)  # another run's dataset: tidy it once this one is in place
+        keep: set[bytes] | None = set() if reading.prune_pending(ledger, key) else None
         if gcs.is_gcs(out):
-            return _write_dataset_to_gcs(ledger, store, run_id, str(out))
-        return _write_dataset(ledger, store, run_id, out)
+            summary = _write_dataset_to_gcs(ledger, store, run_id, str(out), owner, keep)
+        else:
+            summary = _write_dataset(ledger, store, run_id, out, owner=owner, keep=keep)
+        if keep is not None:
+            summary.removed = _remove_images_not_in(out, keep)
+            reading.set_prune_pending(ledger, key, False)
+        return summary
     except OSError as exc:
         raise BatcherError(f"output dataset {out}: cannot write it ({exc.strerror or exc}); nothing is lost: "
                            f"free some space (or fix the path) and run the same command again") from None
 
 
-def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: str) -> DatasetSummary:
+def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: str, owner: dict,
+                          keep: set[bytes] | None) -> DatasetSummary:
     """A gs:// dataset: built in the workdir, then uploaded; images create-if-absent (same hash, same bytes),
     metadata.parquet last, so a reader never sees metadata whose images are missing."""
     local = ledger.workdir / "dataset-staging"
@@ -98,7 +190,7 @@ def _write_dataset_to_gcs(ledger: Ledger, store: ImageStore, run_id: int, out: s
         else:
             gcs.upload_file_if_absent(dest, str(src))
 
-    summary = _write_dataset(ledger, store, run_id, local, place=place)
+    summary = _write_dataset(ledger, store, run_id, local, place=place, owner=owner, keep=keep)
     gcs.upload_file(gcs.join(out, "metadata.parquet"), str(local / "metadata.parquet"))
     summary.path = out
     return summary
@@ -158,9 +250,10 @@ def _find_and_place(store: ImageStore, h: str, place) -> str | None:
     return file_name
 
 
-def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None) -> DatasetSummary:
-    """Write metadata.parquet into `out`; each image is placed by `place(src, file_name)` (default: linked or
-    copied into `out`)."""
+def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None, owner: dict | None = None,
+                   keep: set[bytes] | None = None) -> DatasetSummary:
+    """Write metadata.parquet into `out`, recording `owner`; each image is placed by `place(src, file_name)`
+    (default: linked or copied into `out`). `keep`: a set to add the hash of every image a row names to."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if place is None and type(store) is ImageStore:
@@ -173,7 +266,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     extra = pa.ipc.read_schema(pa.py_buffer(extra_schema)) if extra_schema else pa.schema([])
     taken = {f.name for f in BASE_FIELDS}
     extra_fields = [f for f in extra if f.name not in taken]
-    schema = pa.schema(BASE_FIELDS + extra_fields)
+    schema = pa.schema(BASE_FIELDS + extra_fields, metadata={OWNER_KEY: json.dumps(owner or {}, sort_keys=True).encode()})
     summary = DatasetSummary(path=out)
     seen_cost: set[str] = set()  # rows sharing a request share its cost: count it once
     counts = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
@@ -191,6 +284,8 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                         if file_name is None:
                             status = "pending"  # the cache lost it: the next submit generates it again
                             summary.lost += 1
+                        elif keep is not None:
+                            keep.add(bytes.fromhex(h))
                     counts[status] += 1
                     # A request that ended before this run began was paid for by an earlier run in this workdir: to
                     # this run it is a cache hit. Rows sharing a request share one payment: the first row carries it,

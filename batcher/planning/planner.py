@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 
 from .. import catalog
-from ..storage import atomic
+from ..storage import atomic, gcs
 from ..errors import ManifestError
 from ..faults import maybe_crash
 from ..ledger import Ledger, plans, sending
@@ -53,6 +54,12 @@ class PlanResult:
     def images(self) -> int:
         """The run's images: its rows x their variants, one dataset row each."""
         return self.requests + self.duplicates
+
+
+def manifest_identity(manifest: Path | str) -> str:
+    """Where a manifest is, as a run records it: a gs:// URI, or the local file's real path (the same file however
+    it is named). A workdir and its dataset hold the runs of one manifest identity (see pipeline.plan)."""
+    return str(manifest) if gcs.is_gcs(manifest) else os.path.realpath(manifest)
 
 
 def run_fingerprint(manifest: Path | str, options: ManifestOptions) -> str:
@@ -161,7 +168,7 @@ def plan_manifest(
             (ledger.journal_for_new_pages() if bulk else contextlib.nullcontext()), ledger.transaction() as c:
         if existing is not None:  # --refresh of the same manifest: plan it again from scratch
             plans.drop_run(c, existing["id"])
-        run_id = result.run_id = plans.new_run(c, fingerprint, str(manifest), json.dumps(asdict(options)),
+        run_id = result.run_id = plans.new_run(c, fingerprint, manifest_identity(manifest), json.dumps(asdict(options)),
                                                schema.serialize().to_pybytes(), now)
         # Rows and requests go in batches (executemany), each request body is serialised once per
         # row from a per-shape template, cache hits come from one listing per prefix dir, and the requests
