@@ -687,3 +687,38 @@ def test_a_dataset_belongs_to_its_run(tmp_path, emulator, backend_factory):
     other.write_text(other.read_text() + "x2,a red kite,,1,sky\n", encoding="utf-8")  # tonight's version of it
     again = pipeline.run(other, s, backend_factory=backend_factory)
     assert again.exit_code == 0 and len(metadata(s)) == 2 and images_on_disk(s.out) == {r["file_name"] for r in metadata(s)}
+
+
+def test_carried_columns_keep_their_arrow_types_and_the_request_settings_are_columns(tmp_path, emulator, backend_factory):
+    """A Parquet list<string> column once came out as the text "['x', 'y']": every type that can go through the
+    ledger and back keeps its Arrow type and values; the request's own settings, as sent, are columns too."""
+    import datetime as dt
+    import decimal
+
+    import pyarrow as pa
+
+    types = {
+        "tags": pa.list_(pa.string()), "box": pa.struct([("w", pa.int32()), ("unit", pa.string())]),
+        "shot_at": pa.timestamp("us", tz="UTC"), "price": pa.decimal128(9, 2), "team": pa.dictionary(pa.int32(), pa.string()),
+        "day": pa.date32(), "blob": pa.binary(), "attrs": pa.map_(pa.string(), pa.int64()),
+    }
+    values = {
+        "tags": [["x", "y"], []], "box": [{"w": 3, "unit": "cm"}, None], "shot_at": [dt.datetime(2026, 12, 5, 6, 30, tzinfo=dt.timezone.utc), None],
+        "price": [decimal.Decimal("12.50"), decimal.Decimal("0.99")], "team": ["red", "blue"], "day": [dt.date(2026, 12, 5), None],
+        "blob": [b"\x00\xff", None], "attrs": [[("a", 1)], []],
+    }
+    table = pa.table({"id": ["r1", "r2"], "prompt": ["a vase", "a cup"], "seed": [7, None], "aspect_ratio": ["16:9", None],
+                      **{name: pa.array(values[name], type=t) for name, t in types.items()}})
+    pq.write_table(table, tmp_path / "m.parquet")
+    from batcher.manifest import ManifestOptions
+
+    s = settings(tmp_path, manifest=ManifestOptions(temperature=0.4, variants=2))
+    assert pipeline.run(tmp_path / "m.parquet", s, backend_factory=backend_factory).exit_code == 0
+    out = pq.read_table(s.out / "metadata.parquet")
+    for name, t in types.items():
+        assert out.schema.field(name).type == t, name
+        assert out.column(name).to_pylist()[::2] == table.column(name).to_pylist(), name  # 2 variants a row
+    rows = out.to_pylist()
+    assert [(r["id"], r["variant"], r["variants"], r["seed"], r["aspect_ratio"], r["temperature"]) for r in rows] == [
+        ("r1", 0, 2, 7, "16:9", 0.4), ("r1", 1, 2, 7, "16:9", 0.4), ("r2", 0, 2, None, None, 0.4), ("r2", 1, 2, None, None, 0.4)]
+    assert {r["image_size"] for r in rows} == {None} and {r["top_p"] for r in rows} == {None}

@@ -9,8 +9,8 @@ from .core import Ledger
 
 # The columns of dataset_rows, in order.
 DATASET_COLUMNS = ("row", "id", "variant", "prompt", "request_hash", "extra_json", "state", "error", "finish_reason",
-                   "model", "attempts", "cached", "prompt_tokens", "output_tokens", "thoughts_tokens", "cost_usd",
-                   "updated_at", "job")
+                   "model", "aspect_ratio", "image_size", "seed", "temperature", "top_p", "variants", "attempts",
+                   "cached", "prompt_tokens", "output_tokens", "thoughts_tokens", "cost_usd", "updated_at", "job")
 
 
 def run_start(ledger: Ledger, run_id: int) -> tuple[float, bytes | None]:
@@ -20,13 +20,20 @@ def run_start(ledger: Ledger, run_id: int) -> tuple[float, bytes | None]:
 
 
 def dataset_rows(ledger: Ledger, run_id: int, batch: int) -> Iterator[list[tuple]]:
-    """The run's rows, one per manifest row and variant, with their request's outcome and job (DATASET_COLUMNS),
-    `batch` at a time as plain tuples (a million rows)."""
+    """The run's rows, one per manifest row and variant, with their request's settings as sent, its outcome and job
+    (DATASET_COLUMNS), `batch` at a time as plain tuples (a million rows)."""
     query = ledger.conn.cursor()
     query.row_factory = None
     query.execute(
         """SELECT w.row, w.id, w.variant, w.prompt, w.request_hash, w.extra_json,
-                  r.state, r.error, r.finish_reason, r.model, r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
+                  r.state, r.error, r.finish_reason, r.model,
+                  json_extract(r.body_json, '$.generationConfig.imageConfig.aspectRatio'),
+                  json_extract(r.body_json, '$.generationConfig.imageConfig.imageSize'),
+                  json_extract(r.body_json, '$.generationConfig.seed'),
+                  json_extract(r.body_json, '$.generationConfig.temperature'),
+                  json_extract(r.body_json, '$.generationConfig.topP'),
+                  (SELECT COUNT(*) FROM rows v WHERE v.run_id = w.run_id AND v.id = w.id),
+                  r.attempts, r.cached, r.prompt_tokens, r.output_tokens,
                   r.thoughts_tokens, r.cost_usd, r.updated_at, j.display_name AS job
            FROM rows w JOIN requests r ON r.hash = w.request_hash LEFT JOIN jobs j ON j.id = r.job_id
            WHERE w.run_id=? ORDER BY w.seq""",

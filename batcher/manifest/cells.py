@@ -197,6 +197,51 @@ def plain_type(t: pa.DataType) -> bool:
     )
 
 
+def round_trips(t: pa.DataType) -> bool:
+    """True when a carried-through column of this type comes out of the ledger's JSON as it went in (jsonable, then
+    from_jsonable): it keeps its Arrow type in the dataset. Other types (intervals, extension types) become text."""
+    if plain_type(t) or any(check(t) for check in (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time,
+                                                    pa.types.is_decimal, pa.types.is_binary, pa.types.is_large_binary,
+                                                    pa.types.is_fixed_size_binary, pa.types.is_duration)):
+        return True
+    if pa.types.is_dictionary(t):
+        return round_trips(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return round_trips(t.value_type)
+    if pa.types.is_struct(t):
+        return all(round_trips(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return round_trips(t.key_type) and round_trips(t.item_type)
+    return False
+
+
+def from_jsonable(value: Any, t: pa.DataType) -> Any:
+    """The inverse of jsonable for a value of type `t` (see round_trips): what pa.array(..., type=t) takes."""
+    if value is None:
+        return None
+    if pa.types.is_dictionary(t):
+        return from_jsonable(value, t.value_type)
+    if pa.types.is_timestamp(t):
+        return _dt.datetime.fromisoformat(value)
+    if pa.types.is_date(t):
+        return _dt.date.fromisoformat(value)
+    if pa.types.is_time(t):
+        return _dt.time.fromisoformat(value)
+    if pa.types.is_decimal(t):
+        return decimal.Decimal(value)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return base64.b64decode(value)
+    if pa.types.is_duration(t):
+        return _dt.timedelta(seconds=value)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [from_jsonable(v, t.value_type) for v in value]
+    if pa.types.is_struct(t):
+        return {f.name: from_jsonable(value.get(f.name), f.type) for f in t}
+    if pa.types.is_map(t):
+        return [(from_jsonable(k, t.key_type), from_jsonable(v, t.item_type)) for k, v in value]
+    return value
+
+
 def column_values(array: pa.Array | pa.ChunkedArray, plain: bool) -> list:
     values = array.to_pylist()
     return values if plain else [jsonable(v) for v in values]

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from batcher.errors import BatcherError, ManifestError
 from batcher.storage import gcs
 
+from .cells import round_trips
 from .types import FORMATS, KNOWN_COLUMNS, ManifestOptions
 
 
@@ -109,14 +110,14 @@ def manifest_fingerprint(path: str, options: "ManifestOptions") -> dict:
 
 
 def carried_schema(path: str, options: "ManifestOptions") -> pa.Schema:
-    """The columns carried through to the output, with their types as the reader yields them: Parquet's
-    numbers, booleans and strings keep their type; everything else (and every CSV/TSV column) is a string."""
+    """The columns carried through to the output, with their types: a Parquet column keeps its Arrow type (lists,
+    structs, maps, timestamps, decimals, dictionaries...; cells.round_trips), one of a type that cannot is text;
+    every CSV/TSV column is text."""
     source = open_source(path, options, 1)
     try:
         skip = set(KNOWN_COLUMNS) | {options.prompt_column, options.id_column}
         types = source.types or [pa.string()] * len(source.names)
-        simple = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)  # noqa: E731
-        return pa.schema([pa.field(n, t if simple(t) else pa.string()) for n, t in zip(source.names, types) if n not in skip])
+        return pa.schema([pa.field(n, t if round_trips(t) else pa.string()) for n, t in zip(source.names, types) if n not in skip])
     finally:
         getattr(source.batches, "close", lambda: None)()
 

@@ -27,6 +27,7 @@ from ..storage import atomic
 from ..errors import BatcherError, UsageError
 from ..faults import maybe_crash
 from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger, reading
+from ..manifest.cells import from_jsonable, plain_type
 from ..storage.store import ImageStore
 
 STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # anything else: pending
@@ -42,6 +43,13 @@ BASE_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("finish_reason", pa.string()),
     pa.field("model", pa.string()),
+    # the request's own settings, as sent (None: the model's default)
+    pa.field("aspect_ratio", pa.string()),
+    pa.field("image_size", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("temperature", pa.float64()),
+    pa.field("top_p", pa.float64()),
+    pa.field("variants", pa.int32()),  # images asked of the row
     pa.field("job", pa.string()),
     pa.field("attempts", pa.int32()),
     pa.field("cached", pa.bool_()),
@@ -64,6 +72,17 @@ class DatasetSummary:
     lost: int = 0  # of the pending rows: done in the ledger, but the cache no longer has their image
     cost_usd: float = 0.0
     removed: int = 0  # images of an earlier run's dataset that no row of this one names, removed
+
+
+def carried_array(values: list, field: pa.Field) -> pa.Array:
+    """A carried-through column, back in its manifest's Arrow type from the ledger's JSON (manifest.cells)."""
+    t = field.type
+    try:
+        if pa.types.is_string(t):  # text, or a type that does not round-trip: as JSON text, never Python's repr
+            return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values], t)
+        return pa.array(values if plain_type(t) else [from_jsonable(v, t) for v in values], type=t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as exc:
+        raise BatcherError(f"column {field.name!r} of the manifest cannot be written back as {t} ({exc})") from None
 
 
 def _remove_images_not_in(out: Path | str, keep: set[bytes]) -> int:
@@ -273,8 +292,9 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     with atomic.into_place(out / "metadata.parquet") as tmp:  # `maybe_crash("dataset-replace")`: before it is in place
         with pq.ParquetWriter(tmp, schema) as writer:
             for batch in reading.dataset_rows(ledger, run_id, BATCH_ROWS):  # columns: reading.DATASET_COLUMNS
-                (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, attempts, cached,
-                 prompt_tokens, output_tokens, thoughts_tokens, cost_usd, updated_at, job) = zip(*batch)
+                (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, aspect_ratio, image_size,
+                 seed, temperature, top_p, variants, attempts, cached, prompt_tokens, output_tokens, thoughts_tokens,
+                 cost_usd, updated_at, job) = zip(*batch)
                 statuses, file_names, errors, costs, cached_out = [], [], [], [], []
                 for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
                     status = STATUS.get(st, "pending")
@@ -302,20 +322,17 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                     cached_out.append(bool(was_cached) or (earlier and status == "ok"))
                 columns = {"file_name": file_names, "id": ids, "row": row, "variant": variant, "prompt": prompt,
                            "request_hash": hashes, "status": statuses, "error": errors, "finish_reason": finish_reason,
-                           "model": model, "job": job, "attempts": attempts, "cached": cached_out,
+                           "model": model, "aspect_ratio": aspect_ratio, "image_size": image_size, "seed": seed,
+                           "temperature": temperature, "top_p": top_p, "variants": variants,
+                           "job": job, "attempts": attempts, "cached": cached_out,
                            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "thoughts_tokens": thoughts_tokens,
                            "cost_usd": costs}
                 if extra_fields:
                     extras = [json.loads(x) if x else {} for x in extra_json]
                     for f in extra_fields:
                         columns[f.name] = [e.get(f.name) for e in extras]
-                arrays = []
-                for f in schema:
-                    values = columns[f.name]
-                    try:
-                        arrays.append(pa.array(values, type=f.type))
-                    except (pa.ArrowInvalid, pa.ArrowTypeError):
-                        arrays.append(pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(f.type, safe=False))
+                arrays = [pa.array(columns[f.name], type=f.type) for f in BASE_FIELDS]
+                arrays += [carried_array(columns[f.name], f) for f in extra_fields]
                 writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
                 maybe_crash("dataset")  # test hook: see batcher/faults.py
         summary.rows = sum(counts.values())
