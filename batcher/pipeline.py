@@ -300,6 +300,9 @@ def collect_finished(ws: Workspace) -> CollectStats:
                         on_bytes=dbar.update, on_image=ibar.update)
     for e in stats.errors:
         log.warning(e)
+    for name, state, requeued in stats.ended:
+        ws.notes.append(f"job {name} {state}" + (" (48 h)" if state == J_EXPIRED else "")
+                        + (f"; its {plural(requeued, 'request')} planned again" if requeued else ""))
     return stats
 
 
@@ -477,7 +480,7 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         p = run_result(ws.ledger, run_id)
         again = f"; {counts[PLANNED]:,} requests to send again: run `batcher submit` or `batcher run`" if counts[PLANNED] else ""
         code = finished_code(counts, p, ds)  # a row without its image is not finished
-        return Outcome(code, summary_line(ws, "collected", p, dataset_images(ds), ds) + again + lost_images_note(ds),
+        return Outcome(code, summary_line(ws, "collected", p, dataset_images(ds), ds) + again + lost_images_note(ds) + notes(ws),
                        plan=p, dataset=ds, counts=counts, collect=stats, images=dataset_images(ds))
 
 

@@ -722,3 +722,22 @@ def test_carried_columns_keep_their_arrow_types_and_the_request_settings_are_col
     assert [(r["id"], r["variant"], r["variants"], r["seed"], r["aspect_ratio"], r["temperature"]) for r in rows] == [
         ("r1", 0, 2, 7, "16:9", 0.4), ("r1", 1, 2, 7, "16:9", 0.4), ("r2", 0, 2, None, None, 0.4), ("r2", 1, 2, None, None, 0.4)]
     assert {r["image_size"] for r in rows} == {None} and {r["top_p"] for r in rows} == {None}
+
+
+def test_a_collected_job_keeps_its_outcome_and_counts_images_and_blocked_apart(tmp_path, emulator, backend_factory):
+    """status once showed every finished job as `collected`, counted a blocked line as OK (the API's count), and
+    counted down to the window and expiry of jobs long finished; an expired job was said only in report.html."""
+    from batcher.output.render import status_table
+
+    emulator.configure(job_outcomes=["EXPIRED"])  # the first job expires; its requests go out again
+    rows = [["a", "a red fox", "", "1", "x"], ["b", "a grey owl [emulator:image_safety]", "", "1", "x"], ["c", "a blue jay", "", "1", "x"]]
+    s = settings(tmp_path)
+    result = pipeline.run(manifest(tmp_path, rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 3, result.summary  # one blocked
+    (expired, resent) = pipeline.status(s, refresh=False)["jobs"]
+    assert f"job {expired['display_name']} expired (48 h); its 3 requests planned again" in result.summary
+    assert (expired["outcome"], expired["collected"], expired["ok"], expired["blocked"]) == ("expired", True, 0, 0)
+    assert (resent["outcome"], resent["ok"], resent["blocked"], resent["succeeded"]) == ("succeeded", 2, 1, 3)
+    assert all(j["window_hours_left"] is None and j["expiry_hours_left"] is None for j in (expired, resent))
+    table = status_table(pipeline.status(s, refresh=False))
+    assert "expired, collected" in table and "succeeded, collected" in table and "images: 2 ok, 1 blocked" in table

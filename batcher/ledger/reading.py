@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from .core import Ledger
+from .schema import BLOCKED, SUCCEEDED
 
 # The columns of dataset_rows, in order.
 DATASET_COLUMNS = ("row", "id", "variant", "prompt", "request_hash", "extra_json", "state", "error", "finish_reason",
@@ -63,6 +64,17 @@ def image_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
     return dict(ledger.conn.execute(
         "SELECT r.state, COUNT(*) FROM rows w JOIN requests r ON r.hash = w.request_hash WHERE w.run_id=? GROUP BY r.state",
         (run_id,)).fetchall())
+
+
+def job_results(ledger: Ledger) -> dict[int, dict[str, int]]:
+    """For each job that has results recorded: how many of its requests came back with an image (`succeeded`) and
+    how many blocked, as the ledger recorded them from its results."""
+    out: dict[int, dict[str, int]] = {}
+    for job_id, state, n in ledger.conn.execute(
+            "SELECT job_id, state, COUNT(*) FROM requests WHERE job_id IS NOT NULL AND state IN (?, ?) GROUP BY job_id, state",
+            (SUCCEEDED, BLOCKED)):
+        out.setdefault(job_id, {})[state] = n
+    return out
 
 
 # ---- datasets to tidy ------------------------------------------------------------------------------------------

@@ -82,17 +82,23 @@ def lost_images_note(ds: DatasetSummary) -> str:
 
 
 def status_table(doc: dict) -> str:
-    head = ("JOB", "STATE", "OK", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
+    head = ("JOB", "STATE", "DONE", "OK", "BLOCKED", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
     rows = [head]
     for j in doc["jobs"]:
         fmt = lambda h: "-" if h is None else f"{h:.1f}h"  # noqa: E731
-        rows.append((j["display_name"], j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else ""),
-                     str(j["succeeded"]), str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]),
-                     fmt(j["window_hours_left"]), fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
+        known = lambda n: "-" if n is None else str(n)  # noqa: E731  (ok and blocked: known once collected)
+        state = j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else "")
+        if j.get("collected"):
+            state = f"{j['outcome']}, collected"
+        rows.append((j["display_name"], state, str(j["succeeded"]), known(j.get("ok")), known(j.get("blocked")),
+                     str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]), fmt(j["window_hours_left"]),
+                     fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    c = doc["requests"]
+    c, i = doc["requests"], doc.get("images") or {}
     lines.append("")
+    if i:
+        lines.append(f"images: {i['ok']:,} ok, {i['blocked']:,} blocked, {i['failed']:,} failed, {i['pending']:,} pending")
     lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
                  f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
                  f"{usd(doc['cost_usd'])} spent")

@@ -292,11 +292,17 @@ def _jobs_html(status: dict | None, status_error: str | None) -> str:
         return '<p class="note">No batch job: every request was served from the cache.</p>'
     shown = jobs[-JOB_LIMIT:]
     out = ['<table><thead><tr><th>job</th><th>state</th><th>created</th><th>24 h window ends</th><th>48 h expiry</th>'
-           '<th class="num">requests</th><th class="num">succeeded</th><th class="num">failed</th><th>warnings</th></tr></thead><tbody>']
+           '<th class="num">requests</th><th class="num">images</th><th class="num">blocked</th><th class="num">failed</th>'
+           '<th>warnings</th></tr></thead><tbody>']
     for j in shown:
         state = j.get("state") or ""
-        if j.get("api_state") and j.get("api_state") != state:
+        if j.get("collected"):
+            state = f"{j.get('outcome')}, collected"
+        elif j.get("api_state") and j.get("api_state") != state:
             state += f" ({j['api_state']})"
+        # Images and blocked are known once a job is collected; until then, the API's count of its answered lines.
+        images = j.get("ok") if j.get("collected") else None
+        blocked = j.get("blocked") if j.get("collected") else None
         warnings = "; ".join(j.get("warnings") or [])
         if j.get("error"):
             warnings = (warnings + "; " if warnings else "") + str(j["error"])
@@ -304,7 +310,8 @@ def _jobs_html(status: dict | None, status_error: str | None) -> str:
             f"<tr><td class=\"job\"><b>{_e(j.get('display_name'))}</b><br><code class=\"meta\">{_e(j.get('name'))}</code></td>"
             f"<td>{_e(state)}</td><td>{_e(_when(j.get('created_at')))}</td><td>{_e(_when(j.get('window_ends_at')))}</td>"
             f"<td>{_e(_when(j.get('expires_at')))}</td><td class=\"num\">{_e(j.get('request_count'))}</td>"
-            f"<td class=\"num\">{_e(j.get('succeeded'))}</td><td class=\"num\">{_e(j.get('failed'))}</td>"
+            f"<td class=\"num\">{_e('-' if images is None else images)}</td><td class=\"num\">{_e('-' if blocked is None else blocked)}</td>"
+            f"<td class=\"num\">{_e(j.get('failed'))}</td>"
             f"<td class=\"warn wrap\">{_e(_short(warnings, 300))}</td></tr>")
     out.append("</tbody></table>")
     if len(jobs) > len(shown):

@@ -7,11 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from ..backends.base import parse_time
+from ..backends.base import normalize_state, parse_time
 from ..catalog import JOB_EXPIRY_HOURS, JOB_TARGET_HOURS
 from ..jobs.quota import Quota, capacity
-from ..ledger import J_SUBMITTED, J_UPLOADED, Ledger
+from ..ledger import BLOCKED, J_COLLECTED, J_SUBMITTED, J_UPLOADED, JOB_TERMINAL_API, SUCCEEDED, Ledger, reading
 from ..outcome import EXIT_OK, every_state, exit_code_for
+from .render import image_statuses
 
 EXPIRY_WARNING_HOURS = 6
 
@@ -19,26 +20,34 @@ EXPIRY_WARNING_HOURS = 6
 def status_document(ledger: Ledger, quota: Quota, now: float) -> dict:
     """`now`: the API's clock (server time), against which windows and expiries are counted."""
     run = ledger.current_run()
-    counts, hits, cost = {}, 0, 0.0
-    if run:  # the cost as the budget counts it (ledger.reading.run_spend_usd): not an earlier run's in this workdir
+    results = reading.job_results(ledger)
+    counts, hits, cost, images = {}, 0, 0.0, {}
+    if run:
+        images = image_statuses(reading.image_counts(ledger, run["id"]))  # the cost as the budget counts it (ledger.reading.run_spend_usd): not an earlier run's in this workdir
         by_state, hits, cost = ledger.run_summary(run["id"], paid_since=run["created_at"])
         counts = every_state(by_state)
     return {
         "workdir": str(ledger.workdir), "manifest": run["manifest"] if run else None,
-        "jobs": [_job(j, now) for j in ledger.jobs()], "requests": counts, "capacity": capacity(ledger, quota),
+        "jobs": [_job(j, now, results.get(j["id"], {})) for j in ledger.jobs()], "images": images, "requests": counts, "capacity": capacity(ledger, quota),
         "cache_hits": hits, "cost_usd": round(cost, 6), "exit_code": exit_code_for(counts) if run else EXIT_OK,
     }
 
 
-def _job(j, now: float) -> dict:
+def _job(j, now: float, results: dict[str, int]) -> dict:
+    """A job as status shows it. `succeeded` and `failed` are the API's counts of its lines (a blocked prompt is a
+    line that succeeded); once it is collected, `ok` and `blocked` are what its lines gave: images, and no image.
+    `outcome` is how it ended (succeeded, failed, expired, cancelled), kept after it is collected; a job that has
+    ended has no window or expiry left to count down."""
     stats = json.loads(j["stats_json"]) if j["stats_json"] else {}
     created = parse_time(j["api_created_at"])
     n = j["request_count"]
     succeeded = stats.get("successfulRequestCount", 0)
     failed = stats.get("failedRequestCount", 0)
-    window_left = _hours_left(created, JOB_TARGET_HOURS, now)
-    expiry_left = _hours_left(created, JOB_EXPIRY_HOURS, now)
     active = j["state"] == J_SUBMITTED
+    collected = j["state"] == J_COLLECTED
+    outcome = j["state"] if j["state"] in JOB_TERMINAL_API else normalize_state(j["api_state"]).lower() if collected else None
+    window_left = _hours_left(created, JOB_TARGET_HOURS, now) if active else None
+    expiry_left = _hours_left(created, JOB_EXPIRY_HOURS, now) if active else None
     warnings = []
     if active and window_left is not None and window_left < 0:
         warnings.append("past its 24 h target window")
@@ -52,6 +61,8 @@ def _job(j, now: float) -> dict:
         "age_hours": round((now - created) / 3600, 2) if created else None,
         "window_hours_left": round(window_left, 2) if window_left is not None else None,
         "expiry_hours_left": round(expiry_left, 2) if expiry_left is not None else None,
+        "outcome": outcome, "collected": collected,
+        "ok": results.get(SUCCEEDED, 0) if collected else None, "blocked": results.get(BLOCKED, 0) if collected else None,
         "request_count": n, "succeeded": succeeded, "failed": failed,
         "pending": stats.get("pendingRequestCount", max(n - succeeded - failed, 0)) if active or j["state"] == J_UPLOADED else 0,
         "error": j["error"], "warnings": warnings,

@@ -46,6 +46,7 @@ class CollectStats:
     already_done: int = 0
     jobs: int = 0
     errors: list[str] = field(default_factory=list)
+    ended: list[tuple[str, str, int]] = field(default_factory=list)  # jobs that did not succeed: (name, state, requeued)
 
 
 def _spans(blocks: Iterable[bytes]) -> Iterator[tuple[int, int]]:
@@ -191,11 +192,14 @@ def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int,
     if job["error"]:
         reason += f": {job['error']}"
     now = time.time()
+    requeued_before = stats.requeued
     with ledger.transaction() as c:
         for h, attempts in outcomes.queued_in_job(c, job_id):
             _fail(c, h, attempts, max_attempts, reason, None, now, stats)
         ledger.job_transition(c, job_id, (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED), J_COLLECTED)
     stats.jobs += 1
+    if job["state"] != J_SUCCEEDED:
+        stats.ended.append((job["display_name"], job["state"], stats.requeued - requeued_before))
     # The job's files cost storage quota (20 GB per project): delete them once collected.
     for name in (job["input_file"], job["output_file"]) if delete_remote else ():
         if name:
