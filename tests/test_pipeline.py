@@ -741,3 +741,22 @@ def test_a_collected_job_keeps_its_outcome_and_counts_images_and_blocked_apart(t
     assert all(j["window_hours_left"] is None and j["expiry_hours_left"] is None for j in (expired, resent))
     table = status_table(pipeline.status(s, refresh=False))
     assert "expired, collected" in table and "succeeded, collected" in table and "images: 2 ok, 1 blocked" in table
+
+
+@pytest.mark.parametrize("base, words", [
+    ("127.0.0.1:9", "GOOGLE_GEMINI_BASE_URL='127.0.0.1:9' is not an http:// or https:// URL"),
+    ("http://127.0.0.1:9", "cannot reach the Gemini API at http://127.0.0.1:9 (ConnectionRefusedError"),
+    ("http://no-such-host.invalid", "cannot reach the Gemini API at http://no-such-host.invalid"),
+])
+def test_a_wrong_base_url_fails_at_once_naming_the_variable(tmp_path, monkeypatch, base, words):
+    """It once took up to a minute of retries and never named GOOGLE_GEMINI_BASE_URL."""
+    import time
+
+    monkeypatch.setenv("GEMINI_API_KEY", "k")
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", base)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    started = time.monotonic()
+    r = CliRunner().invoke(main, ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "w"), "-q"])
+    assert r.exit_code in (1, 2) and words in r.output and "GOOGLE_GEMINI_BASE_URL" in r.output, r.output
+    assert time.monotonic() - started < 10

@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import ApiError, NotFoundError, QuotaError, TransientApiError, UsageError
+from ..errors import ApiError, BatcherError, NotFoundError, QuotaError, TransientApiError, UsageError
 from ..faults import maybe_crash
 from . import client as sdk
 from .base import BatchInfo, FileInfo, ModelInfo, UploadedFile, normalize_state
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("batcher.backends.gemini")
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+REACH_TIMEOUT_S = 10.0  # the first connection of a command: no answer by then is a setting to fix (see _check_reachable)
 # The docs and the discovery document show batch and file methods under v1beta only (protocol doc §11).
 API_VERSION = "v1beta"
 # `mime_type='jsonl'` is what the docs use; the service has at times refused it inside an HTTP-200
@@ -48,6 +50,7 @@ class Connection:
     base_url: str = DEFAULT_BASE_URL
     api_version: str = API_VERSION
     timeout_s: float = 300.0
+    base_url_from: str | None = None  # the environment variable the base URL came from (what to check when unreachable)
 
     @classmethod
     def from_env(cls, environ: dict | None = None, timeout_s: float = 300.0) -> "Connection":
@@ -58,7 +61,19 @@ class Connection:
                 "no API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use --backend emulator for an offline run"
             )
         base = env.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL
-        return cls(api_key=key, base_url=base.rstrip("/"), timeout_s=timeout_s)
+        where = "GOOGLE_GEMINI_BASE_URL" if env.get("GOOGLE_GEMINI_BASE_URL") else None
+        url = urllib.parse.urlsplit(base.strip())
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise UsageError(f"GOOGLE_GEMINI_BASE_URL={base!r} is not an http:// or https:// URL with a host: set it like "
+                             f"http://127.0.0.1:8765 (an emulator) or unset it for {DEFAULT_BASE_URL}")
+        return cls(api_key=key, base_url=base.strip().rstrip("/"), timeout_s=timeout_s, base_url_from=where)
+
+    def unreachable(self, exc: Exception) -> BatcherError:
+        """The error for a first connection that could not be made at all (refused, no such host, timed out)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        check = (f"check {self.base_url_from} (is the emulator or proxy running there?)" if self.base_url_from
+                 else "check the network, or the proxy settings (HTTPS_PROXY)")
+        return BatcherError(f"cannot reach the Gemini API at {self.base_url} ({reason}): {check}; nothing was sent")
 
 
 def model_info(m) -> ModelInfo:
@@ -79,6 +94,7 @@ class GeminiBackend:
         # (a skewed local clock, or the emulator's scaled time, must not move a 48 h expiry).
         self.clock_offset_s: float | None = None
         self._clients: dict[bool, Any] = {}
+        self._reached = False  # the API has answered this backend (see _call)
         self._clients_lock = threading.Lock()
 
     @property
@@ -103,9 +119,27 @@ class GeminiBackend:
         self.client
 
     def _call(self, what: str, fn: Callable):
+        if not self._reached:
+            self._check_reachable()
         return sdk.call(self.retry, what, fn)
 
+    def _check_reachable(self) -> None:
+        """Before the first call of a command: a connection that cannot be made at all (refused, no such host) is a
+        setting to fix, said at once, not a blip to wait out through the SDK's and our retries (a minute). Behind a
+        proxy the API's host is not ours to reach directly: the calls say what happens."""
+        url = urllib.parse.urlsplit(self.connection.base_url)
+        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"))
+        if not proxied:
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=REACH_TIMEOUT_S).close()
+            except OSError as exc:
+                raise self.connection.unreachable(exc) from None
+        self._reached = True
+
     def _http(self, method: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+        if not self._reached:
+            self._check_reachable()
         url = urllib.parse.urlsplit(self.connection.base_url)
         conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         conn = conn_cls(url.hostname, url.port, timeout=self.connection.timeout_s)

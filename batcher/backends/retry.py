@@ -34,6 +34,8 @@ class RetryPolicy:
                 if attempt + 1 >= self.attempts:
                     raise
                 wait = self.delay(attempt, getattr(exc, "retry_after", None))
-                log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", what, exc, wait, attempt + 2, self.attempts)
+                # The error names what failed already ("upload x.png: ..."), unless it is another library's own.
+                shown = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
+                log.warning("%s; retrying in %.1fs (attempt %d of %d)", shown, wait, attempt + 2, self.attempts)
                 self.sleep(wait)
         raise AssertionError("unreachable")
