@@ -21,29 +21,40 @@ SAMPLE = ROOT / "samples" / "prompts.csv"
 OUT = ROOT / "demo-out"
 
 
-def main() -> int:
-    if OUT.exists():
-        shutil.rmtree(OUT)
+def shown(path: Path) -> str:
+    """A path as the demo prints it: relative to where it runs, when it is below."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def main(out: Path = OUT) -> int:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
     config = EmulatorConfig(pending_seconds=0.5, running_seconds=1.5, image_bytes=60_000, seed=1)
     with Emulator(config) as emu:
         print(f"emulator: {emu.url} (the real google-genai SDK talks to it over HTTP)")
         factory = lambda: GeminiBackend(Connection(api_key="demo-key", base_url=emu.url, timeout_s=60))  # noqa: E731
-        settings = pipeline.Settings(workdir=OUT / "work", out=OUT / "dataset", cache_dir=OUT / "cache", poll_interval=0.5, timeout=300)
+        settings = pipeline.Settings(workdir=out / "work", out=out / "dataset", cache_dir=out / "cache", poll_interval=0.5,
+                                     timeout=300)
         first = pipeline.run(SAMPLE, settings, backend_factory=factory)
-        print(f"first run:  {first.summary}")
-        second_settings = pipeline.Settings(workdir=OUT / "work-again", out=OUT / "dataset-again", cache_dir=OUT / "cache",
+        print(f"first run:  {first.summary.replace(str(settings.out), shown(settings.out))}")
+        second_settings = pipeline.Settings(workdir=out / "work-again", out=out / "dataset-again", cache_dir=out / "cache",
                                             poll_interval=0.5, timeout=60)
         second = pipeline.run(SAMPLE, second_settings, backend_factory=factory)
-        print(f"second run: {second.summary}")
+        print(f"second run: {second.summary.replace(str(second_settings.out), shown(second_settings.out))}")
         stats = emu.stats()
     rows = pq.read_table(settings.out / "metadata.parquet").to_pylist()
     print(f"emulator counted {stats['batches_created']} batch job(s), {stats['files_uploaded']} upload(s), "
           f"{stats['bytes_downloaded']:,} bytes downloaded")
-    print(f"\ndataset: {settings.out}  ({len(rows)} images, a metadata row each; under {settings.out / 'images'})")
+    print(f"\ndataset: {shown(settings.out)}  ({len(rows)} images, a metadata row each; under {shown(settings.out / 'images')})")
     for r in rows[:3]:
         print(f"  {r['status']:7} {r['file_name']}  <- {r['prompt'][:60]!r}")
-    print(f"  ... metadata: {settings.out / 'metadata.parquet'}")
-    print(f"morning report: {settings.out / 'report.html'} (and contact_sheet.png)")
+    print(f"  ... metadata: {shown(settings.out / 'metadata.parquet')}; load it with Hugging Face `datasets` "
+          f"(see {shown(settings.out / 'README.md')})")
+    print(f"morning report: {shown(settings.out / 'report.html')} (and contact_sheet.png)")
     return 0 if first.exit_code in (0, 3) and second.jobs_created == 0 else 1
 
 

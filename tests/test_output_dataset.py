@@ -62,7 +62,9 @@ def test_a_dataset_linked_from_the_cache_is_the_one_placed_through_find(tmp_path
     assert a == b and len(a) == 9
     assert (linked.ok, linked.pending, linked.failed, linked.blocked) == (plain.ok, plain.pending, plain.failed, plain.blocked) == (5, 2, 1, 1)
     assert linked.cost_usd == pytest.approx(plain.cost_usd)
-    assert dataset_files(tmp_path / "linked") == dataset_files(plain_out)
+    linked_files = dataset_files(tmp_path / "linked")
+    assert linked_files.pop(dataset.CARD).startswith(b"---\nconfigs:")  # write_dataset adds the dataset card
+    assert linked_files == dataset_files(plain_out)
     assert {r["file_name"] for r in a if r["file_name"]} == {
         f"images/{hashes[0][:2]}/{hashes[0]}.png", f"images/{hashes[1][:2]}/{hashes[1]}.png",
         f"images/{hashes[2][:2]}/{hashes[2]}.jpg", f"images/{hashes[4][:2]}/{hashes[4]}.png"}

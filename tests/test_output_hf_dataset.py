@@ -27,3 +27,9 @@ def test_the_dataset_loads_with_hugging_face_imagefolder(tmp_path, emulator, bac
     assert rows[0]["image"].size == (1376, 768)  # 16:9 at 1K on gemini-3.1-flash-image
     assert rows[2]["image"] is None  # a blocked row has no image, and says why
     assert rows[2]["finish_reason"] == "IMAGE_SAFETY"
+    # The dataset card's configs: every row (the default), or only the rows with their image.
+    everything = datasets.load_dataset(str(s.out), split="train")
+    assert [(r["id"], r["status"]) for r in everything] == [(r["id"], r["status"]) for r in rows]
+    images = datasets.load_dataset(str(s.out), "ok", split="train")
+    assert [(r["id"], r["variant"]) for r in images] == [("a", 0), ("a", 1), ("c", 0)]
+    assert all(r["image"] is not None for r in images)

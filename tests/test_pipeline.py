@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import batcher.pipeline as pipeline
+from batcher.cost.money import usd
 from batcher.errors import UsageError
 from batcher.cli import main
 from batcher.planning.planner import ShardLimits
@@ -760,3 +761,31 @@ def test_a_wrong_base_url_fails_at_once_naming_the_variable(tmp_path, monkeypatc
     r = CliRunner().invoke(main, ["run", str(manifest(tmp_path)), "--workdir", str(tmp_path / "w"), "-q"])
     assert r.exit_code in (1, 2) and words in r.output and "GOOGLE_GEMINI_BASE_URL" in r.output, r.output
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_the_readme_shows_the_summaries_the_demo_prints(tmp_path, monkeypatch, capsys):
+    """The README's summary lines are what the commands print (the demo's two runs, on the seeded emulator)."""
+    from batcher import demo
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- summary lines: tests/test_pipeline.py checks that the demo prints exactly these -->")[1]
+    expected = [line for line in block.split("```")[1].splitlines() if line.strip() and line != "text"]
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(tmp_path / "demo-out") == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("first run:", "second run:"))]
+    assert printed == expected
+
+
+def test_a_second_command_that_sends_nothing_says_it_paid_nothing(tmp_path, emulator, backend_factory):
+    """A second run of a finished manifest once printed the run's whole cost as if paid again."""
+    s, m = settings(tmp_path), manifest(tmp_path)
+    first = pipeline.run(m, s, backend_factory=backend_factory)
+    again = pipeline.run(m, s, backend_factory=backend_factory)  # the same run, done: nothing to send
+    total = first.dataset.cost_usd
+    assert total > 0 and f"paid now {usd(total)}, the run's images {usd(total)} in all" in first.summary
+    assert again.jobs_created == 0 and f"paid now $0.00, the run's images {usd(total)} in all" in again.summary, again.summary
+
+    m.write_text(m.read_text(), encoding="utf-8")  # a new version of the manifest: a new run, paid by the first
+    tonight = pipeline.run(m, s, backend_factory=backend_factory)
+    assert "(5 requests, 5 from the cache)" in tonight.summary and "paid now $0.00, the run's images $0.00 in all" in tonight.summary

@@ -262,7 +262,7 @@ def test_a_gcs_dataset_from_a_gcs_cache_copies_server_side(bucket, tmp_path, emu
     assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
     assert sorted(u.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for u in downloads) == ["parquet", "png", "png"]
     dataset = [u for u in gcs.list_names(out + "/") if "/thumbs/" not in u and not u.endswith(("report.html", "contact_sheet.png"))]
-    assert sorted(u.rsplit(".", 1)[-1] for u in dataset) == ["parquet", "png", "png"]
+    assert sorted(u.rsplit(".", 1)[-1] for u in dataset) == ["md", "parquet", "png", "png"]  # md: the dataset card
     assert not (s.workdir / "dataset-staging" / "images").exists()
 
 

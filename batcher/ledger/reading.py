@@ -58,6 +58,15 @@ def run_spend_usd(ledger: Ledger, run, since: float | None = None) -> float:
         f"AND updated_at >= ? AND {where}", (start, *params)).fetchone()[0]
 
 
+def images_before(ledger: Ledger, run) -> int:
+    """How many of the run's requests had their image before the run began: a cache hit, or made by an earlier run
+    of this workdir (neither is paid by this run)."""
+    where, params = ledger.in_run(run["id"])
+    return ledger.conn.execute(
+        f"SELECT COUNT(*) FROM requests WHERE state=? AND (cached=1 OR updated_at < ?) AND {where}",
+        (SUCCEEDED, run["created_at"], *params)).fetchone()[0]
+
+
 def image_counts(ledger: Ledger, run_id: int) -> dict[str, int]:
     """How many of the run's images (its rows, one per manifest row and variant) have their request in each state:
     what its dataset will show, before it is written (a join over the run's rows: ~1 s a million)."""

@@ -44,7 +44,7 @@ def rows_read(plan: PlanResult) -> str:
 
 
 def plan_images(plan: PlanResult) -> str:
-    return f"{plural(plan.images, 'image')} ({plural(plan.requests, 'request')}, {plan.cache_hits:,} from the cache)"
+    return f"{plural(plan.images, 'image')} ({plural(plan.requests, 'request')}, {plan.images_before:,} from the cache)"
 
 
 def run_line(state: str, plan: PlanResult, images: dict[str, int], *, jobs_created: int | None = None,

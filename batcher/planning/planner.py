@@ -24,7 +24,7 @@ from .. import catalog
 from ..storage import atomic, gcs
 from ..errors import ManifestError
 from ..faults import maybe_crash
-from ..ledger import Ledger, plans, sending
+from ..ledger import SUCCEEDED, Ledger, plans, reading, sending
 from ..ledger.plans import PlanTuning, PlanWriter
 from .packing import JobFiller, ShardLimits, measure, measure_body
 from .prepare import PreparedBatch, PrepareTuning, References, batches
@@ -46,6 +46,7 @@ class PlanResult:
     duplicates: int = 0  # images (rows x variants) sharing another's request
     rejected: int = 0  # manifest rows left out as invalid (--skip-invalid)
     rejects_path: str | None = None  # where they were written
+    images_before: int = 0  # requests whose image was there before the run: cache hits, or an earlier run's
     new_run: bool = True
     jobs: list[int] = field(default_factory=list)  # jobs the plan sharded as it loaded (see _InlineJobs)
     states: dict[str, int] | None = None  # how many of its requests are in each state, when the plan knows
@@ -251,7 +252,9 @@ def _summary(ledger: Ledger, run_id: int, new_run: bool, planned_rows: int | Non
     rows, distinct, planned_rows = plans.run_figures(ledger, run_id, planned_rows)
     hits = tally[1] if tally is not None else ledger.counts_by("cached", run_id).get(1, 0)
     run = ledger.run(run_id)
-    return PlanResult(run_id=run_id, rows=rows, requests=distinct, cache_hits=hits,
+    # A new plan knows its requests' states: every one done then was done before it (cache hit, or an earlier run's).
+    before = tally[2].get(SUCCEEDED, 0) if tally is not None and new_run else reading.images_before(ledger, run)
+    return PlanResult(run_id=run_id, rows=rows, requests=distinct, cache_hits=hits, images_before=before,
                       duplicates=planned_rows - distinct, rejected=run["rejected"], rejects_path=run["rejects_path"],
                       new_run=new_run, states=tally[2] if tally is not None else None)
 
