@@ -16,11 +16,21 @@ from __future__ import annotations
 
 
 class BatcherError(Exception):
+    """Any error batcher reports: its message says what is wrong, where, and what to do; `exit_code` is the
+    command's exit code (README "Exit codes")."""
+
     exit_code = 1
 
 
 class UsageError(BatcherError):
+    """Bad options, a bad job spec, or a command that cannot apply here (no run in the workdir, ...): nothing was
+    sent (exit 2)."""
+
     exit_code = 2
+
+
+class NoApiKey(UsageError):
+    """The Gemini API needs a key and none is set (a command that can do without the API says how)."""
 
 
 class ManifestError(UsageError):
@@ -32,6 +42,9 @@ class ManifestError(UsageError):
 
 
 class ApiError(BatcherError):
+    """The API refused or failed after batcher's retries. `code`: the HTTP status; `status`: the API's status name
+    (NOT_FOUND, RESOURCE_EXHAUSTED, ...)."""
+
     def __init__(self, message: str, code: int | None = None, status: str | None = None):
         super().__init__(message)
         self.code = code
@@ -70,8 +83,8 @@ class TransientApiError(ApiError):
 
 
 class LedgerError(BatcherError):
-    pass
+    """The ledger is locked by another command, corrupt, or refused a state change."""
 
 
 class CollectError(BatcherError):
-    pass
+    """A results file could not be read."""

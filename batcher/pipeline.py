@@ -9,6 +9,7 @@ Every function is safe to interrupt at any point and to call again: the ledger r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ from .cost.budget import BudgetCheck, check_budget, unsent_batch_usd
 from .cost.estimate import tier_cap_note
 from .cost.money import usd
 from .cost.pricing import use_workdir_prices
-from .errors import ApiError, BatcherError, SpendLimitError, UsageError
+from .errors import ApiError, BatcherError, NoApiKey, SpendLimitError, UsageError
 from .faults import maybe_crash
 from .jobs import lifecycle as jobs_mod
 from .jobs.quota import why_not_now
@@ -31,6 +32,7 @@ from .ledger import (
     BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
 )
+from .ledger import reading
 from .ledger.reading import image_counts, run_spend_usd
 from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
@@ -480,8 +482,21 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         p = run_result(ws.ledger, run_id)
         again = f"; {counts[PLANNED]:,} requests to send again: run `batcher submit` or `batcher run`" if counts[PLANNED] else ""
         code = finished_code(counts, p, ds)  # a row without its image is not finished
-        return Outcome(code, summary_line(ws, "collected", p, dataset_images(ds), ds) + again + lost_images_note(ds) + notes(ws),
-                       plan=p, dataset=ds, counts=counts, collect=stats, images=dataset_images(ds))
+        outcome = Outcome(code, summary_line(ws, "collected", p, dataset_images(ds), ds) + again + lost_images_note(ds) + notes(ws),
+                          plan=p, dataset=ds, counts=counts, collect=stats, images=dataset_images(ds))
+    outcome.summary += written_report(settings)
+    return outcome
+
+
+def written_report(settings: Settings) -> str:
+    """The morning report (OUT/report.html, contact_sheet.png), made after the workdir's lock is released: where it
+    is, for a command's summary. It never fails the command that made the dataset."""
+    try:
+        r = report(settings)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("report not written: %s", exc)
+        return ""
+    return f"; report {r.uploaded_to + '/report.html' if r.uploaded_to else r.html_path}"
 
 
 def run(manifest: str | Path, settings: Settings | None = None, *, backend_factory=None,
@@ -543,10 +558,7 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
         outcome = Outcome(code, summary_line(ws, state, p, dataset_images(ds), ds)
                           + lost_images_note(ds) + budget_note(ws) + spend_limit_note(limit) + notes(ws),
                           plan=p, dataset=ds, counts=counts, jobs_created=ws.jobs_created, images=dataset_images(ds))
-    try:  # the morning report (OUT/report.html, contact_sheet.png), after the lock is released; never fails the run
-        report(settings)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("report not written: %s", exc)
+    written_report(settings)  # the demo and the README show run's summary; the report is in OUT/
     return outcome
 
 
@@ -642,8 +654,13 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
     if refresh and backend_factory is None:
         settings.check_lasting_backend("status")
     with open_workspace(settings, backend_factory, existing=True) as ws:
-        if refresh and ws.ledger.jobs((J_SUBMITTED,)):
-            refresh_jobs(ws)
+        running = ws.ledger.jobs((J_SUBMITTED,)) if refresh else []
+        if running:
+            try:
+                refresh_jobs(ws)
+            except NoApiKey:
+                raise NoApiKey(f"no API key to ask about {plural(len(running), 'running job')}: set GEMINI_API_KEY (or "
+                               f"GOOGLE_API_KEY), or pass --no-refresh to show the ledger as it is") from None
         return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)
 
 
@@ -657,7 +674,11 @@ def report(settings: Settings, *, now=None) -> "ReportSummary":
         status_error = f"no ledger in {settings.workdir} (pass --workdir)"
     else:
         try:
-            status_doc = status(settings, refresh=False)
+            with open_workspace(settings, existing=True) as ws:
+                written = reading.dataset_written(ws.ledger, ws.ledger.current_run()["id"])
+                status_doc = status_document(ws.ledger, settings.quota, time.time())
+            if written and not settings.out_given:  # the dataset the run wrote, wherever its --out put it
+                settings = dataclasses.replace(settings, out=written)
         except BatcherError as exc:
             status_error = str(exc)
     return write_report(settings, status=status_doc, status_error=status_error, now=now)

@@ -3,7 +3,7 @@ through one mapping (`from_options`): the command line and a spec give the same 
 are taken unless the command line gives its own.
 
     settings = Settings(workdir=".batcher", out="dataset")
-    manifest, settings = Settings.from_spec("jobs/nightly.toml", budget_usd=50)   # the spec's values, then these
+    manifest, settings = Settings.from_spec("jobs/products.toml", budget_usd=50)   # the spec's values, then these
 
 A job spec holds everything a recurring run needs in one reviewed file; unknown keys are errors naming the key and
 the file (a typo must not silently change a nightly run):
@@ -42,6 +42,12 @@ from .storage import gcs
 
 @dataclass
 class Settings:
+    """Everything a command needs besides its manifest: where the run lives (`workdir`, `out`, `cache_dir`), how rows
+    become requests (`manifest`), how jobs are sized and sent (`limits`, `quota`, `budget_usd`, `max_attempts`,
+    `fallback_model`), how long to wait (`poll_interval`, `timeout`, `deadline`, `deadline_policy`) and which API
+    (`backend`, `project`, `location`, `staging`). `Settings.from_options` takes the command line's option names;
+    `Settings.from_spec` reads a job spec. Defaults are the command line's."""
+
     workdir: Path = Path(".batcher")
     out: Path | str | None = None  # default: <workdir>/dataset; or gs://bucket/prefix
     cache_dir: Path | str | None = None  # default: the user cache dir (shared between workdirs); or gs://bucket/prefix
@@ -70,6 +76,7 @@ class Settings:
     project: str | None = None  # Vertex AI: project (default $GOOGLE_CLOUD_PROJECT)
     location: str | None = None  # Vertex AI: location (default $GOOGLE_CLOUD_LOCATION, else us-central1)
     staging: str | None = None  # Vertex AI: gs://bucket/prefix for job files (default $BATCHER_VERTEX_STAGING)
+    out_given: bool = field(default=False, init=False, repr=False, compare=False)  # `out` was chosen, not the default
 
     def __post_init__(self):
         self.webhook_uris = check_uris(self.webhook_uris)
@@ -83,6 +90,7 @@ class Settings:
         if isinstance(self.deadline, str):
             self.deadline = parse_deadline(self.deadline)
         self.workdir = Path(self.workdir)
+        self.out_given = bool(self.out)
         self.out = _path_or_uri(self.out) if self.out else self.workdir / "dataset"
         self.cache_dir = _path_or_uri(self.cache_dir) if self.cache_dir else None
         if self.skip_invalid and self.rejects_path is None:
@@ -110,7 +118,7 @@ class Settings:
         if self.backend == "vertex":
             from .backends.vertex import VertexConnection
 
-            VertexConnection.from_env(project=self.project, location=self.location, staging=self.staging)
+            VertexConnection.from_env(project=self.project, location=self.location, staging=self.staging).require_staging()
 
     @classmethod
     def from_options(cls, **options: Any) -> "Settings":

@@ -260,8 +260,9 @@ def test_cli_backend_vertex_and_job_spec(tmp_path, vx, gcs, monkeypatch):
                                   "--staging", f"gs://{bucket.name}/cli", "--poll-interval", "0.05"] + common)
     assert r.exit_code == 0, r.output
     assert len(pq.read_table(tmp_path / "o" / "metadata.parquet")) == 3
-    r = CliRunner().invoke(main, ["status", "--json", "--backend", "vertex", "--project", PROJECT,
-                                  "--staging", f"gs://{bucket.name}/cli"] + common)
+    # status needs no staging area (it reads jobs, stages no files); its --help does not offer one
+    status_options = ["--workdir", str(tmp_path / "w"), "--backend", "vertex", "--project", PROJECT]
+    r = CliRunner().invoke(main, ["status", "--json"] + status_options, env={"BATCHER_VERTEX_STAGING": ""})
     doc = json.loads(r.output)
     assert re.fullmatch(r"projects/.+/batchPredictionJobs/\d+", doc["jobs"][0]["name"])
     # The same through a job spec's [vertex] table
@@ -276,6 +277,10 @@ def test_cli_backend_vertex_and_job_spec(tmp_path, vx, gcs, monkeypatch):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     r = CliRunner().invoke(main, ["run", str(m), "--backend", "vertex", "--staging", f"gs://{bucket.name}/x"] + common)
     assert r.exit_code == 2 and "--project" in r.output
+    # no staging area: run (which stages job files) says so before anything is planned
+    r = CliRunner().invoke(main, ["run", str(m), "--backend", "vertex", "--project", PROJECT] + common,
+                           env={"BATCHER_VERTEX_STAGING": ""})
+    assert r.exit_code == 2 and "needs a staging area" in r.output and "--staging" in r.output
 
 
 def test_download_normalises_lines_without_keys_in_any_order(tmp_path, vx, gcs):

@@ -748,6 +748,20 @@ def test_cli_subprocess():
     assert proc.returncode == 0
 
 
+def test_cli_on_a_port_in_use_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "batcher.emulator", "--port", str(port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                        "(use another --port, or --port 0 for a free one)"]
+
+
 @pytest.mark.slow
 def test_fault_on_upload_chunk_is_retried_by_sdk(emu, c):
     # A failed chunk answer without X-Goog-Upload-Status makes the real SDK re-send the chunk (after 1 s).

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import ApiError, BatcherError, NotFoundError, QuotaError, TransientApiError, UsageError
+from ..errors import ApiError, BatcherError, NoApiKey, NotFoundError, QuotaError, TransientApiError, UsageError
 from ..faults import maybe_crash
 from . import client as sdk
 from .base import BatchInfo, FileInfo, ModelInfo, UploadedFile, normalize_state
@@ -57,7 +57,7 @@ class Connection:
         env = os.environ if environ is None else environ
         key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")  # the SDK's precedence
         if not key:
-            raise UsageError(
+            raise NoApiKey(
                 "no API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use --backend emulator for an offline run"
             )
         base = env.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL

@@ -65,10 +65,16 @@ class VertexConnection:
             raise UsageError("Vertex AI needs a project: --project or GOOGLE_CLOUD_PROJECT")
         if not self.location:
             raise UsageError("Vertex AI needs a location: --location or GOOGLE_CLOUD_LOCATION")
-        try:
-            gcs.split(self.staging or "")
-        except UsageError:
-            raise UsageError(f"the Vertex staging area must be gs://BUCKET[/PREFIX], not {self.staging!r} (--staging)") from None
+        if self.staging:  # only commands that upload or read job files need it (status and cancel do not)
+            try:
+                gcs.split(self.staging)
+            except UsageError:
+                raise UsageError(f"the Vertex staging area must be gs://BUCKET[/PREFIX], not {self.staging!r} (--staging)") from None
+
+    def require_staging(self) -> None:
+        if not self.staging:
+            raise UsageError("Vertex AI needs a staging area for job files: --staging gs://BUCKET/PREFIX or "
+                             "BATCHER_VERTEX_STAGING")
 
     @classmethod
     def from_env(cls, project: str | None = None, location: str | None = None, staging: str | None = None,
@@ -90,6 +96,7 @@ class VertexConnection:
 
     @property
     def bucket(self) -> str:
+        self.require_staging()
         return gcs.split(self.staging)[0]
 
     @property

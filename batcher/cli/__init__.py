@@ -72,61 +72,78 @@ def handle_errors(fn):
     return wrapper
 
 
-def common_options(fn):
-    options = [
-        click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True,
-                     help="Ledger and staging directory of the run."),
-        click.option("--out", type=PATH_OR_GS, default=None,
-                     help="Output dataset directory (default: WORKDIR/dataset)."),
-        click.option("--cache-dir", type=PATH_OR_GS, default=None,
-                     help="Image cache shared between runs (default: the user cache dir, or $BATCHER_CACHE_DIR)."),
-        click.option("--backend", type=click.Choice(["gemini", "emulator", "vertex"]), default="gemini", show_default=True,
-                     help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator for demos; "
-                          "vertex: Vertex AI batch prediction (--project, --location, --staging; ADC credentials)."),
-        click.option("--project", default=None, help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT)."),
-        click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1)."),
-        click.option("--staging", default=None,
-                     help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING)."),
-        click.option("--share", default=None, metavar="gs://URI",
-                     help="Share this run's jobs with other collectors through GCS (see `collect --worker`)."),
-        click.option("--switch-manifest", is_flag=True,
-                     help="Let this workdir and its dataset move on to another manifest than the one they hold (the "
-                          "dataset is rewritten for it; without this flag that is refused)."),
-        click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
-                     help="Attempts per request before it is marked failed."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only."),
-        click.option("--verbose", "-v", count=True, help="More logging (-v, -vv)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _options(*options):
+    """A decorator adding `options` in the order given (as --help lists them)."""
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+# Each command takes the options it uses, and only those (its --help lists nothing it ignores).
+WORKDIR = click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True,
+                       help="Ledger and staging directory of the run.")
+OUT = click.option("--out", type=PATH_OR_GS, default=None,
+                   help="Output dataset directory (default: WORKDIR/dataset).")
+CACHE_DIR = click.option("--cache-dir", type=PATH_OR_GS, default=None,
+                         help="Image cache shared between runs (default: the user cache dir, or $BATCHER_CACHE_DIR).")
+BACKEND = click.option("--backend", type=click.Choice(["gemini", "emulator", "vertex"]), default="gemini", show_default=True,
+                       help="gemini: the API (GEMINI_API_KEY, GOOGLE_GEMINI_BASE_URL); emulator: an in-process emulator "
+                            "for demos (run only); vertex: Vertex AI batch prediction (--project, --location; ADC credentials).")
+PROJECT = click.option("--project", default=None, help="Vertex AI project (default: $GOOGLE_CLOUD_PROJECT).")
+LOCATION = click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1).")
+STAGING = click.option("--staging", default=None,
+                       help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING).")
+SHARE = click.option("--share", default=None, metavar="gs://URI",
+                     help="Share this run's jobs with other collectors through GCS (see `collect --worker`).")
+SWITCH_MANIFEST = click.option("--switch-manifest", is_flag=True,
+                               help="Let this workdir and its dataset move on to another manifest than the one they hold "
+                                    "(the dataset is rewritten for it; without this flag that is refused).")
+MAX_ATTEMPTS = click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+                            help="Attempts per request before it is marked failed.")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only.")
+VERBOSE = click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+
+# The API, as commands that only talk to existing jobs reach it (no files to stage).
+api_options = _options(BACKEND, PROJECT, LOCATION)
+# What submit and run take besides the manifest's: the whole run.
+common_options = _options(WORKDIR, OUT, CACHE_DIR, BACKEND, PROJECT, LOCATION, STAGING, SHARE, SWITCH_MANIFEST,
+                          MAX_ATTEMPTS, QUIET, VERBOSE)
+
+# How a manifest's rows become requests (every command that reads a manifest).
+request_options = _options(
+    click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "tsv"]), default=None,
+                 help="Manifest format (default: by extension)."),
+    click.option("--prompt-column", default="prompt", show_default=True),
+    click.option("--id-column", default="id", show_default=True),
+    click.option("--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL",
+                 help="Default model (a `model` column overrides it per row); `batcher models` lists them. A model "
+                      "batcher does not know is asked about (models.get) before anything is sent."),
+    click.option("--aspect-ratio", default=None, help="Default aspect ratio, e.g. 16:9."),
+    click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on gemini-3.1-flash-image)."),
+    click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
+)
+TIER = click.option("--tier", type=click.Choice(["1", "2", "3"]), default="1", show_default=True,
+                            help="Your project's quota tier: sets the enqueued-token cap per model, so jobs go out in waves.")
+# How requests go out (submit and run).
+sending_options = _options(
+    click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
+    click.option("--fallback-model", default=None, metavar="MODEL",
+                 help="Model for requests that fail --max-attempts times on theirs (the row records which model made it)."),
+    click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv (exit 3)."),
+    click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
+    TIER,
+    click.option("--token-cap", type=click.IntRange(1), default=None,
+                 help="Enqueued tokens per model in flight at once (overrides --tier)."),
+)
 
 
 def manifest_options(fn):
-    options = [
-        click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "tsv"]), default=None,
-                     help="Manifest format (default: by extension)."),
-        click.option("--prompt-column", default="prompt", show_default=True),
-        click.option("--id-column", default="id", show_default=True),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, metavar="MODEL",
-                     help="Default model (a `model` column overrides it per row); `batcher models` lists them. A model "
-                          "batcher does not know is asked about (models.get) before anything is sent."),
-        click.option("--aspect-ratio", default=None, help="Default aspect ratio, e.g. 16:9."),
-        click.option("--image-size", default=None, help="Default image size: 1K, 2K, 4K (512 on gemini-3.1-flash-image)."),
-        click.option("--refresh", is_flag=True, help="Ignore the cache: generate every request again."),
-        click.option("--retry-blocked", is_flag=True, help="Send blocked requests (safety, no image) again; they are final otherwise."),
-        click.option("--fallback-model", default=None, metavar="MODEL",
-                     help="Model for requests that fail --max-attempts times on theirs (the row records which model made it)."),
-        click.option("--skip-invalid", is_flag=True, help="Submit the valid rows; write the rejects to WORKDIR/rejects.csv."),
-        click.option("--max-requests-per-job", type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
-        click.option("--tier", type=click.Choice(["1", "2", "3"]), default="1", show_default=True,
-                     help="Your project's quota tier: sets the enqueued-token cap per model, so jobs go out in waves."),
-        click.option("--token-cap", type=click.IntRange(1), default=None,
-                     help="Enqueued tokens per model in flight at once (overrides --tier)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return request_options(sending_options(fn))
 
 
 def _settings(ctx: click.Context, manifest: str | None, kw: dict) -> tuple[str | Path | None, Settings]:
@@ -196,8 +213,10 @@ def run(ctx, manifest, **kw):
 @main.command()
 @click.argument("manifest")
 @click.option("--cache-dir", type=PATH_OR_GS, default=None, help="The image cache to count hits in.")
-@manifest_options
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@request_options
+@click.option("--skip-invalid", is_flag=True, help="Estimate the valid rows only (as submit --skip-invalid would send).")
+@TIER
+@JSON
 @handle_errors
 @click.pass_context
 def estimate(ctx, manifest, as_json, **kw):
@@ -206,31 +225,59 @@ def estimate(ctx, manifest, as_json, **kw):
     click.echo(json.dumps(e.to_dict(), indent=2) if as_json else render.estimate(e))
 
 
+# The commands that act on a run already made take its job spec, or the options that find it.
+SPEC = click.argument("spec", required=False, metavar="[JOB.toml]")
+
+
+def _run_settings(ctx: click.Context, spec: str | None, kw: dict) -> Settings:
+    """The settings of a command on an existing run: from its job spec (options given win), or from the options."""
+    if spec is not None and not is_spec(spec):
+        raise click.UsageError(f"{spec!r}: {ctx.info_name} takes a job spec (a .toml file) or none: the run is found "
+                               f"by --workdir")
+    return _settings(ctx, spec, kw)[1]
+
+
 @main.command()
-@common_options
+@SPEC
+@WORKDIR
+@OUT
+@CACHE_DIR
+@api_options
+@STAGING
+@SHARE
+@SWITCH_MANIFEST
+@MAX_ATTEMPTS
 @click.option("--worker", is_flag=True,
               help="Be one of many collectors of a shared run (--share, --cache-dir gs://...): no run of your own.")
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop after this many seconds (--worker).")
+@QUIET
+@VERBOSE
 @handle_errors
 @click.pass_context
-def collect(ctx, worker, **kw):
-    """Download finished jobs, decode and cache images, requeue failures, write the dataset."""
+def collect(ctx, spec, worker, **kw):
+    """Download finished jobs, decode and cache images, requeue failures, write the dataset and its report.
+
+    The run is the one in --workdir, or the one of JOB.toml (its workdir, dataset, cache and backend)."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    _, settings = _settings(ctx, None, kw)
+    settings = _run_settings(ctx, spec, kw)
     _finish(pipeline.collect_as_worker(settings) if worker else pipeline.collect(settings))
 
 
 @main.command()
-@common_options
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@SPEC
+@WORKDIR
+@api_options
+@JSON
 @click.option("--no-refresh", is_flag=True, help="Show the ledger as it is, without asking the API.")
+@QUIET
+@VERBOSE
 @handle_errors
 @click.pass_context
-def status(ctx, as_json, no_refresh, **kw):
-    """Jobs, their 24 h windows and 48 h expiry, request counts and cost."""
+def status(ctx, spec, as_json, no_refresh, **kw):
+    """Jobs, their 24 h windows and 48 h expiry, request counts and cost (of --workdir, or of JOB.toml's run)."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    doc = pipeline.status(_settings(ctx, None, kw)[1], refresh=not no_refresh)
+    doc = pipeline.status(_run_settings(ctx, spec, kw), refresh=not no_refresh)
     click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc))
     sys.exit(doc["exit_code"])
 
@@ -238,27 +285,36 @@ def status(ctx, as_json, no_refresh, **kw):
 @main.command()
 @click.argument("jobs", nargs=-1)
 @click.option("--all", "all_jobs", is_flag=True, help="Cancel every running job of the workdir.")
-@common_options
+@WORKDIR
+@api_options
+@QUIET
+@VERBOSE
 @handle_errors
 @click.pass_context
 def cancel(ctx, jobs, all_jobs, **kw):
-    """Cancel running jobs (by display name or batches/ID), or --all."""
+    """Cancel running jobs (by display name or batches/ID), or --all. A JOB.toml first names the run by its spec:
+    `batcher cancel jobs/products.toml --all`."""
     _setup_logging(kw["verbose"], kw["quiet"])
+    spec = jobs[0] if jobs and is_spec(jobs[0]) else None
+    jobs = jobs[1:] if spec else jobs
     if not jobs and not all_jobs:
         raise click.UsageError("name the jobs to cancel, or pass --all")
-    _finish(pipeline.cancel(_settings(ctx, None, kw)[1], list(jobs) or None))
+    _finish(pipeline.cancel(_run_settings(ctx, spec, kw), list(jobs) or None))
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="The dataset (default: WORKDIR/dataset).")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--verbose", "-v", count=True)
+@SPEC
+@WORKDIR
+@click.option("--out", type=PATH_OR_GS, default=None,
+              help="The dataset (default: the one the run wrote last, else WORKDIR/dataset).")
+@QUIET
+@VERBOSE
 @handle_errors
-def report(workdir, out, quiet, verbose):
+@click.pass_context
+def report(ctx, spec, **kw):
     """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and thumbnails (no API call)."""
-    _setup_logging(verbose, quiet)
-    r = pipeline.report(Settings(workdir=workdir, out=out, quiet=quiet))
+    _setup_logging(kw["verbose"], kw["quiet"])
+    r = pipeline.report(_run_settings(ctx, spec, kw))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
     click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
 

@@ -57,6 +57,9 @@ class ModelEstimate:
 
 @dataclass
 class Estimate:
+    """What `estimate` found for a manifest: rows, requests, cache hits, tokens and dollars, batch and interactive
+    (by model), and the tier's monthly cap it is held against. `to_dict()` is `estimate --json`."""
+
     manifest: str
     rows: int = 0
     rejected: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -76,7 +77,13 @@ def command(data_dir: str | None, config_json: str | None, job_outcomes: tuple[s
         stop.set()
 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    emu = Emulator(cfg, data_dir=data_dir).start()
+    try:
+        emu = Emulator(cfg, data_dir=data_dir).start()
+    except OSError as exc:  # the port is taken, or the host is not this machine's: one line, no traceback
+        for s, h in old.items():
+            signal.signal(s, h)
+        raise click.ClickException(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+                                   + (" (use another --port, or --port 0 for a free one)" if exc.errno == errno.EADDRINUSE else "")) from None
     try:
         click.echo(emu.url)
         sys.stdout.flush()

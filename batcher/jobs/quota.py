@@ -15,6 +15,9 @@ from ..ledger import J_PLANNED, J_UPLOADING, Ledger, sending
 
 @dataclass(frozen=True)
 class Quota:
+    """The project's quota as batcher plans against it: the tier (enqueued-token caps per model, from the catalog),
+    or a `token_cap` that overrides it, and the API's other limits (concurrent jobs, Files storage)."""
+
     tier: str = "1"
     token_cap: int | None = None  # overrides the tier table for every model
     max_concurrent_jobs: int = catalog.MAX_CONCURRENT_JOBS

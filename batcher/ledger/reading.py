@@ -104,3 +104,20 @@ def set_prune_pending(ledger: Ledger, out: str, pending: bool) -> None:
             c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, '1')", (_prune_key(out),))
         else:
             c.execute("DELETE FROM meta WHERE key=?", (_prune_key(out),))
+
+
+# ---- where a run's dataset is -------------------------------------------------------------------------------
+# `report` (and anyone reading a run later) finds the dataset a run last wrote without being told its --out.
+
+def _dataset_key(run_id: int) -> str:
+    return f"dataset_out:{run_id}"
+
+
+def dataset_written(ledger: Ledger, run_id: int) -> str | None:
+    row = ledger.conn.execute("SELECT value FROM meta WHERE key=?", (_dataset_key(run_id),)).fetchone()
+    return row[0] if row else None
+
+
+def set_dataset_written(ledger: Ledger, run_id: int, out: str) -> None:
+    with ledger.transaction() as c:
+        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_dataset_key(run_id), out))

@@ -26,6 +26,9 @@ KNOWN_COLUMNS = SETTING_COLUMNS
 
 @dataclass(frozen=True)
 class ManifestOptions:
+    """How a manifest is read: its format and prompt/id columns, and the defaults for rows that do not set a column
+    (`model`, `aspect_ratio`, `image_size`, ...)."""
+
     prompt_column: str = "prompt"
     id_column: str = "id"
     format: str | None = None  # "parquet" | "csv" | "tsv"; None = by extension

@@ -228,6 +228,7 @@ def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> 
         if keep is not None:
             summary.removed = _remove_images_not_in(out, keep)
             reading.set_prune_pending(ledger, key, False)
+        reading.set_dataset_written(ledger, run_id, str(out) if gcs.is_gcs(out) else str(Path(out).absolute()))
         return summary
     except OSError as exc:
         raise BatcherError(f"output dataset {out}: cannot write it ({exc.strerror or exc}); nothing is lost: "

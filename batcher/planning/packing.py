@@ -16,6 +16,8 @@ LINE_OVERHEAD = 120  # a JSONL line's key and wrapper around the body; reference
 
 @dataclass(frozen=True)
 class ShardLimits:
+    """How big one batch job may be: requests, input bytes (the API's 2 GB per file) and expected output bytes."""
+
     max_requests: int = 1000
     max_input_bytes: int = 1_900_000_000  # under the API's 2 GB per input file
     max_output_bytes: int = 2_000_000_000  # expected base64 results, so a job's results stay retrievable
