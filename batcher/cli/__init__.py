@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -225,13 +226,26 @@ def collect(ctx, worker, **kw):
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
 @click.option("--no-refresh", is_flag=True, help="Show the ledger as it is, without asking the API.")
+@click.option("--watch", type=click.FloatRange(0.05), is_flag=False, flag_value=30.0, default=None, metavar="[SECONDS]",
+              help="Redraw every SECONDS (default 30) with the progress over the jobs, until every job has ended.")
+@click.option("--wide", is_flag=True, help="Every column, however long the lines (default: fit $COLUMNS, the terminal, or 80).")
 @handle_errors
 @click.pass_context
-def status(ctx, as_json, no_refresh, **kw):
+def status(ctx, as_json, no_refresh, watch, wide, **kw):
     """Jobs, their 24 h windows and 48 h expiry, request counts and cost."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    doc = pipeline.status(_settings(ctx, None, kw)[1], refresh=not no_refresh)
-    click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc))
+    settings = _settings(ctx, None, kw)[1]
+    if watch is None:
+        doc = pipeline.status(settings, refresh=not no_refresh)
+        click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc, wide=wide))
+        sys.exit(doc["exit_code"])
+    for doc, progress in pipeline.watch_status(settings, watch, refresh=not no_refresh):
+        if as_json:
+            click.echo(json.dumps(doc))  # one document a line
+            continue
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo(render.watched_status(doc, progress, watch, at=time.strftime("%H:%M:%S"), wide=wide) + "\n")
     sys.exit(doc["exit_code"])
 
 
