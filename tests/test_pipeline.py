@@ -516,7 +516,7 @@ def test_status_shows_planned_vs_in_flight_vs_capacity(tmp_path, emulator_env):
     common = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "-q", "--token-cap", "3000"]
     r = CliRunner().invoke(cli_main, ["submit", str(manifest(tmp_path)), "--max-requests-per-job", "2"] + common)
     assert r.exit_code == 4, r.output
-    r = CliRunner().invoke(cli_main, ["status", "--workdir", str(tmp_path / "w"), "--no-refresh"])
+    r = CliRunner().invoke(cli_main, ["status", "--workdir", str(tmp_path / "w"), "--no-refresh", "--wide"])
     line = next(x for x in r.output.splitlines() if x.startswith("capacity gemini-3.1-flash-image"))
     assert "enqueued tokens in flight" in line and "job(s)" in line and "waiting" in line
     doc = json.loads(CliRunner().invoke(cli_main, ["status", "--json", "--workdir", str(tmp_path / "w"), "--no-refresh"]).output)

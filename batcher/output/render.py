@@ -124,7 +124,7 @@ def progress_line(p: RunProgress, width: int) -> str:
     for parts in ((counts, eta, states), (counts, eta), (counts,)):
         text = "; ".join(x for x in parts if x)
         room = width - len(pct) - len(text) - 4  # "pct |bar| text"
-        if room >= 10 or parts == (counts,):
+        if room >= 5 or parts == (counts,):
             bar = _bar(p.done / p.total if p.total else 0.0, min(max(room, 0), 30))
             return f"{pct} |{bar}| {text}"[:width]
     raise AssertionError("unreachable")
@@ -133,6 +133,9 @@ def progress_line(p: RunProgress, width: int) -> str:
 def _bar(fraction: float, width: int) -> str:
     filled = int(round(fraction * width))
     return "#" * filled + " " * (width - filled)
+
+
+MIN_NAME = 12
 
 
 def status_table(doc: dict, *, width: int | None = None, wide: bool = False) -> str:
@@ -146,7 +149,8 @@ def status_table(doc: dict, *, width: int | None = None, wide: bool = False) -> 
     rows = [(j["display_name"], _job_state(j), f"{j['succeeded'] + j['failed']:,}/{j['request_count']:,}",
              f"{j['failed']:,}", _hours(j["window_hours_left"])) for j in doc["jobs"]]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    widths[0] = max(min(widths[0], width - sum(widths[1:]) - 2 * (len(head) - 1)), len(head[0]))
+    # the name takes what the other columns leave; below MIN_NAME (a terminal under ~70 columns) lines run over
+    widths[0] = max(min(widths[0], width - sum(widths[1:]) - 2 * (len(head) - 1)), MIN_NAME)
     lines = [_row((elide(r[0], widths[0]),) + r[1:], widths, right=(2, 3)) for r in [head] + rows]
     for j in doc["jobs"]:
         for w in j["warnings"]:
