@@ -429,7 +429,7 @@ def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkey
     s = settings(tmp_path, quiet=False)
     assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
     err = capsys.readouterr().err
-    assert "requests" in err and "download" in err and "images" in err
+    assert "succeeded, 0 failed" in err and "download" in err and "decode" in err and "upload" in err
 
 
 @pytest.mark.slow
