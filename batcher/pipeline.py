@@ -29,19 +29,22 @@ from .faults import maybe_crash
 from .jobs import lifecycle as jobs_mod
 from .jobs.quota import why_not_now
 from .ledger import (
-    BLOCKED, FAILED, J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
-    J_UPLOADING, PLANNED, QUEUED, SUCCEEDED, DatabaseError, Ledger, WorkdirLock, sending,
+    J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
+    J_UPLOADING, PLANNED, QUEUED, DatabaseError, Ledger, WorkdirLock, sending,
 )
 from .ledger import reading
 from .ledger.reading import image_counts, run_spend_usd
 from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
 from .output.dataset import DatasetSummary, check_owner, write_dataset
-from .output.render import image_statuses, lost_images_note, plan_images, plural, rows_read, run_line, spend_limit_note
+from .output.render import (
+    image_statuses, lost_images_note, plan_images, plural, progress_line, rows_read, run_line, spend_limit_note,
+)
 from .output.status import status_document
 from .manifest import locate
 from .planning.planner import PlanResult, manifest_identity, plan_fallbacks, plan_manifest, run_result, shard
-from .progress import Progress
+from .output import live
+from .progress import Progress, label
 from .results.collect import CollectStats, collect_job
 from .results.share import Share, export_records, import_records
 from .settings import Settings, is_spec
@@ -236,7 +239,7 @@ def _send_pending(ws: Workspace, ledger: Ledger, backend, quota) -> int:
             log.info("%s waits: %s", job["display_name"], wait_reason)
             continue  # a later wave, as earlier jobs finish (another model's job may still fit)
         if job["state"] in (J_PLANNED, J_UPLOADING):
-            with ws.progress.bytes(f"upload {job['display_name']}", job["input_bytes"]) as bar:
+            with ws.progress.bytes(label("upload", job["display_name"]), job["input_bytes"]) as bar:
                 jobs_mod.upload_job(ledger, backend, job["id"], refs, on_bytes=bar.update)
         if not jobs_mod.create_job(ledger, backend, job["id"], webhook_uris=ws.settings.webhook_uris,
                                    on_wait=lambda exc: wait_for_capacity(ws, exc)):
@@ -296,8 +299,8 @@ def collect_finished(ws: Workspace) -> CollectStats:
         if share is not None and job["state"] == J_SUCCEEDED:
             _collect_shared_job(ws, share, job, stats)
             continue
-        with ws.progress.bytes(f"download {job['display_name']}", None) as dbar, \
-                ws.progress.count(f"images {job['display_name']}", job["request_count"]) as ibar:
+        with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
+                ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
             collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
                         on_bytes=dbar.update, on_image=ibar.update)
     for e in stats.errors:
@@ -511,11 +514,12 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
         settings.check_backend()
     with open_workspace(settings, backend_factory) as ws:
         p = plan(ws, manifest)
-        total = p.requests
+        ended_before = {j["id"] for j in ws.ledger.jobs((J_COLLECTED,))}  # the run's progress counts the others
+        watch = live.JobsWatch()
         deadline_passed = stopped_at_deadline = False
         counts = counts_after_plan(ws.ledger, p)  # then kept current at the end of each round (nothing else writes)
         limit: SpendLimitError | None = None
-        with ws.progress.count("requests", total) as bar, ws.ledger.change_counter() as changes:
+        with ws.progress.line() as line, ws.ledger.change_counter() as changes:
             counted_at = changes()
             while True:
                 if not deadline_passed and settings.deadline is not None and time.time() >= settings.deadline \
@@ -538,7 +542,10 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
                 if changes() != counted_at:  # a round that changed no request (a job still running) keeps them
                     counts = run_counts(ws.ledger, p.run_id)
                     counted_at = changes()
-                bar.set_to(counts[SUCCEEDED] + counts[BLOCKED] + counts[FAILED])
+                if ws.progress.enabled:
+                    jobs = [j for j in ws.ledger.jobs() if j["id"] not in ended_before]
+                    progress = watch.observe(live.from_ledger(jobs), unsent=counts[PLANNED])
+                    line.show(lambda width: progress_line(progress, width))
                 if not counts[PLANNED] and not counts[QUEUED]:
                     break
                 if limit is not None:
@@ -662,6 +669,24 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
                 raise NoApiKey(f"no API key to ask about {plural(len(running), 'running job')}: set GEMINI_API_KEY (or "
                                f"GOOGLE_API_KEY), or pass --no-refresh to show the ledger as it is") from None
         return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)
+
+
+def watch_status(settings: Settings, every: float, *, refresh: bool = True, backend_factory=None,
+                 sleep: Callable[[float], None] = time.sleep) -> Iterator[tuple[dict, live.RunProgress]]:
+    """`status` every `every` seconds (`batcher status --watch`): yields each status document with the progress
+    over the jobs not collected when the watch began (output.live: the API's counts, time in state, ETA), until no
+    job is running at the API any more (that document is the last). The workdir is locked only while it is read."""
+    watch = live.JobsWatch()
+    ended_before: set[str] | None = None
+    while True:
+        doc = status(settings, refresh=refresh, backend_factory=backend_factory)
+        if ended_before is None:
+            ended_before = {j["display_name"] for j in doc["jobs"] if j["collected"]}
+        jobs = [j for j in doc["jobs"] if j["display_name"] not in ended_before]
+        yield doc, watch.observe(live.from_document(jobs), unsent=doc["requests"].get(PLANNED, 0))
+        if not any(j["state"] == J_SUBMITTED for j in doc["jobs"]):
+            return
+        sleep(every)
 
 
 def report(settings: Settings, *, now=None) -> "ReportSummary":

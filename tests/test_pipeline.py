@@ -249,7 +249,7 @@ def test_cli_submit_status_collect(tmp_path, emulator_env):
     import time
 
     for _ in range(100):
-        r = runner.invoke(main, ["status", "--json"] + common)
+        r = runner.invoke(main, ["status", "--json", "--workdir", str(tmp_path / "w")])
         doc = json.loads(r.output)
         if doc["jobs"][0]["api_state"] == "SUCCEEDED":
             break
@@ -265,7 +265,7 @@ def test_cli_submit_status_collect(tmp_path, emulator_env):
     # Counted as the dataset counts them: 6 images (rows x variants), of which two share a request.
     assert "6 images (5 requests, 0 from the cache)" in r.output and "images: 6 ok," in r.output, r.output
     assert len(pq.read_table(tmp_path / "o" / "metadata.parquet")) == 6
-    r = runner.invoke(main, ["status"] + common)
+    r = runner.invoke(main, ["status", "--workdir", str(tmp_path / "w")])
     assert "collected" in r.output and r.exit_code == 0
 
 
@@ -429,7 +429,7 @@ def test_progress_bars_on_a_terminal(tmp_path, emulator, backend_factory, monkey
     s = settings(tmp_path, quiet=False)
     assert pipeline.run(manifest(tmp_path), s, backend_factory=backend_factory).exit_code == 0
     err = capsys.readouterr().err
-    assert "requests" in err and "download" in err and "images" in err
+    assert "succeeded, 0 failed" in err and "download" in err and "decode" in err and "upload" in err
 
 
 @pytest.mark.slow
@@ -516,7 +516,7 @@ def test_status_shows_planned_vs_in_flight_vs_capacity(tmp_path, emulator_env):
     common = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "c"), "-q", "--token-cap", "3000"]
     r = CliRunner().invoke(cli_main, ["submit", str(manifest(tmp_path)), "--max-requests-per-job", "2"] + common)
     assert r.exit_code == 4, r.output
-    r = CliRunner().invoke(cli_main, ["status", "--workdir", str(tmp_path / "w"), "--no-refresh"])
+    r = CliRunner().invoke(cli_main, ["status", "--workdir", str(tmp_path / "w"), "--no-refresh", "--wide"])
     line = next(x for x in r.output.splitlines() if x.startswith("capacity gemini-3.1-flash-image"))
     assert "enqueued tokens in flight" in line and "job(s)" in line and "waiting" in line
     doc = json.loads(CliRunner().invoke(cli_main, ["status", "--json", "--workdir", str(tmp_path / "w"), "--no-refresh"]).output)

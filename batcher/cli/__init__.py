@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -270,15 +271,28 @@ def collect(ctx, spec, worker, **kw):
 @api_options
 @JSON
 @click.option("--no-refresh", is_flag=True, help="Show the ledger as it is, without asking the API.")
+@click.option("--watch", type=click.FloatRange(0.05), is_flag=False, flag_value=30.0, default=None, metavar="[SECONDS]",
+              help="Redraw every SECONDS (default 30) with the progress over the jobs, until every job has ended.")
+@click.option("--wide", is_flag=True, help="Every column, however long the lines (default: fit $COLUMNS, the terminal, or 80).")
 @QUIET
 @VERBOSE
 @handle_errors
 @click.pass_context
-def status(ctx, spec, as_json, no_refresh, **kw):
+def status(ctx, spec, as_json, no_refresh, watch, wide, **kw):
     """Jobs, their 24 h windows and 48 h expiry, request counts and cost (of --workdir, or of JOB.toml's run)."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    doc = pipeline.status(_run_settings(ctx, spec, kw), refresh=not no_refresh)
-    click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc))
+    settings = _run_settings(ctx, spec, kw)
+    if watch is None:
+        doc = pipeline.status(settings, refresh=not no_refresh)
+        click.echo(json.dumps(doc, indent=2) if as_json else render.status_table(doc, wide=wide))
+        sys.exit(doc["exit_code"])
+    for doc, progress in pipeline.watch_status(settings, watch, refresh=not no_refresh):
+        if as_json:
+            click.echo(json.dumps(doc))  # one document a line
+            continue
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo(render.watched_status(doc, progress, watch, at=time.strftime("%H:%M:%S"), wide=wide) + "\n")
     sys.exit(doc["exit_code"])
 
 

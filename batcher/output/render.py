@@ -3,6 +3,8 @@ phrases of command summaries. The library returns data (documents, dataclasses);
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from typing import TYPE_CHECKING
 
 from ..cost.money import usd
@@ -13,6 +15,7 @@ if TYPE_CHECKING:
     from ..planning.planner import PlanResult
     from ..errors import SpendLimitError
     from .dataset import DatasetSummary
+    from .live import RunProgress
 
 
 # ---- command summaries ---------------------------------------------------------------------------------
@@ -81,22 +84,126 @@ def lost_images_note(ds: DatasetSummary) -> str:
 # ---- documents -------------------------------------------------------------------------------------------
 
 
-def status_table(doc: dict) -> str:
+def terminal_width() -> int:
+    """Columns to print in: $COLUMNS if set, else the terminal's, else 80 (a pipe): a script that wants every
+    column asks for `--wide` or `--json`."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def elide(text: str, width: int) -> str:
+    """`text` in at most `width` characters, cut in the middle; two thirds of what is kept is the end (where a
+    job's name has its number)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    tail = (width - 1) * 2 // 3
+    return text[: width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def duration(seconds: float) -> str:
+    """45s, 4m10s, 2h05m, 3d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def progress_line(p: RunProgress, width: int) -> str:
+    """A run's progress in at most `width` characters: a bar, the API's counts over its jobs, the ETA, and each
+    live state with how many jobs are in it and the longest time one has been (`2 running 4m10s`). What does not
+    fit is left out whole, the job states first, then the ETA."""
+    pct = f"{p.done / p.total:4.0%}" if p.total else "  -%"
+    counts = f"{p.succeeded:,} succeeded, {p.failed:,} failed, {p.pending:,} pending"
+    eta = "ETA " + (duration(p.eta_seconds) if p.eta_seconds is not None else "-")
+    states = ", ".join(f"{n} {state} {duration(age)}" for state, n, age in p.states)
+    for parts in ((counts, eta, states), (counts, eta), (counts,)):
+        text = "; ".join(x for x in parts if x)
+        room = width - len(pct) - len(text) - 4  # "pct |bar| text"
+        if room >= 5 or parts == (counts,):
+            bar = _bar(p.done / p.total if p.total else 0.0, min(max(room, 0), 30))
+            return f"{pct} |{bar}| {text}"[:width]
+    raise AssertionError("unreachable")
+
+
+def _bar(fraction: float, width: int) -> str:
+    filled = int(round(fraction * width))
+    return "#" * filled + " " * (width - filled)
+
+
+MIN_NAME = 12
+
+
+def status_table(doc: dict, *, width: int | None = None, wide: bool = False) -> str:
+    """The status for people. In `width` columns (default: terminal_width()): each job's name (cut in the middle
+    to fit), state, lines done of its total, failed lines and hours left of its 24 h window, then its warnings and
+    the run's counts, wrapped at words. `wide`: every column, however long the lines."""
+    if wide:
+        return _wide_status_table(doc)
+    width = width or terminal_width()
+    head = ("JOB", "STATE", "DONE", "FAILED", "WINDOW LEFT")
+    rows = [(j["display_name"], _job_state(j), f"{j['succeeded'] + j['failed']:,}/{j['request_count']:,}",
+             f"{j['failed']:,}", _hours(j["window_hours_left"])) for j in doc["jobs"]]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    # the name takes what the other columns leave; below MIN_NAME (a terminal under ~70 columns) lines run over
+    widths[0] = max(min(widths[0], width - sum(widths[1:]) - 2 * (len(head) - 1)), MIN_NAME)
+    lines = [_row((elide(r[0], widths[0]),) + r[1:], widths, right=(2, 3)) for r in [head] + rows]
+    for j in doc["jobs"]:
+        for w in j["warnings"]:
+            lines += textwrap.wrap(f"warning: {elide(j['display_name'], 30)}: {w}", width, subsequent_indent="  ")
+    lines.append("")
+    for line in _status_totals(doc):
+        lines += textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def watched_status(doc: dict, progress: RunProgress, every: float, *, at: str, width: int | None = None,
+                   wide: bool = False) -> str:
+    """A redraw of `status --watch`: when and how often, the progress line, then the status table."""
+    width = width or terminal_width()
+    head = elide(f"status at {at}, every {every:g}s until every job has ended (Ctrl-C stops)", width)
+    return "\n".join([head, progress_line(progress, width), "", status_table(doc, width=width, wide=wide)])
+
+
+def _row(cells, widths, right=()) -> str:
+    return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def _job_state(j: dict) -> str:
+    if j.get("collected"):
+        return f"{j['outcome']}, collected"
+    if j["state"] == "submitted" and j["api_state"]:
+        return j["api_state"].lower()
+    return j["state"]
+
+
+def _hours(h: float | None) -> str:
+    return "-" if h is None else f"{h:.1f}h"
+
+
+def _wide_status_table(doc: dict) -> str:
     head = ("JOB", "STATE", "DONE", "OK", "BLOCKED", "FAILED", "PENDING", "AGE", "WINDOW LEFT", "EXPIRES IN", "WARNINGS")
     rows = [head]
     for j in doc["jobs"]:
-        fmt = lambda h: "-" if h is None else f"{h:.1f}h"  # noqa: E731
         known = lambda n: "-" if n is None else str(n)  # noqa: E731  (ok and blocked: known once collected)
         state = j["state"] + (f" ({j['api_state']})" if j["api_state"] and j["state"] == "submitted" else "")
         if j.get("collected"):
             state = f"{j['outcome']}, collected"
         rows.append((j["display_name"], state, str(j["succeeded"]), known(j.get("ok")), known(j.get("blocked")),
-                     str(j["failed"]), str(j["pending"]), fmt(j["age_hours"]), fmt(j["window_hours_left"]),
-                     fmt(j["expiry_hours_left"]), "; ".join(j["warnings"])))
+                     str(j["failed"]), str(j["pending"]), _hours(j["age_hours"]), _hours(j["window_hours_left"]),
+                     _hours(j["expiry_hours_left"]), "; ".join(j["warnings"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = [_row(r, widths) for r in rows]
+    return "\n".join(lines + [""] + _status_totals(doc))
+
+
+def _status_totals(doc: dict) -> list[str]:
     c, i = doc["requests"], doc.get("images") or {}
-    lines.append("")
+    lines = []
     if i:
         lines.append(f"images: {i['ok']:,} ok, {i['blocked']:,} blocked, {i['failed']:,} failed, {i['pending']:,} pending")
     lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
@@ -107,7 +214,7 @@ def status_table(doc: dict) -> str:
         lines.append(f"capacity {model}: {cap['in_flight_tokens']:,} of {limit} enqueued tokens in flight; "
                      f"{cap['jobs_waiting']} job(s) ({cap['waiting_tokens']:,} tokens) waiting; "
                      f"{cap['requests_not_in_jobs']} request(s) not in a job yet")
-    return "\n".join(lines)
+    return lines
 
 
 def estimate(e: Estimate) -> str:

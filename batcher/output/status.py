@@ -38,11 +38,9 @@ def _job(j, now: float, results: dict[str, int]) -> dict:
     line that succeeded); once it is collected, `ok` and `blocked` are what its lines gave: images, and no image.
     `outcome` is how it ended (succeeded, failed, expired, cancelled), kept after it is collected; a job that has
     ended has no window or expiry left to count down."""
-    stats = json.loads(j["stats_json"]) if j["stats_json"] else {}
     created = parse_time(j["api_created_at"])
     n = j["request_count"]
-    succeeded = stats.get("successfulRequestCount", 0)
-    failed = stats.get("failedRequestCount", 0)
+    succeeded, failed, pending = api_counts(j["stats_json"], n)
     active = j["state"] == J_SUBMITTED
     collected = j["state"] == J_COLLECTED
     outcome = j["state"] if j["state"] in JOB_TERMINAL_API else normalize_state(j["api_state"]).lower() if collected else None
@@ -64,9 +62,18 @@ def _job(j, now: float, results: dict[str, int]) -> dict:
         "outcome": outcome, "collected": collected,
         "ok": results.get(SUCCEEDED, 0) if collected else None, "blocked": results.get(BLOCKED, 0) if collected else None,
         "request_count": n, "succeeded": succeeded, "failed": failed,
-        "pending": stats.get("pendingRequestCount", max(n - succeeded - failed, 0)) if active or j["state"] == J_UPLOADED else 0,
+        "pending": pending if active or j["state"] == J_UPLOADED else 0,
         "error": j["error"], "warnings": warnings,
     }
+
+
+def api_counts(stats_json: str | None, request_count: int) -> tuple[int, int, int]:
+    """A job's succeeded, failed and pending lines as the API last counted them (its batchStats, stored by the
+    poller in the ledger's jobs.stats_json); pending: all not counted yet when the API gives no figure."""
+    stats = json.loads(stats_json) if stats_json else {}
+    succeeded = stats.get("successfulRequestCount", 0)
+    failed = stats.get("failedRequestCount", 0)
+    return succeeded, failed, stats.get("pendingRequestCount", max(request_count - succeeded - failed, 0))
 
 
 def _hours_left(created: float | None, hours: float, now: float) -> float | None:
