@@ -371,13 +371,12 @@ def cache_gc(cache_dir, as_json, quiet, verbose, older_than, max_bytes, keep_wor
     from ..storage import housekeeping
 
     _setup_logging(verbose, quiet)
+    older_than = housekeeping.parse_age(older_than, "--older-than") if older_than is not None else None
+    max_bytes = housekeeping.parse_size(max_bytes, "--max-bytes") if max_bytes is not None else None
+    min_age = housekeeping.parse_age(min_age, "--min-age")
     keep = set().union(*(referenced_hashes(w) for w in keep_workdirs)) if keep_workdirs else None
-    result = housekeeping.gc(
-        open_store(cache_dir),
-        older_than=housekeeping.parse_age(older_than, "--older-than") if older_than is not None else None,
-        max_bytes=housekeeping.parse_size(max_bytes, "--max-bytes") if max_bytes is not None else None,
-        keep=keep, min_age=housekeeping.parse_age(min_age, "--min-age"), dry_run=dry_run,
-        progress=Progress(quiet))
+    result = housekeeping.gc(open_store(cache_dir), older_than=older_than, max_bytes=max_bytes, keep=keep,
+                             min_age=min_age, dry_run=dry_run, progress=Progress(quiet))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render.cache_gc(result))
 
 

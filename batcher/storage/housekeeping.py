@@ -235,9 +235,11 @@ def _in_threads(fn: Callable, items: Iterable, workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def _workers(cache, workers: int | None) -> int:
-    # GCS: each read is a round trip, so many at once; locally reads are fast and the checks hold the GIL (small images).
-    return workers if workers is not None else 16 if isinstance(cache, _GcsCache) else 2
+def _workers(cache, workers: int | None, local: int = 1) -> int:
+    """GCS: each call is a round trip, so many at once. Locally, threads pay off only for large images (reading,
+    CRC and SHA-256 release the GIL: 2 threads verify 1.5 MB images ~20% faster); for the small .json files stats
+    reads, and for unlinks, one thread is faster (measured, 20,000 entries)."""
+    return workers if workers is not None else 16 if isinstance(cache, _GcsCache) else local
 
 
 def _read_meta(cache, entry: Entry) -> dict | None:
@@ -383,7 +385,7 @@ def verify(store, *, quarantine: bool = True, min_age: float = DEFAULT_MIN_AGE, 
     out = VerifyReport(cache.name)
     temps: list[CacheFile] = []
     entries = (e for e in _listed(cache, progress or Progress(), temps, "cache verify") if e.images)
-    for entry, problem, compared, nbytes in _in_threads(lambda e: _check(cache, e), entries, _workers(cache, workers)):
+    for entry, problem, compared, nbytes in _in_threads(lambda e: _check(cache, e), entries, _workers(cache, workers, local=2)):
         out.checked += 1
         out.bytes_read += nbytes
         out.without_digest += not compared
