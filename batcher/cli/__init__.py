@@ -307,7 +307,7 @@ def _cache_options(fn):
     return fn
 
 
-_MIN_AGE_HELP = ("Leave alone anything changed more recently than this (default 1h): a collect writes an entry's "
+_MIN_AGE_HELP = ("Leave alone anything changed more recently than this: a collect writes an entry's "
                  ".json a moment before its image and `--refresh` replaces entries in place, so a young entry may "
                  "be half-way through a write. Temp files of writes are never touched.")
 
