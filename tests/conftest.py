@@ -7,7 +7,7 @@ import pytest
 from batcher.backends.gemini import Connection, GeminiBackend
 from batcher.backends.retry import RetryPolicy
 
-pytest_plugins = ["tests.emulator_support"]  # the emulator tests' fixtures: emu, c
+pytest_plugins = ["tests.emulator_support", "tests.gcs_support"]  # fixtures: the emulator tests' emu, c; a GCS bucket
 
 
 @pytest.fixture(autouse=True)

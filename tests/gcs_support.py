@@ -8,15 +8,20 @@ create-if-absent writes can fail. Pinned to gcp-storage-emulator 2026.7.19 (its 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import uuid
+from datetime import datetime, timezone
 from http import HTTPStatus
 
+import pytest
 from gcp_storage_emulator import server as gcs_server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
 _lock = threading.Lock()
 _installed = False
+_running: dict[str, object] = {}  # URL -> the emulator's server
 
 
 def _object_name(request) -> str | None:
@@ -68,9 +73,41 @@ def gcs_emulator():
     install_preconditions()
     srv = gcs_server.create_server("127.0.0.1", 0, in_memory=True)
     srv.start()
+    url = None
     try:
         srv._api.is_running.wait(5)
         host, port = srv._api._httpd.server_address[:2]  # port 0: the OS chose it
-        yield f"http://{host}:{port}"
+        url = f"http://{host}:{port}"
+        _running[url] = srv
+        yield url
     finally:
+        _running.pop(url, None)
         srv.stop()
+
+
+def set_updated(uri: str, when: float) -> None:
+    """Make the emulator show gs://BUCKET/NAME as last written at `when` (epoch seconds), as an object written
+    that long ago shows on real GCS (which sets the time itself). Uses the emulator STORAGE_EMULATOR_HOST names."""
+    srv = _running[os.environ["STORAGE_EMULATOR_HOST"]]
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    srv._storage.objects[bucket][name]["updated"] = datetime.fromtimestamp(when, timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.fixture(scope="module")
+def gcs_url():
+    with gcs_emulator() as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(gcs_url, monkeypatch):
+    """A fresh bucket (gs://NAME) on the module's GCS emulator, with the client pointed at it."""
+    from batcher.storage import gcs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    gcs.client.cache_clear()
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    gcs.client().create_bucket(name)
+    yield f"gs://{name}"
+    gcs.client.cache_clear()

@@ -58,6 +58,14 @@ def commands(block: Block) -> list[str]:
     return out
 
 
+def test_every_example_says_its_language():
+    """An unlabelled fence would hide a shell example from the test below."""
+    text = README.read_text(encoding="utf-8")
+    fences = re.findall(r"^```(.*)$", text, flags=re.M)
+    assert len(fences) % 2 == 0
+    assert all(fences[i] for i in range(0, len(fences), 2)), "a README example without a language after its ```"
+
+
 def test_every_shell_example_runs_or_says_why_not():
     shell = [b for b in blocks(README.read_text(encoding="utf-8")) if b.lang in SHELL]
     assert len(shell) >= 6

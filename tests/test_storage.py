@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
@@ -56,7 +57,10 @@ def test_store_verifies_and_writes_atomically(tmp_path):
     h = "a" * 64
     assert not store.has(h)
     path = store.put(h, png_bytes(), {"model": "m"})
-    assert store.find(h) == path and path.suffix == ".png" and store.meta(h) == {"model": "m"}
+    assert store.find(h) == path and path.suffix == ".png"
+    assert store.meta(h) == {"model": "m", "sha256": hashlib.sha256(png_bytes()).hexdigest()}  # every put records it
+    store.put("d" * 64, png_bytes((1, 2, 3)))  # a writer without meta of its own gets the digest too
+    assert store.meta("d" * 64) == {"sha256": hashlib.sha256(png_bytes((1, 2, 3))).hexdigest()}
     with pytest.raises(InvalidImage):
         store.put("b" * 64, b"not an image at all")
     with pytest.raises(InvalidImage):

@@ -6,25 +6,6 @@ import pytest
 
 from batcher.storage import gcs
 from batcher.errors import UsageError
-from tests.gcs_support import gcs_emulator
-
-
-@pytest.fixture(scope="module")
-def gcs_url():
-    with gcs_emulator() as url:
-        yield url
-
-
-@pytest.fixture
-def bucket(gcs_url, monkeypatch):
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
-    gcs.client.cache_clear()
-    import uuid
-
-    name = f"b-{uuid.uuid4().hex[:10]}"
-    gcs.client().create_bucket(name)
-    yield f"gs://{name}"
-    gcs.client.cache_clear()
 
 
 def test_create_if_absent_never_clobbers(bucket):

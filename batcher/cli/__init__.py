@@ -18,6 +18,7 @@ from ..ledger import DatabaseError
 from ..output import render
 from ..settings import Settings, is_spec
 from ..storage import gcs
+from ..storage.store import open_store
 
 log = logging.getLogger("batcher")
 
@@ -349,6 +350,104 @@ def models(as_json, include_shut_down, offline, backend, verbose):
     _setup_logging(verbose, False)
     doc = describe_models(backend=None if offline else backend, include_shut_down=include_shut_down)
     click.echo(json.dumps(doc, indent=2) if as_json else render.models(doc))
+
+
+@main.group()
+def cache():
+    """Look after the image cache (local or gs://): what it holds, whether its images are whole, making room.
+
+    \b
+    batcher cache stats                     entries and bytes, by model and by age
+    batcher cache verify                    every image decodes and matches its digest; bad ones moved aside
+    batcher cache gc --older-than 30d       remove old entries (--dry-run first to see what would go)
+    """
+
+
+def _cache_options(fn):
+    # Explicit on each `cache` command (not the run commands' shared options): these are all they take.
+    for option in reversed([
+        click.option("--cache-dir", type=PATH_OR_GS, default=None,
+                     help="The image cache: a directory or gs://BUCKET/PREFIX (default: the user cache dir, or "
+                          "$BATCHER_CACHE_DIR, as for the other commands)."),
+        click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+        click.option("--verbose", "-v", count=True, help="More logging (-v, -vv)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+_MIN_AGE_HELP = ("Leave alone anything changed more recently than this: a collect writes an entry's "
+                 ".json a moment before its image and `--refresh` replaces entries in place, so a young entry may "
+                 "be half-way through a write. Temp files of writes are never touched.")
+
+
+@cache.command("stats")
+@_cache_options
+@handle_errors
+def cache_stats(cache_dir, as_json, quiet, verbose):
+    """Entries and bytes of the cache, by model and by age (when each image was written)."""
+    from ..progress import Progress
+    from ..storage import housekeeping
+
+    _setup_logging(verbose, quiet)
+    result = housekeeping.stats(open_store(cache_dir), progress=Progress(quiet))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render.cache_stats(result))
+
+
+@cache.command("verify")
+@_cache_options
+@click.option("--min-age", default="1h", show_default=True, metavar="AGE",
+              help="Bad entries changed more recently than this are reported but left in place (a collect may be "
+                   "replacing them).")
+@click.option("--no-quarantine", is_flag=True, help="Only report bad entries; move nothing.")
+@handle_errors
+def cache_verify(cache_dir, as_json, quiet, verbose, min_age, no_quarantine):
+    """Read every image: it must decode and match the SHA-256 its .json records (entries written before digests
+    were recorded: decoding only, counted as "no digest"). Bad entries are moved to CACHE/quarantine/WHEN/ (kept,
+    never deleted), so the next run generates them again.
+
+    \b
+    Exit codes: 0 every image is whole; 3 bad entries were found (listed); 2 usage; 1 any other error.
+    """
+    from ..progress import Progress
+    from ..storage import housekeeping
+
+    _setup_logging(verbose, quiet)
+    result = housekeeping.verify(open_store(cache_dir), quarantine=not no_quarantine,
+                                 min_age=housekeeping.parse_age(min_age, "--min-age"),
+                                 progress=Progress(quiet))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render.cache_verify(result))
+    sys.exit(3 if result.bad else 0)
+
+
+@cache.command("gc")
+@_cache_options
+@click.option("--older-than", default=None, metavar="AGE", help="Remove entries whose image was written longer ago "
+              "than this: 30d, 12h, 2w.")
+@click.option("--max-bytes", default=None, metavar="SIZE", help="Then remove the oldest entries until the cache "
+              "holds at most this much: 50G, 500M (G = 2**30 bytes).")
+@click.option("--keep-referenced", "keep_workdirs", multiple=True, type=click.Path(path_type=Path), metavar="WORKDIR",
+              help="Never remove what this workdir's ledger names (repeatable); given alone, remove everything else.")
+@click.option("--min-age", default="1h", show_default=True, metavar="AGE", help=_MIN_AGE_HELP)
+@click.option("--dry-run", is_flag=True, help="Show what would go (count, bytes, examples); remove nothing.")
+@handle_errors
+def cache_gc(cache_dir, as_json, quiet, verbose, older_than, max_bytes, keep_workdirs, min_age, dry_run):
+    """Make room: remove entries by age, to a size budget, or all but those some workdirs use. An entry's image
+    goes before its .json; local datasets hard-link their images, so those keep their space until the dataset
+    goes too."""
+    from ..ledger.reading import referenced_hashes
+    from ..progress import Progress
+    from ..storage import housekeeping
+
+    _setup_logging(verbose, quiet)
+    older_than = housekeeping.parse_age(older_than, "--older-than") if older_than is not None else None
+    max_bytes = housekeeping.parse_size(max_bytes, "--max-bytes") if max_bytes is not None else None
+    min_age = housekeeping.parse_age(min_age, "--min-age")
+    keep = set().union(*(referenced_hashes(w) for w in keep_workdirs)) if keep_workdirs else None
+    result = housekeeping.gc(open_store(cache_dir), older_than=older_than, max_bytes=max_bytes, keep=keep,
+                             min_age=min_age, dry_run=dry_run, progress=Progress(quiet))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render.cache_gc(result))
 
 
 class _LazyEmulatorCommand(click.Command):

@@ -1,12 +1,16 @@
-"""What the outputs read: the dataset's rows of a run (every row with its request's outcome, in manifest order)
-and what a run has paid."""
+"""What the outputs read: the dataset's rows of a run (every row with its request's outcome, in manifest order),
+what a run has paid, and which cached images a workdir still names."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from pathlib import Path
 from typing import Iterator
 
+from ..errors import UsageError
 from .core import Ledger
-from .schema import BLOCKED, SUCCEEDED
+from .schema import BLOCKED, BUSY_TIMEOUT_MS, SUCCEEDED
 
 # The columns of dataset_rows, in order.
 DATASET_COLUMNS = ("row", "id", "variant", "prompt", "request_hash", "extra_json", "state", "error", "finish_reason",
@@ -121,3 +125,24 @@ def dataset_written(ledger: Ledger, run_id: int) -> str | None:
 def set_dataset_written(ledger: Ledger, run_id: int, out: str) -> None:
     with ledger.transaction() as c:
         c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_dataset_key(run_id), out))
+
+# ---- what a workdir names in the cache -------------------------------------------------------------------------
+
+def referenced_hashes(workdir: str | os.PathLike) -> set[str]:
+    """Every request hash the workdir's ledger names (its requests, and every run's rows): the cache entries its
+    datasets and runs use (`batcher cache gc --keep-referenced`). The ledger is opened read-only and not locked: a
+    command running in that workdir goes on undisturbed, and nothing is migrated or created."""
+    path = Path(workdir) / "ledger.sqlite"
+    if not path.is_file():
+        raise UsageError(f"--keep-referenced {workdir}: no ledger there ({path} is missing); name a workdir "
+                         "a run was made in")
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        query = conn.cursor()
+        query.execute("SELECT hash FROM requests UNION SELECT request_hash FROM rows")
+        hashes: set[str] = set()
+        while page := query.fetchmany(10_000):
+            hashes.update(h for (h,) in page)
+        return hashes
+    finally:
+        conn.close()

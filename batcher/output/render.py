@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..errors import SpendLimitError
     from .dataset import DatasetSummary
     from .live import RunProgress
+    from ..storage.housekeeping import CacheStats, GcReport, VerifyReport
 
 
 # ---- command summaries ---------------------------------------------------------------------------------
@@ -282,4 +283,98 @@ def models(doc: dict) -> str:
         lines.append(f"The API's model list could not be read: {doc['api_error']}")
     else:
         lines.append("Set GEMINI_API_KEY to also list the image models the API serves for batch jobs.")
+    return "\n".join(lines)
+
+
+# ---- batcher cache -------------------------------------------------------------------------------------------
+
+def size(n: int) -> str:
+    """Bytes for people, binary units as `--max-bytes` reads them: 812 B, 3.4 KiB, 1.2 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _entries(n: int) -> str:
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{seconds:.1f} s, {n / seconds:,.0f} images/s" if seconds > 0 else f"{seconds:.1f} s"
+
+
+def cache_stats(st: "CacheStats") -> str:
+    lines = [f"cache {st.root}"]
+    width = max([len(m) for m in st.by_model] + [8])
+    if st.by_model:
+        lines.append("by model:")
+        lines += [f"  {m:<{width}}  {t.entries:>9,}  {size(t.bytes):>10}" for m, t in st.by_model.items()]
+        lines.append("by age (when the image was written):")
+        lines += [f"  {a:<{width}}  {t.entries:>9,}  {size(t.bytes):>10}" for a, t in st.by_age.items()]
+    notes = []
+    if st.without_meta:
+        notes.append(f"{plural(st.without_meta, 'image')} without a readable .json (counted as model 'unknown')")
+    if st.orphan_meta:
+        notes.append(f"{plural(st.orphan_meta, '.json')} without an image (a write under way, or an interrupted gc; "
+                     "gc removes them once old)")
+    if st.temp_files:
+        notes.append(f"{plural(st.temp_files, 'temp file')} ({size(st.temp_bytes)}) of writes under way or killed; "
+                     "never removed by gc")
+    if st.linked_bytes:
+        notes.append(f"{size(st.linked_bytes)} of images are hard-linked by datasets too (removing them from the "
+                     "cache frees no space while the dataset keeps them)")
+    lines += [f"note: {n}" for n in notes]
+    lines.append(f"cache stats: {plural(st.entries, 'image')}, {size(st.bytes)} ({_rate(st.entries, st.seconds)})")
+    return "\n".join(lines)
+
+
+def cache_verify(r: "VerifyReport") -> str:
+    lines = []
+    for b in r.bad[:50]:
+        where = f"moved to {b.moved_to[0].rsplit('/', 2)[0]}/" if b.moved_to else "left in place (changed recently)"
+        lines.append(f"bad: {b.hash}: {b.reason}; {where}")
+    if len(r.bad) > 50:
+        lines.append(f"... and {len(r.bad) - 50:,} more (--json lists them all)")
+    moved = sum(1 for b in r.bad if b.moved_to)
+    tail = ""
+    if r.bad:
+        tail = (f"; {moved:,} moved to {r.quarantine} (the next run generates them again)" if moved else "")
+        if moved < len(r.bad):
+            tail += f"; {len(r.bad) - moved:,} left in place (changed in the last --min-age; run verify again later)"
+    lines.append(f"cache verify: {plural(r.checked, 'image')} checked, {r.ok:,} ok, {len(r.bad):,} bad, "
+                 f"{r.without_digest:,} with no digest (decoded only), {size(r.bytes_read)} read "
+                 f"({_rate(r.checked, r.seconds)}){tail}")
+    return "\n".join(lines)
+
+
+def cache_gc(r: "GcReport") -> str:
+    lines = []
+    if r.examples:
+        lines.append("would remove, e.g.:" if r.dry_run else "removed, e.g.:")
+        lines += [f"  {e['hash']}  written {e['written']} ({e['age_days']:g} days ago)  {size(e['bytes'])}"
+                  for e in r.examples]
+    kept = []
+    if r.kept_young:
+        kept.append(f"{r.kept_young:,} changed in the last --min-age")
+    if r.kept_referenced:
+        kept.append(f"{r.kept_referenced:,} referenced by a --keep-referenced workdir")
+    if r.changed:
+        kept.append(f"{r.changed:,} written again meanwhile")
+    if r.temp_files:
+        kept.append(f"{plural(r.temp_files, 'temp file')} of writes")
+    if r.dry_run:
+        head = f"cache gc (dry run): would remove {_entries(r.selected)}, " \
+               f"{size(r.selected_bytes)}; nothing removed"
+    else:
+        head = f"cache gc: removed {_entries(r.deleted)}, {size(r.deleted_bytes)}"
+    text = f"{head} of {r.scanned:,} ({size(r.scanned_bytes)}); the cache {'would hold' if r.dry_run else 'holds'} " \
+           f"{size(r.remaining_bytes)}"
+    if kept:
+        text += f"; kept: {', '.join(kept)}"
+    if r.over_budget:
+        text += "; still over --max-bytes (what is left is young or referenced)"
+    lines.append(f"{text} ({r.seconds:.1f} s)")
     return "\n".join(lines)

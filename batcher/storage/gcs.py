@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
@@ -158,15 +159,43 @@ def read_bytes(uri: str) -> bytes | None:
         raise _map_error(exc, uri) from None
 
 
-def delete(uri: str) -> None:
+def delete(uri: str, generation: int | None = None) -> bool:
+    """Delete the object (only its version `generation`, if given: a newer one written since stays). True if this
+    call deleted it; False if it was not there, or (with `generation`) was replaced meanwhile."""
     from google.api_core import exceptions as api_exceptions
 
     try:
-        _blob(uri).delete()
+        _blob(uri).delete(if_generation_match=generation)
+        return True
     except api_exceptions.NotFound:
-        pass
+        return False
     except Exception as exc:
+        if generation is not None and _is_precondition_failure(exc):
+            return False
         raise _map_error(exc, uri) from None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing shows it."""
+
+    uri: str
+    size: int
+    updated: float  # epoch seconds of its last change (a cache entry is never rewritten: when it was written)
+    generation: int | None
+
+
+def list_objects(prefix_uri: str) -> Iterator[ObjectInfo]:
+    """The objects under a prefix, with size, update time and generation, in name order (one listing call a
+    thousand objects, no request per object)."""
+    bucket, prefix = split(prefix_uri)
+    try:
+        for blob in client().list_blobs(bucket, prefix=prefix):
+            updated = blob.updated.timestamp() if blob.updated is not None else 0.0
+            yield ObjectInfo(f"{SCHEME}{bucket}/{blob.name}", int(blob.size or 0), updated,
+                             int(blob.generation) if blob.generation is not None else None)
+    except Exception as exc:
+        raise _map_error(exc, prefix_uri) from None
 
 
 def list_names(prefix_uri: str) -> Iterator[str]:

@@ -1,12 +1,14 @@
 """The content-addressed image cache, keyed by request hash, shared between runs and workdirs.
 
-Layout: <root>/<hash[:2]>/<hash>.png plus <hash>.json (small metadata: model, tokens, cost). An entry is
-written to a temp file, fsynced and renamed, so a reader never sees half an image, and images are verified
-(they decode) before they enter.
+Layout: <root>/<hash[:2]>/<hash>.png plus <hash>.json (small metadata: model, tokens, cost, and the SHA-256 of
+the image's bytes, so `batcher cache verify` can tell a changed image). An entry is written to a temp file,
+fsynced and renamed, so a reader never sees half an image, and images are verified (they decode) before they
+enter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -87,6 +89,15 @@ HASH_CHARS = 64  # a request hash: sha256, in hex
 CACHE_WRITE = {"unique": True, "durable": True, "mode": 0o600}
 
 
+# The meta key holding the SHA-256 (hex) of the image's bytes. Entries written before it was recorded have none.
+DIGEST_KEY = "sha256"
+
+
+def with_digest(meta: dict | None, data: bytes) -> dict:
+    """The meta to record beside `data`: the writer's fields and the image's digest (every writer gets it here)."""
+    return {**(meta or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest()}
+
+
 def checked_hash(request_hash: str) -> str:
     """A request hash (64 lowercase hex digits), or ValueError: never a path or an object name of its own."""
     if len(request_hash) != HASH_CHARS or not all(c in "0123456789abcdef" for c in request_hash):
@@ -131,8 +142,8 @@ class ImageStore(_Cache):
     def put(self, request_hash: str, data: bytes, meta: dict | None = None) -> Path:
         fmt = verify_image(data)
         path = self._dir(request_hash) / f"{request_hash}{EXTENSIONS.get(fmt, '.img')}"
-        if meta is not None:
-            atomic.write_bytes(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode(), **CACHE_WRITE)
+        meta = with_digest(meta, data)
+        atomic.write_bytes(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode(), **CACHE_WRITE)
         atomic.write_bytes(path, data, **CACHE_WRITE)  # the image last: its presence means the entry is complete
         return path
 
@@ -170,9 +181,8 @@ class GcsImageStore(_Cache):
         fmt = verify_image(data)
         ext = EXTENSIONS.get(fmt, ".img")
         uri = self._entry(request_hash, ext)
-        if meta is not None:
-            gcs.write_if_absent(self._entry(request_hash, ".json"), json.dumps(meta, sort_keys=True).encode(),
-                                      "application/json")
+        gcs.write_if_absent(self._entry(request_hash, ".json"), json.dumps(with_digest(meta, data), sort_keys=True).encode(),
+                            "application/json")
         gcs.write_if_absent(uri, data, f"image/{fmt.lower()}")
         return uri
 
