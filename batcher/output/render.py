@@ -176,3 +176,12 @@ def models(doc: dict) -> str:
     else:
         lines.append("Set GEMINI_API_KEY to also list the image models the API serves for batch jobs.")
     return "\n".join(lines)
+
+
+def shards_note(dataset) -> str:
+    """What a summary says of a sharded dataset (a DatasetSummary, or None): its shards, and how many were written
+    now (the others already held their samples)."""
+    if dataset is None or dataset.format == "files":
+        return ""
+    kind = "tar shard" if dataset.format == "webdataset" else "Parquet shard"
+    return f"; {dataset.format}: {plural(len(dataset.shard_names), kind)} ({dataset.shards_written:,} written now)"
