@@ -36,7 +36,7 @@ from ..manifest.cells import plain_type
 from ..storage import atomic, gcs
 
 SHARD_MAX_SAMPLES = 10_000  # per shard, whatever their size: bounds what a shard's plan holds in memory
-ROW_GROUP_BYTES = 64 << 20  # parquet: image bytes per row group (what the writer holds at once)
+ROW_GROUP_BYTES = 32 << 20  # parquet: image bytes per row group (what the writer holds at once, a few times over)
 LAYOUT_VERSION = "1"  # in every shard's digest: a change of layout rewrites every shard
 # Where each format's shards are, and their names (the digits: the shard's index, in row order).
 LAYOUT = {"webdataset": ("shards", ".tar"), "parquet": ("data", ".parquet")}
