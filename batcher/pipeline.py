@@ -38,7 +38,8 @@ from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
 from .output.dataset import DatasetSummary, check_owner, write_dataset
 from .output.render import (
-    image_statuses, lost_images_note, plan_images, plural, progress_line, rows_read, run_line, spend_limit_note,
+    image_statuses, lost_images_note, plan_images, plural, progress_line, rows_read, run_line, shards_note,
+    spend_limit_note,
 )
 from .output.status import status_document
 from .manifest import locate
@@ -352,12 +353,18 @@ def _current_run_id(ledger: Ledger) -> int:
     return run["id"]
 
 
+def write_run_dataset(ws: Workspace, run_id: int) -> DatasetSummary:
+    """The run's dataset at --out, in --dataset-format."""
+    s = ws.settings
+    return write_dataset(ws.ledger, ws.store, run_id, s.out, fmt=s.dataset_format, shard_size=s.shard_size)
+
+
 def summary_line(ws: Workspace, state: str, p: PlanResult, images: dict[str, int], dataset: DatasetSummary | None = None) -> str:
     """The command's summary of the run `p` (output.render.run_line), with what this command paid."""
     run = ws.ledger.run(p.run_id)
     where = f"{str(dataset.path).rstrip('/')}/metadata.parquet" if dataset is not None else None
     return run_line(state, p, images, jobs_created=ws.jobs_created, paid_now=run_spend_usd(ws.ledger, run, since=ws.started_at),
-                    run_paid=run_spend_usd(ws.ledger, run), dataset=where)
+                    run_paid=run_spend_usd(ws.ledger, run), dataset=where) + shards_note(dataset)
 
 
 def dataset_images(ds: DatasetSummary) -> dict[str, int]:
@@ -448,7 +455,7 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
         counts = run_counts(ws.ledger, p.run_id)
         ds = None
         if not counts[PLANNED] and not counts[QUEUED]:
-            ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)
+            ds = write_run_dataset(ws, p.run_id)
         images = dataset_images(ds) if ds is not None else image_statuses(image_counts(ws.ledger, p.run_id))
         code = EXIT_PENDING if limit is not None else finished_code(counts, p, ds)
         return Outcome(code, summary_line(ws, "stopped at a spend limit" if limit else "submitted", p, images, ds)
@@ -480,7 +487,7 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
         stats = collect_finished(ws)
         if settings.fallback_model:
             plan_fallbacks(ws.ledger, ws.store, run_id, settings.fallback_model)
-        ds = write_dataset(ws.ledger, ws.store, run_id, settings.out)
+        ds = write_run_dataset(ws, run_id)
         counts = run_counts(ws.ledger, run_id)
         p = run_result(ws.ledger, run_id)
         again = f"; {counts[PLANNED]:,} requests to send again: run `batcher submit` or `batcher run`" if counts[PLANNED] else ""
@@ -489,6 +496,23 @@ def collect(settings: Settings, *, backend_factory=None) -> Outcome:
                           plan=p, dataset=ds, counts=counts, collect=stats, images=dataset_images(ds))
     outcome.summary += written_report(settings)
     return outcome
+
+
+def export(settings: Settings | str | Path) -> Outcome:
+    """Write the run's dataset again at `settings.out` in `settings.dataset_format` (e.g. a finished run's files as
+    WebDataset shards), from the ledger and the image cache: nothing is generated, no API is called, no key needed.
+    `settings`: Settings, or a job spec (its run, dataset and format)."""
+    if not isinstance(settings, Settings):
+        settings = Settings.from_spec(settings)[1]
+    check_dir(settings.out, "output dataset (--out)")
+    with open_workspace(settings, existing=True) as ws:
+        run_id = _current_run_id(ws.ledger)
+        check_owner(settings.out, ws.ledger.ledger_id, ws.ledger.run(run_id)["manifest"], settings.switch_manifest)
+        ds = write_run_dataset(ws, run_id)
+        counts = run_counts(ws.ledger, run_id)
+        p = run_result(ws.ledger, run_id)
+        return Outcome(finished_code(counts, p, ds), summary_line(ws, "exported", p, dataset_images(ds), ds)
+                       + lost_images_note(ds), plan=p, dataset=ds, counts=counts, images=dataset_images(ds))
 
 
 def written_report(settings: Settings) -> str:
@@ -555,7 +579,7 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
                 if settings.timeout is not None and time.monotonic() - started > settings.timeout:
                     break
                 sleep(settings.poll_interval * random.uniform(0.8, 1.2))  # jitter: many runs don't poll in step
-        ds = write_dataset(ws.ledger, ws.store, p.run_id, settings.out)  # reads the ledger only: counts still hold
+        ds = write_run_dataset(ws, p.run_id)  # reads the ledger only: counts still hold
         code = finished_code(counts, p, ds)  # an image lost while the run ran: run again
         state = "timed out, still running" if code == EXIT_PENDING else "done"
         state = "deadline passed: reported, jobs left running" if stopped_at_deadline else state

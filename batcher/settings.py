@@ -11,6 +11,7 @@ the file (a typo must not silently change a nightly run):
     manifest = "../samples/prompts.csv"    # relative paths are relative to the spec file
     workdir = "/var/lib/batcher/products"
     out = "/data/datasets/products"
+    dataset_format = "webdataset"          # files (default) | webdataset | parquet; shard_size = "1GB"
     [defaults]   model, aspect_ratio, image_size, temperature, top_p, seed, variants, system_instruction
     [manifest_columns]   prompt, id, format
     [limits]     max_requests_per_job, max_attempts, tier, token_cap, budget_usd
@@ -36,6 +37,7 @@ from .jobs.deadline import check_policy, parse_deadline
 from .jobs.quota import Quota
 from .jobs.webhooks import check_uris
 from .manifest import ManifestOptions
+from .output.formats import DEFAULT_SHARD_SIZE, FORMATS, gcs_refused, parse_size
 from .planning.packing import ShardLimits
 from .storage import gcs
 
@@ -76,6 +78,8 @@ class Settings:
     project: str | None = None  # Vertex AI: project (default $GOOGLE_CLOUD_PROJECT)
     location: str | None = None  # Vertex AI: location (default $GOOGLE_CLOUD_LOCATION, else us-central1)
     staging: str | None = None  # Vertex AI: gs://bucket/prefix for job files (default $BATCHER_VERTEX_STAGING)
+    dataset_format: str = "files"  # files (images/ + metadata.parquet) | webdataset | parquet: output.shards
+    shard_size: int | str = DEFAULT_SHARD_SIZE  # webdataset, parquet: bytes of images per shard (or "500MB", "1GB")
     out_given: bool = field(default=False, init=False, repr=False, compare=False)  # `out` was chosen, not the default
 
     def __post_init__(self):
@@ -103,6 +107,17 @@ class Settings:
             if problem:
                 raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
         check_policy(self.deadline_policy)
+        self._check_dataset_format()
+
+    def _check_dataset_format(self) -> None:
+        if self.dataset_format not in FORMATS:
+            raise UsageError(f"--dataset-format {self.dataset_format!r}: use one of {', '.join(FORMATS)}")
+        try:
+            self.shard_size = parse_size(self.shard_size)
+        except ValueError as exc:
+            raise UsageError(f"--shard-size: {exc}") from None
+        if self.dataset_format != "files" and gcs.is_gcs(self.out):
+            raise UsageError(gcs_refused(self.dataset_format, self.out))
 
     def check_lasting_backend(self, command: str) -> None:
         """`command` (submit, collect, status, cancel) leaves jobs for a later command, or reaches jobs an earlier one
@@ -150,7 +165,8 @@ MANIFEST_OPTIONS = {"prompt_column": "prompt_column", "id_column": "id_column", 
                     "top_p": "top_p", "seed": "seed", "variants": "variants", "system_instruction": "system_instruction"}
 SETTINGS_OPTIONS = ("workdir", "out", "cache_dir", "max_attempts", "refresh", "retry_blocked", "skip_invalid", "switch_manifest",
                     "poll_interval", "timeout", "share", "fallback_model", "deadline", "deadline_policy", "quiet",
-                    "budget_usd", "prices", "webhook_uris", "backend", "project", "location", "staging")
+                    "budget_usd", "prices", "webhook_uris", "backend", "project", "location", "staging",
+                    "dataset_format", "shard_size")
 OPTIONS = (*MANIFEST_OPTIONS, *SETTINGS_OPTIONS, "max_requests_per_job", "tier", "token_cap")
 
 
@@ -175,7 +191,7 @@ def from_options(options: dict[str, Any]) -> Settings:
 
 SCHEMA: dict[str, Any] = {
     "manifest": str, "workdir": str, "out": str, "cache_dir": str, "backend": str, "refresh": bool, "skip_invalid": bool,
-    "share": str,
+    "share": str, "dataset_format": str, "shard_size": str,
     "defaults": {"model": str, "aspect_ratio": str, "image_size": str, "temperature": float, "top_p": float,
                  "seed": int, "variants": int, "system_instruction": str},
     "manifest_columns": {"prompt": str, "id": str, "format": str},
@@ -189,7 +205,8 @@ SCHEMA: dict[str, Any] = {
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 # Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
 CHOICES: dict[str, tuple] = {
-    "backend": ("gemini", "emulator", "vertex"), "manifest_columns.format": ("parquet", "csv", "tsv"),
+    "backend": ("gemini", "emulator", "vertex"), "dataset_format": ("files", "webdataset", "parquet"),
+    "manifest_columns.format": ("parquet", "csv", "tsv"),
     "limits.tier": ("1", "2", "3"), "window.policy": ("wait", "report", "resubmit", "interactive"),
 }
 MINIMUM: dict[str, float] = {
@@ -213,7 +230,7 @@ SPEC_OPTIONS = {
     "window.deadline": "deadline", "window.policy": "deadline_policy", "share": "share",
     "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
     "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
-    "notify.webhook_uris": "webhook_uris",
+    "notify.webhook_uris": "webhook_uris", "dataset_format": "dataset_format", "shard_size": "shard_size",
 }
 
 

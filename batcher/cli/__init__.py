@@ -109,6 +109,14 @@ MAX_ATTEMPTS = click.option("--max-attempts", type=click.IntRange(1, 100), defau
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only.")
 VERBOSE = click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+# The shape of the dataset written (README: Dataset formats).
+dataset_format_options = _options(
+    click.option("--dataset-format", type=click.Choice(["files", "webdataset", "parquet"]), default="files", show_default=True,
+                 help="files: images/ + metadata.parquet; webdataset: tar shards (OUT/shards/); parquet: Parquet shards "
+                      "with the image bytes (OUT/data/). The last two: a local --out only."),
+    click.option("--shard-size", default=None, metavar="SIZE",
+                 help="webdataset, parquet: images per shard up to this size, e.g. 500MB (default 1GB)."),
+)
 
 # The API, as commands that only talk to existing jobs reach it (no files to stage).
 api_options = _options(BACKEND, PROJECT, LOCATION)
@@ -180,6 +188,7 @@ def main():
 @click.argument("manifest")
 @common_options
 @manifest_options
+@dataset_format_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
 @click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
 @click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
@@ -196,6 +205,7 @@ def submit(ctx, manifest, dry_run, **kw):
 @click.argument("manifest")
 @common_options
 @manifest_options
+@dataset_format_options
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=None, help="Seconds between polls (default 30; 1 on the emulator).")
 @click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop waiting after this many seconds (exit 4; run again to continue).")
 @click.option("--deadline", default=None, help="When unfinished requests get the --deadline-policy: 06:00 (local), 7h, or an ISO date-time.")
@@ -249,6 +259,7 @@ def _run_settings(ctx: click.Context, spec: str | None, kw: dict) -> Settings:
 @SHARE
 @SWITCH_MANIFEST
 @MAX_ATTEMPTS
+@dataset_format_options
 @click.option("--worker", is_flag=True,
               help="Be one of many collectors of a shared run (--share, --cache-dir gs://...): no run of your own.")
 @click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
@@ -332,6 +343,24 @@ def report(ctx, spec, **kw):
     r = pipeline.report(_run_settings(ctx, spec, kw))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
     click.echo(f"report: {where} ({r.rows} rows; contact sheet {r.sheet_path.name})")
+
+
+@main.command()
+@SPEC
+@WORKDIR
+@click.option("--out", type=PATH_OR_GS, default=None, help="Where to write the dataset (default: WORKDIR/dataset).")
+@CACHE_DIR
+@dataset_format_options
+@SWITCH_MANIFEST
+@QUIET
+@VERBOSE
+@handle_errors
+@click.pass_context
+def export(ctx, spec, **kw):
+    """Write the run's dataset in another format (or place) from the image cache and the ledger: nothing is
+    generated, no API is called, no key needed. `batcher export --workdir W --out O --dataset-format webdataset`."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    _finish(pipeline.export(_run_settings(ctx, spec, kw)))
 
 
 @main.command()

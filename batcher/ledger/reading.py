@@ -146,3 +146,35 @@ def referenced_hashes(workdir: str | os.PathLike) -> set[str]:
         return hashes
     finally:
         conn.close()
+
+
+# ---- the shards of a sharded dataset (output.shards) ----------------------------------------------------------
+# Each shard's digest (of the samples it holds) and size, recorded once it is in place and forgotten before it is
+# replaced: a shard whose recorded digest matches what it would hold now is not written again.
+
+def _shard_prefix(out: str) -> str:
+    return f"dataset_shard:{out}:"
+
+
+def shard_digest(ledger: Ledger, out: str, name: str) -> str | None:
+    row = ledger.conn.execute("SELECT value FROM meta WHERE key=?", (_shard_prefix(out) + name,)).fetchone()
+    return row[0] if row else None
+
+
+def set_shard_digest(ledger: Ledger, out: str, name: str, digest: str | None) -> None:
+    with ledger.transaction() as c:
+        if digest is None:
+            c.execute("DELETE FROM meta WHERE key=?", (_shard_prefix(out) + name,))
+        else:
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_shard_prefix(out) + name, digest))
+
+
+def forget_shard_digests(ledger: Ledger, out: str, keep: set[str]) -> None:
+    """Forget the digests of the dataset's shards other than `keep` (removed, or never to be trusted again)."""
+    prefix = _shard_prefix(out)
+    names = [k[len(prefix):] for (k,) in ledger.conn.execute(
+        "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))]
+    gone = [prefix + n for n in names if n not in keep]
+    if gone:
+        with ledger.transaction() as c:
+            c.executemany("DELETE FROM meta WHERE key=?", [(k,) for k in gone])

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +29,7 @@ from ..faults import maybe_crash
 from ..ledger import BLOCKED, FAILED, SUCCEEDED, Ledger, reading
 from ..manifest.cells import from_jsonable, plain_type
 from ..storage.store import ImageStore
+from . import formats, shards as shards_mod
 
 STATUS = {SUCCEEDED: "ok", BLOCKED: "blocked", FAILED: "failed"}  # anything else: pending
 OWNER_KEY = b"batcher.owner"  # metadata.parquet's key-value metadata: {"ledger", "run", "manifest"} as JSON
@@ -72,6 +73,9 @@ class DatasetSummary:
     lost: int = 0  # of the pending rows: done in the ledger, but the cache no longer has their image
     cost_usd: float = 0.0
     removed: int = 0  # images of an earlier run's dataset that no row of this one names, removed
+    format: str = "files"  # files | webdataset | parquet (output.shards)
+    shard_names: list[str] = field(default_factory=list)  # webdataset, parquet: the dataset's shards, in order
+    shards_written: int = 0  # of which written by this write (the others held the same samples already)
 
 
 def carried_array(values: list, field: pa.Field) -> pa.Array:
@@ -106,6 +110,8 @@ def _remove_images_not_in(out: Path | str, keep: set[bytes]) -> int:
                 removed += 1
         with contextlib.suppress(OSError):
             os.rmdir(prefix.path)  # only when it is empty now
+    with contextlib.suppress(OSError):
+        images.rmdir()  # no image left (a sharded dataset replaced this one)
     return removed
 
 
@@ -210,9 +216,15 @@ def check_owner(out: Path | str, ledger_id: str, manifest: str, switch: bool) ->
                          "manifest its own --out, or pass --switch-manifest to rewrite it for this one")
 
 
-def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> DatasetSummary:
-    """Write the dataset; a disk error (full, read-only, a file in the way) names the dataset, not a traceback.
+def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, fmt: str = "files",
+                  shard_size: int = formats.DEFAULT_SHARD_SIZE) -> DatasetSummary:
+    """Write the dataset in the format `fmt` (files: images/ + metadata.parquet; webdataset, parquet: shards,
+    output.shards); a disk error (full, read-only, a file in the way) names the dataset, not a traceback.
     The images stay in the cache and the ledger keeps every outcome: run the command again once there is room."""
+    if fmt not in formats.FORMATS:
+        raise UsageError(f"dataset format {fmt!r}: use one of {', '.join(formats.FORMATS)}")
+    if fmt != "files" and gcs.is_gcs(out):
+        raise UsageError(formats.gcs_refused(fmt, out))
     try:
         owner = owner_of(ledger, run_id)
         previous = existing_owner(out)
@@ -222,9 +234,16 @@ def write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path) -> 
         keep: set[bytes] | None = set() if reading.prune_pending(ledger, key) else None
         if gcs.is_gcs(out):
             summary = _write_dataset_to_gcs(ledger, store, run_id, str(out), owner, keep)
-        else:
+        elif fmt == "files":
             summary = _write_dataset(ledger, store, run_id, out, owner=owner, keep=keep)
             atomic.write_text(Path(out) / CARD, card(owner, summary))
+            shards_mod.remove_shards(ledger, out)  # a sharded dataset written here before: this one replaces it
+        else:
+            summary = _write_dataset(ledger, store, run_id, out, owner=owner, fmt=fmt, shard_size=shard_size)
+            # Now that its metadata is in place: the shards of an earlier write that are not part of this one, and
+            # the images of a files-format dataset written here before (a sharded dataset has no images/).
+            shards_mod.remove_shards(ledger, out, keep=set(summary.shard_names))
+            keep = set()
         if keep is not None:
             summary.removed = _remove_images_not_in(out, keep)
             reading.set_prune_pending(ledger, key, False)
@@ -313,12 +332,17 @@ def _find_and_place(store: ImageStore, h: str, place) -> str | None:
 
 
 def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, place=None, owner: dict | None = None,
-                   keep: set[bytes] | None = None) -> DatasetSummary:
+                   keep: set[bytes] | None = None, fmt: str = "files",
+                   shard_size: int = formats.DEFAULT_SHARD_SIZE) -> DatasetSummary:
     """Write metadata.parquet into `out`, recording `owner`; each image is placed by `place(src, file_name)`
-    (default: linked or copied into `out`). `keep`: a set to add the hash of every image a row names to."""
+    (default: linked or copied into `out`). `keep`: a set to add the hash of every image a row names to.
+    `fmt` webdataset or parquet: the images go into shards instead (output.shards), and the card says so."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if place is None and type(store) is ImageStore:
+    sharded = fmt != "files"
+    if sharded:
+        placed = None  # samples go into shards: their images are found in the cache, not placed
+    elif place is None and type(store) is ImageStore:
         placed = _Linker(store, out).place
     else:
         place = place or (lambda src, file_name: _place_image(src, out / file_name))
@@ -329,7 +353,12 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
     taken = {f.name for f in BASE_FIELDS}
     extra_fields = [f for f in extra if f.name not in taken]
     schema = pa.schema(BASE_FIELDS + extra_fields, metadata={OWNER_KEY: json.dumps(owner or {}, sort_keys=True).encode()})
-    summary = DatasetSummary(path=out)
+    rows_schema = schema  # a batch's metadata columns
+    writer_shards = None
+    if sharded:
+        writer_shards = shards_mod.ShardWriter(fmt, ledger, out, shard_size, pa.schema(BASE_FIELDS + extra_fields))
+        schema = schema.append(shards_mod.SHARD_FIELD)
+    summary = DatasetSummary(path=out, format=fmt)
     seen_cost: set[str] = set()  # rows sharing a request share its cost: count it once
     counts = dict.fromkeys(("ok", "blocked", "failed", "pending"), 0)
     with atomic.into_place(out / "metadata.parquet") as tmp:  # `maybe_crash("dataset-replace")`: before it is in place
@@ -338,12 +367,18 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                 (row, ids, variant, prompt, hashes, extra_json, state, error, finish_reason, model, aspect_ratio, image_size,
                  seed, temperature, top_p, variants, attempts, cached, prompt_tokens, output_tokens, thoughts_tokens,
                  cost_usd, updated_at, job) = zip(*batch)
-                statuses, file_names, errors, costs, cached_out = [], [], [], [], []
-                for h, st, err, was_cached, paid, at in zip(hashes, state, error, cached, cost_usd, updated_at):
+                statuses, file_names, errors, costs, cached_out, srcs = [], [], [], [], [], []
+                for h, st, err, was_cached, paid, at, r, v in zip(hashes, state, error, cached, cost_usd, updated_at,
+                                                                  row, variant):
                     status = STATUS.get(st, "pending")
-                    file_name = None
+                    file_name = src = None
                     if status == "ok":
-                        file_name = placed(h)
+                        if sharded:  # the sample's file name in its shard
+                            src = store.find(h)
+                            if src is not None:
+                                file_name = f"{shards_mod.sample_key(r, v)}{os.path.splitext(str(src))[1]}"
+                        else:
+                            file_name = placed(h)
                         if file_name is None:
                             status = "pending"  # the cache lost it: the next submit generates it again
                             summary.lost += 1
@@ -360,6 +395,7 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                         summary.cost_usd += cost
                     statuses.append(status)
                     file_names.append(file_name)
+                    srcs.append(src)
                     errors.append(err if status != "ok" else None)
                     costs.append(cost)
                     cached_out.append(bool(was_cached) or (earlier and status == "ok"))
@@ -376,9 +412,18 @@ def _write_dataset(ledger: Ledger, store: ImageStore, run_id: int, out: Path, pl
                         columns[f.name] = [e.get(f.name) for e in extras]
                 arrays = [pa.array(columns[f.name], type=f.type) for f in BASE_FIELDS]
                 arrays += [carried_array(columns[f.name], f) for f in extra_fields]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                table = pa.Table.from_arrays(arrays, schema=rows_schema)
+                if writer_shards is not None:
+                    table = table.append_column(shards_mod.SHARD_FIELD, pa.array(writer_shards.add(table, columns, srcs),
+                                                                                 pa.string()))
+                writer.write_table(table)
                 maybe_crash("dataset")  # test hook: see batcher/faults.py
+            if writer_shards is not None:
+                writer_shards.finish()  # the last shard
+                summary.shard_names, summary.shards_written = writer_shards.names, writer_shards.rewritten
         summary.rows = sum(counts.values())
         summary.ok, summary.blocked, summary.failed, summary.pending = (counts[k] for k in ("ok", "blocked", "failed", "pending"))
+        if writer_shards is not None:
+            atomic.write_text(out / CARD, writer_shards.card(owner or {}, summary))
         maybe_crash("dataset-replace")
     return summary

@@ -378,3 +378,11 @@ def cache_gc(r: "GcReport") -> str:
         text += "; still over --max-bytes (what is left is young or referenced)"
     lines.append(f"{text} ({r.seconds:.1f} s)")
     return "\n".join(lines)
+
+def shards_note(dataset) -> str:
+    """What a summary says of a sharded dataset (a DatasetSummary, or None): its shards, and how many were written
+    now (the others already held their samples)."""
+    if dataset is None or dataset.format == "files":
+        return ""
+    kind = "tar shard" if dataset.format == "webdataset" else "Parquet shard"
+    return f"; {dataset.format}: {plural(len(dataset.shard_names), kind)} ({dataset.shards_written:,} written now)"
