@@ -250,6 +250,25 @@ def cancel(ctx, jobs, all_jobs, **kw):
 
 
 @main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True,
+              help="The workdir whose ledger to prune.")
+@click.option("--keep-runs", type=int, required=True, metavar="N",
+              help="Keep the newest N runs (at least 1); runs with work to finish are always kept.")
+@click.option("--dry-run", is_flag=True, help="Say what would be dropped; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--verbose", "-v", count=True)
+@handle_errors
+def prune(workdir, keep_runs, dry_run, as_json, quiet, verbose):
+    """Keep the ledger bounded: drop old runs' rows, and the requests and finished jobs no kept run uses, then
+    compact it. The image cache is not touched. Refused while another batcher command uses the workdir."""
+    _setup_logging(verbose, quiet)
+    p = pipeline.prune(Settings(workdir=workdir, quiet=quiet), keep_runs=keep_runs, dry_run=dry_run)
+    click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.summary)
+    sys.exit(p.exit_code)
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".batcher"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="The dataset (default: WORKDIR/dataset).")
 @click.option("--quiet", "-q", is_flag=True)
