@@ -714,7 +714,8 @@ def _prune(ws: Workspace, keep_runs: int, dry_run: bool) -> PruneSummary:
         # Idempotent: a file left by a prune killed after its commit goes with the next one.
         files = jobs_mod.remove_leftover_jsonl(ledger, housekeeping.job_names(ledger))
         try:
-            housekeeping.compact(ledger)
+            if counts.runs or counts.requests or counts.jobs:  # else nothing was freed: VACUUM would rewrite it all
+                housekeeping.compact(ledger)
         except DatabaseError as exc:  # an outside reader, no room for the copy: the pages freed are reused later
             notes.append(f"not compacted ({exc}): the space freed is reused by later runs; run prune again to compact")
         after = housekeeping.file_bytes(ledger)
