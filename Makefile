@@ -30,12 +30,16 @@ clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .batcher build *.egg-info
 
 # Long campaigns, not part of `make test`.
-.PHONY: reliability bench test-oldest-sdk
+.PHONY: reliability bench bench-ledger test-oldest-sdk
 reliability: $(STAMP)
 	$(BIN)/python -m tests.crash_campaign
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# 100 nights of 1M rows, with and without `batcher prune --keep-runs 7` (slow: hours; see docs/benchmarks.md).
+bench-ledger: $(STAMP)
+	$(BIN)/python -m bench.ledger_growth --nights 100 --rows 1000000
 
 # The suite against the oldest google-genai that pyproject.toml allows, in a venv of its own (not part of `make test`).
 OLDEST_VENV := .venv-oldest-sdk

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     # commands
     "run": "pipeline", "submit": "pipeline", "collect": "pipeline", "status": "pipeline", "cancel": "pipeline",
-    "estimate": "pipeline", "export": "pipeline", "describe_models": "models",
+    "estimate": "pipeline", "export": "pipeline", "prune": "pipeline", "describe_models": "models",
     # what they take and give
     "Settings": "settings", "ManifestOptions": "manifest", "ShardLimits": "planning.packing", "Quota": "jobs.quota",
     "Outcome": "outcome", "Estimate": "cost.estimate",
@@ -30,7 +30,7 @@ _EXPORTS = {
 }
 
 __all__ = [  # as _EXPORTS (a literal, for linters)
-    "run", "submit", "collect", "status", "cancel", "estimate", "export", "describe_models",
+    "run", "submit", "collect", "status", "cancel", "estimate", "export", "prune", "describe_models",
     "Settings", "ManifestOptions", "ShardLimits", "Quota", "Outcome", "Estimate",
     "BatcherError", "UsageError", "ManifestError", "ApiError", "QuotaError", "SpendLimitError", "LedgerError",
 ]
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .manifest import ManifestOptions
     from .models import describe_models
     from .outcome import Outcome
-    from .pipeline import cancel, collect, estimate, export, run, status, submit
+    from .pipeline import cancel, collect, estimate, export, prune, run, status, submit
     from .planning.packing import ShardLimits
     from .settings import Settings
 

@@ -9,6 +9,7 @@
     │   ├── SpendLimitError (exit 4)    429 monthly spend cap (tier or project), 402 prepay balance: stop, run again later
     │   └── TransientApiError           5xx, timeouts, dropped connections
     ├── LedgerError (exit 1)            the ledger is locked, corrupt, or a state transition was refused
+    │   └── WorkdirBusyError            another batcher process holds the workdir
     └── CollectError (exit 1)           a results file could not be read
 """
 
@@ -84,6 +85,14 @@ class TransientApiError(ApiError):
 
 class LedgerError(BatcherError):
     """The ledger is locked by another command, corrupt, or refused a state change."""
+
+
+class WorkdirBusyError(LedgerError):
+    """Another batcher process holds the workdir's lock (`holder`: its pid, as it wrote it)."""
+
+    def __init__(self, message: str, holder: str = "unknown"):
+        super().__init__(message)
+        self.holder = holder
 
 
 class CollectError(BatcherError):

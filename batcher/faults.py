@@ -7,7 +7,7 @@ lost power or the OOM killer struck. The variable is read once at import; when i
 a single comparison.
 
 Points (see docs/reliability.md): plan, upload, uploaded, create, created, poll, download, decode, image,
-dataset, dataset-replace; and prepare, in the child process that prepares a large manifest (batcher.planning.prepare).
+dataset, dataset-replace, prune, pruned; and prepare, in the child process that prepares a large manifest (batcher.planning.prepare).
 """
 
 from __future__ import annotations

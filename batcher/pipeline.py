@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -24,7 +25,7 @@ from .cost.budget import BudgetCheck, check_budget, unsent_batch_usd
 from .cost.estimate import tier_cap_note
 from .cost.money import usd
 from .cost.pricing import use_workdir_prices
-from .errors import ApiError, BatcherError, NoApiKey, SpendLimitError, UsageError
+from .errors import ApiError, BatcherError, LedgerError, NoApiKey, SpendLimitError, UsageError, WorkdirBusyError
 from .faults import maybe_crash
 from .jobs import lifecycle as jobs_mod
 from .jobs.quota import why_not_now
@@ -32,13 +33,13 @@ from .ledger import (
     J_CANCELLED, J_COLLECTED, J_CREATING, J_EXPIRED, J_FAILED, J_PLANNED, J_SUBMITTED, J_SUCCEEDED, J_UPLOADED,
     J_UPLOADING, PLANNED, QUEUED, DatabaseError, Ledger, WorkdirLock, sending,
 )
-from .ledger import reading
+from .ledger import housekeeping, reading
 from .ledger.reading import image_counts, run_spend_usd
 from .models import ModelRefused, check_models, warn
 from .outcome import EXIT_OK, EXIT_PARTIAL, EXIT_PENDING, Outcome, every_state, exit_code_for
 from .output.dataset import DatasetSummary, check_owner, write_dataset
 from .output.render import (
-    image_statuses, lost_images_note, plan_images, plural, progress_line, rows_read, run_line, shards_note,
+    image_statuses, lost_images_note, plan_images, plural, progress_line, prune_line, rows_read, run_line, shards_note,
     spend_limit_note,
 )
 from .output.status import status_document
@@ -731,3 +732,66 @@ def report(settings: Settings, *, now=None) -> "ReportSummary":
         except BatcherError as exc:
             status_error = str(exc)
     return write_report(settings, status=status_doc, status_error=status_error, now=now)
+
+
+@dataclass
+class PruneSummary:
+    """What `prune` did (or, dry, would do): the ledger's counts it dropped, the runs it kept, and the ledger file's
+    size before and after (after: None in a dry run, which compacts nothing)."""
+
+    workdir: str
+    keep_runs: int
+    dry_run: bool
+    kept_runs: list[int]
+    unfinished_runs: list[int]  # kept beyond the newest keep_runs: work to finish
+    dropped: dict[str, int]  # runs, rows, requests, jobs, job_files
+    bytes_before: int
+    bytes_after: int | None
+    remaining: dict[str, int]  # what the ledger holds now: runs, rows, requests, jobs
+    notes: list[str] = field(default_factory=list)
+    summary: str = ""
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "summary"}
+
+
+def prune(settings: Settings, keep_runs: int, dry_run: bool = False) -> PruneSummary:
+    """Keep the workdir's ledger bounded: keep its newest `keep_runs` runs and every run with work to finish, drop the
+    rest with the requests and finished jobs no kept run uses (ledger.housekeeping, one transaction), then compact the
+    file. The image cache is not touched: a dropped request that comes back is a cache hit. Refused (LedgerError)
+    while another batcher process holds the workdir. `dry_run`: say what it would drop, change nothing."""
+    if keep_runs < 1:
+        raise UsageError(f"--keep-runs {keep_runs}: keep at least 1 run (the current run is always kept)")
+    try:
+        with open_workspace(settings, existing=True) as ws:
+            return _prune(ws, keep_runs, dry_run)
+    except WorkdirBusyError as exc:
+        raise LedgerError(f"workdir {settings.workdir} is in use by another batcher process (pid {exc.holder}): nothing "
+                          "was pruned. Prune when it has finished (in cron: after the nightly run)") from None
+
+
+def _prune(ws: Workspace, keep_runs: int, dry_run: bool) -> PruneSummary:
+    ledger = ws.ledger
+    before = housekeeping.file_bytes(ledger)
+    counts = housekeeping.prune_runs(ledger, keep_runs, dry_run=dry_run)
+    files = 0
+    after = None
+    notes: list[str] = []
+    if not dry_run:
+        maybe_crash("pruned")  # test hook: see batcher/faults.py
+        # Idempotent: a file left by a prune killed after its commit goes with the next one.
+        files = jobs_mod.remove_leftover_jsonl(ledger, housekeeping.job_names(ledger))
+        try:
+            if counts.runs or counts.requests or counts.jobs:  # else nothing was freed: VACUUM would rewrite it all
+                housekeeping.compact(ledger)
+        except DatabaseError as exc:  # an outside reader, no room for the copy: the pages freed are reused later
+            notes.append(f"not compacted ({exc}): the space freed is reused by later runs; run prune again to compact")
+        after = housekeeping.file_bytes(ledger)
+    dropped = {"runs": counts.runs, "rows": counts.rows, "requests": counts.requests, "jobs": counts.jobs,
+               "job_files": files}
+    result = PruneSummary(workdir=str(ledger.workdir), keep_runs=keep_runs, dry_run=dry_run, kept_runs=counts.kept_runs,
+                          unfinished_runs=counts.unfinished_runs, dropped=dropped, bytes_before=before,
+                          bytes_after=after, remaining=housekeeping.table_counts(ledger), notes=notes)
+    result.summary = prune_line(result)
+    return result

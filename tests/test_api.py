@@ -10,7 +10,7 @@ import sys
 
 import batcher
 
-PUBLIC = ["run", "submit", "collect", "status", "cancel", "estimate", "export", "describe_models", "Settings", "ManifestOptions",
+PUBLIC = ["run", "submit", "collect", "status", "cancel", "estimate", "export", "prune", "describe_models", "Settings", "ManifestOptions",
           "ShardLimits", "Quota", "Outcome", "Estimate", "BatcherError", "UsageError", "ManifestError", "ApiError",
           "QuotaError", "SpendLimitError", "LedgerError"]
 

@@ -331,6 +331,26 @@ def cancel(ctx, jobs, all_jobs, **kw):
 @main.command()
 @SPEC
 @WORKDIR
+@click.option("--keep-runs", type=click.IntRange(1), required=True, metavar="N",
+              help="Keep the newest N runs (at least 1); runs with work to finish are always kept.")
+@click.option("--dry-run", is_flag=True, help="Say what would be dropped; change nothing.")
+@JSON
+@QUIET
+@VERBOSE
+@handle_errors
+@click.pass_context
+def prune(ctx, spec, keep_runs, dry_run, as_json, **kw):
+    """Keep the ledger bounded: drop old runs' rows, and the requests and finished jobs no kept run uses, then
+    compact it. The image cache is not touched. Refused while another batcher command uses the workdir."""
+    _setup_logging(kw["verbose"], kw["quiet"])
+    p = pipeline.prune(_run_settings(ctx, spec, kw), keep_runs=keep_runs, dry_run=dry_run)
+    click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.summary)
+    sys.exit(p.exit_code)
+
+
+@main.command()
+@SPEC
+@WORKDIR
 @click.option("--out", type=PATH_OR_GS, default=None,
               help="The dataset (default: the one the run wrote last, else WORKDIR/dataset).")
 @QUIET

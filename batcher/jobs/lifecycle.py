@@ -35,6 +35,17 @@ def jsonl_path(ledger: Ledger, display_name: str) -> Path:
     return ledger.workdir / "jobs" / f"{display_name}.jsonl"
 
 
+def remove_leftover_jsonl(ledger: Ledger, known: set[str]) -> int:
+    """Delete the JSONL files of jobs the ledger no longer holds (`known`: the display names it does; a prune
+    dropped the others). Returns how many. Files of any other name (a temp file) are left alone."""
+    removed = 0
+    for path in (ledger.workdir / "jobs").glob("*.jsonl"):
+        if path.stem not in known:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_jsonl(ledger: Ledger, job_id: int, uri_by_sha: dict[str, str]) -> Path:
     """Write the job's JSONL (atomically): one `{"key": request hash, "request": ...}` per line."""
     job = ledger.job(job_id)

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import LedgerError
+from ..errors import LedgerError, WorkdirBusyError
 from .schema import BULK_INDEXES, BUSY_TIMEOUT_MS, connect, migrate, use_wal
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ class WorkdirLock:
                     holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
                     os.close(self.fd)
                     self.fd = None
-                    raise LedgerError(
+                    raise WorkdirBusyError(
                         f"workdir {self.path.parent} is in use by another batcher process (pid {holder}); "
-                        "wait for it to finish, or use another --workdir"
+                        "wait for it to finish, or use another --workdir", holder
                     ) from None
                 time.sleep(0.2)
         os.ftruncate(self.fd, 0)
@@ -290,8 +290,9 @@ class Ledger:
 
     def _run_has_every_request(self, run_id: int) -> bool:
         """True when the run's requests are every request in the ledger (a workdir used for one manifest).
-        Every hash a row points to has a requests row and requests are never deleted, so equal counts mean
-        equal sets (anything that deletes requests, or repoints rows, must refresh runs.request_count)."""
+        Every hash a row points to has a requests row (a prune deletes only requests no row names), so equal
+        counts mean equal sets (anything that deletes a request a row names, or repoints rows, must refresh
+        runs.request_count)."""
         run = self.conn.execute("SELECT request_count FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None or run[0] is None:
             return False

@@ -12,6 +12,7 @@ from ..ledger import BLOCKED, FAILED, SUCCEEDED
 
 if TYPE_CHECKING:
     from ..cost.estimate import Estimate
+    from ..pipeline import PruneSummary
     from ..planning.planner import PlanResult
     from ..errors import SpendLimitError
     from .dataset import DatasetSummary
@@ -65,6 +66,31 @@ def run_line(state: str, plan: PlanResult, images: dict[str, int], *, jobs_creat
     if dataset is not None:
         text += f"; dataset {dataset}"
     return text
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def prune_line(p: PruneSummary) -> str:
+    """`batcher prune`'s summary: what it dropped (a dry run: would drop), what it kept, and the ledger's size."""
+    d = p.dropped
+    verb = "would drop" if p.dry_run else "dropped"
+    text = (f"prune{' (dry run)' if p.dry_run else ''}: {verb} {plural(d['runs'], 'run')} ({plural(d['rows'], 'row')}), "
+            f"{plural(d['requests'], 'request')} no kept run uses, {plural(d['jobs'], 'finished job')}")
+    if d.get("job_files"):
+        text += f" and {d['job_files']} JSONL file(s)"
+    kept = ", ".join(str(r) for r in p.kept_runs) or "none"
+    text += f"; kept {plural(len(p.kept_runs), 'run')} ({kept})"
+    if p.unfinished_runs:
+        text += f", of which {', '.join(str(r) for r in p.unfinished_runs)} beyond the newest {p.keep_runs}: work to finish"
+    if p.bytes_after is None:
+        text += f"; ledger {megabytes(p.bytes_before)} (nothing changed)"
+    else:
+        text += f"; ledger {megabytes(p.bytes_before)} -> {megabytes(p.bytes_after)}"
+    text += f"; it holds {plural(p.remaining['rows'], 'row')}, {plural(p.remaining['requests'], 'request')}"
+    text += "; image cache untouched (a dropped request that comes back is a cache hit)"
+    return text + "".join(f"; {n}" for n in p.notes)
 
 
 def spend_limit_note(limit: SpendLimitError | None) -> str:

@@ -50,6 +50,9 @@ class PlanResult:
     new_run: bool = True
     jobs: list[int] = field(default_factory=list)  # jobs the plan sharded as it loaded (see _InlineJobs)
     states: dict[str, int] | None = None  # how many of its requests are in each state, when the plan knows
+    # How this command's plan looked up the requests the ledger held: "fresh" (it held none), "memory" (read whole
+    # once: the fast path), "sql" (a batch at a time: more than PlanTuning.known_max_requests; slower); None: no plan.
+    ledger_lookup: str | None = None
 
     @property
     def images(self) -> int:
@@ -216,6 +219,12 @@ def plan_manifest(
     maybe_crash("plan")  # test hook: see batcher/faults.py
     summary = _summary(ledger, run_id, new_run=True, planned_rows=seq, tally=tally)
     summary.jobs = result.jobs
+    summary.ledger_lookup = "fresh" if fresh else "memory" if writer.knows_ledger else "sql"
+    if summary.ledger_lookup == "sql":
+        log.info("plan: the ledger holds more than %s requests: looked up in SQL a batch at a time (the slow path); "
+                 "`batcher prune --keep-runs N` keeps it smaller", f"{tuning.known_max_requests:,}")
+    else:
+        log.info("plan: the ledger's requests looked up in memory (%s)", summary.ledger_lookup)
     return summary
 
 
