@@ -685,15 +685,33 @@ def status(settings: Settings, *, refresh: bool = True, backend_factory=None, no
     refresh=False)."""
     if refresh and backend_factory is None:
         settings.check_lasting_backend("status")
-    with open_workspace(settings, backend_factory, existing=True) as ws:
-        running = ws.ledger.jobs((J_SUBMITTED,)) if refresh else []
-        if running:
-            try:
-                refresh_jobs(ws)
-            except NoApiKey:
-                raise NoApiKey(f"no API key to ask about {plural(len(running), 'running job')}: set GEMINI_API_KEY (or "
-                               f"GOOGLE_API_KEY), or pass --no-refresh to show the ledger as it is") from None
-        return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)
+    try:
+        with open_workspace(settings, backend_factory, existing=True) as ws:
+            running = ws.ledger.jobs((J_SUBMITTED,)) if refresh else []
+            if running:
+                try:
+                    refresh_jobs(ws)
+                except NoApiKey:
+                    raise NoApiKey(f"no API key to ask about {plural(len(running), 'running job')}: set GEMINI_API_KEY "
+                                   f"(or GOOGLE_API_KEY), or pass --no-refresh to show the ledger as it is") from None
+            return status_document(ws.ledger, settings.quota, ws.server_now() if now is None else now)
+    except WorkdirBusyError as exc:  # a run (or collect) holds it: its ledger as that command's last poll left it
+        return _status_beside(settings, exc.holder, now)
+
+
+def _status_beside(settings: Settings, holder: str, now: float | None) -> dict:
+    """The status of a workdir another command holds, read from its ledger without the lock (nothing written):
+    that command polls the API itself, so the jobs are as its last poll saw them."""
+    ledger = Ledger.read_only(settings.workdir)
+    try:
+        if ledger.current_run() is None:
+            raise no_run(settings.workdir)
+        doc = status_document(ledger, settings.quota, time.time() if now is None else now)
+    finally:
+        ledger.close()
+    doc["busy"] = {"pid": holder, "note": f"the workdir is in use by batcher pid {holder}: the jobs are as its last "
+                                          "poll of the API saw them"}
+    return doc
 
 
 def watch_status(settings: Settings, every: float, *, refresh: bool = True, backend_factory=None,

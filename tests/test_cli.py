@@ -91,3 +91,33 @@ def test_status_without_a_key_suggests_no_refresh(tmp_path, emulator_env, monkey
     assert "--backend emulator" not in r.output
     r = CliRunner().invoke(main, ["status", "--no-refresh"])
     assert r.exit_code == 4, r.output
+
+
+@pytest.mark.slow
+def test_status_shows_a_run_in_progress_from_its_ledger(tmp_path, emulator_env):
+    """`run` holds the workdir while it works; `status` (and `status --watch`) beside it read its ledger without the
+    lock and say whose poll the jobs are from, instead of refusing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    emulator_env.configure(pending_seconds=0.1, running_seconds=4.0)
+    (tmp_path / "m.csv").write_text("id,prompt\na,a red door\nb,a blue door\n", encoding="utf-8")
+    run = subprocess.Popen([sys.executable, "-m", "batcher.cli", "run", "m.csv", "--poll-interval", "0.2", "-q"],
+                           cwd=tmp_path, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / ".batcher"), "--json"])
+            if r.exit_code == 4 and json.loads(r.output)["jobs"]:
+                break
+            time.sleep(0.2)
+        doc = json.loads(r.output)
+        assert doc["busy"]["pid"] == str(run.pid) and len(doc["jobs"]) == 1, r.output
+        r = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / ".batcher")], env={"COLUMNS": "80"})
+        assert r.exit_code == 4 and f"in use by batcher pid {run.pid}" in r.output, r.output
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, out + err
+    finally:
+        run.kill()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import LedgerError, WorkdirBusyError
-from .schema import BULK_INDEXES, BUSY_TIMEOUT_MS, connect, migrate, use_wal
+from .schema import BULK_INDEXES, BUSY_TIMEOUT_MS, connect, connect_read_only, migrate, use_wal
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ class Ledger:
         migrate(self.conn)
         self.ledger_id = self._ensure_ledger_id()
         self._counting = 0  # change_counter uses open
+
+    @classmethod
+    def read_only(cls, workdir: str | os.PathLike) -> "Ledger":
+        """The ledger of a workdir another command holds, to read (status): nothing is migrated, created or locked."""
+        ledger = cls.__new__(cls)
+        ledger.workdir = Path(workdir)
+        ledger.path = ledger.workdir / "ledger.sqlite"
+        ledger.conn = connect_read_only(ledger.path)
+        row = ledger.conn.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()
+        ledger.ledger_id = row[0] if row else ""
+        ledger._counting = 0
+        return ledger
 
     def close(self) -> None:
         self.conn.close()

@@ -4,13 +4,12 @@ what a run has paid, and which cached images a workdir still names."""
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UsageError
 from .core import Ledger
-from .schema import BLOCKED, BUSY_TIMEOUT_MS, SUCCEEDED
+from .schema import BLOCKED, SUCCEEDED, connect_read_only
 
 # The columns of dataset_rows, in order.
 DATASET_COLUMNS = ("row", "id", "variant", "prompt", "request_hash", "extra_json", "state", "error", "finish_reason",
@@ -136,7 +135,7 @@ def referenced_hashes(workdir: str | os.PathLike) -> set[str]:
     if not path.is_file():
         raise UsageError(f"--keep-referenced {workdir}: no ledger there ({path} is missing); name a workdir "
                          "a run was made in")
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn = connect_read_only(path)
     try:
         query = conn.cursor()
         query.execute("SELECT hash FROM requests UNION SELECT request_hash FROM rows")

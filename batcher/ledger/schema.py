@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 from ..errors import LedgerError
 
@@ -205,6 +206,15 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def connect_read_only(path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection that reads the ledger beside the command that holds its workdir (WAL lets readers in while it
+    writes), and can change nothing: no migration, no lock, no file created."""
+    conn = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.row_factory = sqlite3.Row
     return conn
 
 

@@ -230,7 +230,7 @@ def _wide_status_table(doc: dict) -> str:
 
 def _status_totals(doc: dict) -> list[str]:
     c, i = doc["requests"], doc.get("images") or {}
-    lines = []
+    lines = [f"note: {doc['busy']['note']}"] if doc.get("busy") else []
     if i:
         lines.append(f"images: {i['ok']:,} ok, {i['blocked']:,} blocked, {i['failed']:,} failed, {i['pending']:,} pending")
     lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
