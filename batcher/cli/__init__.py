@@ -99,8 +99,6 @@ PROJECT = click.option("--project", default=None, help="Vertex AI project (defau
 LOCATION = click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1).")
 STAGING = click.option("--staging", default=None,
                        help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING).")
-SHARE = click.option("--share", default=None, metavar="gs://URI",
-                     help="Share this run's jobs with other collectors through GCS (see `collect --worker`).")
 SWITCH_MANIFEST = click.option("--switch-manifest", is_flag=True,
                                help="Let this workdir and its dataset move on to another manifest than the one they hold "
                                     "(the dataset is rewritten for it; without this flag that is refused).")
@@ -109,11 +107,18 @@ MAX_ATTEMPTS = click.option("--max-attempts", type=click.IntRange(1, 100), defau
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only.")
 VERBOSE = click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+# Who downloads and decodes finished jobs (run and collect).
+ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                      help="local (default): this process; ray: a Ray task per job on any node, into the shared "
+                           "cache (pip install 'batcher[ray]').")
+RAY_ADDRESS = click.option("--ray-address", default=None, metavar="ADDRESS",
+                           help="The Ray cluster for --engine ray, e.g. ray://head:10001 (default: $RAY_ADDRESS, else "
+                                "a local Ray started for the command).")
 
 # The API, as commands that only talk to existing jobs reach it (no files to stage).
 api_options = _options(BACKEND, PROJECT, LOCATION)
 # What submit and run take besides the manifest's: the whole run.
-common_options = _options(WORKDIR, OUT, CACHE_DIR, BACKEND, PROJECT, LOCATION, STAGING, SHARE, SWITCH_MANIFEST,
+common_options = _options(WORKDIR, OUT, CACHE_DIR, BACKEND, PROJECT, LOCATION, STAGING, SWITCH_MANIFEST,
                           MAX_ATTEMPTS, QUIET, VERBOSE)
 
 # How a manifest's rows become requests (every command that reads a manifest).
@@ -204,6 +209,8 @@ def submit(ctx, manifest, dry_run, **kw):
 @click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
 @click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
               help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
+@ENGINE
+@RAY_ADDRESS
 @handle_errors
 @click.pass_context
 def run(ctx, manifest, **kw):
@@ -246,24 +253,21 @@ def _run_settings(ctx: click.Context, spec: str | None, kw: dict) -> Settings:
 @CACHE_DIR
 @api_options
 @STAGING
-@SHARE
 @SWITCH_MANIFEST
 @MAX_ATTEMPTS
-@click.option("--worker", is_flag=True,
-              help="Be one of many collectors of a shared run (--share, --cache-dir gs://...): no run of your own.")
-@click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
-@click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop after this many seconds (--worker).")
+@ENGINE
+@RAY_ADDRESS
 @QUIET
 @VERBOSE
 @handle_errors
 @click.pass_context
-def collect(ctx, spec, worker, **kw):
+def collect(ctx, spec, **kw):
     """Download finished jobs, decode and cache images, requeue failures, write the dataset and its report.
 
     The run is the one in --workdir, or the one of JOB.toml (its workdir, dataset, cache and backend)."""
     _setup_logging(kw["verbose"], kw["quiet"])
     settings = _run_settings(ctx, spec, kw)
-    _finish(pipeline.collect_as_worker(settings) if worker else pipeline.collect(settings))
+    _finish(pipeline.collect(settings))
 
 
 @main.command()
