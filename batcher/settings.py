@@ -109,8 +109,6 @@ class Settings:
         check_policy(self.deadline_policy)
         if self.engine not in ENGINES:
             raise UsageError(f"engine {self.engine!r}: use one of {', '.join(ENGINES)}")
-        if self.ray_address and self.engine != "ray":
-            raise UsageError("--ray-address (collect.ray_address) is for --engine ray (collect.engine = \"ray\")")
 
     def check_engine(self) -> None:
         """Before a command that collects does any work: the engine it asks for can run here."""

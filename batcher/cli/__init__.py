@@ -165,6 +165,12 @@ def _settings(ctx: click.Context, manifest: str | None, kw: dict) -> tuple[str |
     return manifest, Settings.from_options(**kw)
 
 
+def _check_engine(settings: Settings, kw: dict) -> None:
+    """--ray-address without Ray as the engine would be ignored: say so instead."""
+    if kw.get("ray_address") and settings.engine != "ray":
+        raise click.UsageError("--ray-address is for --engine ray (or collect.engine = \"ray\" in the job spec)")
+
+
 def _finish(outcome: pipeline.Outcome) -> None:
     click.echo(outcome.summary)
     sys.exit(outcome.exit_code)
@@ -216,7 +222,9 @@ def submit(ctx, manifest, dry_run, **kw):
 def run(ctx, manifest, **kw):
     """Submit MANIFEST (or a JOB.toml spec), wait, collect, resubmit failures, until done. Resumable."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    _finish(pipeline.run(*_settings(ctx, manifest, kw)))
+    manifest, settings = _settings(ctx, manifest, kw)
+    _check_engine(settings, kw)
+    _finish(pipeline.run(manifest, settings))
 
 
 @main.command()
@@ -267,6 +275,7 @@ def collect(ctx, spec, **kw):
     The run is the one in --workdir, or the one of JOB.toml (its workdir, dataset, cache and backend)."""
     _setup_logging(kw["verbose"], kw["quiet"])
     settings = _run_settings(ctx, spec, kw)
+    _check_engine(settings, kw)
     _finish(pipeline.collect(settings))
 
 
