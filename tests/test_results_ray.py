@@ -153,3 +153,20 @@ def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     r = CliRunner().invoke(main, ["collect", "--engine", "ray", "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 2 and "pip install 'batcher[ray]'" in r.output, r.output
+
+
+def test_a_job_whose_task_fails_is_named_and_left_for_the_next_collect(ray_cluster, tmp_path, emulator, backend_factory):
+    from batcher.errors import CollectError
+    from batcher.ledger import J_SUCCEEDED
+
+    s = submitted(tmp_path, backend_factory, 6, engine="ray")
+    with pipeline.open_workspace(s, backend_factory, existing=True) as ws:
+        pipeline.refresh_jobs(ws)
+        lost = ws.ledger.jobs()[0]
+        ws.backend.delete_file(lost["output_file"])  # its results are gone at the API: the task gets a 404
+    with pytest.raises(CollectError, match=f"{lost['display_name']}: its Ray task failed"):
+        pipeline.collect(s, backend_factory=backend_factory)
+    ledger = Ledger(s.workdir)
+    assert [j["display_name"] for j in ledger.jobs((J_SUCCEEDED,))] == [lost["display_name"]]  # nothing recorded
+    assert len(ledger.jobs((J_COLLECTED,))) == 2  # the other jobs are in
+    ledger.close()

@@ -216,6 +216,7 @@ def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int,
                 log.warning("could not delete %s: %s", name, exc)
     results = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
     results.unlink(missing_ok=True)
+    results.with_suffix(".jsonl.part").unlink(missing_ok=True)  # a download left half-way (then collected elsewhere)
 
 
 def _fail(c, h: str, attempts: int, max_attempts: int, reason: str, finish: str | None, now: float, stats: CollectStats) -> None:

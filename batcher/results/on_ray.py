@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import BatcherError, CollectError, TransientApiError, UsageError
+from ..errors import BatcherError, CollectError, NoApiKey, TransientApiError, UsageError
 from ..faults import maybe_crash
 from ..ledger import J_SUCCEEDED, Ledger
 from .collect import CollectStats
@@ -102,11 +102,13 @@ class RayEngine:
                 yield job, ray.get(done)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                yield job, (cause if isinstance(cause, BatcherError) else
-                            CollectError(f"{job.display_name}: its Ray task failed ({type(cause).__name__}: {cause})"))
+                what = str(cause) if isinstance(cause, BatcherError) else f"{type(cause).__name__}: {cause}"
+                hint = ("; Ray workers read the API key from their own environment (README \"Collecting on Ray\")"
+                        if isinstance(cause, NoApiKey) else "")
+                yield job, CollectError(f"{job.display_name}: its Ray task failed: {what}{hint}")
             except ray.exceptions.RayError as exc:  # its worker or node died more often than it was retried
-                yield job, CollectError(f"{job.display_name}: its Ray task was lost {TASK_RETRIES + 1} times "
-                                        f"({type(exc).__name__}); run collect again")
+                yield job, CollectError(f"{job.display_name}: its Ray task's worker died on each of its {TASK_RETRIES + 1} "
+                                        f"attempts ({type(exc).__name__}); run collect again")
 
     def close(self) -> None:
         if self.started:
