@@ -48,12 +48,12 @@ from .planning.planner import PlanResult, manifest_identity, plan_fallbacks, pla
 from .output import live
 from .progress import Progress, label
 from .results.collect import CollectStats, collect_job
-from .results.share import Share, export_records, import_records
 from .settings import Settings, is_spec
 from .storage import gcs
 from .storage.store import open_store
 
 if TYPE_CHECKING:
+    from .results.on_ray import RayEngine
     from .cost.estimate import Estimate
     from .output.report import ReportSummary
 
@@ -106,9 +106,9 @@ class Workspace:
             raise
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
+        self._ray: RayEngine | None = None
         self._resources = contextlib.ExitStack()  # what the backend needs while the workspace is open (an emulator)
         self.progress = Progress(quiet=settings.quiet)
-        self.published: set[str] = set()  # jobs this process announced to the share (--share)
         self.models_checked = False  # the models of the run were checked (batcher.models) by this process
         self.notes: list[str] = []  # what the command's summary says besides its counts (a tier's spend cap, ...)
         self.create_not_before = 0.0  # monotonic time: a 429 on create said to wait this long (its RetryInfo)
@@ -116,6 +116,16 @@ class Workspace:
         self.run_id: int | None = None  # the run the command plans (for what it says of models, notes)
         self.budget: BudgetCheck | None = None  # the last budget check of this command (--budget-usd)
         self.started_at = time.time()  # what this command paid: the run's payments since
+
+    @property
+    def ray(self) -> "RayEngine":
+        """Ray, connected (or a local Ray started) on first use and left at close (settings.engine "ray")."""
+        if self._ray is None:
+            from .results.on_ray import RayEngine, task_settings
+
+            self._ray = RayEngine(self.settings.ray_address, task_settings(self.settings, self.store))
+            self._resources.callback(self._ray.close)
+        return self._ray
 
     @property
     def backend(self) -> Backend:
@@ -267,44 +277,22 @@ def refresh_jobs(ws: Workspace) -> None:
         jobs_mod.refresh_job(ws.ledger, ws.backend, job["id"])
 
 
-def publish_jobs(ws: Workspace) -> None:
-    """With --share: announce this workdir's created jobs to the other collectors (idempotent)."""
-    if not ws.settings.share:
-        return
-    share = Share(ws.settings.share)
-    published = ws.published
-    for job in ws.ledger.jobs((J_SUBMITTED, J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
-        if job["display_name"] not in published:
-            share.publish(job, sending.job_hashes(ws.ledger, job["id"]), type(ws.backend).__name__)
-            published.add(job["display_name"])
-
-
-def _collect_shared_job(ws: Workspace, share: Share, job, stats: CollectStats) -> None:
-    """A finished job of a shared run: import another collector's outcomes, or claim it and collect it here."""
-    records = share.done(job["display_name"])
-    if records is not None:
-        import_records(ws.ledger, ws.backend, ws.store, job, records, ws.settings.max_attempts, stats)
-        return
-    if not share.claim(job["display_name"]):
-        return  # another collector is on it: its outcomes arrive in a later round
-    collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats, delete_remote=False)
-    share.write_done(job["display_name"], export_records(ws.ledger, job["id"]))
-    if job["output_file"]:
-        ws.backend.delete_file(job["output_file"])
-
-
 def collect_finished(ws: Workspace) -> CollectStats:
+    """Collect every finished job: here, or (engine "ray") the results of each by a Ray task (results.on_ray)."""
     stats = CollectStats()
-    publish_jobs(ws)
-    share = Share(ws.settings.share) if ws.settings.share else None
+    on_ray = ws.settings.engine == "ray"
     for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
-        if share is not None and job["state"] == J_SUCCEEDED:
-            _collect_shared_job(ws, share, job, stats)
-            continue
+        if on_ray and job["state"] == J_SUCCEEDED and job["output_file"]:
+            continue  # below
         with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
                 ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
             collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
                         on_bytes=dbar.update, on_image=ibar.update)
+    if on_ray and (finished := ws.ledger.jobs((J_SUCCEEDED,))):
+        from .results.on_ray import collect_on_ray
+
+        with ws.progress.count(label("collect", "on Ray"), len(finished)) as bar:
+            collect_on_ray(ws.ray, ws.ledger, ws.backend, ws.store, ws.settings.max_attempts, stats, on_job=bar.update)
     for e in stats.errors:
         log.warning(e)
     for name, state, requeued in stats.ended:
@@ -452,7 +440,6 @@ def submit(manifest: str | Path, settings: Settings | None = None, *, dry_run: b
                 send_pending(ws)
         except SpendLimitError as exc:
             limit = exc
-        publish_jobs(ws)
         counts = run_counts(ws.ledger, p.run_id)
         ds = None
         if not counts[PLANNED] and not counts[QUEUED]:
@@ -479,6 +466,7 @@ def estimate(manifest: str | Path, settings: Settings | None = None) -> "Estimat
 def collect(settings: Settings, *, backend_factory=None) -> Outcome:
     """Refresh jobs, download and decode finished ones, requeue failures, write the dataset."""
     check_dir(settings.out, "output dataset (--out)")
+    settings.check_engine()
     if backend_factory is None:
         settings.check_lasting_backend("collect")
     with open_workspace(settings, backend_factory, existing=True) as ws:
@@ -535,6 +523,7 @@ def run(manifest: str | Path, settings: Settings | None = None, *, backend_facto
     started = time.monotonic()
     check_dir(settings.workdir, "workdir (--workdir)")
     check_dir(settings.out, "output dataset (--out)")
+    settings.check_engine()
     if backend_factory is None:
         settings.check_backend()
     with open_workspace(settings, backend_factory) as ws:
@@ -641,26 +630,6 @@ def generate_interactively(ws: Workspace, run_id: int) -> None:
                     stats.blocked, stats.failed, usd(stats.spent_usd))
     if stats.held_back:
         log.warning("interactive fallback: %d requests held back by the budget", stats.held_back)
-
-
-def collect_as_worker(settings: Settings, *, backend_factory=None, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """`batcher collect --share URI --worker`: collect the shared run's finished jobs into the shared cache,
-    with no run of its own (any number of these, on any machines)."""
-    if not settings.share:
-        raise UsageError("--worker needs --share gs://... (where the run's owner publishes its jobs)")
-    if not gcs.is_gcs(settings.cache_dir or ""):
-        raise UsageError("--worker needs --cache-dir gs://... : the image cache the run's owner uses, shared by every collector")
-    from .results import share as share_mod
-
-    check_dir(settings.workdir, "workdir (--workdir)")
-    resources = contextlib.ExitStack()
-    factory = backend_factory or resources.enter_context(make_backend_factory(
-        settings.backend, project=settings.project, location=settings.location, staging=settings.staging))
-    with resources:
-        stats = share_mod.work(Share(settings.share), factory(), open_store(settings.cache_dir), settings.workdir,
-                               poll_interval=settings.poll_interval, timeout=settings.timeout, sleep=sleep)
-    return Outcome(EXIT_OK, f"collector: {stats.jobs} job(s) collected here ({stats.images} images), "
-                   f"{stats.skipped_claimed} left to other collectors, {stats.rounds} round(s)")
 
 
 def cancel(settings: Settings, names: list[str] | None = None, *, backend_factory=None) -> Outcome:

@@ -21,6 +21,7 @@ the file (a typo must not silently change a nightly run):
     [window]     deadline ("06:00", "7h"), policy (wait | report | resubmit | interactive)
     [vertex]     project, location, staging ("gs://bucket/prefix"), with backend = "vertex"
     [notify]     webhook_uris
+    [collect]    engine (local | ray), ray_address ("ray://head:10001"; default $RAY_ADDRESS, else a local Ray)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from .manifest import ManifestOptions
 from .output.formats import DEFAULT_SHARD_SIZE, FORMATS, gcs_refused, parse_size
 from .planning.packing import ShardLimits
 from .storage import gcs
+
+ENGINES = ("local", "ray")  # who downloads and decodes finished jobs
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Settings:
     poll_interval: float | None = None  # seconds between polls; None: 30 (1 on the in-process emulator)
     timeout: float | None = None
     quota: Quota = field(default_factory=Quota)
-    share: str | None = None  # gs://... where this run's jobs are shared with other collectors (results.share)
+    engine: str = "local"  # who downloads and decodes finished jobs: this process, or Ray tasks (results.on_ray)
+    ray_address: str | None = None  # the Ray cluster (engine "ray"); None: $RAY_ADDRESS, else a local Ray
     fallback_model: str | None = None  # for requests that keep failing on their model
     deadline: float | str | None = None  # epoch seconds, or as --deadline takes it: "06:00", "7h", an ISO time
     deadline_policy: str = "wait"  # wait | report | resubmit | interactive
@@ -108,6 +112,8 @@ class Settings:
                 raise UsageError(f"--fallback-model {self.fallback_model!r}: {problem}")
         check_policy(self.deadline_policy)
         self._check_dataset_format()
+        if self.engine not in ENGINES:
+            raise UsageError(f"engine {self.engine!r}: use one of {', '.join(ENGINES)}")
 
     def _check_dataset_format(self) -> None:
         if self.dataset_format not in FORMATS:
@@ -118,6 +124,17 @@ class Settings:
             raise UsageError(f"--shard-size: {exc}") from None
         if self.dataset_format != "files" and gcs.is_gcs(self.out):
             raise UsageError(gcs_refused(self.dataset_format, self.out))
+
+    def check_engine(self) -> None:
+        """Before a command that collects does any work: the engine it asks for can run here."""
+        if self.engine != "ray":
+            return
+        from .results.on_ray import require_ray
+
+        if self.backend == "emulator":
+            raise UsageError("--engine ray --backend emulator: that emulator lives inside this command, out of the Ray "
+                             "workers' reach. Start `batcher emulator` and point GOOGLE_GEMINI_BASE_URL at it instead")
+        require_ray()
 
     def check_lasting_backend(self, command: str) -> None:
         """`command` (submit, collect, status, cancel) leaves jobs for a later command, or reaches jobs an earlier one
@@ -164,7 +181,7 @@ MANIFEST_OPTIONS = {"prompt_column": "prompt_column", "id_column": "id_column", 
                     "aspect_ratio": "aspect_ratio", "image_size": "image_size", "temperature": "temperature",
                     "top_p": "top_p", "seed": "seed", "variants": "variants", "system_instruction": "system_instruction"}
 SETTINGS_OPTIONS = ("workdir", "out", "cache_dir", "max_attempts", "refresh", "retry_blocked", "skip_invalid", "switch_manifest",
-                    "poll_interval", "timeout", "share", "fallback_model", "deadline", "deadline_policy", "quiet",
+                    "poll_interval", "timeout", "engine", "ray_address", "fallback_model", "deadline", "deadline_policy", "quiet",
                     "budget_usd", "prices", "webhook_uris", "backend", "project", "location", "staging",
                     "dataset_format", "shard_size")
 OPTIONS = (*MANIFEST_OPTIONS, *SETTINGS_OPTIONS, "max_requests_per_job", "tier", "token_cap")
@@ -191,7 +208,7 @@ def from_options(options: dict[str, Any]) -> Settings:
 
 SCHEMA: dict[str, Any] = {
     "manifest": str, "workdir": str, "out": str, "cache_dir": str, "backend": str, "refresh": bool, "skip_invalid": bool,
-    "share": str, "dataset_format": str, "shard_size": str,
+    "dataset_format": str, "shard_size": str,
     "defaults": {"model": str, "aspect_ratio": str, "image_size": str, "temperature": float, "top_p": float,
                  "seed": int, "variants": int, "system_instruction": str},
     "manifest_columns": {"prompt": str, "id": str, "format": str},
@@ -201,6 +218,7 @@ SCHEMA: dict[str, Any] = {
     "retry": {"max_attempts": int, "retry_blocked": bool, "fallback_model": str},
     "vertex": {"project": str, "location": str, "staging": str},  # backend = "vertex"
     "notify": {"webhook_uris": list},  # listeners the API POSTs each job's end to (jobs.webhooks)
+    "collect": {"engine": str, "ray_address": str},  # who downloads and decodes finished jobs (results.on_ray)
 }
 PATH_KEYS = ("manifest", "workdir", "out", "cache_dir")
 # Values the command line would refuse (click choices and ranges): a spec must not slip them past it.
@@ -208,6 +226,7 @@ CHOICES: dict[str, tuple] = {
     "backend": ("gemini", "emulator", "vertex"), "dataset_format": ("files", "webdataset", "parquet"),
     "manifest_columns.format": ("parquet", "csv", "tsv"),
     "limits.tier": ("1", "2", "3"), "window.policy": ("wait", "report", "resubmit", "interactive"),
+    "collect.engine": ("local", "ray"),
 }
 MINIMUM: dict[str, float] = {
     "defaults.variants": 1, "limits.max_requests_per_job": 1, "limits.max_attempts": 1, "limits.token_cap": 1,
@@ -227,7 +246,8 @@ SPEC_OPTIONS = {
     "limits.max_requests_per_job": "max_requests_per_job", "limits.max_attempts": "max_attempts",
     "limits.tier": "tier", "limits.token_cap": "token_cap", "limits.budget_usd": "budget_usd", "prices": "prices",
     "poll.interval_seconds": "poll_interval", "poll.timeout_seconds": "timeout",
-    "window.deadline": "deadline", "window.policy": "deadline_policy", "share": "share",
+    "window.deadline": "deadline", "window.policy": "deadline_policy",
+    "collect.engine": "engine", "collect.ray_address": "ray_address",
     "retry.max_attempts": "max_attempts", "retry.retry_blocked": "retry_blocked", "retry.fallback_model": "fallback_model",
     "vertex.project": "project", "vertex.location": "location", "vertex.staging": "staging",
     "notify.webhook_uris": "webhook_uris", "dataset_format": "dataset_format", "shard_size": "shard_size",

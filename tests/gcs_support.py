@@ -7,6 +7,7 @@ create-if-absent writes can fail. Pinned to gcp-storage-emulator 2026.7.19 (its 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -22,6 +23,8 @@ from gcp_storage_emulator.handlers import objects
 _lock = threading.Lock()
 _installed = False
 _running: dict[str, object] = {}  # URL -> the emulator's server
+# How many times each object was written (an upload the emulator accepted): "gs://BUCKET/NAME" -> count.
+writes: collections.Counter = collections.Counter()
 
 
 def _object_name(request) -> str | None:
@@ -50,7 +53,10 @@ def _guarded(original):
                                          "errors": [{"reason": "conditionNotMet"}]}})
                 response.status = HTTPStatus.PRECONDITION_FAILED
                 return
-        return original(request, response, storage, *args, **kwargs)
+        result = original(request, response, storage, *args, **kwargs)
+        if response.status < 300:
+            writes[f"gs://{request.params['bucket_name']}/{_object_name(request)}"] += 1
+        return result
 
     return insert
 

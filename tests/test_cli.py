@@ -16,11 +16,12 @@ def options_of(command: str) -> set[str]:
 
 
 @pytest.mark.parametrize("command, not_used", [
-    ("status", {"--max-attempts", "--share", "--staging", "--out", "--cache-dir", "--switch-manifest"}),
-    ("cancel", {"--max-attempts", "--share", "--staging", "--out", "--cache-dir", "--switch-manifest"}),
+    ("status", {"--max-attempts", "--engine", "--staging", "--out", "--cache-dir", "--switch-manifest"}),
+    ("cancel", {"--max-attempts", "--engine", "--staging", "--out", "--cache-dir", "--switch-manifest"}),
+    ("submit", {"--engine", "--ray-address"}),
     ("estimate", {"--workdir", "--retry-blocked", "--fallback-model", "--max-requests-per-job", "--token-cap",
                   "--max-attempts", "--backend"}),
-    ("report", {"--backend", "--cache-dir", "--max-attempts", "--share"}),
+    ("report", {"--backend", "--cache-dir", "--max-attempts", "--engine"}),
 ])
 def test_a_commands_help_lists_only_the_options_it_uses(command, not_used):
     options = options_of(command)
@@ -29,9 +30,11 @@ def test_a_commands_help_lists_only_the_options_it_uses(command, not_used):
 
 def test_the_run_commands_keep_every_option():
     for command in ("submit", "run"):
-        assert {"--workdir", "--out", "--cache-dir", "--backend", "--staging", "--share", "--max-attempts",
+        assert {"--workdir", "--out", "--cache-dir", "--backend", "--staging", "--max-attempts",
                 "--retry-blocked", "--fallback-model", "--skip-invalid", "--tier"} <= options_of(command)
-    assert {"--staging", "--share", "--max-attempts", "--switch-manifest", "--out", "--cache-dir"} <= options_of("collect")
+    assert {"--engine", "--ray-address"} <= options_of("run")
+    assert {"--staging", "--max-attempts", "--switch-manifest", "--out", "--cache-dir", "--engine",
+            "--ray-address"} <= options_of("collect")
 
 
 def test_estimate_says_what_skip_invalid_does_there():

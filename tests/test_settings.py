@@ -42,6 +42,7 @@ def test_command_line_options_override_the_spec(tmp_path, emulator_env):
     ("[limits]\nmax_attempts = \"three\"\n", "'limits.max_attempts' must be a int"),
     ("defaults = 3\n", "'defaults' must be a table"),
     ("[poll\n", "not valid TOML"),
+    ("[collect]\nengine = \"spark\"\n", "'collect.engine' is 'spark'; use one of local, ray"),
 ])
 def test_bad_specs_name_the_key_and_the_file(tmp_path, body, message):
     p = spec_file(tmp_path, body)
@@ -95,3 +96,15 @@ def test_a_policy_error_is_not_blamed_on_the_specs_deadline(tmp_path):
     with pytest.raises(UsageError) as info:
         Settings.from_spec(spec, deadline_policy="sometimes")
     assert "window.deadline" not in str(info.value) and "--deadline-policy 'sometimes'" in str(info.value)
+
+
+def test_a_spec_collects_on_ray_at_its_address(tmp_path):
+    from batcher.settings import Settings
+
+    p = spec_file(tmp_path, '[collect]\nengine = "ray"\nray_address = "ray://head:10001"\n')
+    _, s = Settings.from_spec(p)
+    assert (s.engine, s.ray_address) == ("ray", "ray://head:10001")
+    _, s = Settings.from_spec(p, engine="local")  # the command line's engine wins
+    assert s.engine == "local"
+    r = CliRunner().invoke(main, ["collect", "--ray-address", "ray://head:10001", "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "--ray-address is for --engine ray" in r.output, r.output

@@ -168,63 +168,6 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
         pipeline.report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
 
 
-@pytest.mark.slow
-def test_several_collectors_share_one_run(bucket, tmp_path, emulator, backend_factory, gcs_url):
-    """Three collector processes and the owner: every job collected once, one complete dataset."""
-    import os
-    import subprocess
-    import sys
-
-    import pyarrow.parquet as pq
-
-    import batcher.pipeline as pipeline
-    from batcher.planning.planner import ShardLimits
-
-    m = tmp_path / "m.csv"
-    m.write_text("id,prompt\n" + "".join(f"r{i},shared run prompt {i}\n" for i in range(12)), encoding="utf-8")
-    cache, share = gcs.join(bucket, "cache"), gcs.join(bucket, "runs/nightly")
-    s = pipeline.Settings(workdir=tmp_path / "owner", out=tmp_path / "out", cache_dir=cache, share=share,
-                          limits=ShardLimits(max_requests=2), poll_interval=0.05, timeout=60, quiet=True)
-    assert pipeline.submit(m, s, backend_factory=backend_factory).exit_code == 4
-    jobs = 6
-    assert len(list(gcs.list_names(share + "/jobs/"))) == jobs
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_url, "GEMINI_API_KEY": "k", "GOOGLE_GEMINI_BASE_URL": emulator.url}
-    workers = [subprocess.Popen([sys.executable, "-m", "batcher.cli", "collect", "--worker", "--share", share,
-                                 "--cache-dir", cache, "--workdir", str(tmp_path / f"worker{i}"), "--poll-interval", "0.1",
-                                 "--timeout", "60", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(3)]
-    outputs = [w.communicate(timeout=120) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0], outputs
-    collected_by = [int(out.split("collector: ")[1].split(" job")[0]) for out, _ in outputs]
-    assert sum(collected_by) == jobs  # every job by exactly one collector
-    stats = emulator.stats()
-    assert stats["downloads"] == jobs  # each results file was read once
-    for name in gcs.list_names(share + "/jobs/"):
-        job = name.rsplit("/", 1)[-1].removesuffix(".json")
-        assert len(list(gcs.list_names(f"{share}/claims/{job}/"))) == 1
-    result = pipeline.collect(s, backend_factory=backend_factory)  # the owner imports the outcomes
-    assert result.exit_code == 0, result.summary
-    rows = pq.read_table(s.out / "metadata.parquet").to_pylist()
-    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
-    assert all((s.out / r["file_name"]).exists() for r in rows)
-    assert emulator.stats()["downloads"] == jobs  # the owner downloaded nothing again
-    assert emulator.stats()["batches_created"] == jobs
-
-
-def test_a_dead_collectors_claim_is_taken_over_after_its_lease(bucket):
-    from batcher.results.share import Share
-
-    share = Share(gcs.join(bucket, "runs/x"), lease_s=600)
-    assert share.claim("job1", now=1000.0)
-    assert not share.claim("job1", now=1300.0)  # still within the lease: someone is working on it
-    assert share.claim("job1", now=1700.0)  # the lease ran out with no outcome: take over
-    assert not share.claim("job1", now=1701.0)
-    assert [u.rsplit("/", 1)[-1] for u in gcs.list_names(gcs.join(bucket, "runs/x/claims/job1/"))] == ["1", "2"]
-    assert share.write_done("job1", [{"hash": "h", "kind": "image"}])
-    assert not share.write_done("job1", [{"hash": "h", "kind": "error"}])  # outcomes are written once
-    assert share.done("job1") == [{"hash": "h", "kind": "image"}]
-
-
 def test_a_gcs_dataset_from_a_gcs_cache_copies_server_side(bucket, tmp_path, emulator, backend_factory, monkeypatch):
     """No image goes through the owner's disk: only metadata.parquet is staged locally."""
     import batcher.pipeline as pipeline

@@ -99,8 +99,6 @@ PROJECT = click.option("--project", default=None, help="Vertex AI project (defau
 LOCATION = click.option("--location", default=None, help="Vertex AI location (default: $GOOGLE_CLOUD_LOCATION, else us-central1).")
 STAGING = click.option("--staging", default=None,
                        help="Vertex AI staging area for job files, gs://BUCKET/PREFIX (default: $BATCHER_VERTEX_STAGING).")
-SHARE = click.option("--share", default=None, metavar="gs://URI",
-                     help="Share this run's jobs with other collectors through GCS (see `collect --worker`).")
 SWITCH_MANIFEST = click.option("--switch-manifest", is_flag=True,
                                help="Let this workdir and its dataset move on to another manifest than the one they hold "
                                     "(the dataset is rewritten for it; without this flag that is refused).")
@@ -118,10 +116,18 @@ dataset_format_options = _options(
                  help="webdataset, parquet: images per shard up to this size, e.g. 500MB (default 1GB)."),
 )
 
+# Who downloads and decodes finished jobs (run and collect).
+ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                      help="local (default): this process; ray: a Ray task per job on any node, into the shared "
+                           "cache (pip install 'batcher[ray]').")
+RAY_ADDRESS = click.option("--ray-address", default=None, metavar="ADDRESS",
+                           help="The Ray cluster for --engine ray, e.g. ray://head:10001 (default: $RAY_ADDRESS, else "
+                                "a local Ray started for the command).")
+
 # The API, as commands that only talk to existing jobs reach it (no files to stage).
 api_options = _options(BACKEND, PROJECT, LOCATION)
 # What submit and run take besides the manifest's: the whole run.
-common_options = _options(WORKDIR, OUT, CACHE_DIR, BACKEND, PROJECT, LOCATION, STAGING, SHARE, SWITCH_MANIFEST,
+common_options = _options(WORKDIR, OUT, CACHE_DIR, BACKEND, PROJECT, LOCATION, STAGING, SWITCH_MANIFEST,
                           MAX_ATTEMPTS, QUIET, VERBOSE)
 
 # How a manifest's rows become requests (every command that reads a manifest).
@@ -166,6 +172,12 @@ def _settings(ctx: click.Context, manifest: str | None, kw: dict) -> tuple[str |
     if manifest is not None:
         manifest = manifest if gcs.is_gcs(manifest) else Path(manifest)
     return manifest, Settings.from_options(**kw)
+
+
+def _check_engine(settings: Settings, kw: dict) -> None:
+    """--ray-address without Ray as the engine would be ignored: say so instead."""
+    if kw.get("ray_address") and settings.engine != "ray":
+        raise click.UsageError("--ray-address is for --engine ray (or collect.engine = \"ray\" in the job spec)")
 
 
 def _finish(outcome: pipeline.Outcome) -> None:
@@ -214,12 +226,16 @@ def submit(ctx, manifest, dry_run, **kw):
 @click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
 @click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
               help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
+@ENGINE
+@RAY_ADDRESS
 @handle_errors
 @click.pass_context
 def run(ctx, manifest, **kw):
     """Submit MANIFEST (or a JOB.toml spec), wait, collect, resubmit failures, until done. Resumable."""
     _setup_logging(kw["verbose"], kw["quiet"])
-    _finish(pipeline.run(*_settings(ctx, manifest, kw)))
+    manifest, settings = _settings(ctx, manifest, kw)
+    _check_engine(settings, kw)
+    _finish(pipeline.run(manifest, settings))
 
 
 @main.command()
@@ -256,25 +272,23 @@ def _run_settings(ctx: click.Context, spec: str | None, kw: dict) -> Settings:
 @CACHE_DIR
 @api_options
 @STAGING
-@SHARE
 @SWITCH_MANIFEST
 @MAX_ATTEMPTS
 @dataset_format_options
-@click.option("--worker", is_flag=True,
-              help="Be one of many collectors of a shared run (--share, --cache-dir gs://...): no run of your own.")
-@click.option("--poll-interval", type=click.FloatRange(0.05), default=30.0, show_default=True, help="Seconds between rounds (--worker).")
-@click.option("--timeout", type=click.FloatRange(0), default=None, help="Stop after this many seconds (--worker).")
+@ENGINE
+@RAY_ADDRESS
 @QUIET
 @VERBOSE
 @handle_errors
 @click.pass_context
-def collect(ctx, spec, worker, **kw):
+def collect(ctx, spec, **kw):
     """Download finished jobs, decode and cache images, requeue failures, write the dataset and its report.
 
     The run is the one in --workdir, or the one of JOB.toml (its workdir, dataset, cache and backend)."""
     _setup_logging(kw["verbose"], kw["quiet"])
     settings = _run_settings(ctx, spec, kw)
-    _finish(pipeline.collect_as_worker(settings) if worker else pipeline.collect(settings))
+    _check_engine(settings, kw)
+    _finish(pipeline.collect(settings))
 
 
 @main.command()

@@ -1,5 +1,5 @@
 """How a request's outcome is recorded: an image or a block is final (with its tokens and what it cost), an error is
-tried again while attempts remain. Collect (batch results), the interactive fallback and the shared collectors all
+tried again while attempts remain. Collect (batch results), the interactive fallback and the collectors on Ray all
 record through these transitions, which only move a request from the state the caller expects it in."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def planned_in_run(ledger: Ledger, run_id: int) -> list[sqlite3.Row]:
                                (PLANNED, *params)).fetchall()
 
 
-# ---- outcomes as records: what a shared collector hands the owner ---------------------------------------------
+# ---- outcomes as records: what a detached collector (a Ray task) hands the owner ---------------------------------------------
 
 def job_outcomes(ledger: Ledger, job_id: int) -> list[tuple]:
     """(hash, state, error, finish_reason, prompt_tokens, output_tokens, thoughts_tokens) of every request a job
@@ -81,7 +81,7 @@ def job_outcomes(ledger: Ledger, job_id: int) -> list[tuple]:
 
 def add_collected_job(ledger: Ledger, display_name: str, model: str, hashes: list[str], batch_name: str, output_file: str,
                       now: float) -> int:
-    """Another machine's finished job, in a collector's scratch ledger: the job and its requests (queued in it,
+    """Another ledger's finished job, in a detached collector's scratch ledger: the job and its requests (queued in it,
     bodies unknown: the results carry everything collect needs)."""
     with ledger.transaction() as c:
         job_id = c.execute(
@@ -95,4 +95,4 @@ def add_collected_job(ledger: Ledger, display_name: str, model: str, hashes: lis
     return job_id
 
 
-KINDS = {SUCCEEDED: "image", BLOCKED: "blocked"}  # a request's final state as a shared record's kind
+KINDS = {SUCCEEDED: "image", BLOCKED: "blocked"}  # a request's final state as a collector's record's kind

@@ -168,13 +168,16 @@ def download_results(ledger: Ledger, backend: Backend, job, on_bytes=None) -> Pa
 
 
 def collect_job(ledger: Ledger, backend: Backend, store: ImageStore, job_id: int, max_attempts: int,
-                stats: CollectStats, on_bytes=None, on_image=None, delete_remote: bool = True) -> None:
+                stats: CollectStats, on_bytes=None, on_image=None, delete_remote: bool = True,
+                processes: int | None = None) -> None:
+    """Collect a finished job into the cache and the ledger. `processes`: decoder processes (default: one per CPU,
+    results.decoder.default_processes; 0: decode in this process)."""
     job = ledger.job(job_id)
     if job["state"] == J_SUCCEEDED:
         if not job["output_file"]:
             stats.errors.append(f"{job['display_name']}: succeeded without a results file")
         else:
-            processes = default_processes()
+            processes = default_processes() if processes is None else processes
             if processes and isinstance(store, ImageStore):
                 _parse_in_decoders(ledger, backend, store, job, processes, max_attempts, stats, on_bytes, on_image)
             else:  # a gs:// cache (written through this process's GCS client), or BATCHER_COLLECT_PROCESSES=0
@@ -183,8 +186,10 @@ def collect_job(ledger: Ledger, backend: Backend, store: ImageStore, job_id: int
 
 
 def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int, stats: CollectStats,
-               delete_remote: bool = True) -> None:
-    """The job's outcomes are recorded: requeue what did not come back, mark it collected, free its files."""
+               delete_remote: bool = True, outcomes_first: list[tuple] | None = None) -> None:
+    """The job's outcomes are recorded: requeue what did not come back, mark it collected, free its files.
+    `outcomes_first`: (kind, hash, attempts, Outcome) items recorded in the same transaction (a collector's
+    outcomes, results.detached), so the job is never left half imported."""
     job = ledger.job(job_id)
     # Whatever did not come back (expired, failed, cancelled jobs; keys missing from results) is retried.
     reason = {J_SUCCEEDED: "missing from the job's results", J_FAILED: "job failed", J_EXPIRED: "job expired (48 h)",
@@ -194,6 +199,8 @@ def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int,
     now = time.time()
     requeued_before = stats.requeued
     with ledger.transaction() as c:
+        if outcomes_first:
+            _record(c, job["model"], outcomes_first, max_attempts, stats, now)
         for h, attempts in outcomes.queued_in_job(c, job_id):
             _fail(c, h, attempts, max_attempts, reason, None, now, stats)
         ledger.job_transition(c, job_id, (J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED), J_COLLECTED)
@@ -209,6 +216,7 @@ def finish_job(ledger: Ledger, backend: Backend, job_id: int, max_attempts: int,
                 log.warning("could not delete %s: %s", name, exc)
     results = ledger.workdir / "results" / f"{job['display_name']}.jsonl"
     results.unlink(missing_ok=True)
+    results.with_suffix(".jsonl.part").unlink(missing_ok=True)  # a download left half-way (then collected elsewhere)
 
 
 def _fail(c, h: str, attempts: int, max_attempts: int, reason: str, finish: str | None, now: float, stats: CollectStats) -> None:
@@ -221,19 +229,22 @@ def _fail(c, h: str, attempts: int, max_attempts: int, reason: str, finish: str 
 def record_outcomes(ledger: Ledger, model: str, items: list[tuple], max_attempts: int, stats: CollectStats) -> None:
     """Record (kind, hash, attempts, Outcome) items in one transaction: images and blocks are final, errors
     are retried while attempts remain. Only requests still queued change (a request done elsewhere stays)."""
-    now = time.time()
     with ledger.transaction() as c:
-        for kind, h, attempts, o in items:
-            if kind in ("image", "blocked"):
-                cost = cost_usd(model, *o.usage)
-                state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
-                changed = outcomes.record_result(c, h, state, attempts + 1, error, o.finish_reason, o.usage, cost, now, QUEUED)
-                if kind == "image":
-                    stats.succeeded += changed
-                else:
-                    stats.blocked += changed
+        _record(c, model, items, max_attempts, stats, time.time())
+
+
+def _record(c, model: str, items: list[tuple], max_attempts: int, stats: CollectStats, now: float) -> None:
+    for kind, h, attempts, o in items:
+        if kind in ("image", "blocked"):
+            cost = cost_usd(model, *o.usage)
+            state, error = (SUCCEEDED, None) if kind == "image" else (BLOCKED, o.reason)
+            changed = outcomes.record_result(c, h, state, attempts + 1, error, o.finish_reason, o.usage, cost, now, QUEUED)
+            if kind == "image":
+                stats.succeeded += changed
             else:
-                _fail(c, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
+                stats.blocked += changed
+        else:
+            _fail(c, h, attempts, max_attempts, o.reason, o.finish_reason, now, stats)
 
 
 class _Recorder:
