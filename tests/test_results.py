@@ -83,6 +83,27 @@ def test_decoder_processes_report_every_kind_of_line(tmp_path):
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
 
 
+@pytest.mark.parametrize("corrupt", [
+    lambda b64: b64[:-3] + "*==",  # a character outside the alphabet
+    lambda b64: b64[:100] + "\\n" + b64[100:],  # a line break (an escaped one, as JSON carries it)
+    lambda b64: b64[:100] + " " + b64[100:],  # whitespace
+    lambda b64: b64[:-1],  # a length not a multiple of 4
+    lambda b64: b64[:1000] + "==" + b64[1002:],  # padding inside the data
+    lambda b64: b64 + "====",  # padding past a full group (binascii's strict mode let this one through)
+    lambda b64: b64.replace("+", "-").replace("/", "_") if "+" in b64 or "/" in b64 else b64[:-1] + "-",  # urlsafe
+])
+def test_corrupt_base64_is_an_error_on_both_paths(corrupt):
+    from batcher.results.lines import read_line
+
+    for data in (png(), png() + bytes(range(256)) * 20):  # left to json.loads; cut out of the line (lines._BLOB_MIN)
+        data += b"\0" * (-len(data) % 3)  # base64 without padding of its own
+        b64 = corrupt(base64.b64encode(data).decode())
+        for line in (image_line("k" * 64, b64), image_line("k" * 64, b64).replace(b'"data"', b'"data" ')):
+            status, key, o = read_line(line, lambda k: True)
+            assert (status, key, o.kind) == ("outcome", "k" * 64, "error") and "corrupt base64" in o.reason
+        assert read_line(image_line("k" * 64, data), lambda k: True)[2].data == data
+
+
 def test_a_cache_that_cannot_be_written_is_an_os_error_naming_it(tmp_path):
     (tmp_path / "cache").write_text("a file where the cache should be")
     path = tmp_path / "results.jsonl"
