@@ -30,12 +30,16 @@ clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .batcher build *.egg-info
 
 # Long campaigns, not part of `make test`.
-.PHONY: reliability bench test-oldest-sdk
+.PHONY: reliability bench bench-scale test-oldest-sdk
 reliability: $(STAMP)
 	$(BIN)/python -m tests.crash_campaign
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Planning at 1M, 3M and 10M rows (~20-30 min, ~10M cache entries as hard links): how its cost grows.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.run --only plan-growth
 
 # The suite against the oldest google-genai that pyproject.toml allows, in a venv of its own (not part of `make test`).
 OLDEST_VENV := .venv-oldest-sdk
