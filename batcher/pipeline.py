@@ -46,7 +46,7 @@ from .manifest import locate
 from .planning.planner import PlanResult, manifest_identity, plan_fallbacks, plan_manifest, run_result, shard
 from .output import live
 from .progress import Progress, label
-from .results.collect import CollectStats, collect_job
+from .results.collect import CollectStats, Decoders, collect_job
 from .results.share import Share, export_records, import_records
 from .settings import Settings, is_spec
 from .storage import gcs
@@ -296,14 +296,15 @@ def collect_finished(ws: Workspace) -> CollectStats:
     stats = CollectStats()
     publish_jobs(ws)
     share = Share(ws.settings.share) if ws.settings.share else None
-    for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
-        if share is not None and job["state"] == J_SUCCEEDED:
-            _collect_shared_job(ws, share, job, stats)
-            continue
-        with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
-                ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
-            collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
-                        on_bytes=dbar.update, on_image=ibar.update)
+    with Decoders() as decoders:  # one set of decoder processes for every job of this collect
+        for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
+            if share is not None and job["state"] == J_SUCCEEDED:
+                _collect_shared_job(ws, share, job, stats)
+                continue
+            with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
+                    ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
+                collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
+                            on_bytes=dbar.update, on_image=ibar.update, decoders=decoders)
     for e in stats.errors:
         log.warning(e)
     for name, state, requeued in stats.ended:
