@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         collect_sizes, plan_rows, upload_bytes = [150, 500], [100_000, 1_000_000], 1_000_000_000
         if args.full:
-            collect_sizes.append(1000)
+            collect_sizes.append(930)  # ~1.9 GB: the most one job holds (ShardLimits.max_output_bytes, 2 GB)
     collect_sizes = args.collect_images or collect_sizes
     plan_rows = args.plan_rows or plan_rows
     sections = args.only or ["collect", "collect-jobs", "plan", "upload"]
