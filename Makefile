@@ -30,7 +30,7 @@ clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .batcher build *.egg-info
 
 # Long campaigns, not part of `make test`.
-.PHONY: reliability bench bench-ledger test-oldest-sdk
+.PHONY: reliability bench bench-ledger bench-scale test-oldest-sdk
 reliability: $(STAMP)
 	$(BIN)/python -m tests.crash_campaign
 
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # 100 nights of 1M rows, with and without `batcher prune --keep-runs 7` (slow: hours; see docs/benchmarks.md).
 bench-ledger: $(STAMP)
 	$(BIN)/python -m bench.ledger_growth --nights 100 --rows 1000000
+
+# Planning at 1M, 3M and 10M rows (~20-30 min, ~10M cache entries as hard links): how its cost grows.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.run --only plan-growth
 
 # The suite against the oldest google-genai that pyproject.toml allows, in a venv of its own (not part of `make test`).
 OLDEST_VENV := .venv-oldest-sdk

@@ -47,7 +47,7 @@ from .manifest import locate
 from .planning.planner import PlanResult, manifest_identity, plan_fallbacks, plan_manifest, run_result, shard
 from .output import live
 from .progress import Progress, label
-from .results.collect import CollectStats, collect_job
+from .results.collect import CollectStats, Decoders, collect_job
 from .settings import Settings, is_spec
 from .storage import gcs
 from .storage.store import open_store
@@ -281,13 +281,14 @@ def collect_finished(ws: Workspace) -> CollectStats:
     """Collect every finished job: here, or (engine "ray") the results of each by a Ray task (results.on_ray)."""
     stats = CollectStats()
     on_ray = ws.settings.engine == "ray"
-    for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
-        if on_ray and job["state"] == J_SUCCEEDED and job["output_file"]:
-            continue  # below
-        with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
-                ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
-            collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
-                        on_bytes=dbar.update, on_image=ibar.update)
+    with Decoders() as decoders:  # one set of decoder processes for every job of this collect
+        for job in ws.ledger.jobs((J_SUCCEEDED, J_FAILED, J_EXPIRED, J_CANCELLED)):
+            if on_ray and job["state"] == J_SUCCEEDED and job["output_file"]:
+                continue  # below
+            with ws.progress.bytes(label("download", job["display_name"]), None) as dbar, \
+                    ws.progress.count(label("decode", job["display_name"]), job["request_count"]) as ibar:
+                collect_job(ws.ledger, ws.backend, ws.store, job["id"], ws.settings.max_attempts, stats,
+                            on_bytes=dbar.update, on_image=ibar.update, decoders=decoders)
     if on_ray and (finished := ws.ledger.jobs((J_SUCCEEDED,))):
         from .results.on_ray import collect_on_ray
 

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -60,22 +61,33 @@ def prompt_for(i: int) -> str:
 
 # ---- measurement harness ------------------------------------------------------------------------------
 
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None, check: bool = True,
              helpers_rss=None) -> dict:
-    """Run argv under /usr/bin/time; return wall seconds and peak RSS (MB). `/usr/bin/time` sees one process:
-    for a command with helper processes, `helpers_rss(stderr)` returns their peaks (MB, from the command's
-    log) and `peak_rss_mb` is the sum of every process's peak (`main_peak_rss_mb` is the command's own)."""
+    """Run argv under /usr/bin/time; return wall seconds, peak RSS (MB) and CPU seconds. `/usr/bin/time` sees
+    one process: for a command with helper processes, `helpers_rss(stderr)` returns their peaks (MB, from the
+    command's log) and `peak_rss_mb` is the sum of every process's peak (`main_peak_rss_mb` is the command's
+    own). `cpu_s`: user + system time of the command and every process it waited for (its decoder or
+    row-preparing children), from getrusage(RUSAGE_CHILDREN) before and after (the emulator, never waited for
+    while a measurement runs, is not in it)."""
     fd, tfile = tempfile.mkstemp(prefix="bench-time-")
     os.close(fd)
     full_env = dict(os.environ)
     full_env.update(env or {})
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     p = subprocess.run([TIME, "-f", "%M %e", "-o", tfile, *argv], env=full_env, cwd=cwd,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu0
     rss_kb, _ = Path(tfile).read_text().strip().splitlines()[-1].split()
     os.unlink(tfile)
-    res = {"name": name, "wall_s": round(wall, 3), "peak_rss_mb": round(int(rss_kb) / 1024, 1), "rc": p.returncode}
+    res = {"name": name, "wall_s": round(wall, 3), "peak_rss_mb": round(int(rss_kb) / 1024, 1), "cpu_s": round(cpu, 2),
+           "rc": p.returncode}
     if check and p.returncode not in (0, 3, 4):
         raise RuntimeError(f"{name} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     res["stdout_tail"] = p.stdout.strip()[-300:]
@@ -87,7 +99,8 @@ def measured(name: str, argv: list[str], env: dict | None = None, cwd: Path | No
         res["helpers_peak_rss_mb"] = helpers
         res["peak_rss_mb"] = round(res["main_peak_rss_mb"] + sum(helpers), 1)
         note = f"  (sum: main {res['main_peak_rss_mb']:.0f} + helpers {' + '.join(f'{h:.0f}' for h in helpers) or 'none'})"
-    print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  rc={p.returncode}{note}", flush=True)
+    print(f"  {name:<44} {res['wall_s']:9.2f} s  {res['peak_rss_mb']:8.1f} MB  cpu {res['cpu_s']:6.2f} s  rc={p.returncode}{note}",
+          flush=True)
     return res
 
 
@@ -127,14 +140,19 @@ class EmulatorProc:
 # ---- workers (run as subprocesses: python -m bench.run --worker NAME ...) ---------------------------------
 
 def worker_floor(url: str, file_name: str, decode: str) -> None:
-    """Floor: stream the results file over loopback; with decode=1 parse each line (json) and a2b_base64 it."""
+    """Floor: stream the results file over loopback; with decode=1 parse each line (json) and a2b_base64 it
+    (strict), with decode=2 the same with pybase64 (strict: validate=True), the decoder batcher uses."""
+    import pybase64
+
+    b64decode = ((lambda s: binascii.a2b_base64(s, strict_mode=True)) if decode == "1"
+                 else (lambda s: pybase64.b64decode(s, validate=True)))
     u = urllib.parse.urlsplit(url)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
     c.request("GET", f"/v1beta/{file_name}:download?alt=media", headers={"x-goog-api-key": API_KEY})
     r = c.getresponse()
     assert r.status == 200, r.status
     n = images = 0
-    if decode == "1":
+    if decode != "0":
         for line in r:  # HTTPResponse is a buffered reader: one line at a time
             n += len(line)
             if not line.strip():
@@ -142,7 +160,7 @@ def worker_floor(url: str, file_name: str, decode: str) -> None:
             obj = json.loads(line)
             for p in obj["response"]["candidates"][0]["content"]["parts"]:
                 if "inlineData" in p:
-                    binascii.a2b_base64(p["inlineData"]["data"])
+                    b64decode(p["inlineData"]["data"])
                     images += 1
     else:
         with open(os.devnull, "wb") as devnull:
@@ -318,7 +336,7 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
         for i in range(n):
             f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
     emu = EmulatorProc()
-    runs: dict[str, list[dict]] = {"transfer_floor": [], "floor": [], "naive": [], "collect": []}
+    runs: dict[str, list[dict]] = {"transfer_floor": [], "floor": [], "fast_floor": [], "naive": [], "collect": []}
     try:
         env = emu.env()
         common = [[f"--workdir={d / f'wd{i}'}", f"--cache-dir={d / f'cache{i}'}"] for i in range(repeats)]
@@ -340,6 +358,7 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
             runs["transfer_floor"].append(measured("floor: transfer only (GET -> /dev/null)" + tag,
                                                    worker("floor", emu.url, file_name, "0")))
             runs["floor"].append(measured("floor: GET + json + a2b_base64" + tag, worker("floor", emu.url, file_name, "1")))
+            runs["fast_floor"].append(measured("floor: GET + json + pybase64" + tag, worker("floor", emu.url, file_name, "2")))
             runs["naive"].append(measured("naive: SDK download + b64decode + write" + tag,
                                           worker("naive", emu.url, file_name, str(d / "naive"))))
             shutil.rmtree(d / "naive", ignore_errors=True)
@@ -362,7 +381,10 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
         out[f"{key}_wall_range"] = [min(r["wall_s"] for r in rs), max(r["wall_s"] for r in rs)]
         out[f"{key}_peak_rss_range"] = [min(r["peak_rss_mb"] for r in rs), max(r["peak_rss_mb"] for r in rs)]
     col, floor, naive, transfer = out["collect"], out["floor"], out["naive"], out["transfer_floor"]
+    fast = out["fast_floor"]
     over_floor = sorted(c["wall_s"] / f["wall_s"] for c, f in zip(runs["collect"], runs["floor"]))
+    over_fast = sorted(c["wall_s"] / f["wall_s"] for c, f in zip(runs["collect"], runs["fast_floor"]))
+    gb = size / 1e9
     over_naive = sorted(nv["wall_s"] / c["wall_s"] for c, nv in zip(runs["collect"], runs["naive"]))
     out.update({
         "collect_mb_per_s": round(mb / col["wall_s"], 1), "floor_mb_per_s": round(mb / floor["wall_s"], 1),
@@ -371,8 +393,50 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
         "collect_over_transfer": round(col["wall_s"] / transfer["wall_s"], 2),
         "naive_over_collect": round(naive["wall_s"] / col["wall_s"], 2),
         "naive_over_collect_range": [round(over_naive[0], 2), round(over_naive[-1], 2)],
+        "fast_floor_mb_per_s": round(mb / fast["wall_s"], 1),
+        "collect_over_fast_floor": round(col["wall_s"] / fast["wall_s"], 2),
+        "collect_over_fast_floor_range": [round(over_fast[0], 2), round(over_fast[-1], 2)],
+        "collect_images_per_s": round(n / col["wall_s"], 1),
+        # CPU-seconds per GB of results: the median run's (collector + decoder processes), and the others'.
+        "cpu_s_per_gb": {k: round(out[k]["cpu_s"] / gb, 2) for k in ("transfer_floor", "floor", "fast_floor", "naive", "collect")},
     })
     return out
+
+
+def bench_collect_jobs(jobs: int, per_job: int, base: Path) -> dict:
+    """One `batcher collect` of `jobs` finished jobs of `per_job` images each: its wall time, CPU and the peak RSS
+    of its process tree (the collector, plus the largest set of decoder processes: jobs are collected one after
+    another, each with its own decoders)."""
+    n = jobs * per_job
+    print(f"\n[collect-jobs] {jobs} jobs of {per_job} images x ~{IMAGE_BYTES / 1e6:.1f} MB PNG, one collect", flush=True)
+    d = base / f"collect-jobs-{jobs}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    manifest = d / "prompts.csv"
+    with open(manifest, "w") as f:
+        f.write("id,prompt,category\n")
+        for i in range(n):
+            f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
+    emu = EmulatorProc()
+    try:
+        env = emu.env()
+        common = [f"--workdir={d / 'wd'}", f"--cache-dir={d / 'cache'}"]
+        measured("batcher submit", [*BATCHER, "submit", str(manifest), *common, "--quiet", "--tier", TIER,
+                                    "--max-requests-per-job", str(per_job)], env)
+        t0 = time.time()
+        got = wait_succeeded(d / "wd", env, timeout=max(300, n * 2))
+        if len(got) != jobs:
+            raise RuntimeError(f"submit made {len(got)} jobs, expected {jobs}")
+        print(f"  {jobs} jobs succeeded (the emulator made them in ~{time.time() - t0:.1f} s)", flush=True)
+        col = measured(f"batcher collect of {jobs} jobs", [*BATCHER_OWN_RSS, "collect", *common, "-v", "--out", str(d / "dataset")],
+                       env, helpers_rss=decoders_rss)
+        images = sum(1 for _ in (d / "cache").rglob("*.png"))
+        if images != n:
+            raise RuntimeError(f"batcher collect cached {images} images, expected {n}")
+    finally:
+        emu.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return {"jobs": jobs, "images_per_job": per_job, "images": n, "collect": col, "images_per_s": round(n / col["wall_s"], 1)}
 
 
 # ---- 3: planning ----------------------------------------------------------------------------------------
@@ -414,8 +478,13 @@ def tiny_png() -> bytes:
     return TINY_PNG
 
 
+LINKS_PER_FILE = 60_000  # below ext4's 65,000 links per inode
+
+
 def populate_cache(cache: Path, hashes: list[str]) -> None:
-    """What ImageStore(root).put(h, png) leaves on disk (<root>/<h[:2]>/<h>.png), without its per-file fsync."""
+    """What ImageStore(root).put(h, png) leaves on disk (<root>/<h[:2]>/<h>.png), without its per-file fsync.
+    The files are hard links to a few copies of one tiny PNG: the planner only lists and stats the cache, and
+    ten million real files would take ten million inodes (plan-growth)."""
     from batcher.storage.store import ImageStore
 
     png = tiny_png()
@@ -424,9 +493,15 @@ def populate_cache(cache: Path, hashes: list[str]) -> None:
     expected = store.find(hashes[0])
     for prefix in {h[:2] for h in hashes}:
         (cache / prefix).mkdir(parents=True, exist_ok=True)
-    for h in hashes[1:]:
-        with open(cache / h[:2] / f"{h}.png", "wb") as f:
-            f.write(png)
+    source = None
+    for i, h in enumerate(hashes[1:]):
+        path = cache / h[:2] / f"{h}.png"
+        if i % LINKS_PER_FILE == 0:
+            with open(path, "wb") as f:
+                f.write(png)
+            source = path
+        else:
+            os.link(source, path)
     assert store.find(hashes[1]) == cache / hashes[1][:2] / f"{hashes[1]}.png" and expected is not None
 
 
@@ -435,7 +510,9 @@ def prepare_rss(stderr: str) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(r"in a child process \(peak RSS ([0-9.]+) MB\)", stderr)]
 
 
-def bench_plan(rows: int, base: Path) -> dict:
+def bench_plan(rows: int, base: Path, ledger_floor: bool = True, history_nights: int = 0) -> dict:
+    """A dry run of a fresh `rows`-row manifest, the same again with 99 % of its images in the cache, and tonight's
+    plan (1 % new) in last night's workdir; with `history_nights`, also in a workdir that holds that many nights."""
     print(f"\n[plan] dry-run of a {rows:,}-row Parquet manifest", flush=True)
     d = base / f"plan-{rows}"
     shutil.rmtree(d, ignore_errors=True)
@@ -448,16 +525,19 @@ def bench_plan(rows: int, base: Path) -> dict:
     first = measured("submit --dry-run (empty cache)", [*BATCHER_OWN_RSS, "submit", str(manifest), "--dry-run", "-v", "--tier", TIER,
                                                          "--workdir", str(d / "wd1"), "--cache-dir", str(d / "cacheA")], env,
                      helpers_rss=prepare_rss)
-    floor = measured("ledger floor: plan_manifest on prepared rows", worker("ledger_floor", str(d / "floor"), str(rows)))
-    # Its own timing of plan_manifest alone (the process also makes the batches, and starts up).
-    floor["floor_s"] = json.loads(floor["stdout_tail"].splitlines()[-1])["plan_and_shard_s"]
-    print(f"  {'  of which plan_manifest':<44} {floor['floor_s']:9.2f} s", flush=True)
+    floor = None
+    if ledger_floor:  # it holds every prepared batch in memory: not at plan-growth's sizes
+        floor = measured("ledger floor: plan_manifest on prepared rows", worker("ledger_floor", str(d / "floor"), str(rows)))
+        # Its own timing of plan_manifest alone (the process also makes the batches, and starts up).
+        floor["floor_s"] = json.loads(floor["stdout_tail"].splitlines()[-1])["plan_and_shard_s"]
+        print(f"  {'  of which plan_manifest':<44} {floor['floor_s']:9.2f} s", flush=True)
     # The request hashes, exactly as batcher computed them, from the first run's ledger.
     con = sqlite3.connect(d / "wd1" / "ledger.sqlite")
     hashes = [h for (h,) in con.execute("SELECT request_hash FROM rows ORDER BY seq")]
     con.close()
     assert len(hashes) == rows, (len(hashes), rows)
     hit = [h for i, h in enumerate(hashes) if i % 100 != 0]  # 99 %
+    del hashes
     t0 = time.time()
     populate_cache(d / "cacheB", hit)
     os.sync()  # a real cache was written nights ago: its writeback must not land on the measured re-plan
@@ -476,18 +556,58 @@ def bench_plan(rows: int, base: Path) -> dict:
     if cached != len(hit):
         raise RuntimeError(f"re-plan saw {cached} cache hits, expected {len(hit)}")
     populate_cache(d / "cacheB", generated)
+    del hit, generated
     tonight = base / f"manifest-{rows}-tonight.parquet"
     write_tonights_manifest(manifest, tonight)
+    if history_nights > 1:
+        shutil.copytree(d / "wd2", d / "wd3")
+        t0 = time.time()
+        add_history(d / "wd3" / "ledger.sqlite", history_nights - 1, rows // 100)
+        print(f"  {history_nights - 1} earlier nights added to a copy of last night's workdir in {time.time() - t0:.1f} s", flush=True)
     os.sync()
-    nightly = measured("tonight's plan in last night's workdir", [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run", "--switch-manifest", "--tier", TIER,
-                                                                  "-v", "--workdir", str(d / "wd2"), "--cache-dir", str(d / "cacheB")],
-                       env, helpers_rss=prepare_rss)
-    print(f"  {'':<44} {nightly['stdout_tail'].splitlines()[-1][:110]}", flush=True)
+
+    def nightly_in(workdir: Path, label: str) -> dict:
+        m = measured(label, [*BATCHER_OWN_RSS, "submit", str(tonight), "--dry-run", "--switch-manifest", "--tier", TIER,
+                             "-v", "--workdir", str(workdir), "--cache-dir", str(d / "cacheB")], env, helpers_rss=prepare_rss)
+        print(f"  {'':<44} {m['stdout_tail'].splitlines()[-1][:110]}", flush=True)
+        return m
+
+    nightly = nightly_in(d / "wd2", "tonight's plan in last night's workdir")
+    out = {"rows": rows, "first": first, "first_rows_per_s": round(rows / first["wall_s"]),
+           "replan": replan, "replan_rows_per_s": round(rows / replan["wall_s"]), "replan_cache_hits": cached,
+           "nightly": nightly, "nightly_rows_per_s": round(rows / nightly["wall_s"])}
+    if history_nights > 1:
+        out["history"] = nightly_in(d / "wd3", f"tonight's plan, {history_nights} nights in the workdir")
+        out["history_nights"] = history_nights
+        out["history_rows_per_s"] = round(rows / out["history"]["wall_s"])
+    if floor is not None:
+        out.update({"ledger_floor": floor, "first_over_ledger_floor": round(first["wall_s"] / floor["floor_s"], 2)})
     shutil.rmtree(d, ignore_errors=True)
-    return {"rows": rows, "first": first, "first_rows_per_s": round(rows / first["wall_s"]), "ledger_floor": floor,
-            "first_over_ledger_floor": round(first["wall_s"] / floor["floor_s"], 2),
-            "replan": replan, "replan_rows_per_s": round(rows / replan["wall_s"]), "replan_cache_hits": cached,
-            "nightly": nightly, "nightly_rows_per_s": round(rows / nightly["wall_s"])}
+    return out
+
+
+def add_history(ledger_path: Path, nights: int, new_per_night: int) -> None:
+    """Earlier nights in a workdir's ledger, as `nights` nightly runs would have left them: each a run whose rows
+    are the first run's (the same manifest, rows for rows), and `new_per_night` requests of its own, done. Written
+    in SQL (the bench may; batcher keeps its SQL in batcher/ledger/): planning them for real would take hours."""
+    import hashlib
+
+    con = sqlite3.connect(ledger_path)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(runs)") if r[1] not in ("id", "fingerprint", "created_at")]
+    first_run = con.execute("SELECT MIN(id) FROM runs").fetchone()[0]
+    model, body = con.execute("SELECT model, body_json FROM requests LIMIT 1").fetchone()
+    for k in range(1, nights + 1):
+        run_id = con.execute(f"INSERT INTO runs(fingerprint, created_at, {', '.join(cols)}) "
+                             f"SELECT fingerprint || '-night-{k}', created_at - {86400 * k}, {', '.join(cols)} FROM runs WHERE id=?",
+                             (first_run,)).lastrowid
+        con.execute("INSERT INTO rows(run_id, seq, row, id, variant, request_hash, prompt, extra_json) "
+                    "SELECT ?, seq, row, id, variant, request_hash, prompt, extra_json FROM rows WHERE run_id=?", (run_id, first_run))
+        con.executemany("INSERT INTO requests(hash, model, body_json, state, attempts, cached, updated_at) "
+                        "VALUES (?, ?, ?, 'succeeded', 1, 0, ?)",
+                        ((hashlib.sha256(f"night {k} request {i}".encode()).hexdigest(), model, body, time.time() - 86400 * k)
+                         for i in range(new_per_night)))
+        con.commit()
+    con.close()
 
 
 def write_tonights_manifest(last_night: Path, path: Path) -> None:
@@ -580,43 +700,75 @@ def bench_upload(target: int, base: Path, repeats: int = 3) -> dict:
 
 # ---- main -----------------------------------------------------------------------------------------------
 
+def _rss(m: dict) -> str:
+    """Peak RSS: the sum over the processes, then each process's (main+helpers), if it had helpers."""
+    text = f"{m['peak_rss_mb']:.0f}"
+    return text + (f" ({m['main_peak_rss_mb']:.0f}+{'+'.join(f'{h:.0f}' for h in m['helpers_peak_rss_mb'])})"
+                   if m.get("helpers_peak_rss_mb") else "")
+
+
+def _plan_rows(p: dict, tag: str = "plan") -> list[tuple]:
+    rows = []
+    if "ledger_floor" in p:
+        rows.append((f"{tag} {p['rows']:,} rows: ledger floor (plan_manifest on prepared rows)",
+                     f"{p['ledger_floor'].get('floor_s', p['ledger_floor']['wall_s']):.2f}", "", "", "", ""))
+    rows.append((f"{tag} {p['rows']:,} rows: submit --dry-run", f"{p['first']['wall_s']:.2f}", _rss(p["first"]),
+                 f"{p['first'].get('cpu_s', 0):.1f}", f"{p['first_rows_per_s']:,} rows/s",
+                 f"dry-run/ledger floor {p['first_over_ledger_floor']:.2f}x" if "first_over_ledger_floor" in p else ""))
+    rows.append((f"{tag} {p['rows']:,} rows: re-plan 99% cached", f"{p['replan']['wall_s']:.2f}", _rss(p["replan"]),
+                 f"{p['replan'].get('cpu_s', 0):.1f}", f"{p['replan_rows_per_s']:,} rows/s", ""))
+    if "nightly" in p:
+        rows.append((f"{tag} {p['rows']:,} rows: tonight's, in last night's workdir", f"{p['nightly']['wall_s']:.2f}",
+                     _rss(p["nightly"]), f"{p['nightly'].get('cpu_s', 0):.1f}", f"{p['nightly_rows_per_s']:,} rows/s", ""))
+    if "history" in p:
+        rows.append((f"{tag} {p['rows']:,} rows: tonight's, {p['history_nights']} nights in the workdir", f"{p['history']['wall_s']:.2f}",
+                     _rss(p["history"]), f"{p['history'].get('cpu_s', 0):.1f}", f"{p['history_rows_per_s']:,} rows/s", ""))
+    return rows
+
+
 def table(results: dict) -> str:
-    rows = [("measurement", "wall s", "peak RSS MB", "throughput", "ratio")]
+    rows = [("measurement", "wall s", "peak RSS MB", "CPU s", "throughput", "ratio")]
     for c in results.get("collect", []):
         # wall s and peak RSS: the median run (collect: main process + decoder processes); ratio: medians' (range).
         tag = f"collect {c['images']} img / {c['results_mb']:.0f} MB"
         rng = lambda key: f" ({c[key][0]:.2f}-{c[key][1]:.2f})" if key in c else ""  # noqa: E731
+        cpu = lambda key: f"{c[key]['cpu_s']:.2f}" if "cpu_s" in c[key] else ""  # noqa: E731
+        per_gb = lambda key: f"; {c['cpu_s_per_gb'][key]:.2f} CPU-s/GB" if "cpu_s_per_gb" in c else ""  # noqa: E731
         rows.append((f"{tag}: floor transfer only", f"{c['transfer_floor']['wall_s']:.2f}", f"{c['transfer_floor']['peak_rss_mb']:.0f}",
-                     f"{c['results_mb'] / c['transfer_floor']['wall_s']:.0f} MB/s", ""))
-        rows.append((f"{tag}: floor GET+json+b64", f"{c['floor']['wall_s']:.2f}", f"{c['floor']['peak_rss_mb']:.0f}",
-                     f"{c['floor_mb_per_s']:.0f} MB/s", ""))
-        rows.append((f"{tag}: naive SDK script", f"{c['naive']['wall_s']:.2f}", f"{c['naive']['peak_rss_mb']:.0f}",
-                     f"{c['results_mb'] / c['naive']['wall_s']:.0f} MB/s",
+                     cpu("transfer_floor"), f"{c['results_mb'] / c['transfer_floor']['wall_s']:.0f} MB/s{per_gb('transfer_floor')}", ""))
+        rows.append((f"{tag}: floor GET+json+b64 (binascii)", f"{c['floor']['wall_s']:.2f}", f"{c['floor']['peak_rss_mb']:.0f}",
+                     cpu("floor"), f"{c['floor_mb_per_s']:.0f} MB/s{per_gb('floor')}", ""))
+        if "fast_floor" in c:
+            rows.append((f"{tag}: floor GET+json+pybase64", f"{c['fast_floor']['wall_s']:.2f}", f"{c['fast_floor']['peak_rss_mb']:.0f}",
+                         cpu("fast_floor"), f"{c['fast_floor_mb_per_s']:.0f} MB/s{per_gb('fast_floor')}", ""))
+        rows.append((f"{tag}: naive SDK script", f"{c['naive']['wall_s']:.2f}", f"{c['naive']['peak_rss_mb']:.0f}", cpu("naive"),
+                     f"{c['results_mb'] / c['naive']['wall_s']:.0f} MB/s{per_gb('naive')}",
                      f"naive/batcher {c['naive_over_collect']:.2f}x{rng('naive_over_collect_range')}"))
-        rss = c["collect"]
-        rss_text = f"{rss['peak_rss_mb']:.0f}"
-        if "main_peak_rss_mb" in rss:
-            rss_text += f" ({rss['main_peak_rss_mb']:.0f}+{'+'.join(f'{h:.0f}' for h in rss['helpers_peak_rss_mb'])})"
-        rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", rss_text,
-                     f"{c['collect_mb_per_s']:.0f} MB/s", f"batcher/floor {c['collect_over_floor']:.2f}x{rng('collect_over_floor_range')}"))
+        ratio = f"batcher/old floor {c['collect_over_floor']:.2f}x{rng('collect_over_floor_range')}"
+        if "collect_over_fast_floor" in c:
+            ratio = (f"batcher/pybase64 floor {c['collect_over_fast_floor']:.2f}x{rng('collect_over_fast_floor_range')}; "
+                     f"old floor {c['collect_over_floor']:.2f}x")
+        images = f"; {c['collect_images_per_s']:.0f} img/s" if "collect_images_per_s" in c else ""
+        rows.append((f"{tag}: batcher collect", f"{c['collect']['wall_s']:.2f}", _rss(c["collect"]), cpu("collect"),
+                     f"{c['collect_mb_per_s']:.0f} MB/s{images}{per_gb('collect')}", ratio))
+    cj = results.get("collect_jobs")
+    if cj:
+        m = cj["collect"]
+        rows.append((f"collect {cj['jobs']} jobs x {cj['images_per_job']} img: batcher collect (process tree)",
+                     f"{m['wall_s']:.2f}", _rss(m), f"{m['cpu_s']:.2f}", f"{cj['images_per_s']:.0f} img/s", ""))
     for p in results.get("plan", []):
-        if "ledger_floor" in p:
-            rows.append((f"plan {p['rows']:,} rows: ledger floor (plan_manifest on prepared rows)",
-                         f"{p['ledger_floor'].get('floor_s', p['ledger_floor']['wall_s']):.2f}", "", "", ""))
-
-        def rss(m: dict) -> str:
-            text = f"{m['peak_rss_mb']:.0f}"
-            return text + (f" ({m['main_peak_rss_mb']:.0f}+{'+'.join(f'{h:.0f}' for h in m['helpers_peak_rss_mb'])})"
-                           if m.get("helpers_peak_rss_mb") else "")
-
-        rows.append((f"plan {p['rows']:,} rows: submit --dry-run", f"{p['first']['wall_s']:.2f}", rss(p["first"]),
-                     f"{p['first_rows_per_s']:,} rows/s", f"dry-run/ledger floor {p['first_over_ledger_floor']:.2f}x"
-                     if "first_over_ledger_floor" in p else ""))
-        rows.append((f"plan {p['rows']:,} rows: re-plan 99% cached", f"{p['replan']['wall_s']:.2f}", rss(p["replan"]),
-                     f"{p['replan_rows_per_s']:,} rows/s", ""))
-        if "nightly" in p:
-            rows.append((f"plan {p['rows']:,} rows: tonight's, in last night's workdir", f"{p['nightly']['wall_s']:.2f}",
-                         rss(p["nightly"]), f"{p['nightly_rows_per_s']:,} rows/s", ""))
+        rows += _plan_rows(p)
+    growth = results.get("plan_growth", [])
+    for p in growth:
+        rows += _plan_rows(p, "plan-growth")
+    if len(growth) > 1:
+        g0 = growth[0]
+        for p in growth[1:]:
+            k = p["rows"] / g0["rows"]
+            rows.append((f"plan-growth {g0['rows']:,} -> {p['rows']:,} rows ({k:.0f}x): time grew", "", "", "", "",
+                         f"dry-run {p['first']['wall_s'] / g0['first']['wall_s']:.2f}x, "
+                         f"re-plan {p['replan']['wall_s'] / g0['replan']['wall_s']:.2f}x, "
+                         f"nightly {p['nightly']['wall_s'] / g0['nightly']['wall_s']:.2f}x"))
     u = results.get("upload")
     if u:
         # wall s: the median run's whole process; throughput: its upload time (median, range over the repeats).
@@ -629,9 +781,10 @@ def table(results: dict) -> str:
                 ratio = (f"of plain {u['batcher_over_plain_throughput'] * 100:.0f}% (per repeat {a * 100:.0f}-{b * 100:.0f}%); "
                          f"process wall {u['batcher_over_plain_process_wall'] * 100:.0f}%")
             rows.append((f"upload {u['mb']:.0f} MB: {label}", f"{r['wall_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
+                         f"{r['cpu_s']:.2f}" if "cpu_s" in r else "",
                          f"{u[f'{key}_mb_per_s']:.0f} MB/s ({lo:.0f}-{hi:.0f})", ratio))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["| " + " | ".join(r[i].ljust(widths[i]) for i in range(5)) + " |" for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(r[i].ljust(widths[i]) for i in range(len(widths))) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -640,9 +793,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke sizes")
     ap.add_argument("--full", action="store_true", help="also a ~2 GB results file")
-    ap.add_argument("--only", choices=["collect", "plan", "upload"], action="append", help="run only these sections")
+    ap.add_argument("--only", choices=["collect", "collect-jobs", "plan", "plan-growth", "upload"], action="append",
+                    help="run only these sections (plan-growth is never run by default: `make bench-scale`)")
     ap.add_argument("--plan-rows", type=int, action="append", help="manifest sizes for the planning measurement")
     ap.add_argument("--collect-images", type=int, action="append", help="image counts for the collect measurement")
+    ap.add_argument("--collect-jobs", type=int, default=None, help="jobs in the many-jobs collect (default 100; 10 with --quick)")
+    ap.add_argument("--growth-rows", type=int, action="append",
+                    help="manifest sizes for plan-growth (default 1M, 3M, 10M; --quick 30k, 100k)")
+    ap.add_argument("--history-nights", type=int, default=30,
+                    help="plan-growth: nights of history in the workdir of the extra nightly row (at its smallest size)")
     ap.add_argument("--upload-repeats", type=int, default=3, help="interleaved repeats of the three uploads")
     ap.add_argument("--collect-repeats", type=int, default=None,
                     help="interleaved repeats of the collect measurements (default 3; 1 with --quick)")
@@ -659,10 +818,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         collect_sizes, plan_rows, upload_bytes = [150, 500], [100_000, 1_000_000], 1_000_000_000
         if args.full:
-            collect_sizes.append(1000)
+            collect_sizes.append(930)  # ~1.9 GB: the most one job holds (ShardLimits.max_output_bytes, 2 GB)
     collect_sizes = args.collect_images or collect_sizes
     plan_rows = args.plan_rows or plan_rows
-    sections = args.only or ["collect", "plan", "upload"]
+    sections = args.only or ["collect", "collect-jobs", "plan", "upload"]
+    growth_rows = args.growth_rows or ([30_000, 100_000] if args.quick else [1_000_000, 3_000_000, 10_000_000])
     results: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -685,11 +845,18 @@ def main(argv: list[str] | None = None) -> int:
                     results["plan_skipped"] = {"rows": rows, "extrapolated_s": round(predicted)}
                     continue
             results["plan"].append(bench_plan(rows, base))
+    if "collect-jobs" in sections:
+        results["collect_jobs"] = bench_collect_jobs(args.collect_jobs or (10 if args.quick else 100), 2, base)
+    if "plan-growth" in sections:
+        results["plan_growth"] = [bench_plan(rows, base, ledger_floor=False,
+                                             history_nights=args.history_nights if rows == min(growth_rows) else 0)
+                                  for rows in sorted(growth_rows)]
     if "upload" in sections:
         results["upload"] = bench_upload(upload_bytes, base, args.upload_repeats)
     results["total_s"] = round(time.time() - t0, 1)
     results["table"] = table(results)
-    path = OUT / ("results-quick.json" if args.quick else "results.json")
+    name = "results-quick" if args.quick else ("results-scale" if sections == ["plan-growth"] else "results")
+    path = OUT / f"{name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + results["table"])
     print(f"\nwrote {path.relative_to(ROOT)} ({results['total_s']} s)")

@@ -14,6 +14,7 @@ import batcher.pipeline as pipeline
 from batcher.results.collect import _spans
 from batcher.results.decoder import DecoderPool, default_processes
 from batcher.errors import CollectError
+from batcher.planning.packing import ShardLimits
 from batcher.storage.store import ImageStore
 from tests.helpers import write_csv
 
@@ -83,6 +84,27 @@ def test_decoder_processes_report_every_kind_of_line(tmp_path):
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
 
 
+@pytest.mark.parametrize("corrupt", [
+    lambda b64: b64[:-3] + "*==",  # a character outside the alphabet
+    lambda b64: b64[:100] + "\\n" + b64[100:],  # a line break (an escaped one, as JSON carries it)
+    lambda b64: b64[:100] + " " + b64[100:],  # whitespace
+    lambda b64: b64[:-1],  # a length not a multiple of 4
+    lambda b64: b64[:1000] + "==" + b64[1002:],  # padding inside the data
+    lambda b64: b64 + "====",  # padding past a full group (binascii's strict mode let this one through)
+    lambda b64: b64.replace("+", "-").replace("/", "_") if "+" in b64 or "/" in b64 else b64[:-1] + "-",  # urlsafe
+])
+def test_corrupt_base64_is_an_error_on_both_paths(corrupt):
+    from batcher.results.lines import read_line
+
+    for data in (png(), png() + bytes(range(256)) * 20):  # left to json.loads; cut out of the line (lines._BLOB_MIN)
+        data += b"\0" * (-len(data) % 3)  # base64 without padding of its own
+        b64 = corrupt(base64.b64encode(data).decode())
+        for line in (image_line("k" * 64, b64), image_line("k" * 64, b64).replace(b'"data"', b'"data" ')):
+            status, key, o = read_line(line, lambda k: True)
+            assert (status, key, o.kind) == ("outcome", "k" * 64, "error") and "corrupt base64" in o.reason
+        assert read_line(image_line("k" * 64, data), lambda k: True)[2].data == data
+
+
 def test_a_cache_that_cannot_be_written_is_an_os_error_naming_it(tmp_path):
     (tmp_path / "cache").write_text("a file where the cache should be")
     path = tmp_path / "results.jsonl"
@@ -142,3 +164,51 @@ def test_both_paths_end_with_the_same_outcomes(tmp_path, emulator, backend_facto
     assert stats.get("corrupt_base64", 0) + stats.get("not_image", 0) >= 1
     for p in (tmp_path / "c").rglob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_collect_never_imports_the_sdk_and_deletes_the_jobs_files(tmp_path, emulator, backend_factory):
+    """The SDK costs a collect ~0.5 s and ~60 MB of its peak RSS: collect gets the job, downloads its results and
+    deletes its files over plain HTTP. A file already gone is no error."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rows = [[f"r{i}", f"collect without the SDK {i}"] for i in range(3)]
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", quiet=True)
+    assert pipeline.submit(write_csv(tmp_path / "m.csv", ["id", "prompt"], rows), s, backend_factory=backend_factory).exit_code == 4
+    time.sleep(0.5)  # the emulator's job runs for 0.15 s
+    code = ("import sys\nfrom batcher.cli import main\ntry:\n    main(sys.argv[1:], prog_name='batcher')\n"
+            "except SystemExit as exc:\n    print('sdk imported:', 'google.genai' in sys.modules)\n    raise\n")
+    env = {**os.environ, "GEMINI_API_KEY": "test-key", "GOOGLE_GEMINI_BASE_URL": emulator.url, "GOOGLE_API_KEY": ""}
+    p = subprocess.run([sys.executable, "-c", code, "collect", "--workdir", str(s.workdir), "--cache-dir", str(s.cache_dir),
+                        "--out", str(s.out)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "sdk imported: False" in p.stdout
+    assert emulator.stats()["files_deleted"] == 2  # the job's input and results files
+    assert len(list((tmp_path / "c").rglob("*.png"))) == 3
+    assert list(backend_factory().list_files()) == []
+    backend_factory().delete_file("files/gone-already")  # 404: the goal is reached
+
+
+def test_one_set_of_decoder_processes_collects_every_job(tmp_path, emulator, backend_factory, monkeypatch):
+    """Starting decoders costs ~0.1 s: a collect of many small jobs starts them once, not once per job."""
+    import batcher.results.collect as collect_mod
+
+    monkeypatch.setenv("BATCHER_COLLECT_PROCESSES", "2")
+    pools = []
+
+    class CountedPool(DecoderPool):
+        def __init__(self, processes):
+            pools.append(self)
+            super().__init__(processes)
+
+    monkeypatch.setattr(collect_mod, "DecoderPool", CountedPool)
+    rows = [[f"r{i}", f"many jobs prompt {i}"] for i in range(6)]
+    s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
+                          timeout=60, quiet=True, limits=ShardLimits(max_requests=2))
+    result = pipeline.run(write_csv(tmp_path / "m.csv", ["id", "prompt"], rows), s, backend_factory=backend_factory)
+    assert result.exit_code == 0, result.summary
+    assert emulator.stats()["batches_created"] == 3
+    assert len(list((tmp_path / "c").rglob("*.png"))) == 6
+    assert len(pools) == 1 and all(p.poll() is not None for p in pools[0].procs)  # closed at the end

@@ -116,7 +116,7 @@ class GeminiBackend:
             return self._clients[retries]
 
     def warm_up(self) -> None:
-        self.client
+        pass  # what collect needs of the API (get a job, download, delete its files) is plain HTTP: no SDK client
 
     def _call(self, what: str, fn: Callable):
         if not self._reached:
@@ -197,8 +197,18 @@ class GeminiBackend:
         return UploadedFile(name=f.name, uri=f.uri or "", size_bytes=int(f.size_bytes or 0), expires_at=expires)
 
     def delete_file(self, name: str) -> None:
+        """Plain HTTP, as get_batch and download: a collect then never imports the SDK (~0.5 s of CPU and ~60 MB
+        of a collect's peak RSS: docs/benchmarks.md, issue 19)."""
+        def attempt() -> None:
+            try:
+                resp = self._http("DELETE", name)
+                self._raise_for(resp, f"delete {name}")
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise TransientApiError(f"delete {name}: {exc.__class__.__name__}: {exc}") from None
+
         try:
-            self._call(f"delete {name}", lambda: self.client.files.delete(name=name))
+            self.retry.call(f"delete {name}", attempt)
         except NotFoundError:
             pass  # already gone (expired or deleted): the goal is reached
 

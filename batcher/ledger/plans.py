@@ -26,9 +26,10 @@ class PlanTuning:
     # big to read whole (known_max_requests) stops keeping its run's requests (~140 bytes each) and counts them in SQL.
     inline_max_requests: int = 2_000_000
     # A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
-    # and looks each request up there; past it, in SQL a batch at a time (~5 us per request: a probe of the 64-hex
-    # hash index, then of the table).
-    known_max_requests: int = 2_000_000
+    # and looks each request up there; past it, in SQL a batch at a time (~5 us per request at 1M: a probe of the
+    # 64-hex hash index, then of the table; at 3M the index outgrows the page cache and tonight's 3M-row plan took
+    # 105 s against 10 s at 1M: issue 19, docs/benchmarks.md).
+    known_max_requests: int = 4_000_000
     # A plan into a ledger that holds requests takes the big page cache (Ledger.big_page_cache) for random-order
     # inserts into its hash index once it has made this many new requests, or from the start if it probes that
     # index per request. Before that it would hold only the rows it appends (~250 MB at 1M rows) and gain nothing.

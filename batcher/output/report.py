@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,25 +164,38 @@ def _make_thumb(src: Path, dest: Path) -> bool:
     return True
 
 
-def _thumbnails(out: Path, rows: list[dict]) -> tuple[dict[str, tuple[int, int]], int]:
-    """Thumbnails for the grid rows: {relative path: (width, height)}, and how many were generated."""
+def _thumbnail(out: Path, row: dict, rel: str) -> tuple[bool, tuple[int, int]]:
+    """(made now, its size) of one grid row's thumbnail."""
     from PIL import Image
 
+    made = _make_thumb(out / row["file_name"], out / rel)
+    with Image.open(out / rel) as im:
+        return made, im.size
+
+
+def _thumbnails(out: Path, rows: list[dict]) -> tuple[dict[str, tuple[int, int]], int]:
+    """Thumbnails for the grid rows: {relative path: (width, height)}, and how many were generated. Made by a
+    thread per CPU (Pillow decodes and resizes without the GIL): 500 thumbnails of 1.5 MB PNGs took ~3 s of a
+    collect in one thread (docs/benchmarks.md, issue 19)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted: dict[str, dict] = {}
+    for row in rows:
+        rel = _thumb_rel(row)
+        if rel is not None and rel not in wanted:
+            wanted[rel] = row
     sizes: dict[str, tuple[int, int]] = {}
     made = missing = 0
     first = ""
-    for row in rows:
-        rel = _thumb_rel(row)
-        if rel is None or rel in sizes:
-            continue
-        src = out / row["file_name"]
-        try:
-            made += _make_thumb(src, out / rel)
-            with Image.open(out / rel) as im:
-                sizes[rel] = im.size
-        except (OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail, the rest go on
-            missing += 1
-            first = first or f"{row['file_name']}: {exc}"
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="batcher-thumbs") as pool:
+        futures = {rel: pool.submit(_thumbnail, out, row, rel) for rel, row in wanted.items()}
+        for rel, fut in futures.items():  # in the rows' order
+            try:
+                now, sizes[rel] = fut.result()
+                made += now
+            except (OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail, the rest go on
+                missing += 1
+                first = first or f"{wanted[rel]['file_name']}: {exc}"
     if missing:
         log.warning("report: %d image(s) without a thumbnail (first: %s)", missing, first)
     return sizes, made

@@ -167,11 +167,39 @@ def download_results(ledger: Ledger, backend: Backend, job, on_bytes=None) -> Pa
     return final
 
 
+class Decoders:
+    """The decoder processes of one collect, started for its first job and kept for the next ones (each start
+    costs ~0.1 s: 100 small jobs paid 10 s for it). Use as a context manager: closed at its end, or after a job
+    whose parsing failed (the next job gets new ones)."""
+
+    def __init__(self):
+        self.pool: DecoderPool | None = None
+
+    def get(self, processes: int) -> DecoderPool:
+        if self.pool is None:
+            self.pool = DecoderPool(processes)
+        return self.pool
+
+    def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+            log.info("%d decoder processes, peak RSS %s MB", len(pool.procs),
+                     " + ".join(f"{kb / 1024:.1f}" for kb in pool.peak_rss_kb))
+
+    def __enter__(self) -> "Decoders":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def collect_job(ledger: Ledger, backend: Backend, store: ImageStore, job_id: int, max_attempts: int,
                 stats: CollectStats, on_bytes=None, on_image=None, delete_remote: bool = True,
-                processes: int | None = None) -> None:
+                processes: int | None = None, decoders: Decoders | None = None) -> None:
     """Collect a finished job into the cache and the ledger. `processes`: decoder processes (default: one per CPU,
-    results.decoder.default_processes; 0: decode in this process)."""
+    results.decoder.default_processes; 0: decode in this process); `decoders`: the collect's decoder processes,
+    kept from job to job (made for this job alone without)."""
     job = ledger.job(job_id)
     if job["state"] == J_SUCCEEDED:
         if not job["output_file"]:
@@ -179,7 +207,16 @@ def collect_job(ledger: Ledger, backend: Backend, store: ImageStore, job_id: int
         else:
             processes = default_processes() if processes is None else processes
             if processes and isinstance(store, ImageStore):
-                _parse_in_decoders(ledger, backend, store, job, processes, max_attempts, stats, on_bytes, on_image)
+                if decoders is None:
+                    with Decoders() as own:
+                        _parse_in_decoders(ledger, backend, store, job, own.get(processes), max_attempts, stats, on_bytes, on_image)
+                else:
+                    try:
+                        _parse_in_decoders(ledger, backend, store, job, decoders.get(processes), max_attempts, stats,
+                                           on_bytes, on_image)
+                    except BaseException:
+                        decoders.close()  # a decoder may be dead or in the middle of a line: the next job gets new ones
+                        raise
             else:  # a gs:// cache (written through this process's GCS client), or BATCHER_COLLECT_PROCESSES=0
                 _parse_results(ledger, store, job, _result_lines(ledger, backend, job, on_bytes=on_bytes), max_attempts, stats, on_image)
     finish_job(ledger, backend, job_id, max_attempts, stats, delete_remote=delete_remote)
@@ -300,14 +337,13 @@ class _Recorder:
         self.pending.clear()
 
 
-def _parse_in_decoders(ledger: Ledger, backend: Backend, store: ImageStore, job, processes: int, max_attempts: int,
+def _parse_in_decoders(ledger: Ledger, backend: Backend, store: ImageStore, job, pool: DecoderPool, max_attempts: int,
                        stats: CollectStats, on_bytes, on_image) -> None:
     """Parse the results in decoder processes (results.decoder) while they download: a thread here receives the
     file into the workdir and hands each line's offsets to the least busy decoder, which reads the line from
     the file, decodes and verifies the image, writes it into the cache and only then replies."""
     rec = _Recorder(ledger, job, max_attempts, stats, on_image)
     path, blocks = _result_source(ledger, backend, job, on_bytes=on_bytes)
-    pool = DecoderPool(processes)
     warm = threading.Thread(target=_warm_up, args=(backend,), name="batcher-warm-up", daemon=True)
     warm.start()
     try:
@@ -328,11 +364,8 @@ def _parse_in_decoders(ledger: Ledger, backend: Backend, store: ImageStore, job,
             rec.line(lineno, status, key, Outcome(kind, None, reason, finish, *usage))
         rec.flush()
     finally:
-        pool.close()
         warm.join()
-        log.info("%s: %d decoder processes, peak RSS %s MB", job["display_name"], processes,
-                 " + ".join(f"{kb / 1024:.1f}" for kb in pool.peak_rss_kb))
-    _downloaded(path)  # after the decoders: they read the file by this name
+    _downloaded(path)  # after the decoders: every line's reply is in, so none reads the file by this name any more
 
 
 WARM_UP_SWITCH_S = 0.0002  # the GIL switch interval while warming up (Python's default: 5 ms)

@@ -246,7 +246,7 @@ def _serve() -> None:
             _, lineno, start, end = msg
             try:
                 line = _pread(fd, start, end)
-                status, key, o = read_line(line, expected.__contains__, pieces=False)
+                status, key, o = read_line(line, expected.__contains__)
                 del line
                 if status != "outcome":
                     reply([lineno, status] if status != "unwanted" else [lineno, status, key])
