@@ -12,7 +12,7 @@ planner (`plan_manifest` on a Parquet manifest; the last night's plan is the mea
 PlanResult.ledger_lookup). The nights in between ("filler") are written with bulk SQL, as a plan followed by a
 collect would leave them (a run, its rows, the night's new requests done, one collected job holding them): planning
 100 manifests of 1M rows would take hours. Pruning always runs the real code. `--known-max` scales the planner's
-in-memory bound (PlanTuning.known_max_requests, 2,000,000) for a smaller run, so the slow path still shows.
+in-memory bound (PlanTuning.known_max_requests: 4,000,000 since issue 19; 2,000,000 when measured) for a smaller run, so the slow path still shows.
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nights", type=int, default=100)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--keep-runs", type=int, default=7)
-    ap.add_argument("--known-max", type=int, default=2_000_000,
+    from batcher.ledger.plans import PlanTuning
+
+    ap.add_argument("--known-max", type=int, default=PlanTuning().known_max_requests,
                     help="the planner's in-memory bound (PlanTuning.known_max_requests; scale it with --rows)")
     ap.add_argument("--every", type=int, default=10, help="print the sizes every this many nights")
     args = ap.parse_args(argv)
