@@ -120,13 +120,12 @@ def counts(workdir: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from batcher import Settings, prune
+    from batcher.ledger.plans import PlanTuning
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nights", type=int, default=100)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--keep-runs", type=int, default=7)
-    from batcher.ledger.plans import PlanTuning
-
     ap.add_argument("--known-max", type=int, default=PlanTuning().known_max_requests,
                     help="the planner's in-memory bound (PlanTuning.known_max_requests; scale it with --rows)")
     ap.add_argument("--every", type=int, default=10, help="print the sizes every this many nights")
