@@ -234,8 +234,8 @@ def _status_totals(doc: dict) -> list[str]:
     if i:
         lines.append(f"images: {i['ok']:,} ok, {i['blocked']:,} blocked, {i['failed']:,} failed, {i['pending']:,} pending")
     lines.append(f"requests: {c.get('succeeded', 0)} ok, {c.get('blocked', 0)} blocked, {c.get('failed', 0)} failed, "
-                 f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned; {doc['cache_hits']} cache hits; "
-                 f"{usd(doc['cost_usd'])} spent")
+                 f"{c.get('queued', 0)} in jobs, {c.get('planned', 0)} planned")
+    lines.append(f"cost: {usd(doc['cost_usd'])} spent; {doc['cache_hits']} cache hits")
     for model, cap in (doc.get("capacity") or {}).items():
         limit = f"{cap['token_cap']:,}" if cap.get("token_cap") else "no cap"
         lines.append(f"capacity {model}: {cap['in_flight_tokens']:,} of {limit} enqueued tokens in flight; "
