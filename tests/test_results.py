@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ import batcher.pipeline as pipeline
 from batcher.results.collect import _spans
 from batcher.results.decoder import DecoderPool, default_processes
 from batcher.errors import CollectError
+from batcher.ledger import Ledger
 from batcher.planning.packing import ShardLimits
 from batcher.storage.store import ImageStore
 from tests.helpers import write_csv
@@ -207,8 +209,18 @@ def test_one_set_of_decoder_processes_collects_every_job(tmp_path, emulator, bac
     rows = [[f"r{i}", f"many jobs prompt {i}"] for i in range(6)]
     s = pipeline.Settings(workdir=tmp_path / "w", out=tmp_path / "o", cache_dir=tmp_path / "c", poll_interval=0.05,
                           timeout=60, quiet=True, limits=ShardLimits(max_requests=2))
-    result = pipeline.run(write_csv(tmp_path / "m.csv", ["id", "prompt"], rows), s, backend_factory=backend_factory)
-    assert result.exit_code == 0, result.summary
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt"], rows)
+    assert pipeline.submit(m, s, backend_factory=backend_factory).exit_code == 4
     assert emulator.stats()["batches_created"] == 3
+    ledger = Ledger(s.workdir)
+    names = [j["batch_name"] for j in ledger.jobs()]
+    ledger.close()
+    backend, deadline = backend_factory(), time.monotonic() + 30
+    while time.monotonic() < deadline:  # every job ended at the API, so one collect finds all three
+        if all(backend.get_batch(name).state == "SUCCEEDED" for name in names):
+            break
+        time.sleep(0.05)
+    result = pipeline.collect(s, backend_factory=backend_factory)  # one command
+    assert result.exit_code == 0, result.summary
     assert len(list((tmp_path / "c").rglob("*.png"))) == 6
     assert len(pools) == 1 and all(p.poll() is not None for p in pools[0].procs)  # closed at the end
