@@ -24,7 +24,7 @@ class PlanTuning:
     plan_batch_rows: int = 5_000  # manifest rows per bulk insert into the ledger
     # Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger too
     # big to read whole (known_max_requests) stops keeping its run's requests (~140 bytes each) and counts them in SQL.
-    inline_max_requests: int = 2_000_000
+    inline_max_requests: int = 3_000_000  # with PrepareTuning.max_marked_requests (the same bound; issue 19)
     # A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
     # and looks each request up there; past it, in SQL a batch at a time (~5 us per request at 1M: a probe of the
     # 64-hex hash index, then of the table; at 3M the index outgrows the page cache and tonight's 3M-row plan took
