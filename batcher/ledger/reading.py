@@ -89,41 +89,42 @@ def job_results(ledger: Ledger) -> dict[int, dict[str, int]]:
     return out
 
 
-# ---- datasets to tidy ------------------------------------------------------------------------------------------
-# A dataset rewritten for a new run must lose the images no row of it names. The ledger remembers that duty from
-# before the new metadata is in place until the images are gone, so a crash in between leaves it to the next write.
+# ---- what the ledger remembers of the datasets it wrote (meta keys) -------------------------------------------
 
-def _prune_key(out: str) -> str:
-    return f"dataset_prune:{out}"
-
-
-def prune_pending(ledger: Ledger, out: str) -> bool:
-    return ledger.conn.execute("SELECT 1 FROM meta WHERE key=?", (_prune_key(out),)).fetchone() is not None
-
-
-def set_prune_pending(ledger: Ledger, out: str, pending: bool) -> None:
-    with ledger.transaction() as c:
-        if pending:
-            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, '1')", (_prune_key(out),))
-        else:
-            c.execute("DELETE FROM meta WHERE key=?", (_prune_key(out),))
-
-
-# ---- where a run's dataset is -------------------------------------------------------------------------------
-# `report` (and anyone reading a run later) finds the dataset a run last wrote without being told its --out.
-
-def _dataset_key(run_id: int) -> str:
-    return f"dataset_out:{run_id}"
-
-
-def dataset_written(ledger: Ledger, run_id: int) -> str | None:
-    row = ledger.conn.execute("SELECT value FROM meta WHERE key=?", (_dataset_key(run_id),)).fetchone()
+def _meta(ledger: Ledger, key: str) -> str | None:
+    row = ledger.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
     return row[0] if row else None
 
 
-def set_dataset_written(ledger: Ledger, run_id: int, out: str) -> None:
+def _set_meta(ledger: Ledger, key: str, value: str | None) -> None:
+    """Remember `value` under `key` (None: forget it), committed at once."""
     with ledger.transaction() as c:
-        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_dataset_key(run_id), out))
+        if value is None:
+            c.execute("DELETE FROM meta WHERE key=?", (key,))
+        else:
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+# A dataset rewritten for a new run must lose the images no row of it names. The ledger remembers that duty from
+# before the new metadata is in place until the images are gone, so a crash in between leaves it to the next write.
+
+def prune_pending(ledger: Ledger, out: str) -> bool:
+    return _meta(ledger, f"dataset_prune:{out}") is not None
+
+
+def set_prune_pending(ledger: Ledger, out: str, pending: bool) -> None:
+    _set_meta(ledger, f"dataset_prune:{out}", "1" if pending else None)
+
+
+# `report` (and anyone reading a run later) finds the dataset a run last wrote without being told its --out.
+
+def dataset_written(ledger: Ledger, run_id: int) -> str | None:
+    return _meta(ledger, f"dataset_out:{run_id}")
+
+
+def set_dataset_written(ledger: Ledger, run_id: int, out: str) -> None:
+    _set_meta(ledger, f"dataset_out:{run_id}", out)
+
 
 # ---- what a workdir names in the cache -------------------------------------------------------------------------
 
@@ -156,16 +157,11 @@ def _shard_prefix(out: str) -> str:
 
 
 def shard_digest(ledger: Ledger, out: str, name: str) -> str | None:
-    row = ledger.conn.execute("SELECT value FROM meta WHERE key=?", (_shard_prefix(out) + name,)).fetchone()
-    return row[0] if row else None
+    return _meta(ledger, _shard_prefix(out) + name)
 
 
 def set_shard_digest(ledger: Ledger, out: str, name: str, digest: str | None) -> None:
-    with ledger.transaction() as c:
-        if digest is None:
-            c.execute("DELETE FROM meta WHERE key=?", (_shard_prefix(out) + name,))
-        else:
-            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_shard_prefix(out) + name, digest))
+    _set_meta(ledger, _shard_prefix(out) + name, digest)
 
 
 def forget_shard_digests(ledger: Ledger, out: str, keep: set[str]) -> None:
