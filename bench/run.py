@@ -321,6 +321,15 @@ def decoders_rss(stderr: str) -> list[float]:
     return max(sums, key=sum, default=[])
 
 
+def write_prompts_csv(path: Path, n: int) -> Path:
+    """The collect benches' manifest: `n` distinct prompts, with a category column carried through."""
+    with open(path, "w") as f:
+        f.write("id,prompt,category\n")
+        for i in range(n):
+            f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
+    return path
+
+
 def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
     """`repeats` workdirs submit the same prompts (one job each, so the emulator makes `repeats` identical
     results files); then, `repeats` times, the floors, the naive script and `batcher collect` of one of them run
@@ -330,11 +339,7 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
     d = base / f"collect-{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    manifest = d / "prompts.csv"
-    with open(manifest, "w") as f:
-        f.write("id,prompt,category\n")
-        for i in range(n):
-            f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
+    manifest = write_prompts_csv(d / "prompts.csv", n)
     emu = EmulatorProc()
     runs: dict[str, list[dict]] = {"transfer_floor": [], "floor": [], "fast_floor": [], "naive": [], "collect": []}
     try:
@@ -405,18 +410,13 @@ def bench_collect(n: int, base: Path, repeats: int = 3) -> dict:
 
 def bench_collect_jobs(jobs: int, per_job: int, base: Path) -> dict:
     """One `batcher collect` of `jobs` finished jobs of `per_job` images each: its wall time, CPU and the peak RSS
-    of its process tree (the collector, plus the largest set of decoder processes: jobs are collected one after
-    another, each with its own decoders)."""
+    of its process tree (the collector, plus its decoder processes: one set serves every job of the collect)."""
     n = jobs * per_job
     print(f"\n[collect-jobs] {jobs} jobs of {per_job} images x ~{IMAGE_BYTES / 1e6:.1f} MB PNG, one collect", flush=True)
     d = base / f"collect-jobs-{jobs}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    manifest = d / "prompts.csv"
-    with open(manifest, "w") as f:
-        f.write("id,prompt,category\n")
-        for i in range(n):
-            f.write(f"img{i:06d},\"{prompt_for(i)}\",{CATEGORIES[i % len(CATEGORIES)]}\n")
+    manifest = write_prompts_csv(d / "prompts.csv", n)
     emu = EmulatorProc()
     try:
         env = emu.env()

@@ -107,6 +107,12 @@ MAX_ATTEMPTS = click.option("--max-attempts", type=click.IntRange(1, 100), defau
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars; errors only.")
 VERBOSE = click.option("--verbose", "-v", count=True, help="More logging (-v, -vv).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON document.")
+BUDGET_USD = click.option("--budget-usd", type=click.FloatRange(0), default=None,
+                          help="Send nothing that would take the estimated spend of the run over this many dollars (the "
+                               "rest is held back; exit 4).")
+WEBHOOK_URIS = click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
+                            help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener "
+                                 "too (Gemini API only; repeatable).")
 # The shape of the dataset written (README: Dataset formats).
 dataset_format_options = _options(
     click.option("--dataset-format", type=click.Choice(["files", "webdataset", "parquet"]), default="files", show_default=True,
@@ -202,9 +208,8 @@ def main():
 @manifest_options
 @dataset_format_options
 @click.option("--dry-run", is_flag=True, help="Validate, plan and write the JSONL jobs; upload nothing.")
-@click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
-@click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
-              help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
+@BUDGET_USD
+@WEBHOOK_URIS
 @handle_errors
 @click.pass_context
 def submit(ctx, manifest, dry_run, **kw):
@@ -223,9 +228,8 @@ def submit(ctx, manifest, dry_run, **kw):
 @click.option("--deadline", default=None, help="When unfinished requests get the --deadline-policy: 06:00 (local), 7h, or an ISO date-time.")
 @click.option("--deadline-policy", type=click.Choice(["wait", "report", "resubmit", "interactive"]), default="wait", show_default=True,
               help="At the deadline: keep waiting; stop and exit 4; cancel and resubmit stragglers; or generate them interactively (full price).")
-@click.option("--budget-usd", type=click.FloatRange(0), default=None, help="Send nothing that would take the estimated spend of the run over this many dollars (the rest is held back; exit 4).")
-@click.option("--webhook-uri", "webhook_uris", multiple=True, metavar="URL",
-              help="Have the API POST each job's end (batch.succeeded, batch.failed, ...) to this listener too (Gemini API only; repeatable).")
+@BUDGET_USD
+@WEBHOOK_URIS
 @ENGINE
 @RAY_ADDRESS
 @handle_errors
