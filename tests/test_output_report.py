@@ -72,15 +72,18 @@ def test_user_strings_are_escaped_and_paths_are_relative(tmp_path, emulator, bac
     assert "<b>ok3</b>" not in page and "&lt;b&gt;ok3&lt;/b&gt;" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external URL
     srcs = re.findall(r'(?:src|href)="([^"]+)"', page)
-    thumbs = [x for x in srcs if x.startswith("thumbs/")]
-    assert len(thumbs) == 4  # one per ok row
     for path in srcs:
         assert not path.startswith("/") and ".." not in path and ":" not in path, path
         assert (s.out / path).is_file(), path
-        assert re.fullmatch(r"(thumbs|images)/[0-9a-f]{2}/[0-9a-f]+\.\w+|contact_sheet\.png", path), path
-    for path in thumbs:
-        with Image.open(s.out / path) as im:
-            assert max(im.size) <= report.THUMB_PX
+        assert re.fullmatch(r"images/[0-9a-f]{2}/[0-9a-f]+\.\w+|contact_sheet\.png", path), path
+    # The grid shows the dataset's images themselves (one per ok row), sized from their headers, loaded lazily.
+    imgs = re.findall(r'<img src="(images/[^"]+)" width="(\d+)" height="(\d+)" loading="lazy" decoding="async"', page)
+    ok_files = sorted(r["file_name"] for r in pq.read_table(s.out / "metadata.parquet").to_pylist() if r["status"] == "ok")
+    assert sorted(src for src, _, _ in imgs) == ok_files and len(ok_files) == 4
+    for src, w, h in imgs:
+        with Image.open(s.out / src) as im:
+            assert im.size == (int(w), int(h))
+    assert not (s.out / "thumbs").exists()
 
 
 @pytest.mark.slow
@@ -96,15 +99,92 @@ def test_contact_sheet_decodes_with_the_expected_size(tmp_path, emulator, backen
 
 
 @pytest.mark.slow
-def test_cli_report_is_rerunnable_and_skips_fresh_thumbnails(tmp_path, emulator, backend_factory):
+def test_cli_report_is_rerunnable_and_keeps_an_unchanged_contact_sheet(tmp_path, emulator, backend_factory, monkeypatch):
     s, _ = run(tmp_path, backend_factory)
+    sheet = s.out / "contact_sheet.png"
+    before = (sheet.stat().st_mtime_ns, sheet.read_bytes())
     (s.out / "report.html").unlink()
+    monkeypatch.setattr(report, "_tile", _no_decode)
     r = CliRunner().invoke(main, ["report", "--workdir", str(s.workdir), "--out", str(s.out)])
     assert r.exit_code == 0, r.output
     assert "report.html" in r.output and (s.out / "report.html").exists()
     again = pipeline.report(s)
-    assert again.thumbnails == 0  # every thumbnail was up to date
+    assert not again.sheet_made  # its tiles had not changed: nothing decoded, the file untouched
+    assert (sheet.stat().st_mtime_ns, sheet.read_bytes()) == before
     assert not [p for p in s.out.rglob("*") if p.name.endswith(".tmp")]  # no temp file left
+
+
+def _no_decode(path):
+    raise AssertionError(f"decoded {path}")
+
+
+def _fake_dataset(out, images: dict[str, tuple[int, int] | None], mode: str = "RGB"):
+    """OUT/metadata.parquet of one ok row per entry of `images` (id -> the size of its PNG, None: no file)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    rows = []
+    for i, (id_, size) in enumerate(images.items()):
+        h = hashlib.sha256(id_.encode()).hexdigest()
+        name = f"images/{h[:2]}/{h}.png"
+        if size is not None:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new(mode, size, i * 40 % 256 if mode != "RGB" else (i * 40 % 256, 90, 160)).save(out / name)
+        rows.append({"file_name": name, "id": id_, "variant": 0, "status": "ok", "prompt": f"prompt of {id_}",
+                     "request_hash": h, "error": None, "finish_reason": "STOP", "attempts": 1, "cached": False,
+                     "cost_usd": 0.02})
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "metadata.parquet")
+    return rows
+
+
+def _report(tmp_path, out):
+    return report.write_report(pipeline.Settings(workdir=tmp_path / "w", out=out), status={"jobs": [], "requests": {}, "cache_hits": 0})
+
+
+def test_the_grid_shows_the_images_at_their_header_sizes_and_old_thumbnails_go(tmp_path, caplog):
+    out = tmp_path / "out"
+    rows = _fake_dataset(out, {"wide": (64, 40), "tall": (30, 50), "gone": None})
+    (out / "thumbs" / "ab").mkdir(parents=True)  # what an earlier version wrote
+    (out / "thumbs" / "ab" / "ab12.jpg").write_bytes(b"old thumbnail")
+    r = _report(tmp_path, out)
+    page = r.html_path.read_text()
+    imgs = re.findall(r'<a href="([^"]+)"><img src="([^"]+)" width="(\d+)" height="(\d+)" loading="lazy" decoding="async"', page)
+    assert imgs == [(rows[0]["file_name"], rows[0]["file_name"], "64", "40"),
+                    (rows[1]["file_name"], rows[1]["file_name"], "30", "50")]  # linked to the full image, too
+    assert page.count("<figure>") == 3 and page.count('<span class="note">image missing</span>') == 1
+    assert "1 image(s) missing or unreadable" in caplog.text and rows[2]["file_name"] in caplog.text
+    assert not (out / "thumbs").exists()  # batcher's own, removed once the new page was in place
+    assert "thumbs/" not in page
+    assert r.sheet_made
+    with Image.open(r.sheet_path) as im:
+        assert im.size == report.contact_sheet_size(2)
+
+
+def test_an_unchanged_contact_sheet_is_not_made_again(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "out"
+    rows = _fake_dataset(out, {"a": (40, 40), "b": (50, 30)}, mode="P")
+    sheet = out / "contact_sheet.png"
+    assert _report(tmp_path, out).sheet_made
+    first = (sheet.stat().st_mtime_ns, sheet.read_bytes())
+    monkeypatch.setattr(report, "_tile", _no_decode)
+    r = _report(tmp_path, out)  # a re-run: same tiles, nothing decoded, the file untouched
+    assert not r.sheet_made and (sheet.stat().st_mtime_ns, sheet.read_bytes()) == first
+    monkeypatch.undo()
+    image = out / rows[1]["file_name"]
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # an image written again
+    assert _report(tmp_path, out).sheet_made
+    second = (sheet.stat().st_mtime_ns, sheet.read_bytes())
+    assert second[0] != first[0]
+    assert not _report(tmp_path, out).sheet_made
+    _fake_dataset(out, {"a": (40, 40), "b": (50, 30), "c": (20, 20)}, mode="P")  # another ok row: one more tile
+    assert _report(tmp_path, out).sheet_made
+    with Image.open(sheet) as im:
+        assert im.size == report.contact_sheet_size(3)
 
 
 def test_cli_report_without_a_dataset_is_a_usage_error(tmp_path):

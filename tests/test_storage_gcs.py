@@ -141,13 +141,23 @@ def test_cache_and_dataset_on_gcs(bucket, tmp_path, emulator, backend_factory):
     assert {r["cached"] for r in pq.read_table(s2.out / "metadata.parquet").to_pylist()} == {True}
 
 
-def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_path, emulator, backend_factory):
-    """run writes report.html, contact_sheet.png and thumbs/ into the gs:// dataset (made in WORKDIR/report/)."""
+def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_path, emulator, backend_factory,
+                                                                     monkeypatch):
+    """run writes report.html and contact_sheet.png into the gs:// dataset (made in WORKDIR/report/ from
+    metadata.parquet and the contact sheet's images only); the page's grid links to the dataset's images."""
     import io
+    import re
 
+    import pyarrow.parquet as pq
     from PIL import Image
 
+    import batcher.output.report as report
     import batcher.pipeline as pipeline
+
+    monkeypatch.setattr(report, "SHEET_COUNT", 1)  # a sheet of one image: the other is not copied down
+    downloads, uploads = [], []
+    real_download, real_upload = gcs.download_file, gcs.upload_file
+    monkeypatch.setattr(gcs, "download_file", lambda uri, path: (downloads.append(uri), real_download(uri, path)))
 
     m = tmp_path / "m.csv"
     m.write_text("id,prompt\na,a red kite\nb,a blue kite\nc,a kite [emulator:image_safety]\n", encoding="utf-8")
@@ -158,12 +168,23 @@ def test_the_morning_report_of_a_gcs_dataset_is_uploaded_next_to_it(bucket, tmp_
     page = gcs.read_bytes(gcs.join(out, "report.html")).decode()
     assert "a red kite" in page and "blocked" in page
     Image.open(io.BytesIO(gcs.read_bytes(gcs.join(out, "contact_sheet.png")))).verify()
-    thumbs = [n for n in gcs.list_names(gcs.join(out, "thumbs") + "/")]
-    assert len(thumbs) == 2  # one per ok image
-    for name in thumbs:
-        assert f'src="{name.split(out + "/", 1)[1]}"' in page  # the page's relative links resolve in the bucket
+    assert not list(gcs.list_names(gcs.join(out, "thumbs") + "/"))
+    # Read back: the metadata and the one image of the contact sheet, not the grid's.
+    assert [u.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for u in downloads] == ["parquet", "png"]
+    rows = pq.read_table(s.workdir / "report" / "metadata.parquet").to_pylist()
+    ok = [r["file_name"] for r in rows if r["status"] == "ok"]
+    assert downloads[1] == gcs.join(out, ok[0])
+    imgs = re.findall(r'<img src="(images/[^"]+)"( width="\d+" height="\d+")? loading="lazy"', page)
+    with Image.open(s.workdir / "report" / ok[0]) as im:
+        assert imgs == [(ok[0], f' width="{im.width}" height="{im.height}"'), (ok[1], "")]  # the other's size: unknown
+    links = set(re.findall(r'(?:src|href)="([^"]+)"', page))
+    assert links == {*ok, "contact_sheet.png"}
+    for rel in links:
+        assert gcs.exists(gcs.join(out, rel)), rel  # the page's relative links resolve in the bucket
+    monkeypatch.setattr(gcs, "upload_file", lambda uri, path, **kw: (uploads.append(uri), real_upload(uri, path, **kw)))
     again = pipeline.report(s)  # the command: the same files, replaced
     assert again.uploaded_to == out and again.rows == 3 and again.html_path == tmp_path / "w" / "report" / "report.html"
+    assert sorted(uploads) == [gcs.join(out, "contact_sheet.png"), gcs.join(out, "report.html")]
     with pytest.raises(UsageError, match="no dataset at gs://.*/nothing-here"):
         pipeline.report(pipeline.Settings(workdir=tmp_path / "w", out=gcs.join(bucket, "nothing-here")))
 
@@ -181,11 +202,11 @@ def test_a_gcs_dataset_from_a_gcs_cache_copies_server_side(bucket, tmp_path, emu
     s = pipeline.Settings(workdir=tmp_path / "w", out=out, cache_dir=gcs.join(bucket, "cache"), poll_interval=0.05,
                           timeout=30, quiet=True)
     # The dataset itself is copied server side; only the morning report (made in WORKDIR/report/ after the
-    # dataset is written) reads anything back: its metadata and the images of its thumbnail grid.
+    # dataset is written) reads anything back: its metadata and the images of its contact sheet.
     monkeypatch.setattr(pipeline, "write_dataset", _no_downloads_during(pipeline.write_dataset, downloads))
     assert pipeline.run(m, s, backend_factory=backend_factory).exit_code == 0
     assert sorted(u.rsplit("/", 1)[-1].rsplit(".", 1)[-1] for u in downloads) == ["parquet", "png", "png"]
-    dataset = [u for u in gcs.list_names(out + "/") if "/thumbs/" not in u and not u.endswith(("report.html", "contact_sheet.png"))]
+    dataset = [u for u in gcs.list_names(out + "/") if not u.endswith(("report.html", "contact_sheet.png"))]
     assert sorted(u.rsplit(".", 1)[-1] for u in dataset) == ["md", "parquet", "png", "png"]  # md: the dataset card
     assert not (s.workdir / "dataset-staging" / "images").exists()
 

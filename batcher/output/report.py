@@ -2,22 +2,29 @@
 
 report.html is one static, self-contained page (inline CSS, no script, no external URL) that opens from disk
 or a bucket: rows by status, cost (batch vs interactive), cache hits, jobs and their 24 h / 48 h windows,
-failures grouped by reason, the blocked/failed rows, and a grid of thumbnails (`OUT/thumbs/`, referenced by
-relative path). contact_sheet.png is a grid image of the first ok images with their ids as captions.
+failures grouped by reason, the blocked/failed rows, and a grid of the dataset's own images (`images/...`,
+referenced by relative path, loaded lazily by the browser, their width and height read from the file headers).
+contact_sheet.png is a grid image of the first ok images with their ids as captions.
 
-Bounded whatever the dataset size: metadata.parquet is streamed in batches, the grid, the problem table,
-the reasons and the jobs are capped, and only the thumbnails shown are generated (skipped if up to date).
-Everything user-supplied is HTML-escaped; file paths come only from `file_name` and request hashes.
-Every file is written to a temp name and renamed.
+No thumbnail files: a real 1024x1024 PNG costs ~26 ms to decode and shrink, so 500 thumbnails were ~15 CPU-s of
+every collect. Only the contact sheet decodes images (at most SHEET_COUNT), and not at all when the sheet on
+disk was made of the same tiles (a digest in its PNG text chunk). Bounded whatever the dataset size:
+metadata.parquet is streamed in batches, and the grid, the problem table, the reasons and the jobs are capped.
+Everything user-supplied is HTML-escaped; file paths come only from `file_name`. Every file is written to a
+temp name and renamed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
+import json
 import logging
 import os
 import re
+import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,24 +38,23 @@ from ..errors import UsageError
 
 log = logging.getLogger("batcher")
 
-GRID_LIMIT = 500  # ok rows shown as thumbnails
+GRID_LIMIT = 500  # ok rows shown in the grid
 PROBLEM_LIMIT = 1000  # blocked/failed rows listed in the table
 REASON_LIMIT = 200  # distinct failure reasons tracked; the rest are counted as "other reasons"
 EXAMPLES_PER_REASON = 5
 JOB_LIMIT = 500
-THUMB_PX = 256
-THUMB_DIR = "thumbs"
+THUMB_DIR = "thumbs"  # JPEG thumbnails written by earlier versions; removed by the next report
 SHEET_COUNT = 48
 SHEET_COLS = 8
 SHEET_TILE = 192  # thumbnail box in the contact sheet
 SHEET_PAD = 6
 SHEET_CAPTION = 18
+SHEET_DIGEST_KEY = "batcher:tiles"  # the contact sheet's text chunk: the digest of what its tiles were made of
 PROMPT_CHARS = 120
 BATCH_ROWS = 10_000
 COLUMNS = ("file_name", "id", "variant", "status", "prompt", "request_hash", "error", "finish_reason", "attempts", "cached", "cost_usd")
 STATUSES = ("ok", "blocked", "failed", "pending")
 
-_HASH = re.compile(r"^[0-9a-f]{16,128}$")
 _FILE_NAME = re.compile(r"^images/[0-9a-f]{2}/[0-9a-f]{16,128}\.[A-Za-z0-9]{1,5}$")
 
 
@@ -58,8 +64,8 @@ class ReportSummary:
     sheet_path: Path
     rows: int = 0
     counts: dict[str, int] = field(default_factory=dict)
-    thumbnails: int = 0  # generated this time (the others were up to date)
-    uploaded_to: str | None = None  # a gs:// dataset: where report.html, contact_sheet.png and thumbs/ went
+    sheet_made: bool = False  # contact_sheet.png written this time (False: its tiles had not changed)
+    uploaded_to: str | None = None  # a gs:// dataset: where report.html and contact_sheet.png went
 
 
 @dataclass
@@ -133,79 +139,118 @@ def _safe_file_name(row: dict) -> str | None:
     return name if isinstance(name, str) and _FILE_NAME.match(name) else None
 
 
-def _thumb_rel(row: dict) -> str | None:
-    h = row.get("request_hash")
-    if not isinstance(h, str) or not _HASH.match(h) or _safe_file_name(row) is None:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header alone: a PNG's IHDR (the first 24 bytes; Pillow would read
+    every chunk before the first IDAT), else Pillow's open (which reads the header, it does not decode)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        if not (width and height):
+            raise ValueError("a PNG of zero pixels")
+        return width, height
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def _image_sizes(out: Path, rows: list[dict], *, remote: bool = False,
+                 absent: frozenset[str] = frozenset()) -> dict[str, tuple[int, int] | None]:
+    """{file_name: (width, height)} of the grid rows' images, read from their headers. A missing or unreadable
+    image is left out (the page says "image missing"; one warning counts them). `remote`: the images are in a
+    bucket and only some were copied down (those of the contact sheet): one not on disk maps to None (shown,
+    size unknown), unless it is in `absent` (the bucket did not have it)."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    missing = 0
+    first = ""
+    for row in rows:
+        name = _safe_file_name(row)
+        if name is None or name in sizes:
+            continue
+        path = out / name
+        if remote and name not in absent and not path.exists():
+            sizes[name] = None
+            continue
+        try:
+            if name in absent:
+                raise FileNotFoundError("not in the bucket")
+            sizes[name] = _image_size(path)
+        except (OSError, ValueError) as exc:  # missing or not an image: no picture, the rest go on
+            missing += 1
+            first = first or f"{name}: {exc}"
+    if missing:
+        log.warning("report: %d image(s) missing or unreadable (first: %s)", missing, first)
+    return sizes
+
+
+def _caption(row: dict) -> str:
+    return str(row.get("id")) + (f" v{row['variant']}" if row.get("variant") else "")
+
+
+def _sheet_tiles(rows: list[dict], sizes: dict[str, tuple[int, int] | None]) -> list[tuple[dict, str]]:
+    """The contact sheet's tiles: (row, file_name) of the first SHEET_COUNT ok rows whose image is on disk."""
+    tiles = [(r, _safe_file_name(r)) for r in rows]
+    return [(r, name) for r, name in tiles if name is not None and sizes.get(name) is not None][:SHEET_COUNT]
+
+
+def _sheet_digest(out: Path, tiles: list[tuple[dict, str]]) -> str:
+    """What the contact sheet is made of: its layout, and each tile's file name, caption, and the image file's
+    size and mtime (an image is replaced by writing a new file: a new mtime)."""
+    h = hashlib.sha256(json.dumps(["sheet/1", SHEET_COUNT, SHEET_COLS, SHEET_TILE, SHEET_PAD, SHEET_CAPTION]).encode())
+    for row, name in tiles:
+        try:
+            st = (out / name).stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = None
+        h.update(json.dumps([name, _caption(row), stamp]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _sheet_digest_of(path: Path) -> str | None:
+    """The tiles' digest an existing contact sheet carries (a PNG text chunk before its pixels: no decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            value = im.info.get(SHEET_DIGEST_KEY)
+    except (OSError, ValueError):  # none yet, or not a PNG of ours
         return None
-    return f"{THUMB_DIR}/{h[:2]}/{h}.jpg"
+    return value if isinstance(value, str) else None
 
 
-def _make_thumb(src: Path, dest: Path) -> bool:
-    """Write a JPEG thumbnail of src (at most THUMB_PX a side) unless an up-to-date one exists."""
+def _tile(path: Path):
+    """One image, decoded and shrunk to fit a SHEET_TILE box, in RGB (transparency flattened on white)."""
     from PIL import Image
 
-    if dest.exists() and dest.stat().st_mtime >= src.stat().st_mtime:
-        return False
-
-    def write(tmp: Path) -> None:
-        with Image.open(src) as im:
-            im.draft("RGB", (THUMB_PX, THUMB_PX))
-            im.thumbnail((THUMB_PX, THUMB_PX), reducing_gap=2.0)
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGB", im.size, (255, 255, 255))
-                bg.paste(im, mask=im.getchannel("A"))
-                im = bg
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-            im.save(tmp, "JPEG", quality=82, optimize=True)
-
-    _write_into_place(dest, write)
-    return True
+    with Image.open(path) as im:
+        im.draft("RGB", (SHEET_TILE, SHEET_TILE))  # a JPEG decodes at a reduced scale; a PNG ignores it
+        im.load()  # inside the `with`: thumbnail() does not load an image already small enough
+        im.thumbnail((SHEET_TILE, SHEET_TILE), reducing_gap=2.0)
+        if im.mode in ("RGBA", "LA", "PA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im, mask=im.getchannel("A"))
+            return bg
+        return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _thumbnail(out: Path, row: dict, rel: str) -> tuple[bool, tuple[int, int]]:
-    """(made now, its size) of one grid row's thumbnail."""
-    from PIL import Image
-
-    made = _make_thumb(out / row["file_name"], out / rel)
-    with Image.open(out / rel) as im:
-        return made, im.size
-
-
-def _thumbnails(out: Path, rows: list[dict]) -> tuple[dict[str, tuple[int, int]], int]:
-    """Thumbnails for the grid rows: {relative path: (width, height)}, and how many were generated. Made by a
-    thread per CPU (Pillow decodes and resizes without the GIL): 500 thumbnails of 1.5 MB PNGs took ~3 s of a
-    collect in one thread (docs/benchmarks.md, issue 19)."""
+def _contact_sheet(out: Path, rows: list[dict], sizes: dict[str, tuple[int, int] | None], dest: Path) -> bool:
+    """Write the contact sheet of the first ok images unless the existing one was made of the same tiles (the
+    digest in its text chunk): then nothing is decoded. True if it was written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    wanted: dict[str, dict] = {}
-    for row in rows:
-        rel = _thumb_rel(row)
-        if rel is not None and rel not in wanted:
-            wanted[rel] = row
-    sizes: dict[str, tuple[int, int]] = {}
-    made = missing = 0
-    first = ""
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="batcher-thumbs") as pool:
-        futures = {rel: pool.submit(_thumbnail, out, row, rel) for rel, row in wanted.items()}
-        for rel, fut in futures.items():  # in the rows' order
-            try:
-                now, sizes[rel] = fut.result()
-                made += now
-            except (OSError, ValueError) as exc:  # a missing or undecodable image: no thumbnail, the rest go on
-                missing += 1
-                first = first or f"{wanted[rel]['file_name']}: {exc}"
-    if missing:
-        log.warning("report: %d image(s) without a thumbnail (first: %s)", missing, first)
-    return sizes, made
-
-
-def _contact_sheet(out: Path, rows: list[dict], sizes: dict[str, tuple[int, int]], dest: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
+    from PIL.PngImagePlugin import PngInfo
 
-    tiles = [(r, _thumb_rel(r)) for r in rows]
-    tiles = [(r, rel) for r, rel in tiles if rel in sizes][:SHEET_COUNT]
+    tiles = _sheet_tiles(rows, sizes)
+    digest = _sheet_digest(out, tiles)
+    if _sheet_digest_of(dest) == digest:
+        return False
     width, height = contact_sheet_size(len(tiles))
     sheet = Image.new("RGB", (width, height), (245, 245, 245))
     draw = ImageDraw.Draw(sheet)
@@ -226,14 +271,35 @@ def _contact_sheet(out: Path, rows: list[dict], sizes: dict[str, tuple[int, int]
 
     if not tiles:
         caption("no ok images", SHEET_PAD, SHEET_TILE // 2)
-    for i, (row, rel) in enumerate(tiles):
-        x0, y0 = (i % SHEET_COLS) * tile_w, (i // SHEET_COLS) * tile_h
-        with Image.open(out / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((SHEET_TILE, SHEET_TILE))
-            sheet.paste(im, (x0 + SHEET_PAD + (SHEET_TILE - im.width) // 2, y0 + SHEET_PAD + (SHEET_TILE - im.height) // 2))
-        caption(str(row.get("id")) + (f" v{row['variant']}" if row.get("variant") else ""), x0 + SHEET_PAD, y0 + SHEET_PAD + SHEET_TILE + 3)
-    _write_into_place(dest, lambda tmp: sheet.save(tmp, "PNG", optimize=True))
+    # Decoded by up to 4 threads (Pillow decodes and resizes without the GIL): a real 1024x1024 PNG takes
+    # ~26 ms; the sheet's 48 are the only images a report decodes.
+    bad = 0
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="batcher-sheet") as pool:
+        futures = {name: pool.submit(_tile, out / name) for _, name in tiles}
+        for i, (row, name) in enumerate(tiles):
+            x0, y0 = (i % SHEET_COLS) * tile_w, (i // SHEET_COLS) * tile_h
+            try:
+                im = futures[name].result()
+            except (OSError, ValueError, SyntaxError) as exc:  # undecodable: a blank tile with its caption
+                bad += 1
+                log.debug("report: contact sheet tile %s: %s", name, exc)
+            else:
+                sheet.paste(im, (x0 + SHEET_PAD + (SHEET_TILE - im.width) // 2, y0 + SHEET_PAD + (SHEET_TILE - im.height) // 2))
+            caption(_caption(row), x0 + SHEET_PAD, y0 + SHEET_PAD + SHEET_TILE + 3)
+    if bad:
+        log.warning("report: %d image(s) of the contact sheet could not be decoded", bad)
+    info = PngInfo()
+    info.add_text(SHEET_DIGEST_KEY, digest)
+    _write_into_place(dest, lambda tmp: sheet.save(tmp, "PNG", optimize=True, pnginfo=info))
+    return True
+
+
+def _remove_old_thumbs(out: Path) -> None:
+    """OUT/thumbs/ was written by batcher's earlier reports (JPEG thumbnails the page no longer uses): it is
+    batcher's own, nothing else writes there, so it goes once the new report.html is in place."""
+    old = out / THUMB_DIR
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- rendering --------------------------------------------------------------------------------------
@@ -334,8 +400,8 @@ def _jobs_html(status: dict | None, status_error: str | None) -> str:
     return "".join(out)
 
 
-def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: dict[str, tuple[int, int]],
-            generated: str) -> str:
+def _render(scan: _Scan, status: dict | None, status_error: str | None,
+            sizes: dict[str, tuple[int, int] | None], generated: str) -> str:
     c = scan.counts
     total = max(scan.rows, 1)
     interactive = scan.cost_usd / BATCH_DISCOUNT if BATCH_DISCOUNT else scan.cost_usd
@@ -413,7 +479,8 @@ def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: d
             p.append(f'<p class="note">Showing the first {len(scan.problems):,}; every row is in '
                      "<code>metadata.parquet</code> (column <code>status</code>).</p>")
 
-    # Thumbnails.
+    # The grid: the dataset's images themselves, loaded by the browser as they scroll into view; their
+    # width/height (from the file's header) reserve the space. Nothing is decoded or resized here.
     p.append(f"<h2>Images ({c['ok']:,} ok)</h2>")
     if c["ok"] > len(scan.grid):
         p.append(f'<p class="note">The first {len(scan.grid):,} ok rows; the contact sheet is '
@@ -421,13 +488,14 @@ def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: d
     if scan.grid:
         p.append('<div class="grid">')
         for r in scan.grid:
-            rel = _thumb_rel(r)
             full = _safe_file_name(r)
-            if rel in sizes:
-                w, h = sizes[rel]
-                img = f'<img src="{_e(rel)}" width="{w}" height="{h}" loading="lazy" alt="{_e(_short(r.get("prompt"), 200))}">'
+            if full is not None and full in sizes:
+                size = sizes[full]  # None: in the bucket, not copied down (its size is not known)
+                dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+                img = (f'<img src="{_e(full)}"{dims} loading="lazy" decoding="async" '
+                       f'alt="{_e(_short(r.get("prompt"), 200))}">')
             else:
-                img = '<span class="note">no thumbnail</span>'
+                img = '<span class="note">image missing</span>'
             link = f'<a href="{_e(full)}">{img}</a>' if full else f"<a>{img}</a>"
             variant = f' <span class="meta">v{_e(r.get("variant"))}</span>' if r.get("variant") else ""
             p.append(f'<figure>{link}<figcaption><div class="id">{_e(_short(r.get("id"), 80))}{variant} '
@@ -450,7 +518,8 @@ def _render(scan: _Scan, status: dict | None, status_error: str | None, sizes: d
 
 def write_report(settings, *, status: dict | None = None, status_error: str | None = None,
                  now: dt.datetime | None = None) -> ReportSummary:
-    """Write OUT/report.html, OUT/contact_sheet.png and OUT/thumbs/ for the dataset of `settings`.
+    """Write OUT/report.html and OUT/contact_sheet.png for the dataset of `settings` (and remove the thumbs/
+    directory earlier versions wrote).
 
     `status`: the workdir's status document (output.status), or `status_error` saying why there is none (the
     page says so and the rest is still written). `batcher.pipeline.report` reads both."""
@@ -460,22 +529,30 @@ def write_report(settings, *, status: dict | None = None, status_error: str | No
     metadata = out / "metadata.parquet"
     if not metadata.exists():
         raise UsageError(f"no dataset at {out} (no metadata.parquet): run `batcher collect` or `batcher run` first")
+    return _write(out, _scan(metadata), status=status, status_error=status_error, now=now)
+
+
+def _write(out: Path, scan: _Scan, *, status: dict | None, status_error: str | None, now: dt.datetime | None,
+           remote: bool = False, absent: frozenset[str] = frozenset()) -> ReportSummary:
     if status is None and status_error is None:
         status_error = "not read"
-    scan = _scan(metadata)
-    sizes, made = _thumbnails(out, scan.grid)
+    sizes = _image_sizes(out, scan.grid, remote=remote, absent=absent)
     sheet = out / "contact_sheet.png"
-    _contact_sheet(out, scan.grid, sizes, sheet)
+    made = _contact_sheet(out, scan.grid, sizes, sheet)
     generated = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
     page = _render(scan, status, status_error, sizes, generated)
     dest = out / "report.html"
     _write_into_place(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return ReportSummary(html_path=dest, sheet_path=sheet, rows=scan.rows, counts=dict(scan.counts), thumbnails=made)
+    _remove_old_thumbs(out)  # after the new page is in place: the old one linked to them
+    return ReportSummary(html_path=dest, sheet_path=sheet, rows=scan.rows, counts=dict(scan.counts), sheet_made=made)
 
 
 def _write_gcs_report(settings, *, status: dict | None, status_error: str | None, now: dt.datetime | None) -> ReportSummary:
-    """A gs:// dataset: the report is made in WORKDIR/report/ (metadata.parquet and the grid's images, at most
-    GRID_LIMIT, copied down) and its files are uploaded next to the dataset; the local copy stays."""
+    """A gs:// dataset: the report is made in WORKDIR/report/ (metadata.parquet and the contact sheet's images,
+    at most SHEET_COUNT, copied down) and report.html and contact_sheet.png are uploaded next to the dataset,
+    where the page's relative `images/...` links find the dataset's images; the local copy stays. A `thumbs/`
+    prefix an earlier version uploaded is left in the bucket (nothing links to it any more; delete it with
+    `gcloud storage rm -r`)."""
     import dataclasses
 
     uri = str(settings.out).rstrip("/")
@@ -485,18 +562,17 @@ def _write_gcs_report(settings, *, status: dict | None, status_error: str | None
         _write_into_place(staging / "metadata.parquet", lambda tmp: gcs.download_file(gcs.join(uri, "metadata.parquet"), str(tmp)))
     except UsageError:  # gcs: not found
         raise UsageError(f"no dataset at {uri} (no metadata.parquet): run `batcher collect` or `batcher run` first") from None
-    for row in _scan(staging / "metadata.parquet").grid:
-        name = _safe_file_name(row)
-        if name and not (staging / name).exists():
-            try:
-                _write_into_place(staging / name, lambda tmp, n=name: gcs.download_file(gcs.join(uri, n), str(tmp)))
-            except UsageError:  # gcs: not found
-                pass  # no thumbnail for it; the report says how many are missing
-    summary = write_report(dataclasses.replace(settings, out=staging), status=status, status_error=status_error, now=now)
-    uploads = [(summary.html_path, "text/html; charset=utf-8"), (summary.sheet_path, "image/png")]
-    uploads += [(p, "image/jpeg" if p.suffix == ".jpg" else "image/png") for p in sorted((staging / THUMB_DIR).glob("**/*"))
-                if p.is_file() and not p.name.startswith(".")]  # not a temp file a killed writer left
-    for path, content_type in uploads:
-        gcs.upload_file(gcs.join(uri, path.relative_to(staging).as_posix()), str(path), content_type=content_type)
+    scan = _scan(staging / "metadata.parquet")
+    absent: set[str] = set()
+    for name in [n for n in map(_safe_file_name, scan.grid) if n][:SHEET_COUNT]:
+        if name in absent or (staging / name).exists():
+            continue
+        try:
+            _write_into_place(staging / name, lambda tmp, n=name: gcs.download_file(gcs.join(uri, n), str(tmp)))
+        except UsageError:  # gcs: not found
+            absent.add(name)  # "image missing" on the page; the report warns how many
+    summary = _write(staging, scan, status=status, status_error=status_error, now=now, remote=True,
+                     absent=frozenset(absent))
+    for path, content_type in ((summary.html_path, "text/html; charset=utf-8"), (summary.sheet_path, "image/png")):
+        gcs.upload_file(gcs.join(uri, path.name), str(path), content_type=content_type)
     return dataclasses.replace(summary, uploaded_to=uri)
-
