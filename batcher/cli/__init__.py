@@ -376,7 +376,7 @@ def prune(ctx, spec, keep_runs, dry_run, as_json, **kw):
 @handle_errors
 @click.pass_context
 def report(ctx, spec, **kw):
-    """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and thumbnails (no API call)."""
+    """Write OUT/report.html and OUT/contact_sheet.png: counts, cost, jobs, failures and the images (no API call)."""
     _setup_logging(kw["verbose"], kw["quiet"])
     r = pipeline.report(_run_settings(ctx, spec, kw))
     where = f"{r.uploaded_to}/report.html (a copy in {r.html_path.parent})" if r.uploaded_to else str(r.html_path)
