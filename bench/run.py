@@ -37,7 +37,7 @@ BATCHER = [PY, "-m", "batcher.cli"]
 # children it waited for (wait4), so for a command with helper processes it cannot tell the command's own peak.
 BATCHER_OWN_RSS = [PY, "-c", "import atexit, sys; from batcher.children import peak_rss_kb; "
                    "atexit.register(lambda: print(f'bench: own peak RSS {peak_rss_kb()} kB', file=sys.stderr)); "
-                   "from batcher.cli import main; main(sys.argv[1:], prog_name='batcher')"]
+                   "sys.argv[0] = 'batcher'; from batcher.cli import entry_point; entry_point()"]
 TIME = shutil.which("time") or "/usr/bin/time"
 IMAGE_BYTES = 1_500_000
 # A nightly team of this size is on usage tier 3 (enqueued-token caps of 750M+ tokens per model): one job per

@@ -539,3 +539,27 @@ class _LazyEmulatorCommand(click.Command):
 
 
 main.add_command(_LazyEmulatorCommand("emulator", help="Run the local Gemini Batch API emulator (prints its URL first)."))
+
+
+def entry_point() -> None:
+    """The `batcher` program (its console script, and `python -m batcher.cli`): `main`, in a process of its own."""
+    _without_pandas()
+    main()
+
+
+class _WithoutPandas:
+    """An import hook that says pandas is not installed. pyarrow imports pandas, when it is, the first time it
+    converts a Python value (only to ask whether the value is a pandas object): ~0.35 s and ~50 MB in every command
+    that writes a dataset, more than a collect decoder process in all (docs/benchmarks.md, issue 19). batcher never
+    hands pyarrow a pandas object, so its own process goes without. Installed by `entry_point`, not by `main`: a
+    Python program that calls `main` (tests, notebooks) keeps its pandas."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("not imported by the batcher program", name=name)
+        return None
+
+
+def _without_pandas() -> None:
+    if "pandas" not in sys.modules:
+        sys.meta_path.insert(0, _WithoutPandas())

@@ -1,5 +1,5 @@
 """`python -m batcher.cli`: the command line."""
 
-from . import main
+from . import entry_point
 
-main()
+entry_point()

@@ -290,7 +290,7 @@ def _contact_sheet(out: Path, rows: list[dict], sizes: dict[str, tuple[int, int]
         log.warning("report: %d image(s) of the contact sheet could not be decoded", bad)
     info = PngInfo()
     info.add_text(SHEET_DIGEST_KEY, digest)
-    _write_into_place(dest, lambda tmp: sheet.save(tmp, "PNG", optimize=True, pnginfo=info))
+    _write_into_place(dest, lambda tmp: sheet.save(tmp, "PNG", pnginfo=info))
     return True
 
 

@@ -373,7 +373,8 @@ WARM_UP_SWITCH_S = 0.0002  # the GIL switch interval while warming up (Python's 
 
 def _warm_up(backend) -> None:
     """What the end of a collect needs, made while the decoders work: the SDK client that deletes the job's
-    files (Backend.warm_up), and pyarrow's first array for the dataset (pyarrow imports pandas then, when it is installed: ~0.2 s).
+    files (Backend.warm_up), and pyarrow's first array for the dataset (pyarrow imports pandas then, when it is installed
+    and the caller is not the `batcher` program, which says there is none: cli.entry_point).
     Imports hold the GIL; the download thread needs it after every socket read, so meanwhile the interpreter
     hands it over every 0.2 ms instead of every 5 ms, or the download (and the decoders behind it) would stall."""
     previous = sys.getswitchinterval()
