@@ -234,27 +234,31 @@ def test_the_child_imports_this_batcher_not_one_in_the_current_directory(tmp_pat
     assert result.rows == 2 and result.requests == 2
 
 
-def test_past_its_limit_a_plan_stops_sharding_and_shard_does_the_rest(tmp_path, monkeypatch):
-    """Sharding as it loads keeps every hash seen; past INLINE_MAX_REQUESTS it stops (bounded memory): its jobs
-    so far are closed, later requests stay planned for `shard`, and each request still ends in one job."""
-
-    tuning = PlanTuning(plan_batch_rows=8, inline_max_requests=20)
-    m = mixed_manifest(tmp_path, n=120)
-    ledger = Ledger(tmp_path / "wd")
-    limits = ShardLimits(max_requests=6)
-    result = plan_manifest(ledger, None, m, ManifestOptions(), skip_invalid=True, shard_limits=limits, tuning=tuning)
-    c = ledger.conn
-    inline_queued = c.execute("SELECT COUNT(*) FROM requests WHERE state='queued'").fetchone()[0]
-    planned = c.execute("SELECT COUNT(*) FROM requests WHERE state='planned'").fetchone()[0]
-    assert result.jobs and 20 <= inline_queued < result.requests and planned == result.requests - inline_queued
-    later = shard(ledger, limits)
-    assert later and not set(later) & set(result.jobs)
-    assert c.execute("SELECT COUNT(*) FROM requests WHERE state<>'queued'").fetchone()[0] == 0
-    members = c.execute("SELECT hash FROM job_requests").fetchall()
-    assert len(members) == len(set(members)) == result.requests  # every request in exactly one job
-    for job in c.execute("SELECT id, request_count FROM jobs"):
-        assert c.execute("SELECT COUNT(*) FROM requests WHERE job_id=?", (job[0],)).fetchone()[0] == job[1] <= 6
-    assert c.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == result.requests  # no duplicate copies
+@pytest.mark.parametrize("child", [False, True])
+def test_past_the_marking_bound_a_plan_still_shards_as_it_loads_and_mends_jobs_that_lost_a_copy(tmp_path, monkeypatch, child):
+    """Past PrepareTuning.max_marked_requests the preparer stops marking repeats: their copies go into jobs too, the
+    bulk load keeps the first copy, and a job counted with a removed copy is measured again from its members (one
+    left with none is dropped). So no request is left for a second `shard` pass (at 10M rows that pass was ~100 s),
+    and the jobs add up to what a plan that marked every repeat makes."""
+    monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "1" if child else "0")
+    m = write_csv(tmp_path / "m.csv", ["id", "prompt", "model"], [[f"r{i}", f"p{i % 17}", MODELS[i % 2]] for i in range(200)])
+    limits = ShardLimits(max_requests=4)
+    totals = []
+    for marked in (5, 1000):
+        ledger = Ledger(tmp_path / f"wd-{marked}")
+        result = plan_manifest(ledger, None, m, ManifestOptions(), shard_limits=limits, tuning=PlanTuning(plan_batch_rows=8),
+                               prepare_tuning=prepare.PrepareTuning(max_marked_requests=marked))
+        c = ledger.conn
+        assert result.requests == 34 and result.duplicates == 200 - 34
+        assert c.execute("SELECT COUNT(*) FROM requests WHERE state<>'queued'").fetchone()[0] == 0  # none left for shard
+        members = [h for (h,) in c.execute("SELECT hash FROM job_requests")]
+        assert len(members) == len(set(members)) == 34  # every request in exactly one job
+        assert sorted(result.jobs) == [j for (j,) in c.execute("SELECT id FROM jobs ORDER BY id")]  # none empty, none lost
+        for job in c.execute("SELECT id, request_count FROM jobs"):
+            assert 1 <= c.execute("SELECT COUNT(*) FROM job_requests WHERE job_id=?", (job[0],)).fetchone()[0] == job[1] <= 4
+        totals.append(c.execute("SELECT SUM(request_count), SUM(input_bytes), SUM(est_tokens) FROM jobs").fetchone()[:])
+    mended, marked_all = totals
+    assert mended == marked_all
 
 
 @pytest.mark.parametrize("value", ["", "plain", 'a "quote" and \\ backslash', "ünïcode 中文 😀", "\x00\x1f\u2028", 0, -7, 10**30,

@@ -22,9 +22,9 @@ class PlanTuning:
     """Where a plan changes strategy (measured on 2 cores at 1M rows; docs/benchmarks.md). Tests make them small."""
 
     plan_batch_rows: int = 5_000  # manifest rows per bulk insert into the ledger
-    # Past this many requests a plan stops sharding as it loads (`shard` does the rest), and a plan into a ledger too
-    # big to read whole (known_max_requests) stops keeping its run's requests (~140 bytes each) and counts them in SQL.
-    inline_max_requests: int = 3_000_000  # with PrepareTuning.max_marked_requests (the same bound; issue 19)
+    # Past this many requests a plan into a ledger too big to read whole (known_max_requests) stops keeping its run's
+    # requests (~140 bytes each) and counts them in SQL.
+    inline_max_requests: int = 3_000_000
     # A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
     # and looks each request up there; past it, in SQL a batch at a time (~5 us per request at 1M: a probe of the
     # 64-hex hash index, then of the table; at 3M the index outgrows the page cache and tonight's 3M-row plan took
@@ -78,7 +78,7 @@ class PlanWriter:
     with the same outcome as inserting each row and recording each request one at a time.
 
     `lookup`: the image cache's lookup (`has(h)`, `has_all(hashes)`), None without a cache; `inline`: the planner's
-    sharding as it loads (`job_for(model, body, size, measure)`, `assigned`, `close_all()`), set by the planner."""
+    sharding as it loads (`job_for(model, body, size, measure)`, `close_all()`), set by the planner."""
 
     def __init__(self, c: sqlite3.Connection, lookup, refresh: bool, now: float, retry_blocked: bool, fresh: bool,
                  tuning: PlanTuning, big_page_cache: Callable[[], object] = lambda: None):
@@ -89,6 +89,9 @@ class PlanWriter:
         self.lookup = lookup
         self.inline = None  # set: new requests are sharded into jobs as they load
         self.inline_jobs: list[int] = []
+        # A batch came without its repeats marked (past PrepareTuning.max_marked_requests): copies of a request may
+        # have gone into jobs; the bulk load keeps the first copy, and the planner mends the jobs that lose one.
+        self.copies_loaded = False
         self.bulk = False  # loading into an empty ledger without its indexes (Ledger.bulk_load)
         # In a ledger that held requests: requests by hash -> state code (_CODE_SQL), with what the plan did to them.
         # Every request of the ledger, read once (`knows_ledger`; see PlanTuning.known_max_requests), or else the run's,
@@ -98,8 +101,8 @@ class PlanWriter:
         self.knows_ledger = False
 
     def stop_sharding(self) -> None:
-        """No more sharding as the plan loads: the jobs made so far are closed, later requests stay planned (for
-        `shard`)."""
+        """No more sharding as the plan loads: the jobs made so far are closed (their members are recorded once the
+        bulk load has kept one copy of each request: planner), later requests stay planned (for `shard`)."""
         if self.inline is not None:
             self.inline_jobs = self.inline.close_all()
             self.inline = None
@@ -148,8 +151,7 @@ class PlanWriter:
             return self._flush_one_at_a_time(run_id, seq, b, positions, problems, duplicate)
         c.execute("RELEASE plan_batch")
         if self.fresh:
-            if self.inline is not None and not b.repeats_marked:
-                self.stop_sharding()  # a later copy of a request could not be told from a new one
+            self.copies_loaded |= not b.repeats_marked  # a later copy of a request cannot be told from a new one
             self._record_new(*self._without_repeats(b))
         else:
             self._record(b.requests())
@@ -211,8 +213,6 @@ class PlanWriter:
             (h, model, body, variant, now, None if hit else job_for(model, body, size, m))
             for h, model, body, variant, hit, size, m
             in zip(hashes, models, bodies, variants, cached, sizes, measures or itertools.repeat(None))])
-        if inline.assigned >= self.tuning.inline_max_requests:
-            self.stop_sharding()
 
     def _record(self, reqs: list[tuple]) -> None:
         """Record a batch's requests in a ledger that held requests before this plan: each is looked up, and one

@@ -33,6 +33,13 @@ def planned_models(ledger: Ledger) -> list[str]:
     return [r[0] for r in ledger.conn.execute("SELECT DISTINCT model FROM requests WHERE state=?", (PLANNED,))]
 
 
+# What the shard limits need of a stored request, measured in SQLite: (body bytes, body characters, image size or
+# None, reference images).
+_MEASURES = ("length(CAST(body_json AS BLOB)), length(body_json), "
+             "CASE WHEN instr(body_json, '\"imageSize\"') THEN json_extract(body_json, '$.generationConfig.imageConfig.imageSize') END, "
+             "CASE WHEN instr(body_json, '\"fileData\"') THEN (length(body_json) - length(replace(body_json, '\"fileData\"', ''))) / 10 ELSE 0 END")
+
+
 def planned_pages(ledger: Ledger, model: str, *, bodies: bool = False) -> Iterator[list[tuple]]:
     """The planned requests of `model` a page at a time (bounded memory), in rowid order: (rowid, body bytes, body
     characters, image size or None, reference images[, body JSON]). What the shard limits need is measured in
@@ -42,10 +49,7 @@ def planned_pages(ledger: Ledger, model: str, *, bodies: bool = False) -> Iterat
     body = ", body_json" if bodies else ""
     while True:
         page = ledger.conn.execute(
-            "SELECT rowid, length(CAST(body_json AS BLOB)), length(body_json), "
-            "CASE WHEN instr(body_json, '\"imageSize\"') THEN json_extract(body_json, '$.generationConfig.imageConfig.imageSize') END, "
-            "CASE WHEN instr(body_json, '\"fileData\"') THEN (length(body_json) - length(replace(body_json, '\"fileData\"', ''))) / 10 ELSE 0 END"
-            f"{body} FROM requests WHERE state=? AND model=? AND rowid>? ORDER BY rowid LIMIT ?",
+            f"SELECT rowid, {_MEASURES}{body} FROM requests WHERE state=? AND model=? AND rowid>? ORDER BY rowid LIMIT ?",
             (PLANNED, model, last_rowid, SHARD_PAGE)).fetchall()
         if not page:
             return
@@ -125,6 +129,25 @@ def new_job(ledger: Ledger, model: str, count: int, in_bytes: int, tokens: int, 
         raise LedgerError(f"job {job_id}: expected {count} planned requests of {model} in rowids {first_rowid}..{last_rowid}, "
                           f"found {added} and {queued}")
     return job_id
+
+
+def short_jobs(ledger: Ledger, job_ids: list[int]) -> list[int]:
+    """Of these jobs, those with fewer members than their request_count (a bulk load removed copies of requests
+    they were counted with: planning.planner's inline sharding past the preparer's marking bound)."""
+    return [job_id for (job_id,) in ledger.conn.execute(
+        "SELECT j.id FROM jobs j WHERE j.id IN (SELECT value FROM json_each(?)) "
+        "AND j.request_count > (SELECT COUNT(*) FROM job_requests m WHERE m.job_id = j.id)", (json.dumps(job_ids),))]
+
+
+def member_measures(ledger: Ledger, job_id: int) -> list[tuple]:
+    """What the shard limits need of each member of a job (as `planned_pages` gives it, without the rowid)."""
+    return ledger.conn.execute(f"SELECT {_MEASURES} FROM requests WHERE job_id=?", (job_id,)).fetchall()
+
+
+def drop_empty_job(ledger: Ledger, job_id: int) -> None:
+    """A job, planned and not yet written anywhere, that was left without members."""
+    ledger.conn.execute("DELETE FROM jobs WHERE id=? AND state=? AND NOT EXISTS (SELECT 1 FROM job_requests WHERE job_id=?)",
+                        (job_id, J_PLANNED, job_id))
 
 
 def close_job(ledger: Ledger, job_id: int, count: int, in_bytes: int, tokens: int) -> None:

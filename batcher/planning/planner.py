@@ -190,7 +190,7 @@ def plan_manifest(
                         writer.bulk = True
                         seq, result.rows = _load(writer, run_id, manifest, options, refs, problems, tuning, prepare_tuning)
                         writer.stop_sharding()
-                        result.jobs = writer.inline_jobs
+                    result.jobs = _record_members(ledger, writer.inline_jobs, writer.copies_loaded)
                 except plans.DuplicateIds:
                     # Two rows share an id: plan again with the indexes in place, which find each duplicate where
                     # it is and report it with the row it repeats (its requests are left for `shard`).
@@ -314,6 +314,30 @@ def shard(ledger: Ledger, limits: ShardLimits, *, limit_requests: int | None = N
     return new_jobs
 
 
+def _record_members(ledger: Ledger, jobs: list[int], copies_loaded: bool) -> list[int]:
+    """After a bulk load that sharded as it loaded: every job's members are the requests that went in with its id
+    (one statement in C, not a row at a time as they load). `copies_loaded`: repeats went in unmarked (a manifest
+    past the preparer's marking bound), so a job may have been counted with a copy the bulk load removed: such a
+    job is measured again from its members, and one left with none is dropped. Returns the jobs that remain."""
+    if not jobs:
+        return jobs
+    sending.record_members(ledger, jobs)
+    if not copies_loaded:
+        return jobs
+    dropped = set()
+    for job_id in sending.short_jobs(ledger, jobs):
+        job = ledger.job(job_id)
+        filler = JobFiller(job["model"], ShardLimits(), None)
+        for body_bytes, body_chars, size, refs in sending.member_measures(ledger, job_id):
+            filler.add(measure(job["model"], body_bytes, body_chars, size, refs))
+        if filler.count:
+            sending.close_job(ledger, job_id, filler.count, filler.in_bytes, filler.tokens)
+        else:
+            sending.drop_empty_job(ledger, job_id)
+            dropped.add(job_id)
+    return [j for j in jobs if j not in dropped]
+
+
 def _new_job(ledger: Ledger, filler: JobFiller, first_rowid: int, last_rowid: int, now: float) -> int:
     """The filler's requests (the planned requests of its model from first_rowid to last_rowid) as a new job."""
     return sending.new_job(ledger, filler.model, filler.count, filler.in_bytes, filler.tokens, first_rowid, last_rowid, now)
@@ -329,7 +353,6 @@ class _InlineJobs:
         self.fillers: dict[str, JobFiller] = {}
         self.open: dict[str, int] = {}  # model -> its open job
         self.created: list[int] = []
-        self.assigned = 0  # requests put in a job
 
     def job_for(self, model: str, body: str, size: str | None, m: tuple[int, int, int] | None) -> int:
         """The job of a new request of `model` (its body JSON and image size; `m`, its measure if the rows' preparer
@@ -348,15 +371,12 @@ class _InlineJobs:
             job_id = self.open[model] = sending.insert_job(self.ledger, model, 0, 0, 0, self.now)
             self.created.append(job_id)
         filler.add(m)
-        self.assigned += 1
         return job_id
 
     def close_all(self) -> list[int]:
-        """Close the open jobs and record every job's members (the requests that went in with its id: one
-        statement in C, instead of a row at a time as they load). Returns the jobs made."""
+        """Close the open jobs (their totals). Returns the jobs made."""
         for model in list(self.open):
             self._close(model)
-        sending.record_members(self.ledger, self.created)
         return self.created
 
     def _close(self, model: str) -> None:
