@@ -256,6 +256,7 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
     from batcher.ledger import Ledger
     from batcher.manifest import ManifestOptions
     from batcher.planning.packing import ShardLimits
+    from batcher.planning import prepare
     from batcher.planning.prepare import PreparedBatch
 
     n = int(rows)
@@ -272,7 +273,7 @@ def worker_ledger_floor(workdir: str, rows: str) -> None:
             bodies=['{"contents":[{"parts":[{"text":' + json.dumps(p, ensure_ascii=False) + '}],"role":"user"}],'
                     '"generationConfig":{"responseModalities":["IMAGE"]}}' for p in prompts],
             sizes=[None] * len(idx)))
-    planner.batches = lambda *args, **kw: (b for b in made)  # an iterator with close(), as batches() returns
+    prepare.batches = lambda *args, **kw: (b for b in made)  # an iterator with close(), as batches() returns
     tiny = Path(workdir).parent / "floor-manifest.csv"  # for the run's fingerprint and schema only
     tiny.write_text("id,prompt,category\nr0000000,x,x\n")
     t0 = time.perf_counter()

@@ -338,7 +338,6 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
     """Asked one hash at a time (a cache past its listing limit), an image pruned while the plan runs makes a
     request a hit in its first batch and a miss in a later one: it stays the first batch's cache hit, in no
     job, and every job holds exactly the requests it counts (its JSONL can be written)."""
-    from batcher.planning import planner
     from batcher.storage import store as store_mod
     from batcher.jobs.lifecycle import write_jsonl
 
@@ -350,7 +349,7 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
     store = ImageStore(tmp_path / "cache")
     shared = next(prepare.prepared_batches(m, ManifestOptions(), prepare.References(), 100)).hashes[0]
     image = store.put(shared, png_bytes())
-    real_batches = planner.batches
+    real_batches = prepare.batches
 
     def pruned_after_the_first(*args, **kwargs):
         for k, b in enumerate(real_batches(*args, **kwargs)):
@@ -358,7 +357,7 @@ def test_a_request_cached_in_one_batch_and_gone_in_a_later_one_is_recorded_once_
             if k == 0:
                 image.unlink()
 
-    monkeypatch.setattr(planner, "batches", pruned_after_the_first)
+    monkeypatch.setattr(prepare, "batches", pruned_after_the_first)  # the planner imports it as it plans
     ledger = Ledger(tmp_path / "wd")
     result = plan_manifest(ledger, store, m, ManifestOptions(), shard_limits=ShardLimits(max_requests=100), tuning=tuning)
     c = ledger.conn
@@ -547,12 +546,11 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
     was pruned from a cache asked one hash at a time, is planned again: whether the plan looks requests up in
     its dict or in SQL (which reads the state again), as before the dict."""
     from batcher import pipeline
-    from batcher.planning import planner
 
     tuning = PlanTuning(known_max_requests=known_max, plan_batch_rows=1)
     monkeypatch.setenv(prepare.ENV_PLAN_PROCESS, "0")
     ledger, store, hashes = _last_nights_workdir(tmp_path)  # p0: done, its image in the cache
-    real_batches = planner.batches
+    real_batches = prepare.batches
 
     def pruned_after_the_first(*args, **kwargs):
         for k, b in enumerate(real_batches(*args, **kwargs)):
@@ -564,7 +562,7 @@ def test_a_done_request_whose_image_goes_while_last_nights_ledger_is_planned_aga
         def has(self, h):
             return super().has(h)
 
-    monkeypatch.setattr(planner, "batches", pruned_after_the_first)
+    monkeypatch.setattr(prepare, "batches", pruned_after_the_first)  # the planner imports it as it plans
     result = plan_manifest(ledger, AskedOneByOne(tmp_path / "cache"),
                            write_csv(tmp_path / "b.csv", ["id", "prompt"], [["r0", "p0"], ["r1", "p0"]]), ManifestOptions(), tuning=tuning)
     assert tuple(ledger.conn.execute("SELECT state, cached FROM requests WHERE hash=?", (hashes[0],)).fetchone()) == ("planned", 0)

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from ..catalog import TIERS, model_spec, warning as model_warning
 from ..errors import ManifestError, UsageError
-from ..manifest import ManifestOptions, RowProblem, locate, read_manifest
-from ..planning.planner import MAX_PROBLEMS_SHOWN, duplicate_id
-from ..planning.prepare import References, image_requests
+from ..manifest import ManifestOptions, RowProblem
 from .money import usd
 from .pricing import PriceTable, current_table
 from .tokens import body_prompt, prompt_tokens
@@ -112,6 +110,12 @@ def estimate(manifest: str | Path, options: ManifestOptions = ManifestOptions(),
              refresh: bool = False, skip_invalid: bool = False, table: PriceTable | None = None, tier: str | None = None) -> Estimate:
     """Count rows, requests, distinct requests and cache hits of a manifest, and price what is left to generate.
     `tier`: hold the batch estimate against that usage tier's monthly spend cap."""
+    # Here, not at the top: every command loads this module (the budget prices requests with it), and only an
+    # estimate reads a manifest (the readers load pyarrow.compute).
+    from ..manifest import locate, read_manifest
+    from ..planning.planner import MAX_PROBLEMS_SHOWN, duplicate_id
+    from ..planning.prepare import References, image_requests
+
     table = table or current_table()
     manifest = locate(manifest)
     store = None if refresh else open_store(cache_dir)

@@ -22,15 +22,44 @@ seed a 32-bit signed integer; variants an integer in [1, `MAX_VARIANTS`]; at mos
 The package, by concept: `types` (what reading takes and gives), `sources` (locating and opening a file,
 file-level problems), `cells` (validating a cell, the job defaults), `references` (reference images), `blocks`
 (validating a record batch in columns), `reader` (the header checks and the two ways to read).
+
+The names below are imported on first use: what only needs the types or a cell (settings, the dataset writer, so
+`batcher collect`) does not load the readers and pyarrow.compute.
 """
 
-from .blocks import RowBlock
-from .cells import MAX_PROMPT_CHARS, MAX_VARIANTS
-from .reader import read_manifest, read_manifest_blocks
-from .sources import carried_schema, locate, manifest_fingerprint
-from .types import FORMATS, KNOWN_COLUMNS, SETTING_COLUMNS, ManifestOptions, ManifestRow, RowProblem
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {  # name -> the submodule that defines it
+    "FORMATS": "types", "KNOWN_COLUMNS": "types", "SETTING_COLUMNS": "types", "ManifestOptions": "types",
+    "ManifestRow": "types", "RowProblem": "types", "MAX_PROMPT_CHARS": "cells", "MAX_VARIANTS": "cells",
+    "carried_schema": "sources", "locate": "sources", "manifest_fingerprint": "sources",
+    "RowBlock": "blocks", "read_manifest": "reader", "read_manifest_blocks": "reader",
+}
 
 __all__ = [
     "FORMATS", "KNOWN_COLUMNS", "MAX_PROMPT_CHARS", "MAX_VARIANTS", "SETTING_COLUMNS", "ManifestOptions", "ManifestRow",
     "RowBlock", "RowProblem", "carried_schema", "locate", "manifest_fingerprint", "read_manifest", "read_manifest_blocks",
 ]
+
+if TYPE_CHECKING:
+    from .blocks import RowBlock
+    from .cells import MAX_PROMPT_CHARS, MAX_VARIANTS
+    from .reader import read_manifest, read_manifest_blocks
+    from .sources import carried_schema, locate, manifest_fingerprint
+    from .types import FORMATS, KNOWN_COLUMNS, SETTING_COLUMNS, ManifestOptions, ManifestRow, RowProblem
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pyarrow as pa
 
@@ -27,10 +27,12 @@ from ..faults import maybe_crash
 from ..ledger import SUCCEEDED, Ledger, plans, reading, sending
 from ..ledger.plans import PlanTuning, PlanWriter
 from .packing import JobFiller, ShardLimits, measure, measure_body
-from .prepare import PreparedBatch, PrepareTuning, References, batches
-from ..manifest import ManifestOptions, RowProblem, carried_schema, locate, manifest_fingerprint, read_manifest
+from ..manifest import ManifestOptions, RowProblem, carried_schema, locate, manifest_fingerprint
 from .requests import canonical_json, identity_hash
 from ..storage.store import ImageStore, StoreLookup
+
+if TYPE_CHECKING:
+    from .prepare import PreparedBatch, PrepareTuning, References
 
 MAX_PROBLEMS_SHOWN = 20
 LOST_IMAGES_PAGE = 20_000  # the run's rows checked against the cache at a time
@@ -108,6 +110,8 @@ def _load(writer: PlanWriter, run_id: int, manifest: Path | str, options: Manife
           problems: list[RowProblem], tuning: PlanTuning, prepare_tuning: PrepareTuning) -> tuple[int, int]:
     """Record the manifest's valid rows and their requests; append its problems. Returns (rows written, one per
     variant; manifest rows)."""
+    from .prepare import batches  # here: see plan_manifest
+
     seq = rows = 0
     # A large manifest is read, validated and hashed by a child process on another core, while this one writes.
     # A plain local cache is looked up where the rows are prepared (with them, in the child process).
@@ -141,11 +145,17 @@ def plan_manifest(
     shard_limits: ShardLimits | None = None,
     token_cap_for: Callable[[str], int | None] = lambda model: None,
     tuning: PlanTuning = PlanTuning(),
-    prepare_tuning: PrepareTuning = PrepareTuning(),
+    prepare_tuning: PrepareTuning | None = None,
 ) -> PlanResult:
     """Validate the manifest and record its rows and requests. Idempotent for an unchanged manifest.
     With `shard_limits`, a plan into an empty ledger also shards its new requests into jobs as it loads them,
     exactly as `shard` would (same limits and token caps; no budget); they are in PlanResult.jobs."""
+    # Here, not at the top: collect loads this module (run_result, plan_fallbacks) and reads no manifest; the row
+    # preparer and the readers load pyarrow.compute.
+    from ..manifest import read_manifest
+    from .prepare import PrepareTuning, References
+
+    prepare_tuning = prepare_tuning or PrepareTuning()
     manifest = locate(manifest)
     fingerprint = run_fingerprint(manifest, options)
     existing = ledger.run_by_fingerprint(fingerprint)
