@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+
+import xxhash
 import os
 import stat
 
@@ -58,9 +59,9 @@ def test_store_verifies_and_writes_atomically(tmp_path):
     assert not store.has(h)
     path = store.put(h, png_bytes(), {"model": "m"})
     assert store.find(h) == path and path.suffix == ".png"
-    assert store.meta(h) == {"model": "m", "sha256": hashlib.sha256(png_bytes()).hexdigest()}  # every put records it
+    assert store.meta(h) == {"model": "m", "xxh3_128": xxhash.xxh3_128_hexdigest(png_bytes())}  # every put records it
     store.put("d" * 64, png_bytes((1, 2, 3)))  # a writer without meta of its own gets the digest too
-    assert store.meta("d" * 64) == {"sha256": hashlib.sha256(png_bytes((1, 2, 3))).hexdigest()}
+    assert store.meta("d" * 64) == {"xxh3_128": xxhash.xxh3_128_hexdigest(png_bytes((1, 2, 3)))}
     with pytest.raises(InvalidImage):
         store.put("b" * 64, b"not an image at all")
     with pytest.raises(InvalidImage):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 from batcher.cli import main
@@ -110,6 +111,19 @@ def test_stats_counts_temp_files_and_half_written_entries_apart(tmp_path):
     assert st.by_model["unknown"].entries == 1 and st.by_model["m"].entries == 1
 
 
+def test_verify_checks_the_sha256_of_entries_written_before_the_digest_changed(tmp_path):
+    """Entries written before 2026-12-05 record a SHA-256 instead of XXH3-128: verify still compares it."""
+    cache = Cache(tmp_path / "cache")
+    for i, colour in enumerate(((1, 2, 3), (4, 5, 6))):
+        cache.put(h(i), age_days=3, color=colour)
+        old_meta = {"model": "m", "sha256": hashlib.sha256(png_bytes(colour)).hexdigest()}
+        cache.write(h(i), ".json", json.dumps(old_meta).encode())
+    cache.write(h(1), ".png", png_bytes((9, 9, 9)))  # a valid PNG, but not the one its SHA-256 was taken of
+    report = housekeeping.verify(cache.store, now=NOW)
+    assert (report.checked, report.ok, report.without_digest) == (2, 1, 0)
+    assert [b.hash for b in report.bad] == [h(1)] and "do not match the sha256 digest" in report.bad[0].reason
+
+
 def test_stats_of_a_missing_cache_dir_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no such directory.*--cache-dir"):
         housekeeping.stats(ImageStore(tmp_path / "nowhere"))
@@ -131,7 +145,7 @@ def test_verify_moves_a_corrupted_and_a_changed_image_aside(cache):
     assert (report.checked, report.ok, report.without_digest) == (4, 2, 0)
     bad = {b.hash: b for b in report.bad}
     assert set(bad) == {h(1), h(2)}
-    assert "bad CRC" in bad[h(1)].reason and "do not match the sha256" in bad[h(2)].reason
+    assert "bad CRC" in bad[h(1)].reason and "do not match the xxh3_128 digest" in bad[h(2)].reason
     assert not cache.store.has(h(1)) and not cache.store.has(h(2))  # missing: the next run generates them again
     assert cache.store.has(h(0)) and cache.store.has(h(3))
     # Kept, not deleted: the image and its .json, under quarantine/<when>/<prefix>/.
@@ -228,7 +242,7 @@ def test_gc_keeps_an_entry_written_again_after_the_listing(tmp_path, monkeypatch
     report = housekeeping.gc(cache.store, older_than=30 * DAY, now=NOW)
     assert (report.selected, report.deleted, report.changed) == (1, 0, 1)
     assert cache.read(h(0), ".png") == png_bytes((7, 7, 7))
-    assert json.loads(cache.read(h(0), ".json"))["sha256"] == hashlib.sha256(png_bytes((7, 7, 7))).hexdigest()
+    assert json.loads(cache.read(h(0), ".json"))["xxh3_128"] == xxhash.xxh3_128_hexdigest(png_bytes((7, 7, 7)))
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ The image goes before its .json (readers take the image's presence as the entry'
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Callable, Collection, Iterable, Iterator
 from ..errors import UsageError
 from ..progress import Progress
 from . import atomic, gcs
-from .store import DIGEST_KEY, HASH_CHARS, IMAGE_EXTS, GcsImageStore, ImageStore, InvalidImage, open_store, verify_image
+from .store import DIGESTS, HASH_CHARS, IMAGE_EXTS, GcsImageStore, ImageStore, InvalidImage, open_store, recorded_digest, verify_image
 
 QUARANTINE = "quarantine"
 # An hour: far longer than any write of an entry takes (milliseconds to seconds), short enough not to matter to a
@@ -237,7 +236,7 @@ def _in_threads(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 def _workers(cache, workers: int | None, local: int = 1) -> int:
     """GCS: each call is a round trip, so many at once. Locally, threads pay off only for large images (reading,
-    CRC and SHA-256 release the GIL: 2 threads verify 1.5 MB images ~20% faster); for the small .json files stats
+    CRC and digests release the GIL: 2 threads verify 1.5 MB images ~20% faster); for the small .json files stats
     reads, and for unlinks, one thread is faster (measured, 20,000 entries)."""
     return workers if workers is not None else 16 if isinstance(cache, _GcsCache) else local
 
@@ -356,7 +355,7 @@ class VerifyReport:
 def _check(cache, entry: Entry) -> tuple[Entry, str | None, bool, int]:
     """(entry, what is wrong or None, whether a digest was compared, bytes read)."""
     meta = _read_meta(cache, entry)
-    digest = meta.get(DIGEST_KEY) if meta else None
+    digest = recorded_digest(meta)
     nbytes = 0
     for f in entry.images:
         data = cache.read(f)
@@ -367,15 +366,15 @@ def _check(cache, entry: Entry) -> tuple[Entry, str | None, bool, int]:
             verify_image(data)
         except InvalidImage as exc:
             return entry, str(exc), digest is not None, nbytes
-        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            return entry, (f"{Path(f.path).name}: its bytes do not match the {DIGEST_KEY} its .json records "
-                           f"({str(digest)[:12]}...)"), True, nbytes
+        if digest is not None and DIGESTS[digest[0]](data) != digest[1]:
+            return entry, (f"{Path(f.path).name}: its bytes do not match the {digest[0]} digest its .json records "
+                           f"({digest[1][:12]}...)"), True, nbytes
     return entry, None, digest is not None, nbytes
 
 
 def verify(store, *, quarantine: bool = True, min_age: float = DEFAULT_MIN_AGE, now: float | None = None,
            progress: Progress | None = None, workers: int | None = None) -> VerifyReport:
-    """Read every image: it must decode, and match the SHA-256 its .json records (entries from before digests were
+    """Read every image: it must decode, and match the digest its .json records (entries from before digests were
     recorded: decoding only). Bad entries are moved (image first, then its .json) to <root>/quarantine/<when>/, so
     `has()` says missing and the next run generates them again; one changed in the last `min_age` seconds is
     reported but left in place (a writer may be replacing it)."""

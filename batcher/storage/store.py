@@ -1,7 +1,7 @@
 """The content-addressed image cache, keyed by request hash, shared between runs and workdirs.
 
-Layout: <root>/<hash[:2]>/<hash>.png plus <hash>.json (small metadata: model, tokens, cost, and the SHA-256 of
-the image's bytes, so `batcher cache verify` can tell a changed image). An entry is written to a temp file,
+Layout: <root>/<hash[:2]>/<hash>.png plus <hash>.json (small metadata: model, tokens, cost, and a digest of the
+image's bytes, so `batcher cache verify` can tell a changed image). An entry is written to a temp file,
 fsynced and renamed, so a reader never sees half an image, and images are verified (they decode) before they
 enter.
 """
@@ -14,6 +14,8 @@ import json
 import os
 import zlib
 from pathlib import Path
+
+import xxhash
 
 from . import atomic, gcs
 
@@ -89,13 +91,26 @@ HASH_CHARS = 64  # a request hash: sha256, in hex
 CACHE_WRITE = {"unique": True, "durable": True, "mode": 0o600}
 
 
-# The meta key holding the SHA-256 (hex) of the image's bytes. Entries written before it was recorded have none.
-DIGEST_KEY = "sha256"
+# The meta key holding the digest (hex) of the image's bytes: XXH3-128, which finds a changed or corrupted file as
+# surely as SHA-256 (nobody forges cache entries: whoever can write the image can write its .json) at ~17x the speed:
+# 0.08 ms against 1.3 ms for a 1.5 MB image here, where SHA-256 was a quarter of collect's decoding CPU (issue 19).
+DIGEST_KEY = "xxh3_128"
+# Each digest `batcher cache verify` can check: entries written before 2026-12-05 carry a SHA-256.
+DIGESTS = {DIGEST_KEY: lambda data: xxhash.xxh3_128_hexdigest(data), "sha256": lambda data: hashlib.sha256(data).hexdigest()}
 
 
 def with_digest(meta: dict | None, data: bytes) -> dict:
     """The meta to record beside `data`: the writer's fields and the image's digest (every writer gets it here)."""
-    return {**(meta or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest()}
+    return {**(meta or {}), DIGEST_KEY: xxhash.xxh3_128_hexdigest(data)}
+
+
+def recorded_digest(meta: dict | None) -> tuple[str, str] | None:
+    """(digest name, hex) of the digest an entry's meta records, or None (written before digests were recorded)."""
+    for name in DIGESTS:
+        value = (meta or {}).get(name)
+        if isinstance(value, str):
+            return name, value
+    return None
 
 
 def checked_hash(request_hash: str) -> str:
