@@ -91,7 +91,25 @@ def test_cache_lookup_by_listing_agrees_with_the_store(tmp_path):
     assert _StoreLookup(store).has_all(hashes) == [store.has(h) for h in hashes] == [False, True, False, True, True]
     ahead = _StoreLookup(store)
     ahead.list_ahead()  # all 256 prefix dirs, listed in a thread while the caller goes on
-    assert ahead.has_all(hashes) == [False, True, False, True, True] and len(ahead.dirs) == 256
+    assert ahead.has_all(hashes) == [False, True, False, True, True]
+    assert ahead.whole is not None and len(ahead.whole) == 2  # every prefix listed: one table, searched once a batch
+
+
+def test_cache_lookup_leaves_out_stray_files_named_like_entries(tmp_path):
+    """A file with an image extension whose name is not a hash, or sits under another hash's prefix dir, is no entry
+    (and does not spoil the listing of the ones that are)."""
+    from batcher.storage.store import StoreLookup as _StoreLookup
+
+    store = ImageStore(tmp_path / "cache")
+    good, misplaced = "ab" + "5" * 62, "cd" + "6" * 62
+    store.put(good, png_bytes())
+    (tmp_path / "cache" / "ab" / ("zz" * 32 + ".png")).write_bytes(png_bytes())  # 64 characters, not hex
+    (tmp_path / "cache" / "ab" / f"{misplaced}.png").write_bytes(png_bytes())  # under the wrong prefix
+    lookup, ahead = _StoreLookup(store), _StoreLookup(store)
+    ahead.list_ahead()
+    for each in (lookup, ahead):
+        assert each.has_all([good, misplaced]) == [True, False] == [store.has(good), store.has(misplaced)]
+    assert ahead.whole is not None and len(ahead.whole) == 1
 
 
 def test_cache_lookup_memory_is_bounded_past_its_listing_limit(tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
+
+from ..hashtable import HashTable
 from .core import Ledger
 from .schema import BLOCKED, FAILED, PLANNED, QUEUED, SUCCEEDED
 
@@ -25,11 +28,11 @@ class PlanTuning:
     # Past this many requests a plan into a ledger too big to read whole (known_max_requests) stops keeping its run's
     # requests (~140 bytes each) and counts them in SQL.
     inline_max_requests: int = 3_000_000
-    # A plan into a ledger of at most this many requests reads their states into a dict once (~170 MB per million)
-    # and looks each request up there; past it, in SQL a batch at a time (~5 us per request at 1M: a probe of the
-    # 64-hex hash index, then of the table; at 3M the index outgrows the page cache and tonight's 3M-row plan took
-    # 105 s against 10 s at 1M: issue 19, docs/benchmarks.md).
-    known_max_requests: int = 4_000_000
+    # A plan into a ledger of at most this many requests reads their states once into a compact table (hashtable:
+    # 17 bytes a request) and looks each request up there; past it, in SQL a batch at a time (~5 us per request at
+    # 1M: a probe of the 64-hex hash index, then of the table; at 3M the index outgrows the page cache and tonight's
+    # 3M-row plan took 105 s against 10 s at 1M: issue 19, docs/benchmarks.md).
+    known_max_requests: int = 30_000_000
     # A plan into a ledger that holds requests takes the big page cache (Ledger.big_page_cache) for random-order
     # inserts into its hash index once it has made this many new requests, or from the start if it probes that
     # index per request. Before that it would hold only the rows it appends (~250 MB at 1M rows) and gain nothing.
@@ -97,7 +100,7 @@ class PlanWriter:
         # Every request of the ledger, read once (`knows_ledger`; see PlanTuning.known_max_requests), or else the run's,
         # as SQL told them a batch at a time, while there are at most PlanTuning.inline_max_requests (then None).
         # The run's counts come from it (run_tally); past the bound, from SQL at the end.
-        self.known: dict[str, int] | None = None
+        self.known: _Known | None = None
         self.knows_ledger = False
 
     def stop_sharding(self) -> None:
@@ -114,10 +117,10 @@ class PlanWriter:
     def start(self) -> None:
         """Before the first batch, in a ledger that held requests: read their states (or say they are too many)."""
         if not self.fresh:
-            self.known = known_requests(self.c, self.tuning.known_max_requests)
-            self.knows_ledger = self.known is not None
+            table = known_requests(self.c, self.tuning.known_max_requests)
+            self.knows_ledger = table is not None
+            self.known = _Known(table)
             if not self.knows_ledger:
-                self.known = {}
                 self._take_big_page_cache()
 
     def add_references(self, references: list[tuple], variants: list[int]) -> None:
@@ -221,7 +224,11 @@ class PlanWriter:
         batch: dict[str, tuple] = {}
         for req in reqs:
             batch.setdefault(req[2], req)
-        known = self.known if self.known is not None else {}
+        if self.lookup is not None and not refresh and any(req[5] is None for req in batch.values()):
+            # Not looked up where the rows were prepared (a gs:// cache): one search for the batch, not one per request.
+            batch = {h: (*req[:5], hit) for (h, req), hit in zip(batch.items(), self.lookup.has_all(list(batch)))}
+        known = self.known if self.known is not None else _Known(None)
+        known.look_up(list(batch))
         if not self.knows_ledger:  # the ones the plan has not seen yet, from SQL
             asked = [h for h in batch if h not in known]
             if asked:
@@ -278,7 +285,7 @@ class PlanWriter:
             return None
         requests = hits = 0
         states = dict.fromkeys(_STATES, 0)
-        for code, n in collections.Counter(self.known.values()).items():
+        for code, n in self.known.counts().items():
             if code & _IN_RUN:
                 requests += n
                 hits += n if code & 1 else 0
@@ -286,7 +293,51 @@ class PlanWriter:
         return requests, hits, states
 
 
-def known_requests(c: sqlite3.Connection, known_max_requests: int) -> dict[str, int] | None:
+class _Known:
+    """Requests by hash -> state code: the ledger's, read once into a compact HashTable (or none: the SQL path), and
+    the ones the plan added or read since, in a dict. `look_up` a batch's hashes before `get`/`set`ting them: one
+    vectorised search of the table for the batch."""
+
+    def __init__(self, table: HashTable | None):
+        self.table = table
+        self.added: dict[str, int] = {}
+        self._at: dict[str, int] = {}  # the batch's hashes that are in the table: where
+
+    def look_up(self, hashes: list[str]) -> None:
+        if self.table is not None and len(self.table):
+            self._at = {h: p for h, p in zip(hashes, self.table.positions(hashes).tolist()) if p >= 0}
+
+    def get(self, h: str) -> int | None:
+        p = self._at.get(h)
+        return int(self.table.codes[p]) if p is not None else self.added.get(h)
+
+    def __setitem__(self, h: str, code: int) -> None:
+        p = self._at.get(h)
+        if p is not None:
+            self.table.codes[p] = code
+        else:
+            self.added[h] = code
+
+    def __contains__(self, h: str) -> bool:
+        return self.get(h) is not None
+
+    def update(self, pairs) -> None:
+        self.added.update(pairs)
+
+    def __len__(self) -> int:
+        return len(self.added) + (len(self.table) if self.table is not None else 0)
+
+    def counts(self) -> dict[int, int]:
+        """How many requests have each code."""
+        counts = collections.Counter(self.added.values())
+        if self.table is not None:
+            for code, n in enumerate(np.bincount(self.table.codes).tolist()):
+                if n:
+                    counts[code] += n
+        return counts
+
+
+def known_requests(c: sqlite3.Connection, known_max_requests: int) -> HashTable | None:
     """Every request of the ledger, hash -> state code (_CODE_SQL), if there are at most `known_max_requests`:
     one scan of the table instead of a probe of its index per request (1.3 s against ~5 s at 1M requests)."""
     # The largest rowid bounds their number (one probe); past the bound, a prune (housekeeping) may have deleted
@@ -294,11 +345,13 @@ def known_requests(c: sqlite3.Connection, known_max_requests: int) -> dict[str, 
     if c.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0] > known_max_requests \
             and c.execute("SELECT COUNT(*) FROM requests").fetchone()[0] > known_max_requests:
         return None
-    known: dict[str, int] = {}
     cursor = c.execute(f"SELECT hash, {_CODE_SQL} FROM requests")  # before the big page cache, if the plan takes it
-    while rows := cursor.fetchmany(50_000):
-        known.update(rows)
-    return known
+
+    def pages():
+        while rows := cursor.fetchmany(50_000):
+            yield [h for h, _ in rows], [code for _, code in rows]
+
+    return HashTable.build(pages())
 
 
 
