@@ -314,7 +314,7 @@ def test_rows_that_share_their_settings_are_prepared_a_column_at_a_time_as_a_row
         assert sum(len(b.problems) for b in by_row) == (0 if manifest == bare else 1)  # the empty prompt
 
 
-@pytest.mark.parametrize("known_max, bound", [(10**6, None), (0, None), (0, 3)])
+@pytest.mark.parametrize("known_max, bound", [(10**6, None), (10**6, 3), (0, None), (0, 3)])
 def test_a_plan_into_a_ledger_that_holds_requests_counts_its_distinct_requests(tmp_path, monkeypatch, known_max, bound):
     """A run's distinct requests are counted as its rows load, whether the plan reads the ledger's requests once
     or asks SQL a batch at a time (and past the bound on what it keeps, in SQL at the end): the same figure as

@@ -104,11 +104,13 @@ def test_cache_lookup_leaves_out_stray_files_named_like_entries(tmp_path):
     good, misplaced = "ab" + "5" * 62, "cd" + "6" * 62
     store.put(good, png_bytes())
     (tmp_path / "cache" / "ab" / ("zz" * 32 + ".png")).write_bytes(png_bytes())  # 64 characters, not hex
+    upper = "ab" + "7" * 31 + "c" * 31  # an entry of this hash would be named in lower case
+    (tmp_path / "cache" / "ab" / f"{upper.upper()}.png").write_bytes(png_bytes())
     (tmp_path / "cache" / "ab" / f"{misplaced}.png").write_bytes(png_bytes())  # under the wrong prefix
     lookup, ahead = _StoreLookup(store), _StoreLookup(store)
     ahead.list_ahead()
     for each in (lookup, ahead):
-        assert each.has_all([good, misplaced]) == [True, False] == [store.has(good), store.has(misplaced)]
+        assert each.has_all([good, misplaced, upper]) == [True, False, False] == [store.has(h) for h in (good, misplaced, upper)]
     assert ahead.whole is not None and len(ahead.whole) == 1
 
 

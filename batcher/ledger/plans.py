@@ -266,8 +266,13 @@ class PlanWriter:
                 # A new run gives requests that ran out of attempts before a fresh set.
                 c.execute(f"UPDATE requests SET {REPLANNED} WHERE hash=?", (now, h))
                 known[h] = _code(PLANNED, code & 1) | _IN_RUN
-        if not self.knows_ledger and self.known is not None and len(self.known) > self.tuning.inline_max_requests:
-            self.known = None  # bounded memory: each batch's requests are asked afresh, and the run counted in SQL
+        if self.known is not None and self.known.added is not None and len(self.known.added) > self.tuning.inline_max_requests:
+            # Bounded memory: the run is counted in SQL at the end. In the SQL path each batch's requests are asked
+            # afresh; with the ledger read, a request this plan made and meets again is made again (INSERT OR IGNORE).
+            if self.knows_ledger:
+                self.known.added = None
+            else:
+                self.known = None
         self.new_requests += len(new)
         if self.new_requests >= self.tuning.new_requests_for_big_cache:
             self._take_big_page_cache()
@@ -281,7 +286,7 @@ class PlanWriter:
     def run_tally(self) -> tuple[int, int, dict[str, int]] | None:
         """The run's distinct requests, how many are cache hits, and how many are in each state, if this plan
         still holds every request it saw (`known`); else None. One pass over the codes, in C."""
-        if self.known is None:
+        if self.known is None or self.known.added is None:
             return None
         requests = hits = 0
         states = dict.fromkeys(_STATES, 0)
@@ -300,7 +305,7 @@ class _Known:
 
     def __init__(self, table: HashTable | None):
         self.table = table
-        self.added: dict[str, int] = {}
+        self.added: dict[str, int] | None = {}  # None: no longer kept (PlanWriter._record's bound)
         self._at: dict[str, int] = {}  # the batch's hashes that are in the table: where
 
     def look_up(self, hashes: list[str]) -> None:
@@ -309,13 +314,15 @@ class _Known:
 
     def get(self, h: str) -> int | None:
         p = self._at.get(h)
-        return int(self.table.codes[p]) if p is not None else self.added.get(h)
+        if p is not None:
+            return int(self.table.codes[p])
+        return self.added.get(h) if self.added is not None else None
 
     def __setitem__(self, h: str, code: int) -> None:
         p = self._at.get(h)
         if p is not None:
             self.table.codes[p] = code
-        else:
+        elif self.added is not None:
             self.added[h] = code
 
     def __contains__(self, h: str) -> bool:
@@ -324,11 +331,8 @@ class _Known:
     def update(self, pairs) -> None:
         self.added.update(pairs)
 
-    def __len__(self) -> int:
-        return len(self.added) + (len(self.table) if self.table is not None else 0)
-
     def counts(self) -> dict[int, int]:
-        """How many requests have each code."""
+        """How many requests have each code (while `added` is kept)."""
         counts = collections.Counter(self.added.values())
         if self.table is not None:
             for code, n in enumerate(np.bincount(self.table.codes).tolist()):
@@ -351,7 +355,10 @@ def known_requests(c: sqlite3.Connection, known_max_requests: int) -> HashTable 
         while rows := cursor.fetchmany(50_000):
             yield [h for h, _ in rows], [code for _, code in rows]
 
-    return HashTable.build(pages())
+    try:
+        return HashTable.build(pages())
+    except ValueError:  # a hash that is not 64 hex digits (no batcher writes one): the SQL path asks for each exactly
+        return None
 
 
 

@@ -329,7 +329,10 @@ class StoreLookup:
         from ..hashtable import HashTable  # here: decoder processes import this module, and need no NumPy
 
         hashes = [n[:HASH_CHARS] for n in names if n[HASH_CHARS:] in _IMAGE_EXT_SET and n.startswith(prefix)]
-        try:
-            return HashTable.of(hashes)
-        except ValueError:  # a stray file named like an entry, but not hex: leave it out
-            return HashTable.of([h for h in hashes if _HEX.issuperset(h)])
+        joined = "".join(hashes)
+        if joined.lower() == joined:  # (bytes.fromhex takes upper case too, which is no hash's name)
+            try:
+                return HashTable.of(hashes)
+            except ValueError:
+                pass
+        return HashTable.of([h for h in hashes if _HEX.issuperset(h)])  # a stray file named like an entry: left out
