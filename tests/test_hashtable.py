@@ -58,3 +58,16 @@ def test_joined_tables_of_ordered_prefixes_search_as_one():
     whole = HashTable.joined([HashTable.of(v) for _, v in sorted(by_prefix.items())])
     assert (np.diff(whole.high.astype(np.float64)) >= 0).all()
     assert whole.contains(hashes + [h(-1)]) == [True] * 300 + [False]
+
+
+def test_a_table_is_sorted_by_both_halves_whatever_the_input_order():
+    """Runs of equal high halves, in any input order, end sorted by their low halves, duplicates keeping the first."""
+    base = "0123456789abcdef"
+    twins = [base + f"{i:016x}" + "0" * 32 for i in (9, 3, 7, 3, 1)]
+    others = [h(i) for i in range(50)]
+    table = HashTable.build([(others[:25] + twins + others[25:], list(range(25)) + [90, 91, 92, 93, 94] + list(range(25, 50)))])
+    assert len(table) == 54
+    pairs = list(zip(table.high.tolist(), table.low.tolist()))
+    assert pairs == sorted(pairs)
+    assert table.codes[table.positions([twins[1]])[0]] == 91  # the first of the two copies of ...03...
+    assert table.contains(twins + others) == [True] * 55
