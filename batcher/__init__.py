@@ -11,8 +11,9 @@ The names below are imported on first use, so `import batcher.storage.store` (or
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 # name -> the module that defines it. No public name is also a submodule's name (test_public_api pins both): once
 # `batcher.x` is imported as a module, Python sets the attribute `batcher.x` to it, and a function of that name
@@ -47,14 +48,4 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batcher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -29,8 +29,9 @@ The names below are imported on first use: what only needs the types or a cell (
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {  # name -> the submodule that defines it
     "FORMATS": "types", "KNOWN_COLUMNS": "types", "SETTING_COLUMNS": "types", "ManifestOptions": "types",
@@ -52,14 +53,4 @@ if TYPE_CHECKING:
     from .types import FORMATS, KNOWN_COLUMNS, SETTING_COLUMNS, ManifestOptions, ManifestRow, RowProblem
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
