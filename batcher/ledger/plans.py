@@ -25,8 +25,8 @@ class PlanTuning:
     """Where a plan changes strategy (measured on 2 cores at 1M rows; docs/benchmarks.md). Tests make them small."""
 
     plan_batch_rows: int = 5_000  # manifest rows per bulk insert into the ledger
-    # Past this many requests a plan into a ledger too big to read whole (known_max_requests) stops keeping its run's
-    # requests (~140 bytes each) and counts them in SQL.
+    # Past this many requests a plan into a ledger that held requests stops keeping the ones it adds (or, in a ledger
+    # too big to read whole: known_max_requests, the ones it sees; ~140 bytes each) and counts its run in SQL.
     inline_max_requests: int = 3_000_000
     # A plan into a ledger of at most this many requests reads their states once into a compact table (hashtable:
     # 17 bytes a request) and looks each request up there; past it, in SQL a batch at a time (~5 us per request at
@@ -104,15 +104,11 @@ class PlanWriter:
         self.knows_ledger = False
 
     def stop_sharding(self) -> None:
-        """No more sharding as the plan loads: the jobs made so far are closed (their members are recorded once the
-        bulk load has kept one copy of each request: planner), later requests stay planned (for `shard`)."""
+        """The plan has loaded: the jobs it sharded into are closed (their members are recorded once the bulk load has
+        kept one copy of each request: planner)."""
         if self.inline is not None:
             self.inline_jobs = self.inline.close_all()
             self.inline = None
-
-    def in_cache(self, h: str, known: bool | None) -> bool:
-        """Whether the image of `h` is in the cache: as its batch found (`known`), or asked now."""
-        return known if known is not None else self.lookup is not None and self.lookup.has(h)
 
     def start(self) -> None:
         """Before the first batch, in a ledger that held requests: read their states (or say they are too many)."""
@@ -225,7 +221,8 @@ class PlanWriter:
         for req in reqs:
             batch.setdefault(req[2], req)
         if self.lookup is not None and not refresh and any(req[5] is None for req in batch.values()):
-            # Not looked up where the rows were prepared (a gs:// cache): one search for the batch, not one per request.
+            # Not looked up where the rows were prepared (a gs:// cache): one search for the batch, not one per request
+            # (so below, with a cache and without --refresh, each request's `in_cache` is a bool).
             batch = {h: (*req[:5], hit) for (h, req), hit in zip(batch.items(), self.lookup.has_all(list(batch)))}
         known = self.known if self.known is not None else _Known(None)
         known.look_up(list(batch))
@@ -239,13 +236,13 @@ class PlanWriter:
         for h, (model, variant, _h, body_json, size, in_cache) in batch.items():
             code = known.get(h)
             if code is None:
-                hit = not refresh and self.in_cache(h, in_cache)  # --refresh: no cache hits
+                hit = not refresh and bool(in_cache)  # --refresh: no cache hits
                 new.append((h, model, body_json, variant, now, hit))
                 known[h] = _code(SUCCEEDED if hit else PLANNED, hit) | _IN_RUN
                 continue
             if code & _IN_RUN:  # an earlier batch of this plan had it: what it called for is done...
                 state = _state_of(code)
-                if state != SUCCEEDED or refresh or self.lookup is None or self.in_cache(h, in_cache):
+                if state != SUCCEEDED or refresh or self.lookup is None or in_cache:
                     continue
                 # ...but its image has gone from the cache since (SQL mode, which reads its state again, sees that too)
             else:
@@ -258,7 +255,7 @@ class PlanWriter:
             if refresh and state in (SUCCEEDED, FAILED, BLOCKED):
                 c.execute(f"UPDATE requests SET {REPLANNED}, error=NULL, finish_reason=NULL, cached=0 WHERE hash=?", (now, h))
                 known[h] = _code(PLANNED, False) | _IN_RUN
-            elif state == SUCCEEDED and self.lookup is not None and not self.in_cache(h, in_cache):
+            elif state == SUCCEEDED and self.lookup is not None and not in_cache:
                 # The ledger says done but the image is gone from the cache (cleaned, moved): generate it again.
                 c.execute(f"UPDATE requests SET {REPLANNED}, cached=0 WHERE hash=?", (now, h))
                 known[h] = _code(PLANNED, False) | _IN_RUN
